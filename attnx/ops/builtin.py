@@ -1,0 +1,71 @@
+"""Registry entries of the mechanisms that live in the core: `softmax` and `sliding_window`."""
+
+from __future__ import annotations
+
+from attnx.api import dot_product_attention, implementation_names
+from attnx.mask import Mask
+from attnx.registry import AttentionSpec, register_attention
+
+
+def softmax_attention(query, key, value, *, causal: bool = False, bias=None, mask: Mask | None = None, **kwargs):
+    """Standard multi-head scaled dot-product attention (Vaswani et al., 2017, "Attention Is All You Need",
+    §3.2), with GQA/MQA (Ainslie et al., 2023, arXiv 2305.13245) when key/value have fewer heads. All four CAB
+    patterns; causal cross attention aligns the diagonal top-left (query t sees keys 0..t) unless `mask` says
+    otherwise."""
+    m = Mask(causal=causal)
+    if mask is not None:
+        m = m & mask
+    return dot_product_attention(query, key, value, bias, m, **kwargs)
+
+
+def softmax_reference(query, key, value, *, causal: bool = False, **kwargs):
+    return softmax_attention(query, key, value, causal=causal, implementation="reference", **kwargs)
+
+
+def sliding_window_attention(query, key, value, *, window: int = 16, causal: bool = False, mask=None, **kwargs):
+    """Local (sliding-window) attention as in CAB's `local` attention (Zhang et al., 2023, §3.1; Shark-NLP/CAB
+    `local_attention.py`) and the window of StreamingLLM / Mistral.
+
+    Non-causal: query i sees keys [i - window, i + window]. Causal: query i sees the `window` most recent keys,
+    [i - window + 1, i]. Self attention only (NS, CS): a window over positions needs queries and keys on one axis.
+    Fast paths skip every key block outside the band, so cost is O(T·window)."""
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"sliding_window.window: expected an int >= 1, got {window!r}")
+    if query.shape[-3] != key.shape[-3]:
+        raise ValueError(f"sliding_window: self attention only (patterns NS, CS), got query length "
+                         f"{query.shape[-3]} and key length {key.shape[-3]}")
+    m = Mask(causal=True, window=(window - 1, 0)) if causal else Mask(window=(window, window))
+    if mask is not None:
+        m = m & mask
+    return dot_product_attention(query, key, value, mask=m, **kwargs)
+
+
+def sliding_window_reference(query, key, value, *, window: int = 16, causal: bool = False, **kwargs):
+    return sliding_window_attention(query, key, value, window=window, causal=causal, implementation="reference",
+                                    **kwargs)
+
+
+register_attention(AttentionSpec(
+    name="softmax",
+    fn=softmax_attention,
+    reference=softmax_reference,
+    patterns=frozenset({"NS", "CS", "NC", "CC"}),
+    paper="Vaswani et al., 2017, Attention Is All You Need, arXiv 1706.03762, §3.2; GQA: Ainslie et al., 2023, "
+          "arXiv 2305.13245",
+    implementations=implementation_names(),
+    aliases=("mha", "dot_product"),
+    description="standard multi-head / grouped-query softmax attention",
+))
+
+register_attention(AttentionSpec(
+    name="sliding_window",
+    fn=sliding_window_attention,
+    reference=sliding_window_reference,
+    patterns=frozenset({"NS", "CS"}),
+    paper="local attention as benchmarked in CAB (Zhang et al., 2023, arXiv 2210.07661, §3.1); sliding window of "
+          "Longformer (Beltagy et al., 2020) / Mistral 7B (Jiang et al., 2023)",
+    implementations=implementation_names(),
+    aliases=("local",),
+    defaults={"window": 16},
+    description="band of `window` keys around (or before) each query",
+))

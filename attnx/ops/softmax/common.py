@@ -1,0 +1,70 @@
+"""Pieces shared by every softmax-attention implementation: logit modifiers and mask evaluation on a block.
+
+Internal layout of logits is grouped: [B, K, G, tq, sk] (G = N // K), so GQA never repeats keys or values. The order
+in which modifiers apply is part of the contract and is the same everywhere:
+
+    logits = scale * q . k  (+ bias)  -> logits_soft_cap * tanh(logits / logits_soft_cap)  -> score_mod(...)
+    then masked pairs are excluded; `sinks` add exp(sink[n]) to each row's softmax denominator.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attnx.mask import Mask
+
+F32 = jnp.float32
+
+
+def group_heads(x: jax.Array | None, K: int, G: int, head_axis: int = 1) -> jax.Array | None:
+    """[B, N|1, ...] -> [B, K|1, G|1, ...] splitting the head axis into (K, G)."""
+    if x is None:
+        return None
+    n = x.shape[head_axis]
+    new = (K, G) if n == K * G else (1, 1)
+    return x.reshape(x.shape[:head_axis] + new + x.shape[head_axis + 1:])
+
+
+def head_index(K: int, G: int) -> jax.Array:
+    """Query-head index n = k * G + g as a [1, K, G, 1, 1] array."""
+    return (jnp.arange(K)[:, None] * G + jnp.arange(G)[None, :])[None, :, :, None, None]
+
+
+def batch_index(B: int) -> jax.Array:
+    return jnp.arange(B)[:, None, None, None, None]
+
+
+def apply_logit_mods(s, bias_blk, cap, score_mod, score_consts, b_idx, n_idx, q_idx, kv_idx):
+    """Add bias, soft-cap, then apply score_mod. `s` is float32 [B, K, G, tq, sk]; indices broadcast against it."""
+    if bias_blk is not None:
+        s = s + bias_blk.astype(F32)
+    if cap is not None:
+        s = cap * jnp.tanh(s / cap)
+    if score_mod is not None:
+        s = score_mod(s, b_idx, n_idx, q_idx, kv_idx, *score_consts).astype(F32)
+    return s
+
+
+def mask_block(mask: Mask, mask_mod, mask_consts, q_idx, kv_idx, K: int, G: int, B: int, T: int, S: int):
+    """Allowed pairs on the block rows `q_idx` [tq, 1] x cols `kv_idx` [1, sk] (absolute indices, may exceed T/S
+    for padding, which is always excluded). Returns bool broadcastable to [B, K, G, tq, sk], or None if nothing is
+    masked at all."""
+    m = None
+    if not mask.is_empty:
+        m = group_heads(mask.evaluate(jnp.minimum(q_idx, T - 1), jnp.minimum(kv_idx, S - 1), T, S), K, G)
+    if mask_mod is not None:
+        mm = mask_mod(batch_index(B), head_index(K, G), q_idx[None, None, None], kv_idx[None, None, None],
+                      *mask_consts)
+        mm = jnp.asarray(mm, dtype=bool)
+        m = mm if m is None else (m & mm)
+    return m
+
+
+def closure_convert(fn, example_args):
+    """Hoist arrays that `fn` closes over into explicit trailing arguments, so custom derivative rules can
+    differentiate with respect to them (e.g. learnable ALiBi slopes inside a score_mod)."""
+    if fn is None:
+        return None, ()
+    converted, consts = jax.closure_convert(fn, *example_args)
+    return converted, tuple(consts)

@@ -1,0 +1,52 @@
+"""The reference softmax attention: materialises all logits, float32 softmax at the highest precision.
+
+This is the executable specification that every other implementation is tested against (ARCHITECTURE §4). It is
+deliberately plain: one einsum for the logits, the modifiers of `common.apply_logit_mods`, a masked softmax with an
+optional per-head sink in the denominator, one einsum for the output. Memory is O(B·N·T·S).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attnx.ops.softmax import common
+from attnx.validation import AttentionArgs
+
+HIGHEST = jax.lax.Precision.HIGHEST
+F32 = jnp.float32
+
+
+def reference_attention(args: AttentionArgs, return_lse: bool = False):
+    """out [B, T, N, V] (and lse [B, T, N], float32) from canonical arguments."""
+    q, k, v = args.q.astype(F32), args.k.astype(F32), args.v.astype(F32)
+    B, T, N, H = q.shape
+    _, S, K, V = v.shape
+    G = N // K
+    qg = q.reshape(B, T, K, G, H)
+    s = jnp.einsum("btkgh,bskh->bkgts", qg, k, precision=HIGHEST) * args.scale
+    q_idx = jnp.arange(T)[:, None]
+    kv_idx = jnp.arange(S)[None, :]
+    bias = common.group_heads(args.bias, K, G)
+    s = common.apply_logit_mods(s, bias, args.logits_soft_cap, args.score_mod, (),
+                                common.batch_index(B), common.head_index(K, G), q_idx, kv_idx)
+    allowed = common.mask_block(args.mask, args.mask_mod, (), q_idx, kv_idx, K, G, B, T, S)
+    if allowed is not None:
+        s = jnp.where(allowed, s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    if args.sinks is not None:
+        sink = args.sinks.astype(F32).reshape(1, K, G, 1, 1)
+        m = jnp.maximum(m, sink)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m_safe)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    if args.sinks is not None:
+        denom = denom + jnp.exp(sink - m_safe)
+    safe_denom = jnp.where(denom > 0, denom, 1.0)
+    out = jnp.einsum("bkgts,bskv->btkgv", p / safe_denom, v, precision=HIGHEST)
+    out = out.reshape(B, T, N, V).astype(args.q.dtype)
+    if not return_lse:
+        return out
+    lse = jnp.where(denom > 0, m_safe + jnp.log(safe_denom), -jnp.inf)[..., 0]  # [B, K, G, T]
+    lse = jnp.moveaxis(lse.reshape(B, N, T), 1, 2)
+    return out, lse

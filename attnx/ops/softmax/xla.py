@@ -1,0 +1,122 @@
+"""`xla` and `cudnn`: thin wrappers of `jax.nn.dot_product_attention` that refuse what it cannot do.
+
+Each wrapper has a `check_*` that raises `NotImplementedError` naming the unsupported feature (used by dispatch
+fallback and by `attnx.explain`), and a `run_*` that assumes the check passed. The attnx contract is kept on top
+of jax.nn: a fully masked query row returns 0 (jax.nn's XLA path would return the mean of the values).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attnx.ops.softmax import common
+from attnx.validation import AttentionArgs
+
+_DYNAMIC_FIELDS = ("q_segment_ids", "kv_segment_ids", "block_mask", "dense")
+
+
+def _common_limits(args: AttentionArgs, name: str) -> None:
+    if args.logits_soft_cap is not None:
+        raise NotImplementedError(f"{name}: logits_soft_cap is not supported by jax.nn.dot_product_attention")
+    if args.sinks is not None:
+        raise NotImplementedError(f"{name}: sinks are not supported by jax.nn.dot_product_attention")
+    if args.score_mod is not None:
+        raise NotImplementedError(f"{name}: score_mod is not supported by jax.nn.dot_product_attention")
+    if args.mask.q_offset != 0 and (args.mask.causal or args.mask.window is not None):
+        raise NotImplementedError(f"{name}: jax.nn aligns the causal/window diagonal top-left only (q_offset=0), "
+                                  f"got q_offset={args.mask.q_offset}")
+    info = args.shape_info
+    if info["V"] != info["H"]:
+        raise NotImplementedError(f"{name}: jax.nn needs the value head dim to equal the query/key head dim, got "
+                                  f"V={info['V']} and H={info['H']}")
+
+
+def check_xla(args: AttentionArgs) -> None:
+    _common_limits(args, "xla")
+
+
+def _jax_nn_masks(args: AttentionArgs):
+    """Translate a canonical Mask into jax.nn's keyword arguments plus an optional dense bool mask."""
+    m = args.mask
+    info = args.shape_info
+    B, T, S = info["B"], info["T"], info["S"]
+    kw = dict(is_causal=m.causal)
+    window = m.window
+    if window is not None:
+        left, right = window
+        kw["local_window_size"] = (T + S if left is None else left, T + S if right is None else right)
+    if m.kv_lengths is not None:
+        kw["key_value_seq_lengths"] = jnp.broadcast_to(m.kv_lengths, (B,)).astype(jnp.int32)
+    if m.q_lengths is not None:
+        kw["query_seq_lengths"] = jnp.broadcast_to(m.q_lengths, (B,)).astype(jnp.int32)
+    dense = None
+    if any(getattr(m, f) is not None for f in _DYNAMIC_FIELDS) or args.mask_mod is not None:
+        rest = m.replace(causal=False, window=None, q_lengths=None, kv_lengths=None)
+        K, G = info["K"], info["N"] // info["K"]
+        grouped = common.mask_block(rest, args.mask_mod, (), jnp.arange(T)[:, None], jnp.arange(S)[None, :],
+                                    K, G, B, T, S)  # [B|1, K|1, G|1, T, S]
+        grouped = jnp.broadcast_to(grouped, grouped.shape[:1] + (K, G) + grouped.shape[3:])
+        dense = grouped.reshape(grouped.shape[0], K * G, T, S)
+    return kw, dense
+
+
+def _zero_empty_rows(args: AttentionArgs, out, lse):
+    """jax.nn fills a fully masked row with the mean of V; the attnx contract is 0 (and lse -inf)."""
+    m = args.mask
+    if m.is_empty and args.mask_mod is None:
+        return out, lse
+    info = args.shape_info
+    K, G = info["K"], info["N"] // info["K"]
+    allowed = common.mask_block(m, args.mask_mod, (), jnp.arange(info["T"])[:, None],
+                                jnp.arange(info["S"])[None, :], K, G, info["B"], info["T"], info["S"])
+    any_key = jnp.any(allowed, axis=-1)  # [B|1, K|1, G|1, T]
+    any_key = jnp.broadcast_to(any_key, (info["B"], K, G, info["T"]))
+    any_key = jnp.moveaxis(any_key.reshape(info["B"], info["N"], info["T"]), 1, 2)  # [B, T, N]
+    out = jnp.where(any_key[..., None], out, jnp.zeros((), out.dtype))
+    if lse is not None:
+        lse = jnp.where(any_key, lse, -jnp.inf)
+    return out, lse
+
+
+def _run(args: AttentionArgs, implementation: str, return_lse: bool):
+    kw, dense = _jax_nn_masks(args)
+    res = jax.nn.dot_product_attention(args.q, args.k, args.v, bias=args.bias, mask=dense, scale=args.scale,
+                                       implementation=implementation, return_residual=return_lse, **kw)
+    out, lse = (res if return_lse else (res, None))
+    if lse is not None:
+        lse = lse.astype(jnp.float32)
+    out, lse = _zero_empty_rows(args, out, lse)
+    return (out, lse) if return_lse else out
+
+
+def run_xla(args: AttentionArgs, cfg=None, return_lse: bool = False):
+    return _run(args, "xla", return_lse)
+
+
+def check_cudnn(args: AttentionArgs) -> None:
+    if jax.default_backend() != "gpu":
+        raise NotImplementedError(f"cudnn: needs an NVIDIA GPU backend, the default backend is "
+                                  f"'{jax.default_backend()}'")
+    _common_limits(args, "cudnn")
+    info = args.shape_info
+    if args.q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise NotImplementedError(f"cudnn: needs bfloat16 or float16 inputs, got {args.q.dtype}")
+    if info["H"] % 8 != 0 or info["H"] > 256:
+        raise NotImplementedError(f"cudnn: head dim must be a multiple of 8 and <= 256, got {info['H']}")
+    m = args.mask
+    if any(getattr(m, f) is not None for f in _DYNAMIC_FIELDS) or args.mask_mod is not None:
+        raise NotImplementedError("cudnn: segment ids, block masks, dense masks and mask_mod are not supported "
+                                  "(an explicit mask is very slow on cuDNN; use 'chunked' or a Pallas kernel)")
+    if m.window is not None and m.window[0] is None:
+        raise NotImplementedError("cudnn: a window needs a finite left size")
+    if m.window is not None and not m.causal and m.window[1] != 0:
+        raise NotImplementedError(f"cudnn: a right window is only supported together with causal, got "
+                                  f"window={m.window}")
+    if m.q_lengths is not None or m.kv_lengths is not None:
+        raise NotImplementedError("cudnn: padding lengths return uninitialised rows for padded queries; use "
+                                  "'chunked' (fully masked rows must return 0)")
+
+
+def run_cudnn(args: AttentionArgs, cfg=None, return_lse: bool = False):
+    return _run(args, "cudnn", return_lse)

@@ -1,0 +1,93 @@
+"""The mechanism registry: name -> `AttentionSpec` (function, reference, CAB patterns, paper, implementations).
+
+Every mechanism registers the same way, so models pick one by name (`attention='sliding_window'`) and the test
+suite runs the CAB four-pattern property check over every entry.
+
+Calling convention of `spec.fn` and `spec.reference`: `fn(query, key, value, *, causal=False, **kwargs)` with the
+attention contract's layout ([*B, T, N, H] / [*B, S, K, H] / [*B, S, K, V]). `causal` selects between the causal
+and non-causal patterns; a mechanism that does not support the requested pattern raises `ValueError`.
+
+CAB patterns (Zhang et al., 2023, "CAB: Comprehensive Attention Benchmarking on Long Sequence Modeling", §2):
+    NS non-causal self · CS causal self · NC non-causal cross · CC causal cross.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+__all__ = ["AttentionSpec", "PATTERNS", "register_attention", "get_attention", "list_attentions"]
+
+PATTERNS = ("NS", "CS", "NC", "CC")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """A registered mechanism.
+
+    name: the registry name (short, lower case, the paper's own name).
+    fn: the mechanism, `fn(query, key, value, *, causal=False, **kwargs)`.
+    reference: the same computation written naively (the oracle its fast paths are tested against).
+    patterns: the CAB patterns it supports, a subset of ("NS", "CS", "NC", "CC").
+    paper: citation (title, authors, year, arXiv id, section).
+    implementations: the `implementation=` names it accepts.
+    aliases: other accepted names (listed here, never guessed).
+    defaults: default keyword arguments (e.g. window sizes), documented for users and the CAB checks.
+    """
+
+    name: str
+    fn: Callable
+    reference: Callable
+    patterns: frozenset
+    paper: str
+    implementations: tuple = ()
+    aliases: tuple = ()
+    defaults: dict = dataclasses.field(default_factory=dict)
+    description: str = ""
+
+    def __post_init__(self):
+        bad = set(self.patterns) - set(PATTERNS)
+        if bad:
+            raise ValueError(f"AttentionSpec.patterns: unknown pattern(s) {sorted(bad)}, allowed {PATTERNS}")
+        object.__setattr__(self, "patterns", frozenset(self.patterns))
+
+    def supports(self, pattern: str) -> bool:
+        return pattern in self.patterns
+
+
+_REGISTRY: dict[str, AttentionSpec] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_attention(spec: AttentionSpec) -> AttentionSpec:
+    """Add a mechanism; its name and aliases must be new."""
+    for name in (spec.name, *spec.aliases):
+        if name in _REGISTRY or name in _ALIASES:
+            raise ValueError(f"register_attention: the name {name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    for alias in spec.aliases:
+        _ALIASES[alias] = spec.name
+    return spec
+
+
+def _ensure_builtins() -> None:
+    # Import for the side effect of registering the built-in mechanisms, lazily to avoid import cycles.
+    from attnx.ops import builtin  # noqa: F401
+
+
+def list_attentions() -> list[str]:
+    """Sorted names of every registered mechanism."""
+    _ensure_builtins()
+    return sorted(_REGISTRY)
+
+
+def get_attention(name: str) -> AttentionSpec:
+    """The spec of a registered mechanism (or alias). Unknown names raise `ValueError` listing the known ones."""
+    _ensure_builtins()
+    if not isinstance(name, str):
+        raise TypeError(f"get_attention: name must be a string, got {type(name).__name__}")
+    key = _ALIASES.get(name, name)
+    if key not in _REGISTRY:
+        aliases = f"; aliases: {sorted(_ALIASES)}" if _ALIASES else ""
+        raise ValueError(f"attention: unknown name {name!r}; known: {sorted(_REGISTRY)}{aliases}")
+    return _REGISTRY[key]
