@@ -1,0 +1,24 @@
+"""Gated feed-forward block SwiGLU (Shazeer, 2020, "GLU Variants Improve Transformer"), as used by Llama."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class SwiGLU(nnx.Module):
+    """down(silu(x @ gate) * (x @ up)).
+
+    The gate and up projections are stored as one [D, 2, F] kernel so that they run as a single matrix multiply:
+    on CPU one wide GEMM is measurably faster than two narrow ones.
+    """
+
+    def __init__(self, width: int, mlp_width: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2))
+        self.gate_up_d2f = nnx.Param(init(rngs.params(), (width, 2, mlp_width), param_dtype))
+        down_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+        self.down_fd = nnx.Param(down_init(rngs.params(), (mlp_width, width), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate_up = jnp.einsum("btd,dcf->btcf", x, self.gate_up_d2f[...])
+        hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
+        return jnp.einsum("btf,fd->btd", hidden, self.down_fd[...])

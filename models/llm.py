@@ -1,0 +1,135 @@
+"""Decoder-only language model in the Llama style: RMSNorm, rotary positions, SwiGLU, grouped-query attention.
+
+`LLMConfig` is a frozen dataclass validated on construction; `LLM(config, rngs=...)` builds the NNX module. The
+attention mixer is chosen by name (`LLMConfig.attention`, default "softmax") so that any registered causal
+mechanism drops in with one gin line, e.g. `llm.LLMConfig.attention = 'lightning'` (ARCHITECTURE §5).
+"""
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.layers.attention import Attention, resolve_attention
+from models.layers.embed import Embed
+from models.layers.mlp import SwiGLU
+from models.layers.norm import RMSNorm
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+    """Shape and options of an `LLM`. Fields default to the `tiny` preset's byte-level model.
+
+    head_dim / mlp_width default (0) to width // num_heads and the Llama rule 8/3 * width rounded up to 64.
+    """
+
+    vocab_size: int = 256
+    width: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 0
+    mlp_width: int = 0
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    attention: str = "softmax"
+    attention_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "width", "depth", "num_heads", "num_kv_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"LLMConfig.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"LLMConfig.num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if not self.head_dim and self.width % self.num_heads:
+            raise ValueError(
+                f"LLMConfig.width={self.width} is not divisible by num_heads={self.num_heads}; set head_dim")
+        if self.param_dtype not in _DTYPES:
+            raise ValueError(f"LLMConfig.param_dtype={self.param_dtype!r}; allowed: {sorted(_DTYPES)}")
+        if not isinstance(self.attention_kwargs, Mapping):
+            raise ValueError(f"LLMConfig.attention_kwargs must be a dict, got {self.attention_kwargs!r}")
+        resolve_attention(self.attention, causal=True)  # unknown or non-causal mechanisms fail here, by name
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.width // self.num_heads
+
+    @property
+    def resolved_mlp_width(self) -> int:
+        if self.mlp_width:
+            return self.mlp_width
+        return -(-(8 * self.width // 3) // 64) * 64
+
+
+PRESETS: dict[str, LLMConfig] = {
+    # Byte-level model small enough to train in minutes on a laptop CPU (the quickstart).
+    "tiny": LLMConfig(),
+    # The fixed shape of bench/train_step.py (vocab 256, width 256, 4 layers, 4 heads).
+    "bench": LLMConfig(width=256, depth=4, num_heads=4, num_kv_heads=4, mlp_width=768, tie_embeddings=False),
+}
+
+
+def llm_config(preset: str = "tiny", **overrides: Any) -> LLMConfig:
+    """Returns the named preset with `overrides` applied, e.g. `llm_config("tiny", depth=2)`."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown LLM preset {preset!r}; known presets: {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[preset], **overrides)
+
+
+class DecoderBlock(nnx.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs):
+        dtype = _DTYPES[config.param_dtype]
+        self.attention_norm = RMSNorm(config.width, eps=config.norm_eps, param_dtype=dtype)
+        self.attention = Attention(
+            config.width,
+            config.num_heads,
+            config.num_kv_heads,
+            config.resolved_head_dim,
+            kind=config.attention,
+            kind_kwargs=config.attention_kwargs,
+            causal=True,
+            rope_theta=config.rope_theta,
+            rngs=rngs,
+            param_dtype=dtype,
+        )
+        self.mlp_norm = RMSNorm(config.width, eps=config.norm_eps, param_dtype=dtype)
+        self.mlp = SwiGLU(config.width, config.resolved_mlp_width, rngs=rngs, param_dtype=dtype)
+
+    def __call__(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        x = x + self.attention(self.attention_norm(x), positions)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LLM(nnx.Module):
+    """Token ids [B, T] -> next-token logits [B, T, vocab] (float32)."""
+
+    def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs):
+        self.tie_embeddings = config.tie_embeddings  # not the config itself: its dict field is unhashable
+        dtype = _DTYPES[config.param_dtype]
+        self.embed = Embed(config.vocab_size, config.width, rngs=rngs, param_dtype=dtype)
+        self.blocks = nnx.List([DecoderBlock(config, rngs=rngs) for _ in range(config.depth)])
+        self.final_norm = RMSNorm(config.width, eps=config.norm_eps, param_dtype=dtype)
+        if not config.tie_embeddings:
+            init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+            self.unembed_dv = nnx.Param(init(rngs.params(), (config.width, config.vocab_size), dtype))
+
+    def __call__(self, token_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        x = self.embed(token_ids)
+        for block in self.blocks:
+            x = block(x, positions)
+        x = self.final_norm(x)
+        if self.tie_embeddings:
+            logits = self.embed.attend(x)
+        else:
+            logits = jnp.einsum("btd,dv->btv", x, self.unembed_dv[...])
+        return logits.astype(jnp.float32)
