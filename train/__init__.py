@@ -1,0 +1,1 @@
+"""The trainer: gin CLI, data pipelines (grain), optimizer (optax), checkpoints (orbax), metrics (ARCHITECTURE §6)."""

@@ -1,0 +1,199 @@
+"""The one training loop, composed by arguments: a task supplies the model, data, loss, evaluation and finish.
+
+A task is any object with:
+    build_model(rngs) -> nnx.Module
+    train_iterator(process_index, process_count) -> grain.DatasetIterator of dicts of numpy arrays (this process's
+                                                    share of the global batch)
+    loss_fn(model, batch) -> (scalar loss, dict of scalar metrics)        traced inside jit
+    tokens_per_step -> int                                                for the tokens/s display
+    evaluate(model) -> dict[str, float]                                   optional; called every `eval_every` steps
+    describe_evaluation(step, results) -> str                             optional; the line printed after evaluate
+    finish(model, rng) -> None                                            optional; called once when training ends
+
+Running again with the same workdir resumes from the newest readable checkpoint. SIGTERM finishes the current step,
+saves a checkpoint and returns normally (`TrainResult.interrupted`), so a preempted job can be restarted as is.
+"""
+
+import dataclasses
+import pathlib
+import signal
+import threading
+import time
+from typing import Any, Callable, Literal
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from train import checkpoint as checkpoint_lib
+from train import metrics as metrics_lib
+from train import sharding
+from train.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
+from train.step import init_train_state, make_train_step
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a step's loss or gradient norm is NaN/inf and `on_nonfinite="stop"`."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    final_step: int
+    start_step: int
+    losses: dict[int, float]
+    interrupted: bool
+    evaluations: dict[int, dict[str, float]]
+    params: Any
+
+
+def train(
+    task: Any,
+    *,
+    workdir: str,
+    steps: int,
+    optimizer: OptimizerConfig = OptimizerConfig(),
+    seed: int = 0,
+    eval_every: int = 0,
+    log_every: int = 1,
+    checkpoint_every: int = 100,
+    keep_checkpoints: int = 3,
+    async_checkpoints: bool = True,
+    on_nonfinite: Literal["stop", "skip"] = "stop",
+    mesh: sharding.MeshConfig = sharding.MeshConfig(),
+    progress_bar: bool = True,
+    stop_event: threading.Event | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Trains `task` for `steps` optimizer steps in total (counting steps of earlier runs in `workdir`).
+
+    eval_every=0 evaluates only at the end. `stop_event` (set by SIGTERM, or by a caller) stops after the current
+    step with a checkpoint. `on_step(step, metrics)` is called after every step, e.g. by tests.
+    """
+    _validate(steps=steps, eval_every=eval_every, log_every=log_every, checkpoint_every=checkpoint_every,
+              on_nonfinite=on_nonfinite)
+    workdir_path = pathlib.Path(workdir)
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    is_main_process = jax.process_index() == 0
+    say = tqdm.write if is_main_process else (lambda *_: None)
+    stop_event = stop_event or threading.Event()
+    restore_signal_handler = _stop_on_sigterm(stop_event, say)
+
+    mesh_ = sharding.make_mesh(mesh)
+    model = task.build_model(nnx.Rngs(seed))
+    graphdef, params, other_state = nnx.split(model, nnx.Param, ...)
+    tx = make_optimizer(optimizer, steps)
+    state = jax.device_put(init_train_state(params, tx, seed), sharding.replicated(mesh_))
+    data_iterator = task.train_iterator(jax.process_index(), jax.process_count())
+
+    checkpointer = checkpoint_lib.Checkpointer(
+        workdir_path / "checkpoints", keep=keep_checkpoints, async_save=async_checkpoints)
+    restored = checkpointer.restore_latest(checkpoint_lib.abstract_like(state), data_iterator, report=say)
+    start_step = 0
+    if restored is not None:
+        state, start_step = restored
+        say(f"Resumed from the checkpoint at step {start_step} in {checkpointer.directory}")
+
+    # `other_state` (non-parameter variables, if any) is closed over: constant during training.
+    train_step = make_train_step(
+        lambda p: nnx.merge(graphdef, p, other_state), task.loss_fn, tx, skip_nonfinite=on_nonfinite == "skip")
+    schedule = learning_rate_schedule(optimizer, steps)
+    writer = metrics_lib.MetricsWriter(workdir_path) if is_main_process else None
+    losses: dict[int, float] = {}
+    evaluations: dict[int, dict[str, float]] = {}
+    interrupted = False
+    last_saved = start_step
+    step = start_step
+    bar = tqdm(total=steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not (progress_bar and
+               is_main_process), bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, ETA {remaining}{postfix}]")
+    tokens_per_second = None
+    try:
+        while step < steps:
+            began = time.perf_counter()
+            batch = sharding.put_batch(mesh_, next(data_iterator))
+            state, step_metrics = train_step(state, batch)
+            step_metrics = {name: float(value) for name, value in jax.device_get(step_metrics).items()}
+            step += 1
+            seconds = time.perf_counter() - began
+            if step > start_step + 1:  # the first step of a run includes compilation
+                rate = task.tokens_per_step / seconds
+                tokens_per_second = rate if tokens_per_second is None else 0.9 * tokens_per_second + 0.1 * rate
+            finite = step_metrics.pop("finite") > 0
+            if not finite:
+                if on_nonfinite == "stop":
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {step}: loss={step_metrics['loss']}, grad_norm="
+                        f"{step_metrics['grad_norm']}; stopping (set on_nonfinite='skip' to skip such steps)")
+                say(f"WARNING: skipped step {step}: loss={step_metrics['loss']}, grad_norm={step_metrics['grad_norm']}"
+                    " (parameters and optimizer state left unchanged)")
+            losses[step] = step_metrics["loss"]
+            if writer and (step % log_every == 0 or not finite):
+                record = dict(step_metrics, learning_rate=float(schedule(step - 1)), skipped=float(not finite))
+                if tokens_per_second:
+                    record["tokens_per_second"] = tokens_per_second
+                writer.write(step, "train", record)
+            bar.set_postfix_str(f"loss={step_metrics['loss']:.3f}" + (
+                f", {tokens_per_second:,.0f} tok/s" if tokens_per_second else ""), refresh=False)
+            bar.update(1)
+            if on_step is not None:
+                on_step(step, step_metrics)
+
+            if hasattr(task, "evaluate") and ((eval_every and step % eval_every == 0) or step == steps):
+                results = task.evaluate(nnx.merge(graphdef, state["params"], other_state))
+                evaluations[step] = results
+                if writer:
+                    writer.write(step, "eval", results)
+                describe = getattr(task, "describe_evaluation", None)
+                say(describe(step, results) if describe else f"step {step}: {results}")
+            if step % checkpoint_every == 0 or step == steps:
+                checkpointer.save(step, state, data_iterator)
+                last_saved = step
+            if stop_event.is_set() and step < steps:
+                if last_saved != step:
+                    checkpointer.save(step, state, data_iterator)
+                    last_saved = step
+                say(f"Stop requested: saved a checkpoint at step {step}; run again with the same workdir to resume")
+                interrupted = True
+                break
+    finally:
+        bar.close()
+        checkpointer.close()  # waits for asynchronous saves, also when an error stops the run
+        if writer:
+            writer.close()
+        restore_signal_handler()
+
+    if is_main_process:
+        plot = metrics_lib.plot_losses(workdir_path)
+        if plot:
+            say(f"Loss plot: {plot}")
+    if not interrupted and step == steps and hasattr(task, "finish"):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+        task.finish(nnx.merge(graphdef, state["params"], other_state), rng)
+    return TrainResult(final_step=step, start_step=start_step, losses=losses, interrupted=interrupted,
+                       evaluations=evaluations, params=state["params"])
+
+
+def _validate(*, steps, eval_every, log_every, checkpoint_every, on_nonfinite):
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"train: steps must be an int >= 1, got {steps!r}")
+    for name, value in (("eval_every", eval_every), ("log_every", log_every), ("checkpoint_every", checkpoint_every)):
+        minimum = 0 if name == "eval_every" else 1
+        if not isinstance(value, int) or value < minimum:
+            raise ValueError(f"train: {name} must be an int >= {minimum}, got {value!r}")
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"train: on_nonfinite={on_nonfinite!r}; allowed: {NONFINITE_POLICIES}")
+
+
+def _stop_on_sigterm(stop_event: threading.Event, say) -> Callable[[], None]:
+    """Makes SIGTERM set `stop_event` (main thread only: Python delivers signals there); returns an undo function."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handle(signum, frame):
+        say("SIGTERM received: finishing the current step and saving a checkpoint")
+        stop_event.set()
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    return lambda: signal.signal(signal.SIGTERM, previous)
