@@ -31,14 +31,16 @@ def reference_attention(args: AttentionArgs, return_lse: bool = False):
     s = common.apply_logit_mods(s, bias, args.logits_soft_cap, args.score_mod, (),
                                 common.batch_index(B), common.head_index(K, G), q_idx, kv_idx)
     allowed = common.mask_block(args.mask, args.mask_mod, (), q_idx, kv_idx, K, G, B, T, S)
-    if allowed is not None:
-        s = jnp.where(allowed, s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
+    if allowed is None:
+        allowed = jnp.ones((1, 1, 1, 1, 1), dtype=bool)
+    # The row max only shifts the exponent (the result is invariant to it), so it carries no gradient; masked
+    # logits go through a double `where` so that no -inf ever meets a derivative (NaN-free gradients).
+    m = jnp.max(jnp.where(allowed, s, -jnp.inf), axis=-1, keepdims=True)
     if args.sinks is not None:
         sink = args.sinks.astype(F32).reshape(1, K, G, 1, 1)
         m = jnp.maximum(m, sink)
-    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.exp(s - m_safe)
+    m_safe = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+    p = jnp.where(allowed, jnp.exp(jnp.where(allowed, s, m_safe) - m_safe), 0.0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     if args.sinks is not None:
         denom = denom + jnp.exp(sink - m_safe)

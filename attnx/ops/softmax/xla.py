@@ -80,6 +80,9 @@ def _zero_empty_rows(args: AttentionArgs, out, lse):
 
 
 def _run(args: AttentionArgs, implementation: str, return_lse: bool):
+    if return_lse:
+        raise NotImplementedError(f"{implementation}: jax.nn returns the log-sum-exp under stop_gradient; the attnx "
+                                  "contract needs a differentiable lse (use 'chunked' or 'reference')")
     kw, dense = _jax_nn_masks(args)
     res = jax.nn.dot_product_attention(args.q, args.k, args.v, bias=args.bias, mask=dense, scale=args.scale,
                                        implementation=implementation, return_residual=return_lse, **kw)

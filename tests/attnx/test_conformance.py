@@ -1,0 +1,17 @@
+"""Every softmax-attention implementation against the reference, through the shared conformance suite."""
+
+import attnx
+from attnx.testing.conformance import AttentionConformance
+
+
+class TestChunkedSmallBlocks(AttentionConformance):
+    # Blocks that divide neither T nor S, so ragged last blocks, block skipping and multi-block online softmax
+    # are all exercised at test sizes.
+    implementation = attnx.Chunked(block_q=4, block_kv=3)
+
+
+class TestXla(AttentionConformance):
+    implementation = "xla"
+    # jax.nn has no sinks/soft cap/score_mod/q_offset/distinct value dim, and returns a stop-gradient lse.
+    unsupported = frozenset({"sinks", "soft_cap", "score_mod", "value_dim", "q_offset", "lse"})
+
