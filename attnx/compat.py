@@ -51,6 +51,8 @@ def flax_attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout
                                   "implemented in attnx; set dropout_rate=0.0 or deterministic=True")
     if dtype is not None:
         query, key, value = (jnp.asarray(x, dtype) for x in (query, key, value))
+    if mask is not None:
+        mask = jnp.asarray(mask).astype(bool)  # Flax masks are often float 0/1 (e.g. nnx.make_causal_mask)
     m = Mask(causal=bool(is_causal), dense=mask) if (mask is not None or is_causal) else None
     out = _attention(query, key, value, bias, m, implementation=implementation)
     return out
