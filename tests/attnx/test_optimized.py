@@ -1,0 +1,37 @@
+"""A few conformance cases compiled with every XLA optimisation on.
+
+The rest of the suite compiles with `jax_disable_most_optimizations` for speed (tests/conftest.py); fusion and
+algebraic simplification must not change results, and these cases check that on the paths users actually run.
+"""
+
+import jax
+import pytest
+
+import attnx
+from attnx.testing.conformance import CASES, AttentionConformance
+
+
+@pytest.fixture(autouse=True)
+def _optimised():
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+_KEEP = {"segment_ids", "sinks_masked_rows"}
+
+
+class TestChunkedOptimised(AttentionConformance):
+    implementation = attnx.Chunked(block_q=4, block_kv=3)
+
+    @pytest.mark.parametrize("case", [c for c in CASES if c.name in _KEEP], ids=lambda c: c.name)
+    def test_matches_reference(self, case):
+        self._check(case, with_lse=True)
+
+    # The other inherited checks already run unoptimised in test_conformance.py.
+    test_with_lse_matches_reference = None
+    test_fully_masked_rows_are_zero = None
+    test_vmap_matches_batch = None
+    test_deterministic_and_jit_equals_eager = None
+    test_causal_prefix_property = None
