@@ -3,6 +3,10 @@
 Each wrapper has a `check_*` that raises `NotImplementedError` naming the unsupported feature (used by dispatch
 fallback and by `attnx.explain`), and a `run_*` that assumes the check passed. The attnx contract is kept on top
 of jax.nn: a fully masked query row returns 0 (jax.nn's XLA path would return the mean of the values).
+
+Known limits inherited from jax.nn: the log-sum-exp it returns is under `stop_gradient`, so `with_lse` raises
+NotImplementedError here; the cuDNN path is a `custom_vjp`, so `jax.jvp` through `cudnn` fails (use `chunked`).
+The `cudnn` wrapper has not been run on a GPU yet (no device in the sessions so far).
 """
 
 from __future__ import annotations
