@@ -203,3 +203,17 @@ def test_chunked_backward_memory_grows_linearly_not_quadratically():
     r2 = _grad_temp_bytes(2048, "reference")
     assert c2 < 2.6 * c1, (c1, c2)
     assert c2 * 8 < r2, (c2, r2)
+
+
+def test_jacfwd_through_chunked_matches_reference():
+    """Forward-mode Jacobians (vmap of jvp), as used by consistency-model / MeanFlow training."""
+    q, k, v = _qkv(B=1, T=5, S=7, N=2, K=1)
+
+    def f(t, implementation):
+        return attnx.dot_product_attention(q * t[0], k + t[1], v * t[2], mask=attnx.Mask(causal=True),
+                                           implementation=implementation)
+
+    t = jnp.asarray([1.1, 0.2, 0.9])
+    want = jax.jacfwd(f)(t, "reference")
+    got = jax.jit(jax.jacfwd(f), static_argnums=1)(t, attnx.Chunked(block_q=2, block_kv=3))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)

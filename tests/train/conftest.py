@@ -26,7 +26,7 @@ def compilation_cache(tmp_path_factory):
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def write_corpus(directory: pathlib.Path, files: int = 12, poison_file: int | None = None) -> pathlib.Path:
+def _write_corpus(directory: pathlib.Path, files: int = 12, poison_file: int | None = None) -> pathlib.Path:
     """Writes `files` small Python-like text files; file `poison_file` (if given) also holds one 0xFF byte."""
     directory.mkdir(parents=True, exist_ok=True)
     for index in range(files):
@@ -38,12 +38,23 @@ def write_corpus(directory: pathlib.Path, files: int = 12, poison_file: int | No
     return directory
 
 
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> pathlib.Path:
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-def tiny_task(corpus_dir: pathlib.Path, task_class=ByteLanguageModel, **data_overrides) -> ByteLanguageModel:
+def _tiny_task(corpus_dir: pathlib.Path, task_class=ByteLanguageModel, **data_overrides) -> ByteLanguageModel:
     data = ByteLMData(source=TextFiles(glob=str(corpus_dir / "*.py")), seq_len=SEQ_LEN, batch_size=BATCH_SIZE,
                       validation_percent=20.0, validation_bytes=512, **data_overrides)
     return task_class(model=TINY_MODEL, data=data, eval_batch_size=8, sample_prompt="def ", sample_bytes=8)
+
+
+# Helpers are handed out as fixtures, so test modules need no import path to this file.
+@pytest.fixture(scope="session")
+def write_corpus():
+    return _write_corpus
+
+
+@pytest.fixture(scope="session")
+def tiny_task():
+    return _tiny_task
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> pathlib.Path:
+    return _write_corpus(tmp_path_factory.mktemp("corpus"))

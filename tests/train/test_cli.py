@@ -13,14 +13,13 @@ import pytest
 
 from train import __main__ as cli
 from train import gin_config
-from tests.train.conftest import SEQ_LEN
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 QUICKSTART = "configs/quickstart.gin"
 
 
 def tiny_bindings(corpus=None, steps=3):
-    bindings = ["WIDTH = 32", "DEPTH = 1", "NUM_HEADS = 2", "NUM_KV_HEADS = 1", f"SEQ_LEN = {SEQ_LEN}",
+    bindings = ["WIDTH = 32", "DEPTH = 1", "NUM_HEADS = 2", "NUM_KV_HEADS = 1", "SEQ_LEN = 16",
                 "llm.LLMConfig.mlp_width = 64",
                 "BATCH_SIZE = 8", f"STEPS = {steps}", "byte_lm.ByteLMData.validation_bytes = 512",
                 "language_model.ByteLanguageModel.sample_bytes = 8", "trainer.train.progress_bar = False"]

@@ -7,7 +7,6 @@ import pytest
 
 from train.data.byte_lm import ByteLMData, ByteWindows
 from train.data.sources import PythonStdlib, TextFiles, split_by_file
-from tests.train.conftest import write_corpus
 
 
 def take(iterator, count):
@@ -27,7 +26,7 @@ def test_split_is_deterministic_disjoint_and_complete(corpus):
     assert train and validation
 
 
-def test_split_does_not_depend_on_other_files(tmp_path):
+def test_split_does_not_depend_on_other_files(tmp_path, write_corpus):
     """A file's side is decided by its own name, so adding files never moves existing ones."""
     small = write_corpus(tmp_path / "a", files=30)
     train, validation = split_by_file(TextFiles(str(small / "*.py")).files(), small, 20.0)

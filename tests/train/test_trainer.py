@@ -1,6 +1,8 @@
 """End-to-end trainer behaviour on a tiny model: resume, corrupt checkpoints, non-finite losses, metrics files."""
 
+import dataclasses
 import json
+import shutil
 import threading
 
 import jax
@@ -9,8 +11,8 @@ import numpy as np
 import pytest
 
 from train import trainer
+from train.checkpoint import IncompatibleCheckpointError
 from train.language_model import ByteLanguageModel
-from tests.train.conftest import tiny_task, write_corpus
 
 RUN = dict(progress_bar=False, eval_every=0, checkpoint_every=2, keep_checkpoints=3)
 
@@ -25,13 +27,13 @@ def assert_bitwise_equal(params_a, params_b):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(corpus, tmp_path_factory):
+def uninterrupted(corpus, tmp_path_factory, tiny_task):
     """Six steps in one go; the reference for the resume tests."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
     return workdir, trainer.train(tiny_task(corpus), workdir=str(workdir), steps=6, **RUN)
 
 
-def test_interrupted_and_resumed_run_matches_uninterrupted_bitwise(corpus, tmp_path, uninterrupted):
+def test_interrupted_and_resumed_run_matches_uninterrupted_bitwise(corpus, tmp_path, uninterrupted, tiny_task):
     _, reference = uninterrupted
     stop = threading.Event()
     first = trainer.train(tiny_task(corpus), workdir=str(tmp_path), steps=6, stop_event=stop,
@@ -43,10 +45,8 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_bitwise(corpus, tmp_p
     assert_bitwise_equal(second.params, reference.params)
 
 
-def test_corrupt_latest_checkpoint_is_reported_and_previous_used(corpus, tmp_path, uninterrupted, capsys):
+def test_corrupt_latest_checkpoint_is_reported_and_previous_used(corpus, tmp_path, uninterrupted, capsys, tiny_task):
     reference_dir, _ = uninterrupted
-    import shutil
-
     shutil.copytree(reference_dir / "checkpoints", tmp_path / "checkpoints")
     latest = tmp_path / "checkpoints" / "6"
     data_files = [p for p in (latest / "state").rglob("*") if p.is_file() and p.stat().st_size > 0]
@@ -79,7 +79,7 @@ def first_poisoned_step(task) -> int:
 
 
 @pytest.fixture(scope="module")
-def poisoned_corpus(tmp_path_factory):
+def poisoned_corpus(tmp_path_factory, write_corpus, tiny_task):
     directory = tmp_path_factory.mktemp("poisoned")
     for poison_file in range(12):  # pick a file that lands in train, so some batch carries the byte
         write_corpus(directory, poison_file=poison_file)
@@ -89,14 +89,14 @@ def poisoned_corpus(tmp_path_factory):
     raise AssertionError("no poisoned file in the training split")
 
 
-def test_nonfinite_loss_stops_with_the_step_named(poisoned_corpus, tmp_path):
+def test_nonfinite_loss_stops_with_the_step_named(poisoned_corpus, tmp_path, tiny_task):
     task = tiny_task(poisoned_corpus, task_class=PoisonedByteModel)
     bad_step = first_poisoned_step(task)
     with pytest.raises(trainer.NonFiniteLossError, match=rf"non-finite loss at step {bad_step}:"):
         trainer.train(task, workdir=str(tmp_path), steps=bad_step + 5, **RUN)
 
 
-def test_nonfinite_loss_is_skipped_when_configured(poisoned_corpus, tmp_path):
+def test_nonfinite_loss_is_skipped_when_configured(poisoned_corpus, tmp_path, tiny_task):
     task = tiny_task(poisoned_corpus, task_class=PoisonedByteModel)
     bad_step = first_poisoned_step(task)
     result = trainer.train(task, workdir=str(tmp_path), steps=bad_step + 2, on_nonfinite="skip", **RUN)
@@ -107,7 +107,7 @@ def test_nonfinite_loss_is_skipped_when_configured(poisoned_corpus, tmp_path):
     assert [r["step"] for r in records if r.get("skipped")] == [bad_step]
 
 
-def test_metrics_are_written_as_jsonl_tensorboard_and_plot(corpus, tmp_path, capsys):
+def test_metrics_are_written_as_jsonl_tensorboard_and_plot(corpus, tmp_path, capsys, tiny_task):
     result = trainer.train(tiny_task(corpus), workdir=str(tmp_path), steps=4, eval_every=2, progress_bar=False)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
@@ -124,7 +124,17 @@ def test_metrics_are_written_as_jsonl_tensorboard_and_plot(corpus, tmp_path, cap
 
 @pytest.mark.parametrize("bad, message", [(dict(steps=0), "steps"), (dict(on_nonfinite="ignore"), "on_nonfinite"),
                                           (dict(checkpoint_every=0), "checkpoint_every")])
-def test_bad_arguments_are_reported(corpus, tmp_path, bad, message):
+def test_bad_arguments_are_reported(corpus, tmp_path, bad, message, tiny_task):
     kwargs = dict(steps=2, **RUN) | bad
     with pytest.raises(ValueError, match=message):
         trainer.train(tiny_task(corpus), workdir=str(tmp_path), **kwargs)
+
+
+def test_checkpoints_of_a_different_model_are_refused_not_discarded(corpus, tmp_path, uninterrupted, tiny_task):
+    reference_dir, _ = uninterrupted
+    shutil.copytree(reference_dir / "checkpoints", tmp_path / "checkpoints")
+    task = tiny_task(corpus)
+    wider = dataclasses.replace(task, model=dataclasses.replace(task.model, width=48))
+    with pytest.raises(IncompatibleCheckpointError, match="different train state"):
+        trainer.train(wider, workdir=str(tmp_path), steps=8, **RUN)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4", "6"]
