@@ -105,14 +105,26 @@ def torch_seconds_per_step(steps: int, repeats: int) -> float | None:
     return time_steps(run_step, steps, repeats)
 
 
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__} on "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs; jax {jax.__version__} on "
           f"{jax.devices()[0].platform}; shape: vocab {VOCAB}, width {WIDTH}, {DEPTH} layers, {HEADS} heads, "
           f"MLP {MLP_WIDTH}, seq {SEQ_LEN}, batch {BATCH}, float32")
+    # Other processes on the same cores slow both contenders; the load average says whether this run had them.
+    print(f"load average before the run (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     flops = model_flops_per_token()
     rate = matmul_rate()
     print(f"XLA float32 matmul (2048^3): {rate / 1e9:.1f} GFLOP/s; model: {flops / 1e6:.2f} MFLOP per token")
@@ -129,6 +141,7 @@ def main():
     print(f"transformers Llama:    {torch_tokens:9,.0f} tokens/s  ({torch_seconds * 1e3:.0f} ms/step, "
           f"{torch_tokens * flops / rate:.0%} of the matmul rate)")
     print(f"ratio attnx / transformers: {attnx_tokens / torch_tokens:.2f}x")
+    print(f"load average after the run (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

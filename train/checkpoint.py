@@ -20,6 +20,11 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
+class IncompatibleCheckpointError(ValueError):
+    """The workdir's checkpoints hold a different train state (another model size or optimizer): not corruption,
+    so nothing is moved aside; the user picks another workdir or removes the checkpoints."""
+
+
 class Checkpointer:
     """A thin policy layer over `ocp.CheckpointManager` for the trainer's {state, data_iter} pair."""
 
@@ -60,6 +65,7 @@ class Checkpointer:
         """
         for step in reversed(self.all_steps()):
             try:
+                self._check_compatible(step, abstract_state)
                 restored = self._manager.restore(
                     step,
                     args=ocp.args.Composite(
@@ -71,12 +77,27 @@ class Checkpointer:
                 if stored_step != step:
                     raise ValueError(f"checkpoint directory says step {step} but its state says {stored_step}")
                 return state, step
+            except IncompatibleCheckpointError:
+                raise
             except Exception as error:  # any read failure means "unusable": fall back to the previous checkpoint
                 moved_to = self._move_aside(step)
                 report(f"WARNING: checkpoint at step {step} is unreadable ({type(error).__name__}: "
                        f"{str(error).splitlines()[0][:300] if str(error) else ''}); moved it to {moved_to} and "
                        "trying the previous checkpoint")
         return None
+
+    def _check_compatible(self, step: int, abstract_state: Any) -> None:
+        """Compares the shapes and dtypes stored in the checkpoint's metadata with the state to restore into."""
+        stored = jax.tree.leaves(self._manager.item_metadata(step)["state"])
+        stored_leaves = sorted((tuple(leaf.shape), str(np.dtype(leaf.dtype))) for leaf in stored)
+        expected = sorted((tuple(leaf.shape), str(np.dtype(leaf.dtype))) for leaf in jax.tree.leaves(abstract_state))
+        if stored_leaves != expected:
+            only_stored = sorted(set(stored_leaves) - set(expected))[:3]
+            only_expected = sorted(set(expected) - set(stored_leaves))[:3]
+            raise IncompatibleCheckpointError(
+                f"the checkpoint at step {step} in {self.directory} holds a different train state ({len(stored_leaves)} "
+                f"arrays, e.g. shapes {only_stored}) than this run builds ({len(expected)} arrays, e.g. {only_expected})"
+                "; use another --workdir, or delete those checkpoints to start over")
 
     def _move_aside(self, step: int) -> pathlib.Path:
         source = self.directory / str(step)

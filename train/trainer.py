@@ -14,6 +14,7 @@ Running again with the same workdir resumes from the newest readable checkpoint.
 saves a checkpoint and returns normally (`TrainResult.interrupted`), so a preempted job can be restarted as is.
 """
 
+import contextlib
 import dataclasses
 import pathlib
 import signal
@@ -79,55 +80,28 @@ def train(
     is_main_process = jax.process_index() == 0
     say = tqdm.write if is_main_process else (lambda *_: None)
     stop_event = stop_event or threading.Event()
-    restore_signal_handler = _stop_on_sigterm(stop_event, say)
-
-    mesh_ = sharding.make_mesh(mesh)
-    model = task.build_model(nnx.Rngs(seed))
-    graphdef, params, other_state = nnx.split(model, nnx.Param, ...)
-    tx = make_optimizer(optimizer, steps)
-    state = jax.device_put(init_train_state(params, tx, seed), sharding.replicated(mesh_))
-    data_iterator = task.train_iterator(jax.process_index(), jax.process_count())
-
-    checkpointer = checkpoint_lib.Checkpointer(
-        workdir_path / "checkpoints", keep=keep_checkpoints, async_save=async_checkpoints)
-    restored = checkpointer.restore_latest(checkpoint_lib.abstract_like(state), data_iterator, report=say)
-    start_step = 0
-    if restored is not None:
-        state, start_step = restored
-        say(f"Resumed from the checkpoint at step {start_step} in {checkpointer.directory}")
-
-    # `other_state` (non-parameter variables, if any) is closed over: constant during training.
-    train_step = make_train_step(
-        lambda p: nnx.merge(graphdef, p, other_state), task.loss_fn, tx, skip_nonfinite=on_nonfinite == "skip")
-    schedule = learning_rate_schedule(optimizer, steps)
-    writer = metrics_lib.MetricsWriter(workdir_path) if is_main_process else None
-    losses: dict[int, float] = {}
-    evaluations: dict[int, dict[str, float]] = {}
-    interrupted = False
-    last_saved = start_step
-    step = start_step
-    bar = tqdm(total=steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not (progress_bar and
-               is_main_process), bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, ETA {remaining}{postfix}]")
-    tokens_per_second = None
-    try:
-        while step < steps:
+    with contextlib.ExitStack() as cleanup:  # undone in reverse order on every exit path, errors included
+        cleanup.callback(_stop_on_sigterm(stop_event, say))
+        run = _Run(task, workdir_path, steps, optimizer, seed, mesh, keep_checkpoints, async_checkpoints,
+                   on_nonfinite, say, cleanup)
+        writer = metrics_lib.MetricsWriter(workdir_path) if is_main_process else None
+        if writer:
+            cleanup.callback(writer.close)
+        bar = tqdm(total=steps, initial=run.start_step, unit="step", dynamic_ncols=True,
+                   disable=not (progress_bar and is_main_process),
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, ETA {remaining}{postfix}]")
+        cleanup.callback(bar.close)
+        schedule = learning_rate_schedule(optimizer, steps)
+        losses: dict[int, float] = {}
+        evaluations: dict[int, dict[str, float]] = {}
+        tokens_per_second = None
+        interrupted = False
+        while run.step < steps:
             began = time.perf_counter()
-            batch = sharding.put_batch(mesh_, next(data_iterator))
-            state, step_metrics = train_step(state, batch)
-            step_metrics = {name: float(value) for name, value in jax.device_get(step_metrics).items()}
-            step += 1
-            seconds = time.perf_counter() - began
-            if step > start_step + 1:  # the first step of a run includes compilation
-                rate = task.tokens_per_step / seconds
+            step, step_metrics, finite = run.train_one_step()
+            if step > run.start_step + 1:  # the first step of a run includes compilation
+                rate = task.tokens_per_step / (time.perf_counter() - began)
                 tokens_per_second = rate if tokens_per_second is None else 0.9 * tokens_per_second + 0.1 * rate
-            finite = step_metrics.pop("finite") > 0
-            if not finite:
-                if on_nonfinite == "stop":
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {step}: loss={step_metrics['loss']}, grad_norm="
-                        f"{step_metrics['grad_norm']}; stopping (set on_nonfinite='skip' to skip such steps)")
-                say(f"WARNING: skipped step {step}: loss={step_metrics['loss']}, grad_norm={step_metrics['grad_norm']}"
-                    " (parameters and optimizer state left unchanged)")
             losses[step] = step_metrics["loss"]
             if writer and (step % log_every == 0 or not finite):
                 record = dict(step_metrics, learning_rate=float(schedule(step - 1)), skipped=float(not finite))
@@ -139,40 +113,83 @@ def train(
             bar.update(1)
             if on_step is not None:
                 on_step(step, step_metrics)
-
             if hasattr(task, "evaluate") and ((eval_every and step % eval_every == 0) or step == steps):
-                results = task.evaluate(nnx.merge(graphdef, state["params"], other_state))
-                evaluations[step] = results
+                evaluations[step] = results = task.evaluate(run.model())
                 if writer:
                     writer.write(step, "eval", results)
                 describe = getattr(task, "describe_evaluation", None)
                 say(describe(step, results) if describe else f"step {step}: {results}")
             if step % checkpoint_every == 0 or step == steps:
-                checkpointer.save(step, state, data_iterator)
-                last_saved = step
+                run.save_checkpoint()
             if stop_event.is_set() and step < steps:
-                if last_saved != step:
-                    checkpointer.save(step, state, data_iterator)
-                    last_saved = step
+                run.save_checkpoint()
                 say(f"Stop requested: saved a checkpoint at step {step}; run again with the same workdir to resume")
                 interrupted = True
                 break
-    finally:
-        bar.close()
-        checkpointer.close()  # waits for asynchronous saves, also when an error stops the run
-        if writer:
-            writer.close()
-        restore_signal_handler()
+    # Here every checkpoint is on disk (the checkpointer's close waited for the asynchronous writes).
 
     if is_main_process:
         plot = metrics_lib.plot_losses(workdir_path)
         if plot:
             say(f"Loss plot: {plot}")
-    if not interrupted and step == steps and hasattr(task, "finish"):
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
-        task.finish(nnx.merge(graphdef, state["params"], other_state), rng)
-    return TrainResult(final_step=step, start_step=start_step, losses=losses, interrupted=interrupted,
-                       evaluations=evaluations, params=state["params"])
+    if not interrupted and run.step == steps and hasattr(task, "finish"):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(run.state["rng"]), run.step)
+        task.finish(run.model(), rng)
+    return TrainResult(final_step=run.step, start_step=run.start_step, losses=losses, interrupted=interrupted,
+                       evaluations=evaluations, params=run.state["params"])
+
+
+class _Run:
+    """The mutable part of one `train` call: model structure, train state, data iterator, checkpointer, step."""
+
+    def __init__(self, task, workdir, steps, optimizer, seed, mesh, keep_checkpoints, async_checkpoints,
+                 on_nonfinite, say, cleanup: contextlib.ExitStack):
+        self.mesh = sharding.make_mesh(mesh)
+        self.on_nonfinite = on_nonfinite
+        self.say = say
+        model = task.build_model(nnx.Rngs(seed))
+        self.graphdef, params, self.other_state = nnx.split(model, nnx.Param, ...)
+        tx = make_optimizer(optimizer, steps)
+        self.state = jax.device_put(init_train_state(params, tx, seed), sharding.replicated(self.mesh))
+        self.data_iterator = task.train_iterator(jax.process_index(), jax.process_count())
+        self.checkpointer = checkpoint_lib.Checkpointer(
+            workdir / "checkpoints", keep=keep_checkpoints, async_save=async_checkpoints)
+        cleanup.callback(self.checkpointer.close)  # waits for asynchronous saves
+        restored = self.checkpointer.restore_latest(
+            checkpoint_lib.abstract_like(self.state), self.data_iterator, report=say)
+        self.start_step = self.step = self.last_saved = 0
+        if restored is not None:
+            self.state, self.start_step = restored
+            self.step = self.last_saved = self.start_step
+            say(f"Resumed from the checkpoint at step {self.start_step} in {self.checkpointer.directory}")
+        # Non-parameter variables (if any) are closed over: constant during training.
+        self._train_step = make_train_step(
+            lambda p: nnx.merge(self.graphdef, p, self.other_state), task.loss_fn, tx,
+            skip_nonfinite=on_nonfinite == "skip")
+
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.state["params"], self.other_state)
+
+    def train_one_step(self) -> tuple[int, dict[str, float], bool]:
+        """Runs one step; returns (step number after it, its metrics, whether it was finite)."""
+        batch = sharding.put_batch(self.mesh, next(self.data_iterator))
+        self.state, step_metrics = self._train_step(self.state, batch)
+        step_metrics = {name: float(value) for name, value in jax.device_get(step_metrics).items()}
+        self.step += 1
+        finite = step_metrics.pop("finite") > 0
+        if not finite:
+            if self.on_nonfinite == "stop":
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {self.step}: loss={step_metrics['loss']}, grad_norm="
+                    f"{step_metrics['grad_norm']}; stopping (set on_nonfinite='skip' to skip such steps)")
+            self.say(f"WARNING: skipped step {self.step}: loss={step_metrics['loss']}, grad_norm="
+                     f"{step_metrics['grad_norm']} (parameters and optimizer state left unchanged)")
+        return self.step, step_metrics, finite
+
+    def save_checkpoint(self) -> None:
+        if self.last_saved != self.step:
+            self.checkpointer.save(self.step, self.state, self.data_iterator)
+            self.last_saved = self.step
 
 
 def _validate(*, steps, eval_every, log_every, checkpoint_every, on_nonfinite):
