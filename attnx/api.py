@@ -34,25 +34,35 @@ __all__ = ["dot_product_attention", "dot_product_attention_with_lse", "explain",
            "implementation_names"]
 
 
-def _no_check(args: AttentionArgs) -> None:
+def _no_check(args: AttentionArgs, return_lse: bool) -> None:
     return None
 
 
-# name -> (check(args) raising NotImplementedError, run(args, cfg, return_lse))
+def _not_written(name: str):
+    def check(args: AttentionArgs, return_lse: bool) -> None:
+        raise NotImplementedError(f"{name}: this Pallas kernel is not written yet (planned: issue 7); use 'chunked'")
+    return check
+
+
+# name -> (check(args, return_lse) raising NotImplementedError, run(args, cfg, return_lse))
 _BACKENDS: dict[str, tuple[Callable, Callable]] = {
     "reference": (_no_check, lambda args, cfg, lse: reference_attention(args, return_lse=lse)),
     "chunked": (_no_check, lambda args, cfg, lse: chunked_attention(args, cfg, return_lse=lse)),
     "xla": (xla_impl.check_xla, lambda args, cfg, lse: xla_impl.run_xla(args, cfg, lse)),
     "cudnn": (xla_impl.check_cudnn, lambda args, cfg, lse: xla_impl.run_cudnn(args, cfg, lse)),
+    "pallas_gpu": (_not_written("pallas_gpu"), None),
+    "pallas_tpu": (_not_written("pallas_tpu"), None),
 }
 
-# Below this many logits per (batch, head) the materialising paths are as fast as the chunked one on CPU and
-# compile faster (bench/attention.py measured the crossover; see bench/RESULTS.md).
+# Below this many logits per (batch, head) the chunked path is a single key block, so materialising is as fast on
+# CPU (bench/attention.py at T=512: within noise of each other) and the reference compiles faster and handles
+# every feature (sinks, score_mod, a -inf bias, a differentiable lse).
 _SMALL_LOGITS = 256 * 256
 
 
 def implementation_names() -> tuple[str, ...]:
-    return tuple(_BACKENDS)
+    """Names of the implementations that exist (the Pallas names are accepted but not written yet)."""
+    return tuple(name for name, (_, run) in _BACKENDS.items() if run is not None)
 
 
 def _auto_order(args: AttentionArgs) -> list:
@@ -62,7 +72,7 @@ def _auto_order(args: AttentionArgs) -> list:
     if backend == "gpu":
         order = [Cudnn()] + ([Xla()] if info["T"] * info["S"] <= 4096 * 4096 else []) + [Chunked()]
     elif small:
-        order = [Xla(), Reference()]
+        order = [Reference()]
     else:
         order = [Chunked()]
     return order
@@ -96,7 +106,7 @@ def _run(args: AttentionArgs, implementation: Any, return_lse: bool):
     for cfg in candidates:
         check, run = _BACKENDS[cfg.name]
         try:
-            check(args)
+            check(args, return_lse)
             return run(args, cfg, return_lse)
         except NotImplementedError as err:
             if single:
@@ -180,9 +190,10 @@ class Explanation:
 
 
 def explain(query, key, value, bias=None, mask=None, *, scale=None, logits_soft_cap=None, sinks=None,
-            score_mod=None, mask_mod=None, implementation=None) -> Explanation:
-    """Say which implementation `dot_product_attention` would run for these arguments, and why each other one
-    was rejected or not chosen. Accepts arrays or `jax.ShapeDtypeStruct`-like abstract values; runs nothing."""
+            score_mod=None, mask_mod=None, implementation=None, with_lse: bool = False) -> Explanation:
+    """Say which implementation `dot_product_attention` (or, with `with_lse=True`,
+    `dot_product_attention_with_lse`) would run for these arguments, and why each other one was rejected or not
+    chosen. Accepts arrays or `jax.ShapeDtypeStruct`s; computes nothing."""
     def abstract(x):
         if x is None or isinstance(x, (jax.Array,)) or not hasattr(x, "shape"):
             return x
@@ -197,7 +208,7 @@ def explain(query, key, value, bias=None, mask=None, *, scale=None, logits_soft_
     chosen = None
     for name, (check, _) in _BACKENDS.items():
         try:
-            check(args)
+            check(args, with_lse)
         except NotImplementedError as err:
             rejected[name] = str(err)
     for cfg in candidates:

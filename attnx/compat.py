@@ -39,13 +39,19 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
 
 def flax_attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
                       dropout_rate=0.0, deterministic=False, dtype=None, precision=None, module=None,
-                      promote_dtype=None, is_causal=False, implementation=None, **unused):
+                      promote_dtype=None, is_causal=False, implementation=None):
     """Flax's `attention_fn` signature (`flax.nnx.dot_product_attention`) running on attnx.
 
     Layout [*B, T, N, H] as in Flax. Attention dropout is not implemented in attnx: a non-zero `dropout_rate`
     with `deterministic=False` raises NotImplementedError instead of being ignored. `module` (used by Flax to
-    sow attention weights) is accepted and ignored, like `precision` (attnx picks its own per implementation).
+    sow attention weights) must be None: Flax passes a module only when `sow_weights=True`, and attnx does not
+    materialise the weights, so that raises NotImplementedError rather than silently recording nothing.
+    `precision` is not used: each attnx implementation fixes its own (the reference runs at HIGHEST).
     """
+    if module is not None:
+        raise NotImplementedError("flax_attention_fn: sowing attention weights (sow_weights=True) is not supported "
+                                  "by attnx; use attnx's reference implementation with a probability hook instead, "
+                                  "or sow_weights=False")
     if dropout_rate and not deterministic:
         raise NotImplementedError(f"flax_attention_fn: attention dropout (dropout_rate={dropout_rate}) is not "
                                   "implemented in attnx; set dropout_rate=0.0 or deterministic=True")

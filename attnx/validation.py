@@ -125,8 +125,6 @@ def _canonical_mask(mask: Any, batch_shape, T: int, S: int, N: int) -> Mask:
                             "(pass additive float masks as `bias`)")
         mask = Mask(dense=arr)
     fields = {}
-    if mask.window is not None:
-        pass  # already validated by Mask itself
     for name, trailing in (("q_segment_ids", (("T", (T,)),)), ("kv_segment_ids", (("S", (S,)),))):
         x = getattr(mask, name)
         if x is not None:
@@ -162,6 +160,37 @@ def _canonical_mask(mask: Any, batch_shape, T: int, S: int, N: int) -> Mask:
         x = jnp.broadcast_to(x, x.shape[:-1] + (S,))
         fields["dense"] = _flatten_batch("mask.dense", x, 3, batch_shape)
     return mask.replace(**fields) if fields else mask
+
+
+def _check_mods(score_mod, mask_mod, B: int, G: int, K: int, T: int, S: int) -> None:
+    """Trace the user functions abstractly (nothing runs) at the grouped logits shape [B, K, G, T, S] and check
+    what they return, so a wrong shape or dtype is reported here rather than deep inside a kernel."""
+    shape = (B, K, G, T, S)
+    b = jax.ShapeDtypeStruct((B, 1, 1, 1, 1), jnp.int32)
+    n = jax.ShapeDtypeStruct((1, K, G, 1, 1), jnp.int32)
+    t = jax.ShapeDtypeStruct((T, 1), jnp.int32)
+    j = jax.ShapeDtypeStruct((1, S), jnp.int32)
+    checks = []
+    if score_mod is not None:
+        checks.append(("score_mod", score_mod, (jax.ShapeDtypeStruct(shape, jnp.float32), b, n, t, j),
+                       "a float array broadcastable to the logits", lambda r: jnp.issubdtype(r.dtype, jnp.floating)))
+    if mask_mod is not None:
+        checks.append(("mask_mod", mask_mod, (b, n, t, j), "a bool array broadcastable to the logits",
+                       lambda r: r.dtype == jnp.bool_))
+    for name, fn, example, what, dtype_ok in checks:
+        try:
+            res = jax.eval_shape(fn, *example)
+        except Exception as err:  # noqa: BLE001 - report any failure of the user's function against its name
+            raise ValueError(f"{name}: calling it with (score [B, K, G, T, S] float32 for score_mod,) batch "
+                             f"[B,1,1,1,1], head [1,K,G,1,1], q_idx [T,1], kv_idx [1,S] int32 failed: {err}") from err
+        if not hasattr(res, "shape") or not dtype_ok(res):
+            raise TypeError(f"{name}: must return {what}, got {res}")
+        try:
+            out = np.broadcast_shapes(res.shape, shape)
+        except ValueError:
+            out = None
+        if out != shape:
+            raise ValueError(f"{name}: must return {what} [B, K, G, T, S] = {shape}, got shape {res.shape}")
 
 
 def canonicalize(query, key, value, bias=None, mask=None, *, scale=None, logits_soft_cap=None, sinks=None,
@@ -219,8 +248,12 @@ def canonicalize(query, key, value, bias=None, mask=None, *, scale=None, logits_
     if scale is None:
         scale_f = 1.0 / math.sqrt(H)
     else:
+        if isinstance(scale, (jax.Array, np.ndarray)) and np.shape(scale) == () and not isinstance(
+                scale, jax.core.Tracer) and jnp.issubdtype(scale.dtype, jnp.floating):
+            scale = float(scale)  # a concrete 0-d array such as 1 / jnp.sqrt(H)
         if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
-            raise TypeError(f"scale: expected a Python float or None, got {scale!r}")
+            raise TypeError(f"scale: expected a static Python float or None (it is baked into the computation; "
+                            f"a traced scale belongs in score_mod), got {scale!r}")
         scale_f = float(scale)
         if not math.isfinite(scale_f):
             raise ValueError(f"scale: expected a finite float, got {scale_f}")
@@ -235,5 +268,6 @@ def canonicalize(query, key, value, bias=None, mask=None, *, scale=None, logits_
     for name, fn in (("score_mod", score_mod), ("mask_mod", mask_mod)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name}: expected a callable or None, got {type(fn).__name__}")
+    _check_mods(score_mod, mask_mod, Bf, N // K, K, T, S)
     return AttentionArgs(q=q, k=k, v=v, bias=bias, mask=cmask, scale=scale_f, logits_soft_cap=cap, sinks=sinks,
                          score_mod=score_mod, mask_mod=mask_mod, batch_shape=tuple(batch_shape))

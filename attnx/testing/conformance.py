@@ -68,6 +68,13 @@ CASES = [
     Case("batch_dims", batch=(2, 3), T=6, S=5, bias=("B", "N", "T", "S"), mask=lambda c: Mask(causal=True)),
     Case("no_batch", batch=(), T=6, S=5, mask=lambda c: Mask(causal=True)),
     Case("bf16", dtype="bfloat16", T=9, S=9, mask=lambda c: Mask(causal=True)),
+    Case("f16", dtype="float16", T=7, S=9, K=1, mask=lambda c: Mask(causal=True), features=frozenset({"f16"})),
+    Case("neg_inf_bias", T=6, S=7, bias=("B", "N", "T", "S"), features=frozenset({"neg_inf_bias"})),
+    Case("window_offset", T=5, S=11, mask=lambda c: Mask(window=(2, 3), q_offset=3),
+         features=frozenset({"q_offset"})),
+    Case("negative_offset", T=7, S=7, mask=lambda c: Mask(causal=True, q_offset=-2),
+         features=frozenset({"q_offset"})),
+    Case("dense_per_head", T=9, S=10, mask=lambda c: Mask(dense=random_bool((1, 4, 9, 10), 0.6, seed=5))),
     Case("bf16_bias", dtype="bfloat16", T=9, S=10, bias=("B", "N", "T", "S")),
 ]
 CASE_IDS = [c.name for c in CASES]
@@ -102,7 +109,9 @@ def _everything(case: Case, implementation, inputs: dict, with_lse: bool):
     primals = tuple(inputs[n] for n in names)
     out, lse = fwd(*primals)
     grads = jax.grad(loss, argnums=tuple(range(len(names))))(*primals)
-    tangents = tuple(jnp.cos(p.astype(jnp.float32) * 1.7).astype(p.dtype) for p in primals)
+    # Tangents are zero where a primal is infinite (a -inf bias entry is a mask, not a value to perturb).
+    tangents = tuple(jnp.where(jnp.isfinite(p), jnp.cos(p.astype(jnp.float32) * 1.7), 0).astype(p.dtype)
+                     for p in primals)
     _, (t_out, t_lse) = jax.jvp(fwd, primals, tangents)
     return out, lse, dict(zip(names, grads)), (t_out, t_lse)
 

@@ -60,6 +60,10 @@ def make_inputs(case: Case, seed: int = 0) -> dict:
             else:
                 shape.append(sizes[d] if isinstance(d, str) else d)
         out["bias"] = normal(tuple(shape), 0.5)
+        if "neg_inf_bias" in case.features:
+            # -inf masks through the bias: one whole row (-> output 0, lse -inf) and a few single entries.
+            bias = out["bias"].at[(0,) * (len(shape) - 2) + (1,)].set(-jnp.inf)
+            out["bias"] = bias.at[..., 3, ::2].set(-jnp.inf)
     if case.sinks:
         out["sinks"] = normal((case.N,), 1.0).astype(jnp.float32)
     return out

@@ -217,3 +217,93 @@ def test_jacfwd_through_chunked_matches_reference():
     want = jax.jacfwd(f)(t, "reference")
     got = jax.jit(jax.jacfwd(f), static_argnums=1)(t, attnx.Chunked(block_q=2, block_kv=3))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+
+
+def test_second_order_reverse_mode_through_chunked():
+    """grad of grad (gradient penalties, MAML): the outer derivative re-enters the custom rule."""
+    q, k, v = _qkv(B=1, T=5, S=7, N=2, K=1)
+
+    def inner(q, implementation):
+        out = attnx.dot_product_attention(q, k, v, mask=attnx.Mask(causal=True), implementation=implementation)
+        return jnp.sum(out ** 2)
+
+    def outer(q, implementation):
+        return jnp.sum(jax.grad(inner)(q, implementation) ** 2)
+
+    want = jax.grad(outer)(q, "reference")
+    got = jax.jit(jax.grad(outer), static_argnums=1)(q, attnx.Chunked(block_q=2, block_kv=3))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("argnum", [1, 2, 3], ids=["key", "value", "bias"])
+def test_gradient_with_respect_to_one_input(argnum):
+    """The tangent rule's branches for inputs that carry no derivative (symbolic zeros)."""
+    q, k, v = _qkv(T=7, S=6)
+    bias = jnp.asarray(RNG.standard_normal((1, 4, 1, 6)), jnp.float32)
+
+    def loss(q, k, v, bias, implementation):
+        return jnp.sum(jnp.sin(attnx.dot_product_attention(q, k, v, bias, mask=attnx.Mask(causal=True),
+                                                           implementation=implementation)))
+
+    want = jax.grad(loss, argnums=argnum)(q, k, v, bias, "reference")
+    got = jax.jit(jax.grad(loss, argnums=argnum), static_argnums=4)(q, k, v, bias, attnx.Chunked(3, 4))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+
+
+def test_vmap_over_mask_arrays():
+    """vmap over per-example lengths and segment ids turns block skipping into selects; results must not change."""
+    q, k, v = _qkv(B=3, T=9, S=9)
+    lengths = jnp.asarray([9, 4, 0])
+    ids = jnp.asarray(np.sort(RNG.integers(0, 3, (3, 9)), axis=1), jnp.int32)
+
+    def one(q, k, v, n, seg, implementation):
+        mask = attnx.Mask(causal=True, kv_lengths=n, q_segment_ids=seg, kv_segment_ids=seg)
+        return attnx.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+    want = one(q, k, v, lengths, ids, "reference")
+    got = jax.jit(jax.vmap(lambda *a: one(*(x[None] for x in a), attnx.Chunked(4, 3))[0]))(q, k, v, lengths, ids)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+
+
+def test_errors_other_than_not_implemented_do_not_fall_through(monkeypatch):
+    from attnx import api
+
+    def broken(args, return_lse):
+        raise RuntimeError("a real bug")
+
+    monkeypatch.setitem(api._BACKENDS, "xla", (broken, api._BACKENDS["xla"][1]))
+    q, k, v = _qkv()
+    with pytest.raises(RuntimeError, match="a real bug"):
+        attnx.dot_product_attention(q, k, v, implementation=["xla", "reference"])
+
+
+def test_pallas_names_fall_through_until_the_kernels_exist():
+    q, k, v = _qkv()
+    out = attnx.dot_product_attention(q, k, v, implementation=["pallas_tpu", "pallas_gpu", "chunked"])
+    assert out.shape == (2, 6, 4, 8)
+    with pytest.raises(NotImplementedError, match="not written yet"):
+        attnx.dot_product_attention(q, k, v, implementation="pallas_gpu")
+
+
+def test_explain_with_lse_reports_what_actually_runs():
+    q, k, v = _qkv()
+    assert attnx.explain(q, k, v, implementation=["xla", "chunked"]).chosen == "xla"
+    info = attnx.explain(q, k, v, implementation=["xla", "chunked"], with_lse=True)
+    assert info.chosen == "chunked" and "stop_gradient" in info.rejected["xla"]
+
+
+def test_user_functions_with_wrong_outputs_are_reported_by_name():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="score_mod"):
+        attnx.dot_product_attention(q, k, v, score_mod=lambda s, b, n, t, j: s[..., :2])
+    with pytest.raises(TypeError, match="mask_mod"):
+        attnx.dot_product_attention(q, k, v, mask_mod=lambda b, n, t, j: (t - j).astype(jnp.float32))
+    with pytest.raises(ValueError, match="mask_mod"):
+        attnx.dot_product_attention(q, k, v, mask_mod=lambda b, n, t: t > 0)
+
+
+def test_concrete_array_scale_is_accepted():
+    q, k, v = _qkv()
+    a = attnx.dot_product_attention(q, k, v, scale=1 / jnp.sqrt(8.0), implementation="reference")
+    b = attnx.dot_product_attention(q, k, v, implementation="reference")
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

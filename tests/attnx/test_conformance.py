@@ -12,6 +12,7 @@ class TestChunkedSmallBlocks(AttentionConformance):
 
 class TestXla(AttentionConformance):
     implementation = "xla"
-    # jax.nn has no sinks/soft cap/score_mod/q_offset/distinct value dim, and returns a stop-gradient lse.
-    unsupported = frozenset({"sinks", "soft_cap", "score_mod", "value_dim", "q_offset", "lse"})
+    # jax.nn has no sinks/soft cap/score_mod/q_offset/distinct value dim, returns a stop-gradient lse, and its
+    # float16 gradient fails on CPU (CI's backend).
+    unsupported = frozenset({"sinks", "soft_cap", "score_mod", "value_dim", "q_offset", "lse", "f16"})
 

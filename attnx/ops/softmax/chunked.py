@@ -119,14 +119,15 @@ def _live_table(g: _Geometry, mask: Mask, mask_mod) -> jax.Array:
         row_any = jnp.any(rows[None, :] < mask.q_lengths[:, None], axis=0) & row_ok
         live &= jnp.any(row_any.reshape(g.nq, g.bq), axis=1)[:, None]
     if mask.q_segment_ids is not None:
-        big = jnp.iinfo(jnp.int32).max
-        qs = jnp.pad(mask.q_segment_ids.astype(jnp.int32), ((0, 0), (0, g.nq * g.bq - g.T)), constant_values=0)
-        ks = jnp.pad(mask.kv_segment_ids.astype(jnp.int32), ((0, 0), (0, g.nk_pad * g.bk - g.S)),
-                     constant_values=0)
+        dt = jnp.promote_types(mask.q_segment_ids.dtype, mask.kv_segment_ids.dtype)
+        big = jnp.iinfo(dt).max  # sentinels of the ids' own dtype: no wrap-around that could hide a live block
+        qs = jnp.pad(mask.q_segment_ids.astype(dt), ((0, 0), (0, g.nq * g.bq - g.T)), constant_values=0)
+        ks = jnp.pad(mask.kv_segment_ids.astype(dt), ((0, 0), (0, g.nk_pad * g.bk - g.S)), constant_values=0)
         qmin = jnp.where(row_ok, qs, big).reshape(-1, g.nq, g.bq).min(-1)
-        qmax = jnp.where(row_ok, qs, -big).reshape(-1, g.nq, g.bq).max(-1)
+        small = jnp.iinfo(dt).min
+        qmax = jnp.where(row_ok, qs, small).reshape(-1, g.nq, g.bq).max(-1)
         kmin = jnp.where(col_ok, ks, big).reshape(-1, g.nk_pad, g.bk).min(-1)
-        kmax = jnp.where(col_ok, ks, -big).reshape(-1, g.nk_pad, g.bk).max(-1)
+        kmax = jnp.where(col_ok, ks, small).reshape(-1, g.nk_pad, g.bk).max(-1)
         overlap = (qmin[:, :, None] <= kmax[:, None, :]) & (kmin[:, None, :] <= qmax[:, :, None])
         live &= jnp.any(overlap, axis=0)
     if mask.block_mask is not None:
@@ -150,17 +151,24 @@ def _live_table(g: _Geometry, mask: Mask, mask_mod) -> jax.Array:
         d = jnp.pad(d, ((0, g.nq * g.bq - g.T), (0, g.nk_pad * g.bk - g.S)))
         live &= jnp.any(d.reshape(g.nq, g.bq, g.nk_pad, g.bk), axis=(1, 3))
     if mask_mod is not None:
+        # Evaluate mask_mod one (i, j) block at a time, only inside the static band [lo[i], lo[i] + span), so this
+        # costs O(block) memory like the attention itself.
         b_idx, n_idx = common.batch_index(g.B), common.head_index(g.K, g.G)
+        lo = jnp.asarray(g.lo, jnp.int32)
+
+        def block_alive(i, j):
+            q_idx = i * g.bq + jnp.arange(g.bq)[:, None]
+            kv_idx = j * g.bk + jnp.arange(g.bk)[None, :]
+            mm = jnp.asarray(mask_mod(b_idx, n_idx, q_idx, kv_idx), dtype=bool)
+            return jnp.any(mm & (q_idx < g.T) & (kv_idx < g.S))
 
         def per_row_block(i):
-            q_idx = i * g.bq + jnp.arange(g.bq)[:, None]
-            mm = jnp.asarray(mask_mod(b_idx, n_idx, q_idx, cols[None, :]), dtype=bool)
-            mm = jnp.broadcast_to(mm, mm.shape[:-2] + (g.bq, cols.shape[0]))
-            mm = mm & (q_idx < g.T) & col_ok[None, :]
-            mm = jnp.any(mm.reshape(-1, g.bq, g.nk_pad, g.bk), axis=(0, 1, 3))
-            return mm
+            return lax.map(lambda t: block_alive(i, lo[i] + t), jnp.arange(g.span))
 
-        live &= lax.map(per_row_block, jnp.arange(g.nq))
+        band = lax.map(per_row_block, jnp.arange(g.nq))  # [nq, span]
+        cols_of = lo[:, None] + jnp.arange(g.span)[None, :]
+        alive = jnp.zeros((g.nq, g.nk_pad), bool).at[jnp.arange(g.nq)[:, None], cols_of].max(band)
+        live &= alive
     return live
 
 
@@ -390,8 +398,9 @@ def _flash(g, blocks, q, k, v, bias, sinks, score_consts, live):
 
 @functools.partial(_flash.defjvp, symbolic_zeros=True)
 def _flash_jvp(g, blocks, primals, tangents):
-    q, k, v, bias, sinks, score_consts, live = primals
-    out, lse = _forward(g, blocks, q, k, v, bias, sinks, score_consts, live)
+    # Through `_flash` (not `_forward`): an enclosing derivative (grad of grad, jacrev of jacrev) then meets this
+    # custom rule again instead of the forward's dynamic-bound loop, which reverse mode cannot traverse.
+    out, lse = _flash(g, blocks, *primals)
     dq, dk, dv, dbias, dsinks, dscore, _ = tangents
     d_out, d_lse = _tangent(g, blocks, primals, (dq, dk, dv, dbias, dsinks, tuple(dscore)), out, lse)
     return (out, lse), (d_out, d_lse)

@@ -53,4 +53,20 @@ class Cudnn:
     name: ClassVar[str] = "cudnn"
 
 
-IMPLEMENTATIONS: dict[str, type] = {cls.name: cls for cls in (Reference, Chunked, Xla, Cudnn)}
+@dataclasses.dataclass(frozen=True)
+class PallasGpu:
+    """Pallas flash-attention kernel for GPUs (Mosaic GPU / Triton lowering). Not written yet: the name is part of
+    the contract (ARCHITECTURE §4) so that lists such as ["pallas_gpu", "chunked"] already fall through."""
+
+    name: ClassVar[str] = "pallas_gpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasTpu:
+    """Pallas flash-attention kernel for TPUs (Mosaic TPU). Not written yet; see `PallasGpu`."""
+
+    name: ClassVar[str] = "pallas_tpu"
+
+
+IMPLEMENTATIONS: dict[str, type] = {
+    cls.name: cls for cls in (Reference, Chunked, Xla, Cudnn, PallasGpu, PallasTpu)}

@@ -20,7 +20,10 @@ from attnx.validation import AttentionArgs
 _DYNAMIC_FIELDS = ("q_segment_ids", "kv_segment_ids", "block_mask", "dense")
 
 
-def _common_limits(args: AttentionArgs, name: str) -> None:
+def _common_limits(args: AttentionArgs, name: str, return_lse: bool) -> None:
+    if return_lse:
+        raise NotImplementedError(f"{name}: jax.nn returns the log-sum-exp under stop_gradient; the attnx contract "
+                                  "needs a differentiable lse (use 'chunked' or 'reference')")
     if args.logits_soft_cap is not None:
         raise NotImplementedError(f"{name}: logits_soft_cap is not supported by jax.nn.dot_product_attention")
     if args.sinks is not None:
@@ -36,8 +39,11 @@ def _common_limits(args: AttentionArgs, name: str) -> None:
                                   f"V={info['V']} and H={info['H']}")
 
 
-def check_xla(args: AttentionArgs) -> None:
-    _common_limits(args, "xla")
+def check_xla(args: AttentionArgs, return_lse: bool = False) -> None:
+    _common_limits(args, "xla", return_lse)
+    if args.q.dtype == jnp.float16 and jax.default_backend() == "cpu":
+        raise NotImplementedError("xla: jax.nn's float16 path asks dot_general for precision F16_F16_F32, which the "
+                                  "CPU backend does not support (its gradient fails); use 'chunked' or 'reference'")
 
 
 def _jax_nn_masks(args: AttentionArgs):
@@ -83,29 +89,32 @@ def _zero_empty_rows(args: AttentionArgs, out, lse):
     return out, lse
 
 
-def _run(args: AttentionArgs, implementation: str, return_lse: bool):
-    if return_lse:
-        raise NotImplementedError(f"{implementation}: jax.nn returns the log-sum-exp under stop_gradient; the attnx "
-                                  "contract needs a differentiable lse (use 'chunked' or 'reference')")
+def _run(args: AttentionArgs, implementation: str):
     kw, dense = _jax_nn_masks(args)
-    res = jax.nn.dot_product_attention(args.q, args.k, args.v, bias=args.bias, mask=dense, scale=args.scale,
-                                       implementation=implementation, return_residual=return_lse, **kw)
-    out, lse = (res if return_lse else (res, None))
-    if lse is not None:
-        lse = lse.astype(jnp.float32)
-    out, lse = _zero_empty_rows(args, out, lse)
-    return (out, lse) if return_lse else out
+    bias = args.bias
+    if bias is not None:
+        # jax.nn turns a row whose bias is all -inf into NaN; clamp to its own "large negative" and detect such rows
+        # from the (stop-gradient) log-sum-exp below, so that -inf in a bias masks exactly as in `reference`.
+        bias = jnp.maximum(bias, jnp.asarray(0.7 * jnp.finfo(bias.dtype).min, bias.dtype))
+    out, lse = jax.nn.dot_product_attention(args.q, args.k, args.v, bias=bias, mask=dense, scale=args.scale,
+                                            implementation=implementation, return_residual=True, **kw)
+    out, _ = _zero_empty_rows(args, out, None)
+    if bias is not None:
+        tiny = 0.35 * float(jnp.finfo(jnp.float32).min)
+        empty = ~(lse.astype(jnp.float32) > tiny)  # also catches NaN
+        out = jnp.where(empty[..., None], jnp.zeros((), out.dtype), out)
+    return out
 
 
 def run_xla(args: AttentionArgs, cfg=None, return_lse: bool = False):
-    return _run(args, "xla", return_lse)
+    return _run(args, "xla")
 
 
-def check_cudnn(args: AttentionArgs) -> None:
+def check_cudnn(args: AttentionArgs, return_lse: bool = False) -> None:
     if jax.default_backend() != "gpu":
         raise NotImplementedError(f"cudnn: needs an NVIDIA GPU backend, the default backend is "
                                   f"'{jax.default_backend()}'")
-    _common_limits(args, "cudnn")
+    _common_limits(args, "cudnn", return_lse)
     info = args.shape_info
     if args.q.dtype not in (jnp.bfloat16, jnp.float16):
         raise NotImplementedError(f"cudnn: needs bfloat16 or float16 inputs, got {args.q.dtype}")
@@ -126,4 +135,4 @@ def check_cudnn(args: AttentionArgs) -> None:
 
 
 def run_cudnn(args: AttentionArgs, cfg=None, return_lse: bool = False):
-    return _run(args, "cudnn", return_lse)
+    return _run(args, "cudnn")
