@@ -82,6 +82,36 @@ def _defects(B, T, S, N, K, H, V):
 N_DEFECTS = len(_defects(1, 1, 1, 1, 1, 1, 1))
 
 
+def _wrong(data, valid: tuple, label: str) -> int:
+    """A size that is none of `valid` (drawn, so the wrong shapes themselves vary)."""
+    return data.draw(st.integers(0, 12).filter(lambda x: x not in valid), label=label)
+
+
+def _drawn_defects(data, B, T, S, N, K, H, V):
+    """Defects whose wrong sizes, ranks and dtypes are drawn by hypothesis."""
+    z = lambda *s, dt=F32: np.zeros(s, dt)  # noqa: E731
+    bad_int = data.draw(st.sampled_from([np.int8, np.int32, np.uint8, np.bool_]), label="non-float dtype")
+    return [
+        ("query", lambda a: a.update(query=z(*data.draw(st.lists(st.integers(1, 3), max_size=2), label="rank")))),
+        ("query", lambda a: a.update(query=a["query"].astype(bad_int))),
+        ("key", lambda a: a.update(key=z(B, S, K, _wrong(data, (H,), "H'")))),
+        ("value", lambda a: a.update(value=z(B, _wrong(data, (S,), "S'"), K, V))),
+        ("value", lambda a: a.update(value=z(B, S, _wrong(data, (K,), "K'"), V))),
+        ("key", lambda a: (lambda k2: a.update(key=z(B, S, k2, H), value=z(B, S, k2, V)))(
+            data.draw(st.integers(1, 12).filter(lambda x: N % x != 0), label="K not dividing N"))),
+        ("bias", lambda a: a.update(bias=z(B, N, T, _wrong(data, (1, S), "bias S")))),
+        ("bias", lambda a: a.update(bias=z(B, _wrong(data, (1, N), "bias N"), T, S))),
+        ("bias", lambda a: a.update(bias=z(B, N, _wrong(data, (1, T), "bias T"), S))),
+        ("mask.dense", lambda a: a.update(mask=attnx.Mask(dense=z(_wrong(data, (1, T), "mask T"), S, dt=bool)))),
+        ("mask.kv_lengths", lambda a: a.update(mask=attnx.Mask(kv_lengths=z(_wrong(data, (1, B), "len B"),
+                                                                              dt=np.int32)))),
+        ("mask.window", lambda a: a.update(mask=attnx.Mask(window=(data.draw(st.integers(-50, -1), label="w"), 1)))),
+        ("sinks", lambda a: a.update(sinks=z(_wrong(data, (N,), "sinks N")))),
+        ("logits_soft_cap", lambda a: a.update(logits_soft_cap=data.draw(
+            st.floats(max_value=0.0, allow_nan=False), label="cap"))),
+    ]
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_invalid_calls_raise_errors_that_name_the_argument(data):
@@ -90,8 +120,8 @@ def test_invalid_calls_raise_errors_that_name_the_argument(data):
     dims = dict(B=data.draw(st.integers(1, 3), label="B"), T=data.draw(st.integers(1, 9), label="T"),
                 S=data.draw(st.integers(1, 9), label="S"), N=K * G, K=K,
                 H=data.draw(st.integers(1, 8), label="H"), V=data.draw(st.integers(1, 8), label="V"))
-    index = data.draw(st.integers(0, N_DEFECTS - 1), label="defect")
-    name, apply = _defects(**dims)[index]
+    defects = _defects(**dims) + _drawn_defects(data, **dims)
+    name, apply = defects[data.draw(st.integers(0, len(defects) - 1), label="defect")]
     kwargs = _valid(**dims)
     with pytest.raises((ValueError, TypeError)) as err:
         apply(kwargs)
