@@ -2,11 +2,15 @@
 
 Fixed shape: vocabulary 256, width 256, 4 layers, 4 heads (no GQA), MLP width 768, sequence 256, batch 16, untied
 output projection. When PyTorch and `transformers` are installed, the same step of `transformers`'
-LlamaForCausalLM at the identical shape runs in the same process afterwards, and the ratio is printed. Also printed:
-the float32 matrix-multiply rate XLA reaches on this machine and the share of it each step achieves (model FLOPs
-counted as 6 x matmul parameters + 12 x layers x sequence x width per token: dense attention, as both compute it).
+LlamaForCausalLM at the identical shape (same optimizer, clipping and loss) runs in the same process, in rounds
+interleaved with ours, and the ratio is printed. Also printed: the float32 matrix-multiply rate XLA reaches on this
+machine and the share of it each step achieves (model FLOPs counted as 6 x matmul parameters + 12 x layers x
+sequence x width per token: dense attention, as both compute it).
 
-    python bench/train_step.py [--steps 10] [--repeats 3]
+Timings are the best round of each contender. On a shared machine PyTorch's OpenMP threads suffer far more from
+other load than XLA's thread pool, so compare runs whose printed load average is near zero.
+
+    python bench/train_step.py [--steps 5] [--repeats 3]
 """
 
 import argparse
@@ -34,29 +38,22 @@ def model_flops_per_token() -> float:
     return 6 * matmul_params + 12 * DEPTH * SEQ_LEN * WIDTH
 
 
-def time_steps(run_step, steps: int, repeats: int) -> float:
-    """Best-of-`repeats` mean seconds per step over `steps` steps (after the caller's warmup)."""
-    timings = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        for _ in range(steps):
-            run_step()
-        timings.append((time.perf_counter() - began) / steps)
-    return min(timings)
+def mean_seconds(run, count: int) -> float:
+    began = time.perf_counter()
+    for _ in range(count):
+        run()
+    return (time.perf_counter() - began) / count
 
 
-def matmul_rate(size: int = 2048, repeats: int = 10) -> float:
-    """float32 FLOP/s of an XLA [size, size] x [size, size] matrix multiply on the default device."""
+def build_matmul(size: int = 2048):
+    """An XLA float32 [size, size] x [size, size] matrix multiply as a blocking callable, and its FLOPs."""
     a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size), np.float32))
     matmul = jax.jit(lambda x, y: x @ y)
-    matmul(a, a).block_until_ready()
-    began = time.perf_counter()
-    for _ in range(repeats):
-        matmul(a, a).block_until_ready()
-    return 2 * size**3 * repeats / (time.perf_counter() - began)
+    return (lambda: matmul(a, a).block_until_ready()), 2 * size**3
 
 
-def attnx_seconds_per_step(steps: int, repeats: int) -> float:
+def build_attnx_step():
+    """One attnx train step as a no-argument callable that blocks until the step is done."""
     config = llm_config("bench")
     model = LLM(config, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
@@ -69,12 +66,11 @@ def attnx_seconds_per_step(steps: int, repeats: int) -> float:
         state["value"], metrics = step_fn(state["value"], batch)
         metrics["loss"].block_until_ready()
 
-    for _ in range(3):  # compile and warm up
-        run_step()
-    return time_steps(run_step, steps, repeats)
+    return run_step
 
 
-def torch_seconds_per_step(steps: int, repeats: int) -> float | None:
+def build_torch_step():
+    """The same step of transformers' LlamaForCausalLM, or None when torch/transformers are not installed."""
     try:
         import torch
         import transformers
@@ -99,10 +95,8 @@ def torch_seconds_per_step(steps: int, repeats: int) -> float | None:
         optimizer.step()
         loss.item()
 
-    for _ in range(3):
-        run_step()
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")
-    return time_steps(run_step, steps, repeats)
+    return run_step
 
 
 def cpu_name() -> str:
@@ -117,30 +111,40 @@ def cpu_name() -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timing")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; the best round of each contender counts")
     args = parser.parse_args()
-    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs; jax {jax.__version__} on "
-          f"{jax.devices()[0].platform}; shape: vocab {VOCAB}, width {WIDTH}, {DEPTH} layers, {HEADS} heads, "
-          f"MLP {MLP_WIDTH}, seq {SEQ_LEN}, batch {BATCH}, float32")
-    # Other processes on the same cores slow both contenders; the load average says whether this run had them.
+    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs; jax {jax.__version__} on {jax.devices()[0].platform}; "
+          f"shape: vocab {VOCAB}, width {WIDTH}, {DEPTH} layers, {HEADS} heads, MLP {MLP_WIDTH}, seq {SEQ_LEN}, "
+          f"batch {BATCH}, float32")
+    # Other processes on the same cores slow every contender; the load average says whether this run had them.
     print(f"load average before the run (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    contenders = {"attnx (jax)": build_attnx_step()}
+    torch_step = build_torch_step()
+    if torch_step is not None:
+        contenders["transformers Llama"] = torch_step
+    matmul, matmul_flops = build_matmul()
+    for run in [*contenders.values(), matmul]:
+        for _ in range(3):  # compile and warm up
+            run()
+    # Rounds interleave the contenders, so a burst of load from elsewhere hits all of them alike; best round wins.
+    best = {name: float("inf") for name in [*contenders, "matmul"]}
+    for _ in range(args.repeats):
+        for name, run in contenders.items():
+            best[name] = min(best[name], mean_seconds(run, args.steps))
+        best["matmul"] = min(best["matmul"], mean_seconds(matmul, 5))
+    rate = matmul_flops / best["matmul"]
     flops = model_flops_per_token()
-    rate = matmul_rate()
     print(f"XLA float32 matmul (2048^3): {rate / 1e9:.1f} GFLOP/s; model: {flops / 1e6:.2f} MFLOP per token")
-
-    attnx_seconds = attnx_seconds_per_step(args.steps, args.repeats)
-    attnx_tokens = TOKENS_PER_STEP / attnx_seconds
-    print(f"attnx (jax):           {attnx_tokens:9,.0f} tokens/s  ({attnx_seconds * 1e3:.0f} ms/step, "
-          f"{attnx_tokens * flops / rate:.0%} of the matmul rate)")
-    torch_seconds = torch_seconds_per_step(args.steps, args.repeats)
-    if torch_seconds is None:
+    tokens = {}
+    for name in contenders:
+        tokens[name] = TOKENS_PER_STEP / best[name]
+        print(f"{name + ':':22s}{tokens[name]:9,.0f} tokens/s  ({best[name] * 1e3:.0f} ms/step, "
+              f"{tokens[name] * flops / rate:.0%} of the matmul rate)")
+    if torch_step is None:
         print("transformers Llama:    skipped (pip install torch transformers to compare)")
-        return
-    torch_tokens = TOKENS_PER_STEP / torch_seconds
-    print(f"transformers Llama:    {torch_tokens:9,.0f} tokens/s  ({torch_seconds * 1e3:.0f} ms/step, "
-          f"{torch_tokens * flops / rate:.0%} of the matmul rate)")
-    print(f"ratio attnx / transformers: {attnx_tokens / torch_tokens:.2f}x")
+    else:
+        print(f"ratio attnx / transformers: {tokens['attnx (jax)'] / tokens['transformers Llama']:.2f}x")
     print(f"load average after the run (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

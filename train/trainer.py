@@ -147,10 +147,8 @@ class _Run:
         self.mesh = sharding.make_mesh(mesh)
         self.on_nonfinite = on_nonfinite
         self.say = say
-        model = task.build_model(nnx.Rngs(seed))
-        self.graphdef, params, self.other_state = nnx.split(model, nnx.Param, ...)
         tx = make_optimizer(optimizer, steps)
-        self.state = jax.device_put(init_train_state(params, tx, seed), sharding.replicated(self.mesh))
+        self.graphdef, self.state, self.other_state = _initialize(task, seed, tx, self.mesh)
         self.data_iterator = task.train_iterator(jax.process_index(), jax.process_count())
         self.checkpointer = checkpoint_lib.Checkpointer(
             workdir / "checkpoints", keep=keep_checkpoints, async_save=async_checkpoints)
@@ -190,6 +188,22 @@ class _Run:
         if self.last_saved != self.step:
             self.checkpointer.save(self.step, self.state, self.data_iterator)
             self.last_saved = self.step
+
+
+def _initialize(task, seed: int, tx, mesh):
+    """Builds the model and the initial train state in one compiled function, placed replicated on `mesh`.
+
+    Built eagerly, every parameter initializer would be a separately compiled tiny computation (seconds of
+    start-up for a small model); under jit they are one.
+    """
+    graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(seed))), nnx.Param, ...)
+
+    def initial_state():
+        _, params, other_state = nnx.split(task.build_model(nnx.Rngs(seed)), nnx.Param, ...)
+        return init_train_state(params, tx, seed), other_state
+
+    state, other_state = jax.jit(initial_state, out_shardings=sharding.replicated(mesh))()
+    return graphdef, state, other_state
 
 
 def _validate(*, steps, eval_every, log_every, checkpoint_every, on_nonfinite):
