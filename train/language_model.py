@@ -39,8 +39,8 @@ class ByteLanguageModel:
             raise ValueError(f"a byte-level model needs LLMConfig.vocab_size=256, got {self.model.vocab_size}")
         if not self.sample_temperature >= 0:
             raise ValueError(f"sample_temperature must be >= 0, got {self.sample_temperature!r}")
-        if len(self.sample_prompt.encode()) >= self.data.seq_len:
-            raise ValueError(f"sample_prompt must be shorter than seq_len={self.data.seq_len} bytes")
+        if not self.sample_prompt:
+            raise ValueError("sample_prompt must not be empty: sampling continues it")
 
     # ---- Training ----
 
@@ -101,13 +101,16 @@ class ByteLanguageModel:
         print(self.sample(model, rng))
 
     def sample(self, model: LLM, rng: jax.Array) -> str:
-        """The prompt followed by up to `sample_bytes` sampled bytes, cut at the first file separator (NUL)."""
+        """The prompt followed by `sample_bytes` sampled bytes, cut at the first file separator (NUL).
+
+        Past `seq_len` bytes the model sees the most recent `seq_len` bytes, the context length it was trained on.
+        """
         prompt = np.frombuffer(self.sample_prompt.encode(), np.uint8)
-        length = min(len(prompt) + self.sample_bytes, self.data.seq_len)
-        buffer = np.zeros(self.data.seq_len, np.int32)
+        length = len(prompt) + self.sample_bytes
+        buffer = np.zeros(max(length, self.data.seq_len), np.int32)
         buffer[: len(prompt)] = prompt
         graphdef, state = nnx.split(model)
-        out = np.asarray(_generate(graphdef, state, jnp.asarray(buffer), len(prompt), length,
+        out = np.asarray(_generate(graphdef, state, jnp.asarray(buffer), len(prompt), length, self.data.seq_len,
                                    self.sample_temperature, rng))
         generated = bytes(out[:length].astype(np.uint8).tolist()).split(b"\x00")[0]
         return generated.decode("utf-8", errors="replace")
@@ -121,15 +124,20 @@ def _summed_nats(graphdef, state, windows, target_mask):
     return jnp.sum(nats * target_mask)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
-def _generate(graphdef, state, buffer, prompt_length, length, temperature, rng):
-    """Fills buffer[prompt_length:length] one byte at a time. Without a KV cache each byte re-reads the whole
-    buffer; causality makes the not-yet-written tail irrelevant, and at these lengths it costs well under a second."""
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5, 6))
+def _generate(graphdef, state, buffer, prompt_length, length, context, temperature, rng):
+    """Fills buffer[prompt_length:length] one byte at a time, each from the `context` bytes before it.
+
+    Without a KV cache each byte re-reads a whole window; causality makes the not-yet-written tail of the window
+    irrelevant, and at these sizes the loop takes about a second.
+    """
     model = nnx.merge(graphdef, state)
 
     def next_byte(position, carry):
         buffer, rng = carry
-        logits = model(buffer[None])[0, position - 1]
+        start = jnp.clip(position - context, 0, buffer.shape[0] - context)
+        window = jax.lax.dynamic_slice(buffer, (start,), (context,))
+        logits = model(window[None])[0, position - 1 - start]
         rng, draw = jax.random.split(rng)
         if temperature == 0:
             token = jnp.argmax(logits)
