@@ -29,16 +29,26 @@ def first_update(config, grads, params):
     return updates
 
 
-def test_global_norm_clipping_bounds_the_update_direction():
-    """The configured chain clips before AdamW: a huge gradient gives the same update as its clipped version."""
-    grads = {"w": jnp.full((4, 4), 10.0), "b": jnp.full((4,), 10.0)}
-    clipped, _ = optax.clip_by_global_norm(1.0).update(grads, None)
-    assert float(optax.tree.norm(clipped)) == pytest.approx(1.0, rel=1e-6)
-    params = {"w": jnp.ones((4, 4)), "b": jnp.ones((4,))}
-    config = OptimizerConfig(peak_learning_rate=1.0, warmup_steps=0, weight_decay=0.0, clip_global_norm=1.0)
-    huge = first_update(config, grads, params)
-    unit = first_update(config, clipped, params)
-    np.testing.assert_allclose(huge["w"], unit["w"], rtol=1e-6)
+def second_update(config, first_grads, second_grads, params):
+    tx = make_optimizer(config, total_steps=10)
+    _, state = tx.update(first_grads, tx.init(params), params)
+    updates, _ = tx.update(second_grads, state, params)
+    return updates["w"]
+
+
+def test_global_norm_clipping_happens_before_adamw():
+    # Adam's first step is scale-invariant, so clipping shows only from the second step on, through the moments.
+    params = {"w": jnp.ones((4, 4))}
+    huge = {"w": jnp.full((4, 4), 100.0)}
+    small = {"w": jnp.linspace(-0.1, 0.1, 16).reshape(4, 4)}
+    clipped_huge, _ = optax.clip_by_global_norm(1.0).update(huge, None)
+    assert float(optax.tree.norm(clipped_huge)) == pytest.approx(1.0, rel=1e-6)
+    clipping = OptimizerConfig(peak_learning_rate=1.0, warmup_steps=0, weight_decay=0.0, clip_global_norm=1.0)
+    no_clipping = OptimizerConfig(peak_learning_rate=1.0, warmup_steps=0, weight_decay=0.0, clip_global_norm=None)
+    np.testing.assert_allclose(second_update(clipping, huge, small, params),
+                               second_update(no_clipping, clipped_huge, small, params), rtol=1e-5)
+    assert not np.allclose(second_update(clipping, huge, small, params),
+                           second_update(no_clipping, huge, small, params), rtol=1e-3)
 
 
 def test_weight_decay_applies_to_matrices_not_vectors():
