@@ -83,6 +83,7 @@ def _implementations(names):
 
 
 DENSE = ("jax_nn", "reference", "xla")
+PEERS = DENSE + ("tokamax_xla_chunked",)
 
 
 def run_one(name, fn, T, causal, dtype, args, rate, compile_only=False):
@@ -104,7 +105,7 @@ def run_one(name, fn, T, causal, dtype, args, rate, compile_only=False):
         row["skipped"] = f"needs {row['total_bytes'] / 2 ** 30:.1f} GiB > --memory-limit-gib"
         return row
     if compile_only:
-        row["skipped"] = f"T > --dense-max-T (compiled: {row['total_bytes'] / 2 ** 30:.2f} GiB)"
+        row["skipped"] = f"T > --peer-max-T (compiled: {row['total_bytes'] / 2 ** 30:.2f} GiB)"
         return row
     repeats = args.repeats if T <= 4096 else max(1, args.repeats // 2)
     row["seconds"] = _median_time(compiled, q, k, v, repeats=repeats)
@@ -146,23 +147,28 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    keys = sorted({(r["impl"], r["causal"], r["dtype"]) for r in rows if "seconds" in r})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    impls = sorted({r["impl"] for r in rows})
+    colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(impls)}
+    keys = sorted({(r["impl"], r["causal"], r["dtype"]) for r in rows})
     for impl, causal, dtype in keys:
-        rs = sorted((r for r in rows if (r["impl"], r["causal"], r["dtype"]) == (impl, causal, dtype)
-                     and "seconds" in r), key=lambda r: r["T"])
+        rs = sorted((r for r in rows if (r["impl"], r["causal"], r["dtype"]) == (impl, causal, dtype)),
+                    key=lambda r: r["T"])
+        timed = [r for r in rs if "seconds" in r]
+        style = dict(color=colors[impl], linestyle="-" if causal else "--",
+                     marker="o" if dtype == "float32" else "s", markersize=4)
         label = f"{impl} {'causal' if causal else 'full'} {dtype}"
-        style = "--" if impl in DENSE else "-"
-        axes[0].plot([r["T"] for r in rs], [r["seconds"] for r in rs], style, marker="o", label=label)
-        axes[1].plot([r["T"] for r in rs], [r["total_bytes"] / 2 ** 20 for r in rs], style, marker="o",
-                     label=label)
+        axes[0].plot([r["T"] for r in timed], [r["seconds"] for r in timed], label=label, **style)
+        # Memory includes compile-only rows (a dense path beyond --peer-max-T): what it would need.
+        axes[1].plot([r["T"] for r in rs], [r["total_bytes"] / 2 ** 20 for r in rs], label=label, **style)
     for ax, ylabel in zip(axes, ("seconds (median)", "compiled memory (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length T")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=6)
+    axes[1].legend(fontsize=6, loc="upper left")
+    axes[0].set_title("solid: causal, dashed: full; o float32, s bfloat16", fontsize=8)
     fig.suptitle("attention: time and memory vs T (" + ("forward+backward" if rows and rows[0]["backward"]
                                                          else "forward") + ")")
     fig.tight_layout()
@@ -181,8 +187,10 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--backward", action="store_true", help="time forward+backward (grad w.r.t. q, k, v)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dense-max-T", type=int, default=8192, help="largest T for the O(T^2)-memory paths")
-    p.add_argument("--bf16-max-T", type=int, default=4096, help="largest T timed in bfloat16 (slow on CPU)")
+    p.add_argument("--peer-max-T", type=int, default=4096,
+                   help="largest T timed for the baselines (jax.nn, tokamax) and the O(T^2)-memory paths; beyond "
+                        "it they are only compiled, for their memory (keeps the default run to a few minutes)")
+    p.add_argument("--bf16-max-T", type=int, default=2048, help="largest T timed in bfloat16 (slow on CPU)")
     p.add_argument("--memory-limit-gib", type=float, default=20.0)
     p.add_argument("--long", action="store_true", help="add T=32768, 65536 (O(T)-memory paths, fwd+bwd)")
     p.add_argument("--out", default="bench/out/attention.json")
@@ -214,7 +222,7 @@ def main(argv=None):
                     if T > 16384 and name not in ("chunked", "attnx_default", "jax_nn"):
                         continue
                     row = run_one(name, fn, T, causal, jnp.dtype(dt), args, rates[dt],
-                                  compile_only=name in DENSE and T > args.dense_max_T)
+                                  compile_only=name in PEERS and T > args.peer_max_T)
                     rows.append(row)
                     if name == "jax_nn" and "seconds" in row:
                         base = row["seconds"]
