@@ -60,11 +60,3 @@ def mask_block(mask: Mask, mask_mod, mask_consts, q_idx, kv_idx, K: int, G: int,
         m = mm if m is None else (m & mm)
     return m
 
-
-def closure_convert(fn, example_args):
-    """Hoist arrays that `fn` closes over into explicit trailing arguments, so custom derivative rules can
-    differentiate with respect to them (e.g. learnable ALiBi slopes inside a score_mod)."""
-    if fn is None:
-        return None, ()
-    converted, consts = jax.closure_convert(fn, *example_args)
-    return converted, tuple(consts)
