@@ -48,8 +48,8 @@ def _not_written(name: str):
 _BACKENDS: dict[str, tuple[Callable, Callable]] = {
     "reference": (_no_check, lambda args, cfg, lse: reference_attention(args, return_lse=lse)),
     "chunked": (_no_check, lambda args, cfg, lse: chunked_attention(args, cfg, return_lse=lse)),
-    "xla": (xla_impl.check_xla, lambda args, cfg, lse: xla_impl.run_xla(args, cfg, lse)),
-    "cudnn": (xla_impl.check_cudnn, lambda args, cfg, lse: xla_impl.run_cudnn(args, cfg, lse)),
+    "xla": (xla_impl.check_xla, xla_impl.run_xla),
+    "cudnn": (xla_impl.check_cudnn, xla_impl.run_cudnn),
     "pallas_gpu": (_not_written("pallas_gpu"), None),
     "pallas_tpu": (_not_written("pallas_tpu"), None),
 }

@@ -195,9 +195,9 @@ class Mask:
         """
         q_idx = jnp.arange(T)[:, None]
         kv_idx = jnp.arange(S)[None, :]
-        return self.evaluate(q_idx, kv_idx, T, S)
+        return self.evaluate(q_idx, kv_idx)
 
-    def evaluate(self, q_idx: jax.Array, kv_idx: jax.Array, T: int, S: int) -> jax.Array:
+    def evaluate(self, q_idx: jax.Array, kv_idx: jax.Array) -> jax.Array:
         """The mask at query rows `q_idx` [tq, 1] and key columns `kv_idx` [1, sk] (absolute indices), as a bool
         array [*B|1, N|1, tq, sk]. Fast paths call this on one block at a time; `materialize` on the whole grid."""
         allowed = jnp.ones((q_idx.shape[0], kv_idx.shape[1]), dtype=bool)[None, None]

@@ -52,7 +52,7 @@ def mask_block(mask: Mask, mask_mod, mask_consts, q_idx, kv_idx, K: int, G: int,
     masked at all."""
     m = None
     if not mask.is_empty:
-        m = group_heads(mask.evaluate(jnp.minimum(q_idx, T - 1), jnp.minimum(kv_idx, S - 1), T, S), K, G)
+        m = group_heads(mask.evaluate(jnp.minimum(q_idx, T - 1), jnp.minimum(kv_idx, S - 1)), K, G)
     if mask_mod is not None:
         mm = mask_mod(batch_index(B), head_index(K, G), q_idx, kv_idx,
                       *mask_consts)

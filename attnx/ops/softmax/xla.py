@@ -2,7 +2,8 @@
 
 Each wrapper has a `check_*` that raises `NotImplementedError` naming the unsupported feature (used by dispatch
 fallback and by `attnx.explain`), and a `run_*` that assumes the check passed. The attnx contract is kept on top
-of jax.nn: a fully masked query row returns 0 (jax.nn's XLA path would return the mean of the values).
+of jax.nn: a fully masked query row returns 0 (jax.nn's XLA path would return the mean of the values); such rows
+are found from jax.nn's own log-sum-exp, so the mask is never materialised a second time.
 
 Known limits inherited from jax.nn: the log-sum-exp it returns is under `stop_gradient`, so `with_lse` raises
 NotImplementedError here; the cuDNN path is a `custom_vjp`, so `jax.jvp` through `cudnn` fails (use `chunked`).
@@ -71,39 +72,20 @@ def _jax_nn_masks(args: AttentionArgs):
     return kw, dense
 
 
-def _zero_empty_rows(args: AttentionArgs, out, lse):
-    """jax.nn fills a fully masked row with the mean of V; the attnx contract is 0 (and lse -inf)."""
-    m = args.mask
-    if m.is_empty and args.mask_mod is None:
-        return out, lse
-    info = args.shape_info
-    K, G = info["K"], info["N"] // info["K"]
-    allowed = common.mask_block(m, args.mask_mod, (), jnp.arange(info["T"])[:, None],
-                                jnp.arange(info["S"])[None, :], K, G, info["B"], info["T"], info["S"])
-    any_key = jnp.any(allowed, axis=-1)  # [B|1, K|1, G|1, T]
-    any_key = jnp.broadcast_to(any_key, (info["B"], K, G, info["T"]))
-    any_key = jnp.moveaxis(any_key.reshape(info["B"], info["N"], info["T"]), 1, 2)  # [B, T, N]
-    out = jnp.where(any_key[..., None], out, jnp.zeros((), out.dtype))
-    if lse is not None:
-        lse = jnp.where(any_key, lse, -jnp.inf)
-    return out, lse
-
-
 def _run(args: AttentionArgs, implementation: str):
     kw, dense = _jax_nn_masks(args)
     bias = args.bias
     if bias is not None:
-        # jax.nn turns a row whose bias is all -inf into NaN; clamp to its own "large negative" and detect such rows
-        # from the (stop-gradient) log-sum-exp below, so that -inf in a bias masks exactly as in `reference`.
-        bias = jnp.maximum(bias, jnp.asarray(0.7 * jnp.finfo(bias.dtype).min, bias.dtype))
+        # jax.nn turns a row whose bias is all -inf into NaN: clamp the bias (in float32, the dtype of jax.nn's
+        # logits) to jax.nn's own "large negative", so that such a row looks like a masked one.
+        bias = jnp.maximum(bias.astype(jnp.float32), 0.7 * jnp.finfo(jnp.float32).min)
     out, lse = jax.nn.dot_product_attention(args.q, args.k, args.v, bias=bias, mask=dense, scale=args.scale,
                                             implementation=implementation, return_residual=True, **kw)
-    out, _ = _zero_empty_rows(args, out, None)
-    if bias is not None:
-        tiny = 0.35 * float(jnp.finfo(jnp.float32).min)
-        empty = ~(lse.astype(jnp.float32) > tiny)  # also catches NaN
-        out = jnp.where(empty[..., None], jnp.zeros((), out.dtype), out)
-    return out
+    # A row with no visible key (masked, padded, or all -inf bias) has only "large negative" logits, so its
+    # (stop-gradient) log-sum-exp is far below any real one, or -inf/NaN after a cast: the attnx contract gives 0
+    # there, where jax.nn gives the mean of the values.
+    empty = ~(lse.astype(jnp.float32) > 0.35 * float(jnp.finfo(jnp.float32).min))
+    return jnp.where(empty[..., None], jnp.zeros((), out.dtype), out)
 
 
 def run_xla(args: AttentionArgs, cfg=None, return_lse: bool = False):
