@@ -136,10 +136,14 @@ class Mask:
         return left, right
 
     @property
+    def has_array_fields(self) -> bool:
+        """True when any data-dependent component (ids, lengths, block mask, dense mask) is present."""
+        return any(getattr(self, f) is not None for f in _ARRAY_FIELDS)
+
+    @property
     def is_empty(self) -> bool:
         """True when the mask allows every pair (nothing to apply)."""
-        return (not self.causal and self.window is None
-                and all(getattr(self, f) is None for f in _ARRAY_FIELDS))
+        return not self.causal and self.window is None and not self.has_array_fields
 
     def __and__(self, other: "Mask") -> "Mask":
         if not isinstance(other, Mask):

@@ -179,9 +179,7 @@ class _Blocks:
     def __init__(self, g: _Geometry, mask: Mask, score_mod, mask_mod, mask_consts, scale, cap):
         self.g, self.mask, self.score_mod, self.mask_mod = g, mask, score_mod, mask_mod
         self.mask_consts, self.scale, self.cap = mask_consts, scale, cap
-        self.has_dynamic_mask = mask_mod is not None or any(
-            getattr(mask, f) is not None
-            for f in ("q_segment_ids", "kv_segment_ids", "q_lengths", "kv_lengths", "block_mask", "dense"))
+        self.has_dynamic_mask = mask_mod is not None or mask.has_array_fields
         self.full = jnp.asarray(np.array(g.full, dtype=bool))
 
     def logits(self, q_i, k_j, bias_ij, score_consts, i, j):
