@@ -33,6 +33,10 @@ class AttentionSpec:
     implementations: the `implementation=` names it accepts.
     aliases: other accepted names (listed here, never guessed).
     defaults: default keyword arguments (e.g. window sizes), documented for users and the CAB checks.
+    decode: the cached-decode rule for causal language models, or None when the mechanism has none yet:
+        `decode(query [*B, T, N, H], key_cache [*B, L, K, H], value_cache [*B, L, K, V], *, query_positions [T],
+        **kwargs)`, where cache slot j holds the key/value of position j and queries sit at absolute
+        `query_positions`. It must equal the last rows of `fn(..., causal=True)` over the whole sequence.
     """
 
     name: str
@@ -44,6 +48,7 @@ class AttentionSpec:
     aliases: tuple = ()
     defaults: dict = dataclasses.field(default_factory=dict)
     description: str = ""
+    decode: Callable | None = None
 
     def __post_init__(self):
         bad = set(self.patterns) - set(PATTERNS)

@@ -55,8 +55,9 @@ class ByteLanguageModel:
         return self.data.train_iterator(process_index, process_count)
 
     @staticmethod
-    def loss_fn(model: LLM, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Mean next-byte cross-entropy in nats over `batch["tokens"]` [B, T + 1]."""
+    def loss_fn(model: LLM, batch: dict[str, jax.Array], rng: jax.Array | None = None
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Mean next-byte cross-entropy in nats over `batch["tokens"]` [B, T + 1] (deterministic: `rng` unused)."""
         tokens = batch["tokens"].astype(jnp.int32)
         logits = model(tokens[:, :-1])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()

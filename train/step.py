@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-LossFn = Callable[[nnx.Module, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
+LossFn = Callable[[nnx.Module, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def init_train_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> dict[str, Any]:
@@ -32,14 +32,19 @@ def make_train_step(merge: Callable[[nnx.State], nnx.Module], loss_fn: LossFn, t
 
     `merge(params)` rebuilds the model from its parameters, e.g. `lambda p: nnx.merge(graphdef, p)`.
 
+    `loss_fn(model, batch, rng)` gets a fresh key per step, `fold_in(state rng, step)`, for losses that draw noise
+    (diffusion timesteps, label dropout): a resumed run draws the same keys as an uninterrupted one.
+
     metrics holds `loss`, `grad_norm`, `finite` (loss and gradient norm both finite) and whatever `loss_fn` adds.
     With `skip_nonfinite`, a non-finite step leaves params and optimizer state unchanged (the step counter still
     advances, so the data and schedule move on); otherwise the caller stops the run on `finite == False`.
     """
 
     def train_step(state, batch):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
         def loss_of_params(params):
-            return loss_fn(merge(params), batch)
+            return loss_fn(merge(params), batch, rng)
 
         (loss, aux), grads = jax.value_and_grad(loss_of_params, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])

@@ -4,7 +4,7 @@ A task is any object with:
     build_model(rngs) -> nnx.Module
     train_iterator(process_index, process_count) -> grain.DatasetIterator of dicts of numpy arrays (this process's
                                                     share of the global batch)
-    loss_fn(model, batch) -> (scalar loss, dict of scalar metrics)        traced inside jit
+    loss_fn(model, batch, rng) -> (scalar loss, dict of scalar metrics)   traced inside jit; rng differs per step
     tokens_per_step -> int                                                for the tokens/s display
     evaluate(model) -> dict[str, float]                                   optional; called every `eval_every` steps
     describe_evaluation(step, results) -> str                             optional; the line printed after evaluate

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from attnx.api import dot_product_attention, implementation_names
 from attnx.mask import Mask
 from attnx.registry import AttentionSpec, register_attention
@@ -16,6 +18,23 @@ def softmax_attention(query, key, value, *, causal: bool = False, bias=None, mas
     if mask is not None:
         m = m & mask
     return dot_product_attention(query, key, value, bias, m, **kwargs)
+
+
+def _position_mask(query_positions, cache_length: int, window: int | None = None) -> Mask:
+    """Query at absolute position p sees cache slots j <= p (and p - j < window): a dense [T, L] mask, which is
+    small because decoding feeds one or a few queries at a time."""
+    q = jnp.asarray(query_positions)[:, None]
+    k = jnp.arange(cache_length)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (q - k < window)
+    return Mask(dense=allowed)
+
+
+def softmax_decode(query, key_cache, value_cache, *, query_positions, mask: Mask | None = None, **kwargs):
+    """Causal softmax attention of queries at `query_positions` over a KV cache (slot j = position j)."""
+    m = _position_mask(query_positions, key_cache.shape[-3])
+    return dot_product_attention(query, key_cache, value_cache, mask=m if mask is None else m & mask, **kwargs)
 
 
 def softmax_reference(query, key, value, *, causal: bool = False, **kwargs):
@@ -40,6 +59,13 @@ def sliding_window_attention(query, key, value, *, window: int = 16, causal: boo
     return dot_product_attention(query, key, value, mask=m, **kwargs)
 
 
+def sliding_window_decode(query, key_cache, value_cache, *, query_positions, window: int = 16, mask=None,
+                          **kwargs):
+    """Causal sliding-window attention over a KV cache: the `window` most recent positions up to each query."""
+    m = _position_mask(query_positions, key_cache.shape[-3], window)
+    return dot_product_attention(query, key_cache, value_cache, mask=m if mask is None else m & mask, **kwargs)
+
+
 def sliding_window_reference(query, key, value, *, window: int = 16, causal: bool = False, **kwargs):
     return sliding_window_attention(query, key, value, window=window, causal=causal, implementation="reference",
                                     **kwargs)
@@ -55,6 +81,7 @@ register_attention(AttentionSpec(
     implementations=implementation_names(),
     aliases=("mha", "dot_product"),
     description="standard multi-head / grouped-query softmax attention",
+    decode=softmax_decode,
 ))
 
 register_attention(AttentionSpec(
@@ -68,4 +95,5 @@ register_attention(AttentionSpec(
     aliases=("local",),
     defaults={"window": 16},
     description="band of `window` keys around (or before) each query",
+    decode=sliding_window_decode,
 ))

@@ -2,6 +2,9 @@
 
 Layout follows the attnx contract (ARCHITECTURE §4): query [B, T, N, H], key/value [B, S, K, H]. Grouped-query
 attention (K < N) is passed through as is; key/value heads are never repeated here.
+
+One layer serves the three families: the LLM (rotary positions, no biases, optional QK-norm, a KV cache for
+decoding), ViT and DiT (no rotary positions, biases on every projection, non-causal).
 """
 
 from typing import Any, Callable, Mapping
@@ -11,7 +14,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 import attnx
+from models.layers.norm import RMSNorm
 from models.layers.rope import rotary_embedding
+
+KVCache = dict[str, jax.Array]  # {"key": [B, L, K, H], "value": [B, L, K, H]}; slot j holds position j
 
 
 def resolve_attention(kind: str, *, causal: bool) -> Callable[..., jax.Array]:
@@ -24,18 +30,34 @@ def resolve_attention(kind: str, *, causal: bool) -> Callable[..., jax.Array]:
     spec = attnx.get_attention(kind)
     pattern = "CS" if causal else "NS"
     if not spec.supports(pattern):
+        supporting = [name for name in attnx.list_attentions() if attnx.get_attention(name).supports(pattern)]
         raise ValueError(f"attention {kind!r} does not support {'causal' if causal else 'non-causal'} self "
-                         f"attention (pattern {pattern}); it supports {sorted(spec.patterns)}")
+                         f"attention (pattern {pattern}); it supports {sorted(spec.patterns)}. Mechanisms that "
+                         f"support {pattern}: {supporting}")
     if spec.name == "softmax":
         mask = attnx.Mask(causal=causal)
         return lambda query, key, value, **kwargs: attnx.dot_product_attention(query, key, value, mask=mask, **kwargs)
     return lambda query, key, value, **kwargs: spec.fn(query, key, value, causal=causal, **kwargs)
 
 
-class Attention(nnx.Module):
-    """Multi-head self-attention with rotary positions, grouped-query heads, and a pluggable mixer `kind`.
+def resolve_decode(kind: str) -> Callable[..., jax.Array]:
+    """The mechanism's cached-decode rule (`AttentionSpec.decode`); a clear error when it has none."""
+    spec = attnx.get_attention(kind)
+    if spec.decode is None:
+        with_decode = [name for name in attnx.list_attentions() if attnx.get_attention(name).decode is not None]
+        raise NotImplementedError(f"attention {kind!r} has no KV-cache decode rule yet, so generate() cannot use it; "
+                                  f"mechanisms with one: {with_decode}")
+    return spec.decode
 
-    `kind_kwargs` are forwarded to the attention function on every call (e.g. `{"logits_soft_cap": 30.0}`).
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with grouped-query heads and a pluggable mixer `kind`.
+
+    kind_kwargs: forwarded to the attention function on every call (e.g. `{"window": 64}`).
+    use_rope: rotate queries and keys by their positions (RoFormer); ViT/DiT use absolute position embeddings
+        instead. use_bias: biases on the query/key/value/output projections (ViT, DiT). qk_norm: RMS-normalise each
+        query and key head before attention (Dehghani et al., 2023, "Scaling Vision Transformers to 22B
+        Parameters", §3.1), which keeps logits bounded at scale.
     """
 
     def __init__(
@@ -48,7 +70,10 @@ class Attention(nnx.Module):
         kind: str = "softmax",
         kind_kwargs: Mapping[str, Any] | None = None,
         causal: bool = True,
+        use_rope: bool = True,
         rope_theta: float = 10_000.0,
+        use_bias: bool = False,
+        qk_norm: bool = False,
         rngs: nnx.Rngs,
         param_dtype=jnp.float32,
     ):
@@ -59,6 +84,7 @@ class Attention(nnx.Module):
         # Stored as sorted pairs: module attributes are static graph metadata and must be hashable for jit.
         self.kind_kwargs = tuple(sorted(dict(kind_kwargs or {}).items()))
         self.causal = causal
+        self.use_rope = use_rope
         self.rope_theta = rope_theta
         in_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2))
         out_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
@@ -66,16 +92,84 @@ class Attention(nnx.Module):
         self.key_dkh = nnx.Param(in_init(rngs.params(), (width, num_kv_heads, head_dim), param_dtype))
         self.value_dkh = nnx.Param(in_init(rngs.params(), (width, num_kv_heads, head_dim), param_dtype))
         self.out_nhd = nnx.Param(out_init(rngs.params(), (num_heads, head_dim, width), param_dtype))
+        zeros = lambda *shape: nnx.Param(jnp.zeros(shape, param_dtype))
+        self.query_bias_nh = zeros(num_heads, head_dim) if use_bias else None
+        self.key_bias_kh = zeros(num_kv_heads, head_dim) if use_bias else None
+        self.value_bias_kh = zeros(num_kv_heads, head_dim) if use_bias else None
+        self.out_bias_d = zeros(width) if use_bias else None
+        self.query_norm = RMSNorm(head_dim, param_dtype=param_dtype) if qk_norm else None
+        self.key_norm = RMSNorm(head_dim, param_dtype=param_dtype) if qk_norm else None
 
-    def __call__(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        """x [B, T, D] -> [B, T, D]; `positions` [B, T] or [T] default to 0..T-1."""
-        if positions is None:
-            positions = jnp.arange(x.shape[1])
+    def project(self, x: jax.Array, positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, T, D] -> query [B, T, N, H], key and value [B, T, K, H], biased, normalised and rotated."""
         query = jnp.einsum("btd,dnh->btnh", x, self.query_dnh[...])
         key = jnp.einsum("bsd,dkh->bskh", x, self.key_dkh[...])
         value = jnp.einsum("bsd,dkh->bskh", x, self.value_dkh[...])
-        query = rotary_embedding(query, positions, theta=self.rope_theta)
-        key = rotary_embedding(key, positions, theta=self.rope_theta)
+        if self.query_bias_nh is not None:
+            query = query + self.query_bias_nh[...]
+            key = key + self.key_bias_kh[...]
+            value = value + self.value_bias_kh[...]
+        if self.query_norm is not None:
+            query, key = self.query_norm(query), self.key_norm(key)
+        if self.use_rope:
+            if positions is None:
+                positions = jnp.arange(x.shape[1])
+            query = rotary_embedding(query, positions, theta=self.rope_theta)
+            key = rotary_embedding(key, positions, theta=self.rope_theta)
+        return query, key, value
+
+    def output(self, mixed: jax.Array) -> jax.Array:
+        out = jnp.einsum("btnh,nhd->btd", mixed, self.out_nhd[...])
+        return out if self.out_bias_d is None else out + self.out_bias_d[...]
+
+    def __call__(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """x [B, T, D] -> [B, T, D]; `positions` [B, T] or [T] (rotary only) default to 0..T-1."""
+        query, key, value = self.project(x, positions)
         attention_fn = resolve_attention(self.kind, causal=self.causal)  # by name: keeps the graph def hashable
-        mixed = attention_fn(query, key, value, **dict(self.kind_kwargs))
-        return jnp.einsum("btnh,nhd->btd", mixed, self.out_nhd[...])
+        return self.output(attention_fn(query, key, value, **dict(self.kind_kwargs)))
+
+    # ---- Decoding with a KV cache ----
+
+    def init_cache(self, batch_size: int, length: int, dtype=jnp.float32) -> KVCache:
+        """An empty cache for `length` positions."""
+        _, num_kv_heads, head_dim = self.key_dkh.shape
+        shape = (batch_size, length, num_kv_heads, head_dim)
+        return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+
+    def decode(self, x: jax.Array, cache: KVCache, cache_index: jax.Array) -> tuple[jax.Array, KVCache]:
+        """x [B, T, D] holds the tokens at positions cache_index .. cache_index + T - 1 (a traced int32 scalar).
+
+        Their keys and values are written into the cache; each query attends to every cached position up to its
+        own through the mechanism's decode rule. Returns (out [B, T, D], updated cache).
+        """
+        if not self.causal:
+            raise ValueError("decode: a KV cache serves causal attention only")
+        positions = cache_index + jnp.arange(x.shape[1], dtype=jnp.int32)
+        query, key, value = self.project(x, positions)
+        start = (0, cache_index, 0, 0)
+        cache = {"key": jax.lax.dynamic_update_slice(cache["key"], key.astype(cache["key"].dtype), start),
+                 "value": jax.lax.dynamic_update_slice(cache["value"], value.astype(cache["value"].dtype), start)}
+        decode_fn = resolve_decode(self.kind)
+        mixed = decode_fn(query, cache["key"].astype(query.dtype), cache["value"].astype(query.dtype),
+                          query_positions=positions, **dict(self.kind_kwargs))
+        return self.output(mixed), cache
+
+    # ---- Probing ----
+
+    def attention_probabilities(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """The softmax attention map [B, N, T, T] of this layer's input, for probing (softmax mixers only).
+
+        Other mechanisms do not form a single softmax map (or form it differently), so they raise rather than
+        return a map that is not what the model computes.
+        """
+        if attnx.get_attention(self.kind).name != "softmax" or self.kind_kwargs:
+            raise NotImplementedError(f"attention_probabilities: only plain 'softmax' layers have a softmax map to "
+                                      f"show; this layer is {self.kind!r} with {dict(self.kind_kwargs)}")
+        query, key, _ = self.project(x, positions)
+        num_heads, num_kv_heads = query.shape[2], key.shape[2]
+        key = jnp.repeat(key, num_heads // num_kv_heads, axis=2)  # probing only: clarity over memory
+        logits = jnp.einsum("btnh,bsnh->bnts", query, key).astype(jnp.float32) * query.shape[-1] ** -0.5
+        if self.causal:
+            length = x.shape[1]
+            logits = jnp.where(jnp.tril(jnp.ones((length, length), bool)), logits, -jnp.inf)
+        return jax.nn.softmax(logits, axis=-1)

@@ -65,8 +65,8 @@ class PoisonedByteModel(ByteLanguageModel):
     """Loss is NaN on any batch that contains the byte 0xFF (planted once in the corpus)."""
 
     @staticmethod
-    def loss_fn(model, batch):
-        loss, metrics = ByteLanguageModel.loss_fn(model, batch)
+    def loss_fn(model, batch, rng):
+        loss, metrics = ByteLanguageModel.loss_fn(model, batch, rng)
         return jnp.where(jnp.any(batch["tokens"] == 0xFF), jnp.nan, loss), metrics
 
 
