@@ -1,8 +1,23 @@
-"""Decoder-only language model in the Llama style: RMSNorm, rotary positions, SwiGLU, grouped-query attention.
+"""Decoder-only language model in the Llama style (Touvron et al., 2023, "LLaMA", arXiv 2302.13971, §2.2):
+RMSNorm pre-normalisation, rotary positions, SwiGLU, grouped-query attention, tied or untied embeddings, optional
+QK-norm, and a KV cache for `models.sampling.generate`.
 
 `LLMConfig` is a frozen dataclass validated on construction; `LLM(config, rngs=...)` builds the NNX module. The
 attention mixer is chosen by name (`LLMConfig.attention`, default "softmax") so that any registered causal
 mechanism drops in with one gin line, e.g. `llm.LLMConfig.attention = 'lightning'` (ARCHITECTURE §5).
+
+Presets (`llm_config(name)`; parameter counts are exact, tested):
+
+| preset | vocab | width | depth | heads / kv | MLP | tied | params | shape from |
+|---|---|---|---|---|---|---|---|---|
+| tiny | 256 | 128 | 4 | 4 / 2 | 384 | yes | 0.82M | bytes; trains in minutes on CPU |
+| 125m | 50304 | 768 | 12 | 12 / 12 | 2048 | yes | 123.6M | GPT-3 Small (Brown et al., 2020, Table 2.1) |
+| 350m | 50304 | 1024 | 24 | 16 / 16 | 2752 | yes | 355.1M | GPT-3 Medium (same table) |
+| 1b | 128256 | 2048 | 16 | 32 / 8 | 8192 | yes | 1235.8M | Llama 3.2 1B (Meta, 2024) |
+
+125m and 350m keep GPT-3's width, depth and heads with the Llama block (SwiGLU at 8/3 width rounded up to 64) and
+GPT-2's vocabulary padded to a multiple of 64. 1b is Llama 3.2 1B's shape (rope theta 500k, eps 1e-5) without its
+long-context RoPE rescaling.
 """
 
 import dataclasses
@@ -12,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers.attention import Attention, resolve_attention
+from models.layers.attention import Attention, KVCache, resolve_attention
 from models.layers.embed import Embed
 from models.layers.mlp import SwiGLU
 from models.layers.norm import RMSNorm
@@ -37,6 +52,7 @@ class LLMConfig:
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
+    qk_norm: bool = False
     attention: str = "softmax"
     attention_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     param_dtype: str = "float32"
@@ -74,6 +90,10 @@ PRESETS: dict[str, LLMConfig] = {
     "tiny": LLMConfig(),
     # The fixed shape of bench/train_step.py (vocab 256, width 256, 4 layers, 4 heads).
     "bench": LLMConfig(width=256, depth=4, num_heads=4, num_kv_heads=4, mlp_width=768, tie_embeddings=False),
+    "125m": LLMConfig(vocab_size=50304, width=768, depth=12, num_heads=12, num_kv_heads=12),
+    "350m": LLMConfig(vocab_size=50304, width=1024, depth=24, num_heads=16, num_kv_heads=16),
+    "1b": LLMConfig(vocab_size=128256, width=2048, depth=16, num_heads=32, num_kv_heads=8, mlp_width=8192,
+                    rope_theta=500_000.0, norm_eps=1e-5),
 }
 
 
@@ -99,6 +119,7 @@ class DecoderBlock(nnx.Module):
             kind_kwargs=config.attention_kwargs,
             causal=True,
             rope_theta=config.rope_theta,
+            qk_norm=config.qk_norm,
             rngs=rngs,
             param_dtype=dtype,
         )
@@ -108,6 +129,11 @@ class DecoderBlock(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         x = x + self.attention(self.attention_norm(x), positions)
         return x + self.mlp(self.mlp_norm(x))
+
+    def decode(self, x: jax.Array, cache: KVCache, cache_index: jax.Array) -> tuple[jax.Array, KVCache]:
+        mixed, cache = self.attention.decode(self.attention_norm(x), cache, cache_index)
+        x = x + mixed
+        return x + self.mlp(self.mlp_norm(x)), cache
 
 
 class LLM(nnx.Module):
@@ -127,6 +153,26 @@ class LLM(nnx.Module):
         x = self.embed(token_ids)
         for block in self.blocks:
             x = block(x, positions)
+        return self._logits(x)
+
+    def init_cache(self, batch_size: int, length: int) -> list[KVCache]:
+        """An empty KV cache of `length` positions per layer, in the parameters' dtype."""
+        dtype = self.embed.embedding_vd.dtype
+        return [block.attention.init_cache(batch_size, length, dtype) for block in self.blocks]
+
+    def decode(self, token_ids: jax.Array, cache: list[KVCache], cache_index: jax.Array
+               ) -> tuple[jax.Array, list[KVCache]]:
+        """Logits [B, T, vocab] of the tokens at positions cache_index .. cache_index + T - 1, given the cache of
+        everything before them; returns the cache with these tokens added. Equal to the matching rows of
+        `__call__` on the whole sequence (tested)."""
+        x = self.embed(token_ids)
+        new_cache = []
+        for block, layer_cache in zip(self.blocks, cache):
+            x, layer_cache = block.decode(x, layer_cache, cache_index)
+            new_cache.append(layer_cache)
+        return self._logits(x), new_cache
+
+    def _logits(self, x: jax.Array) -> jax.Array:
         x = self.final_norm(x)
         if self.tie_embeddings:
             logits = self.embed.attend(x)
