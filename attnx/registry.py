@@ -78,6 +78,7 @@ def register_attention(spec: AttentionSpec) -> AttentionSpec:
 def _ensure_builtins() -> None:
     # Import for the side effect of registering the built-in mechanisms, lazily to avoid import cycles.
     from attnx.ops import builtin  # noqa: F401
+    from attnx.ops.linear import registration  # noqa: F401
 
 
 def list_attentions() -> list[str]:

@@ -18,6 +18,7 @@ BASE = LLMConfig(vocab_size=97, width=24, depth=2, num_heads=4, num_kv_heads=2, 
 VARIANTS = {
     "softmax": BASE,
     "sliding_window_3": dataclasses.replace(BASE, attention="sliding_window", attention_kwargs={"window": 3}),
+    "lightning": dataclasses.replace(BASE, attention="lightning"),
     "qk_norm_untied_soft_cap": dataclasses.replace(BASE, qk_norm=True, tie_embeddings=False,
                                                    attention_kwargs={"logits_soft_cap": 2.0}),
 }

@@ -1,0 +1,18 @@
+"""Registry entries of the linear-attention family."""
+
+from attnx.ops.linear.lightning import IMPLEMENTATIONS, lightning_attention, lightning_decode, lightning_reference_fn
+from attnx.registry import AttentionSpec, register_attention
+
+register_attention(AttentionSpec(
+    name="lightning",
+    fn=lightning_attention,
+    reference=lightning_reference_fn,
+    patterns=frozenset({"CS"}),
+    paper="Qin et al., 2024, Various Lengths, Constant Speed: Efficient Language Modeling with Lightning Attention, "
+          "arXiv 2405.17381, §3.1 and Algorithm 1; slopes: TransNormerLLM, arXiv 2307.14995, §3.1",
+    implementations=IMPLEMENTATIONS,
+    aliases=("lightning2",),
+    defaults={},
+    description="causal linear attention with per-head exponential decay, tiled (Lightning Attention-2)",
+    decode=lightning_decode,
+))
