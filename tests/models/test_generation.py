@@ -19,6 +19,7 @@ VARIANTS = {
     "softmax": BASE,
     "sliding_window_3": dataclasses.replace(BASE, attention="sliding_window", attention_kwargs={"window": 3}),
     "lightning": dataclasses.replace(BASE, attention="lightning"),
+    "based": dataclasses.replace(BASE, attention="based"),
     "qk_norm_untied_soft_cap": dataclasses.replace(BASE, qk_norm=True, tie_embeddings=False,
                                                    attention_kwargs={"logits_soft_cap": 2.0}),
 }

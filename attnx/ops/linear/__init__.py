@@ -1,1 +1,1 @@
-"""Linear-attention family: Lightning Attention-2 (decayed causal linear attention); Based comes next."""
+"""Linear-attention family: Lightning Attention-2 (decayed causal linear attention) and Based (Taylor features)."""

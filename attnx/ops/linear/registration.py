@@ -1,5 +1,7 @@
 """Registry entries of the linear-attention family."""
 
+from attnx.ops.linear.based import IMPLEMENTATIONS as BASED_IMPLEMENTATIONS
+from attnx.ops.linear.based import based_attention, based_decode, based_reference_fn
 from attnx.ops.linear.lightning import IMPLEMENTATIONS, lightning_attention, lightning_decode, lightning_reference_fn
 from attnx.registry import AttentionSpec, register_attention
 
@@ -15,4 +17,16 @@ register_attention(AttentionSpec(
     defaults={},
     description="causal linear attention with per-head exponential decay, tiled (Lightning Attention-2)",
     decode=lightning_decode,
+))
+
+register_attention(AttentionSpec(
+    name="based",
+    fn=based_attention,
+    reference=based_reference_fn,
+    patterns=frozenset({"NS", "CS", "NC"}),
+    paper="Arora et al., 2024, Simple linear attention language models balance the recall-throughput tradeoff, "
+          "arXiv 2402.18668, §3 (Taylor feature map); Zoology, arXiv 2312.04927",
+    implementations=BASED_IMPLEMENTATIONS,
+    description="linear attention with the 2nd-order Taylor feature map of exp (Based)",
+    decode=based_decode,
 ))
