@@ -1,0 +1,1 @@
+"""Head-level mechanisms: gates and routers that act on whole heads around any attention core (MoH)."""
