@@ -79,6 +79,7 @@ def _ensure_builtins() -> None:
     # Import for the side effect of registering the built-in mechanisms, lazily to avoid import cycles.
     from attnx.ops import builtin  # noqa: F401
     from attnx.ops.linear import registration  # noqa: F401
+    from attnx.ops.heads import registration as _heads  # noqa: F401
 
 
 def list_attentions() -> list[str]:

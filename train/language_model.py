@@ -14,6 +14,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from models.layers.mixers import call_with_auxiliary_loss
 from models.llm import LLM, LLMConfig
 from train.data.byte_lm import ByteLMData
 
@@ -57,11 +58,16 @@ class ByteLanguageModel:
     @staticmethod
     def loss_fn(model: LLM, batch: dict[str, jax.Array], rng: jax.Array | None = None
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Mean next-byte cross-entropy in nats over `batch["tokens"]` [B, T + 1] (deterministic: `rng` unused)."""
+        """Mean next-byte cross-entropy in nats over `batch["tokens"]` [B, T + 1], plus any auxiliary loss the
+        model sows (MoH's balance loss); deterministic: `rng` unused."""
         tokens = batch["tokens"].astype(jnp.int32)
-        logits = model(tokens[:, :-1])
+        logits, auxiliary = call_with_auxiliary_loss(model, tokens[:, :-1])  # e.g. MoH's weighted balance loss
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-        return loss, {"bits_per_byte": loss / LN2}
+        metrics = {"bits_per_byte": loss / LN2}
+        if auxiliary is not None:
+            metrics["auxiliary_loss"] = auxiliary
+            loss = loss + auxiliary
+        return loss, metrics
 
     # ---- Evaluation ----
 

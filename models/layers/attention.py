@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import attnx
+from models.layers.mixers import ROUTERS
 from models.layers.norm import RMSNorm
 from models.layers.rope import rotary_embedding
 
@@ -80,9 +81,12 @@ class Attention(nnx.Module):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
         resolve_attention(kind, causal=causal)  # fail at construction, not at the first call
+        kind_kwargs = dict(kind_kwargs or {})
+        if isinstance(kind_kwargs.get("core"), str):  # a mechanism around a core (MoH): the core must fit too
+            resolve_attention(kind_kwargs["core"], causal=causal)
         self.kind = kind
         # Stored as sorted pairs: module attributes are static graph metadata and must be hashable for jit.
-        self.kind_kwargs = tuple(sorted(dict(kind_kwargs or {}).items()))
+        self.kind_kwargs = tuple(sorted(kind_kwargs.items()))
         self.causal = causal
         self.use_rope = use_rope
         self.rope_theta = rope_theta
@@ -99,6 +103,9 @@ class Attention(nnx.Module):
         self.out_bias_d = zeros(width) if use_bias else None
         self.query_norm = RMSNorm(head_dim, param_dtype=param_dtype) if qk_norm else None
         self.key_norm = RMSNorm(head_dim, param_dtype=param_dtype) if qk_norm else None
+        # Last, so a routed layer draws the same projections as a plain one from the same seed.
+        router = ROUTERS.get(attnx.get_attention(kind).name)
+        self.router = router(width, num_heads, rngs=rngs, param_dtype=param_dtype, **kind_kwargs) if router else None
 
     def project(self, x: jax.Array, positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [B, T, D] -> query [B, T, N, H], key and value [B, T, K, H], biased, normalised and rotated."""
@@ -126,7 +133,13 @@ class Attention(nnx.Module):
         """x [B, T, D] -> [B, T, D]; `positions` [B, T] or [T] (rotary only) default to 0..T-1."""
         query, key, value = self.project(x, positions)
         attention_fn = resolve_attention(self.kind, causal=self.causal)  # by name: keeps the graph def hashable
-        return self.output(attention_fn(query, key, value, **dict(self.kind_kwargs)))
+        return self.output(attention_fn(query, key, value, **self._call_kwargs(x, query)))
+
+    def _call_kwargs(self, x: jax.Array, query: jax.Array) -> dict[str, Any]:
+        kwargs = dict(self.kind_kwargs)
+        if self.router is not None:
+            kwargs["gates"] = self.router(x, query)
+        return kwargs
 
     # ---- Decoding with a KV cache ----
 
@@ -151,7 +164,7 @@ class Attention(nnx.Module):
                  "value": jax.lax.dynamic_update_slice(cache["value"], value.astype(cache["value"].dtype), start)}
         decode_fn = resolve_decode(self.kind)
         mixed = decode_fn(query, cache["key"].astype(query.dtype), cache["value"].astype(query.dtype),
-                          query_positions=positions, **dict(self.kind_kwargs))
+                          query_positions=positions, **self._call_kwargs(x, query))
         return self.output(mixed), cache
 
     # ---- Probing ----

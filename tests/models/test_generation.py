@@ -20,6 +20,10 @@ VARIANTS = {
     "sliding_window_3": dataclasses.replace(BASE, attention="sliding_window", attention_kwargs={"window": 3}),
     "lightning": dataclasses.replace(BASE, attention="lightning"),
     "based": dataclasses.replace(BASE, attention="based"),
+    "moh_around_sliding_window": dataclasses.replace(BASE, attention="moh", attention_kwargs={
+        "n_shared": 1, "top_k": 2, "core": "sliding_window", "core_kwargs": {"window": 3}}),
+    "moh_param_free": dataclasses.replace(BASE, attention="moh", attention_kwargs={
+        "n_shared": 2, "top_k": 1, "param_free": True}),
     "qk_norm_untied_soft_cap": dataclasses.replace(BASE, qk_norm=True, tie_embeddings=False,
                                                    attention_kwargs={"logits_soft_cap": 2.0}),
 }

@@ -1,0 +1,21 @@
+"""NNX wrappers of mechanisms that own weights beside the attention projections (ARCHITECTURE §2), looked up by
+the registry name of the layer's mechanism, and the collection of the auxiliary losses they sow."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.layers.mixers.moh import MoHRouter
+
+ROUTERS = {"moh": MoHRouter}  # registry name -> module computing per-token head gates from the layer input
+
+
+def call_with_auxiliary_loss(model: nnx.Module, *args, **kwargs) -> tuple[object, jax.Array | None]:
+    """Calls `model(*args, **kwargs)` and returns (output, auxiliary loss): the weighted losses its layers sow (e.g.
+    MoH's balance loss) averaged over the layers that sow one, or None when none does. Use it in loss functions."""
+    output, intermediates = nnx.capture(model, nnx.Intermediate)(*args, **kwargs)
+    sown = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(intermediates)
+            if any(getattr(entry, "key", None) == "auxiliary_loss" for entry in path)]
+    if not sown:
+        return output, None
+    return output, jnp.mean(jnp.stack([jnp.sum(leaf) for leaf in sown]))
