@@ -40,6 +40,8 @@ class LLMConfig:
     """Shape and options of an `LLM`. Fields default to the `tiny` preset's byte-level model.
 
     head_dim / mlp_width default (0) to width // num_heads and the Llama rule 8/3 * width rounded up to 64.
+    qk_head_dim (0 = head_dim) sizes query/key heads apart from value heads (Based's small feature dimension);
+    use_mlp=False drops the feed-forward blocks (Zoology's attention-only MQAR models).
     """
 
     vocab_size: int = 256
@@ -53,11 +55,15 @@ class LLMConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     qk_norm: bool = False
+    qk_head_dim: int = 0
+    use_mlp: bool = True
     attention: str = "softmax"
     attention_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     param_dtype: str = "float32"
 
     def __post_init__(self):
+        if not isinstance(self.qk_head_dim, int) or self.qk_head_dim < 0:
+            raise ValueError(f"LLMConfig.qk_head_dim must be an int >= 0 (0 = head_dim), got {self.qk_head_dim!r}")
         for name in ("vocab_size", "width", "depth", "num_heads", "num_kv_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -120,20 +126,22 @@ class DecoderBlock(nnx.Module):
             causal=True,
             rope_theta=config.rope_theta,
             qk_norm=config.qk_norm,
+            qk_head_dim=config.qk_head_dim or None,
             rngs=rngs,
             param_dtype=dtype,
         )
-        self.mlp_norm = RMSNorm(config.width, eps=config.norm_eps, param_dtype=dtype)
-        self.mlp = SwiGLU(config.width, config.resolved_mlp_width, rngs=rngs, param_dtype=dtype)
+        self.mlp_norm = RMSNorm(config.width, eps=config.norm_eps, param_dtype=dtype) if config.use_mlp else None
+        self.mlp = SwiGLU(config.width, config.resolved_mlp_width, rngs=rngs, param_dtype=dtype) \
+            if config.use_mlp else None
 
     def __call__(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         x = x + self.attention(self.attention_norm(x), positions)
-        return x + self.mlp(self.mlp_norm(x))
+        return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
 
     def decode(self, x: jax.Array, cache: KVCache, cache_index: jax.Array) -> tuple[jax.Array, KVCache]:
         mixed, cache = self.attention.decode(self.attention_norm(x), cache, cache_index)
         x = x + mixed
-        return x + self.mlp(self.mlp_norm(x)), cache
+        return (x if self.mlp is None else x + self.mlp(self.mlp_norm(x))), cache
 
 
 class LLM(nnx.Module):

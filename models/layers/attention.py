@@ -18,7 +18,7 @@ from models.layers.mixers import ROUTERS
 from models.layers.norm import RMSNorm
 from models.layers.rope import rotary_embedding
 
-KVCache = dict[str, jax.Array]  # {"key": [B, L, K, H], "value": [B, L, K, H]}; slot j holds position j
+KVCache = dict[str, jax.Array]  # {"key": [B, L, K, H], "value": [B, L, K, V]}; slot j holds position j
 
 
 def resolve_attention(kind: str, *, causal: bool) -> Callable[..., jax.Array]:
@@ -58,7 +58,8 @@ class Attention(nnx.Module):
     use_rope: rotate queries and keys by their positions (RoFormer); ViT/DiT use absolute position embeddings
         instead. use_bias: biases on the query/key/value/output projections (ViT, DiT). qk_norm: RMS-normalise each
         query and key head before attention (Dehghani et al., 2023, "Scaling Vision Transformers to 22B
-        Parameters", §3.1), which keeps logits bounded at scale.
+        Parameters", §3.1), which keeps logits bounded at scale. qk_head_dim: a query/key head size other than the
+        value head size `head_dim` (Based projects queries and keys to 16 features, values keep the full size).
     """
 
     def __init__(
@@ -75,6 +76,7 @@ class Attention(nnx.Module):
         rope_theta: float = 10_000.0,
         use_bias: bool = False,
         qk_norm: bool = False,
+        qk_head_dim: int | None = None,
         rngs: nnx.Rngs,
         param_dtype=jnp.float32,
     ):
@@ -92,23 +94,24 @@ class Attention(nnx.Module):
         self.rope_theta = rope_theta
         in_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2))
         out_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
-        self.query_dnh = nnx.Param(in_init(rngs.params(), (width, num_heads, head_dim), param_dtype))
-        self.key_dkh = nnx.Param(in_init(rngs.params(), (width, num_kv_heads, head_dim), param_dtype))
+        qk_dim = qk_head_dim or head_dim
+        self.query_dnh = nnx.Param(in_init(rngs.params(), (width, num_heads, qk_dim), param_dtype))
+        self.key_dkh = nnx.Param(in_init(rngs.params(), (width, num_kv_heads, qk_dim), param_dtype))
         self.value_dkh = nnx.Param(in_init(rngs.params(), (width, num_kv_heads, head_dim), param_dtype))
         self.out_nhd = nnx.Param(out_init(rngs.params(), (num_heads, head_dim, width), param_dtype))
         zeros = lambda *shape: nnx.Param(jnp.zeros(shape, param_dtype))
-        self.query_bias_nh = zeros(num_heads, head_dim) if use_bias else None
-        self.key_bias_kh = zeros(num_kv_heads, head_dim) if use_bias else None
+        self.query_bias_nh = zeros(num_heads, qk_dim) if use_bias else None
+        self.key_bias_kh = zeros(num_kv_heads, qk_dim) if use_bias else None
         self.value_bias_kh = zeros(num_kv_heads, head_dim) if use_bias else None
         self.out_bias_d = zeros(width) if use_bias else None
-        self.query_norm = RMSNorm(head_dim, param_dtype=param_dtype) if qk_norm else None
-        self.key_norm = RMSNorm(head_dim, param_dtype=param_dtype) if qk_norm else None
+        self.query_norm = RMSNorm(qk_dim, param_dtype=param_dtype) if qk_norm else None
+        self.key_norm = RMSNorm(qk_dim, param_dtype=param_dtype) if qk_norm else None
         # Last, so a routed layer draws the same projections as a plain one from the same seed.
         router = ROUTERS.get(attnx.get_attention(kind).name)
         self.router = router(width, num_heads, rngs=rngs, param_dtype=param_dtype, **kind_kwargs) if router else None
 
     def project(self, x: jax.Array, positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x [B, T, D] -> query [B, T, N, H], key and value [B, T, K, H], biased, normalised and rotated."""
+        """x [B, T, D] -> query [B, T, N, H], key [B, T, K, H], value [B, T, K, V], biased, normalised, rotated."""
         query = jnp.einsum("btd,dnh->btnh", x, self.query_dnh[...])
         key = jnp.einsum("bsd,dkh->bskh", x, self.key_dkh[...])
         value = jnp.einsum("bsd,dkh->bskh", x, self.value_dkh[...])
@@ -145,9 +148,10 @@ class Attention(nnx.Module):
 
     def init_cache(self, batch_size: int, length: int, dtype=jnp.float32) -> KVCache:
         """An empty cache for `length` positions."""
-        _, num_kv_heads, head_dim = self.key_dkh.shape
-        shape = (batch_size, length, num_kv_heads, head_dim)
-        return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+        _, num_kv_heads, qk_dim = self.key_dkh.shape
+        value_dim = self.value_dkh.shape[-1]
+        return {"key": jnp.zeros((batch_size, length, num_kv_heads, qk_dim), dtype),
+                "value": jnp.zeros((batch_size, length, num_kv_heads, value_dim), dtype)}
 
     def decode(self, x: jax.Array, cache: KVCache, cache_index: jax.Array) -> tuple[jax.Array, KVCache]:
         """x [B, T, D] holds the tokens at positions cache_index .. cache_index + T - 1 (a traced int32 scalar).

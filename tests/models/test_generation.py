@@ -19,7 +19,7 @@ VARIANTS = {
     "softmax": BASE,
     "sliding_window_3": dataclasses.replace(BASE, attention="sliding_window", attention_kwargs={"window": 3}),
     "lightning": dataclasses.replace(BASE, attention="lightning"),
-    "based": dataclasses.replace(BASE, attention="based"),
+    "based_qk4_no_mlp": dataclasses.replace(BASE, attention="based", qk_head_dim=4, use_mlp=False),
     "moh_around_sliding_window": dataclasses.replace(BASE, attention="moh", attention_kwargs={
         "n_shared": 1, "top_k": 2, "core": "sliding_window", "core_kwargs": {"window": 3}}),
     "moh_param_free": dataclasses.replace(BASE, attention="moh", attention_kwargs={
