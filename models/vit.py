@@ -1,0 +1,380 @@
+"""Vision Transformer (Dosovitskiy et al., 2021, "An Image is Worth 16x16 Words", arXiv 2010.11929) and its
+hierarchical variant with Swin-style patch merging (Liu et al., 2021, "Swin Transformer", arXiv 2103.14030, §3.1).
+
+`ViTConfig` is a frozen dataclass validated on construction; `ViT(config, rngs=...)` builds the NNX module. The
+layout of the named presets is the timm / big_vision one: pre-norm blocks with LayerNorm (eps 1e-6), biases on the
+query/key/value/output projections, an exact-GELU MLP, a CLS token with a learned position embedding that covers
+it, a final LayerNorm and a linear head, so parameter counts match the published models (ViT-B/16: 86,567,656).
+
+The attention mixer is chosen by name (`ViTConfig.attention`, default "softmax"), so any registered mechanism that
+supports non-causal self attention (CAB pattern NS) drops in with one gin line (ARCHITECTURE §5).
+
+Hierarchical models (PVT, Swin, HiLo/LITv2, TransNeXt, CrossFormer) are the same module with `ViTConfig.stages`:
+the top-level fields describe the first stage, at the patch grid, and each `ViTStage` adds a stage that begins with
+a 2x2 patch merge (halving the grid, changing the width) and has its own depth, heads and attention mechanism.
+"""
+
+import dataclasses
+from typing import Any, Iterator, Literal, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.layers.attention import Attention, resolve_attention
+from models.layers.mlp import GeluMlp
+from models.layers.norm import LayerNorm
+from models.layers.patch import PatchEmbed, sincos_2d
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+POOLINGS = ("cls", "mean")
+POSITIONS = ("learned", "sincos")
+
+
+def _check_positive_ints(owner: str, obj: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{owner}.{name} must be a positive int, got {value!r}")
+
+
+def _check_attention(owner: str, attention: str, attention_kwargs: Any) -> None:
+    """Unknown names and mechanisms without non-causal self attention fail here, naming the field."""
+    if not isinstance(attention_kwargs, Mapping):
+        raise ValueError(f"{owner}.attention_kwargs must be a dict, got {attention_kwargs!r}")
+    try:
+        resolve_attention(attention, causal=False)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{owner}.attention={attention!r}: {error}") from error
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTStage:
+    """One stage after the first of a hierarchical ViT: a 2x2 patch merge to `width`, then `depth` blocks.
+
+    attention / attention_kwargs: None inherits `ViTConfig.attention` / `ViTConfig.attention_kwargs`, so an
+    overlay that switches the mechanism switches it everywhere unless a stage names its own.
+    mlp_width: 0 means 4 * width, the ratio of ViT and Swin.
+    """
+
+    width: int
+    depth: int
+    num_heads: int
+    mlp_width: int = 0
+    attention: str | None = None
+    attention_kwargs: Mapping[str, Any] | None = None
+
+    @property
+    def resolved_mlp_width(self) -> int:
+        return self.mlp_width or 4 * self.width
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Shape and options of a `ViT`. Fields default to the `tiny` preset (8x8 digits).
+
+    image_size: an int for square images or (height, width). pooling: "cls" (a learned class token, read out after
+    the final norm) or "mean" (the average of all tokens; required when `stages` is non-empty, as no class token
+    survives patch merging). position: "learned" (one vector per token, the CLS token included, as in timm) or
+    "sincos" (the fixed 2-D embedding of MAE; the CLS token gets none). qk_norm: see `Attention`. stages: extra
+    stages of a hierarchical model (see `ViTStage`); empty for the plain ViT.
+    """
+
+    image_size: int | tuple[int, int] = 8
+    patch_size: int = 4
+    channels: int = 1
+    num_classes: int = 10
+    width: int = 64
+    depth: int = 4
+    num_heads: int = 4
+    mlp_width: int = 128
+    pooling: Literal["cls", "mean"] = "cls"
+    position: Literal["learned", "sincos"] = "learned"
+    attention: str = "softmax"
+    attention_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    qk_norm: bool = False
+    norm_eps: float = 1e-6
+    stages: tuple[ViTStage, ...] = ()
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        # gin and JSON give lists; tuples keep the frozen config hashable and comparable.
+        if isinstance(self.image_size, list):
+            object.__setattr__(self, "image_size", tuple(self.image_size))
+        if isinstance(self.stages, list):
+            object.__setattr__(self, "stages", tuple(self.stages))
+        size = self.image_size
+        if isinstance(size, int):
+            size = (size, size)
+        if not (isinstance(size, tuple) and len(size) == 2
+                and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
+            raise ValueError(f"ViTConfig.image_size must be a positive int or (height, width), got "
+                             f"{self.image_size!r}")
+        _check_positive_ints("ViTConfig", self, ("patch_size", "channels", "num_classes", "width", "depth",
+                                                 "num_heads", "mlp_width"))
+        if size[0] % self.patch_size or size[1] % self.patch_size:
+            raise ValueError(f"ViTConfig.image_size={self.image_size!r} is not divisible by "
+                             f"patch_size={self.patch_size}")
+        if self.width % self.num_heads:
+            raise ValueError(f"ViTConfig.width={self.width} is not divisible by num_heads={self.num_heads}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"ViTConfig.pooling={self.pooling!r}; allowed: {list(POOLINGS)}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"ViTConfig.position={self.position!r}; allowed: {list(POSITIONS)}")
+        if self.position == "sincos" and self.width % 4:
+            raise ValueError(f"ViTConfig.position='sincos' needs a width divisible by 4, got width={self.width}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"ViTConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+        if self.param_dtype not in _DTYPES:
+            raise ValueError(f"ViTConfig.param_dtype={self.param_dtype!r}; allowed: {sorted(_DTYPES)}")
+        _check_attention("ViTConfig", self.attention, self.attention_kwargs)
+        if self.stages:
+            self._check_stages()
+
+    def _check_stages(self) -> None:
+        if self.pooling != "mean":
+            raise ValueError(f"ViTConfig.pooling={self.pooling!r} with stages: a hierarchical ViT needs "
+                             f"pooling='mean' (no class token survives patch merging); allowed: ['mean']")
+        grid = self.grid
+        for index, stage in enumerate(self.stages):
+            owner = f"ViTConfig.stages[{index}]"
+            if not isinstance(stage, ViTStage):
+                raise ValueError(f"{owner} must be a ViTStage, got {stage!r}")
+            _check_positive_ints(owner, stage, ("width", "depth", "num_heads"))
+            if not isinstance(stage.mlp_width, int) or stage.mlp_width < 0:
+                raise ValueError(f"{owner}.mlp_width must be an int >= 0 (0: 4 * width), got {stage.mlp_width!r}")
+            if stage.width % stage.num_heads:
+                raise ValueError(f"{owner}.width={stage.width} is not divisible by num_heads={stage.num_heads}")
+            if grid[0] % 2 or grid[1] % 2:
+                raise ValueError(f"{owner}: 2x2 patch merging needs an even token grid, but the grid before this "
+                                 f"stage is {grid[0]}x{grid[1]} (image {self.image_size}, patch {self.patch_size})")
+            grid = (grid[0] // 2, grid[1] // 2)
+            attention, attention_kwargs = self.stage_attention(index + 1)
+            _check_attention(owner, attention, attention_kwargs)
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The patch grid (h, w) of the first stage."""
+        height, width = self.image_hw
+        return height // self.patch_size, width // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def final_width(self) -> int:
+        return self.stages[-1].width if self.stages else self.width
+
+    def stage_attention(self, stage: int) -> tuple[str, Mapping[str, Any]]:
+        """(mechanism name, kwargs) of stage `stage` (0 is the first, described by the top-level fields)."""
+        if stage == 0:
+            return self.attention, self.attention_kwargs
+        spec = self.stages[stage - 1]
+        attention = self.attention if spec.attention is None else spec.attention
+        kwargs = self.attention_kwargs if spec.attention_kwargs is None else spec.attention_kwargs
+        return attention, kwargs
+
+
+_IMAGENET = dict(image_size=224, patch_size=16, channels=3, num_classes=1000, pooling="cls", position="learned")
+
+PRESETS: dict[str, ViTConfig] = {
+    # The published sizes (ViT paper Table 1; Ti and S from DeiT, Touvron et al., 2021, arXiv 2012.12877).
+    "Ti/16": ViTConfig(**_IMAGENET, width=192, depth=12, num_heads=3, mlp_width=768),
+    "S/16": ViTConfig(**_IMAGENET, width=384, depth=12, num_heads=6, mlp_width=1536),
+    "B/16": ViTConfig(**_IMAGENET, width=768, depth=12, num_heads=12, mlp_width=3072),
+    "L/16": ViTConfig(**_IMAGENET, width=1024, depth=24, num_heads=16, mlp_width=4096),
+    # 8x8 digits at patch 4 (2x2 patches + CLS), the model of the spec's measured baseline
+    # (../shared/specs/vision_mechanisms.md §12); configs/experiments/vit_digits.gin trains it.
+    "tiny": ViTConfig(),
+    # 8x8 digits at patch 1: an 8x8 grid of 64 tokens (so local mechanisms have a neighbourhood), merged to 4x4.
+    "tiny_hierarchical": ViTConfig(patch_size=1, width=32, depth=2, num_heads=2, mlp_width=64, pooling="mean",
+                                   stages=(ViTStage(width=64, depth=2, num_heads=4, mlp_width=128),)),
+}
+
+
+def vit_config(preset: str = "tiny", **overrides: Any) -> ViTConfig:
+    """Returns the named preset with `overrides` applied, e.g. `vit_config("B/16", num_classes=10)`."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown ViT preset {preset!r}; known presets: {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[preset], **overrides)
+
+
+class EncoderBlock(nnx.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then + mlp(norm(x)). Tokens [B, T, D]."""
+
+    def __init__(self, width: int, num_heads: int, mlp_width: int, *, attention: str,
+                 attention_kwargs: Mapping[str, Any], qk_norm: bool, norm_eps: float, rngs: nnx.Rngs, param_dtype):
+        self.attention_norm = LayerNorm(width, eps=norm_eps, param_dtype=param_dtype)
+        self.attention = Attention(width, num_heads, num_heads, width // num_heads, kind=attention,
+                                   kind_kwargs=attention_kwargs, causal=False, use_rope=False, use_bias=True,
+                                   qk_norm=qk_norm, rngs=rngs, param_dtype=param_dtype)
+        self.mlp_norm = LayerNorm(width, eps=norm_eps, param_dtype=param_dtype)
+        self.mlp = GeluMlp(width, mlp_width, rngs=rngs, param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array, intermediates: dict[str, jax.Array] | None = None, name: str = "") -> jax.Array:
+        attention_input = self.attention_norm(x)
+        x = x + self.attention(attention_input)
+        x = x + self.mlp(self.mlp_norm(x))
+        if intermediates is not None:
+            intermediates[f"{name}/attention_input"] = attention_input
+            intermediates[f"{name}/output"] = x
+        return x
+
+
+class PatchMerging(nnx.Module):
+    """Swin's downsampling: grid [B, h, w, D] -> [B, h/2, w/2, D'] by concatenating each 2x2 cell's four tokens,
+    LayerNorm over the 4D features, and a linear map without bias (Liu et al., 2021, §3.1, "patch merging").
+
+    The four tokens are concatenated in row-major cell order ((0,0), (0,1), (1,0), (1,1)); Swin's code orders them
+    (0,0), (1,0), (0,1), (1,1), so importing its weights permutes the kernel's input blocks.
+    """
+
+    def __init__(self, width: int, out_width: int, *, norm_eps: float, rngs: nnx.Rngs, param_dtype):
+        self.norm = LayerNorm(4 * width, eps=norm_eps, param_dtype=param_dtype)
+        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+        self.reduction_fd = nnx.Param(init(rngs.params(), (4 * width, out_width), param_dtype))
+
+    def __call__(self, grid: jax.Array) -> jax.Array:
+        batch, height, width, features = grid.shape
+        cells = grid.reshape(batch, height // 2, 2, width // 2, 2, features).transpose(0, 1, 3, 2, 4, 5)
+        cells = cells.reshape(batch, height // 2, width // 2, 4 * features)
+        return jnp.einsum("bhwf,fd->bhwd", self.norm(cells), self.reduction_fd[...])
+
+
+class Stage(nnx.Module):
+    """An optional patch merge followed by `depth` encoder blocks at a fixed token grid.
+
+    `grid` (h, w) is kept as static metadata so that a mechanism needing the 2-D layout of the tokens (neighbourhood
+    attention, HiLo, TransNeXt) can be handed it; the blocks themselves see flattened tokens [B, h * w, D].
+    """
+
+    def __init__(self, *, grid: tuple[int, int], in_width: int | None, width: int, depth: int, num_heads: int,
+                 mlp_width: int, attention: str, attention_kwargs: Mapping[str, Any], qk_norm: bool,
+                 norm_eps: float, rngs: nnx.Rngs, param_dtype):
+        self.grid = grid
+        self.merge = (None if in_width is None else
+                      PatchMerging(in_width, width, norm_eps=norm_eps, rngs=rngs, param_dtype=param_dtype))
+        self.blocks = nnx.List([
+            EncoderBlock(width, num_heads, mlp_width, attention=attention, attention_kwargs=attention_kwargs,
+                         qk_norm=qk_norm, norm_eps=norm_eps, rngs=rngs, param_dtype=param_dtype)
+            for _ in range(depth)])
+
+
+class ViT(nnx.Module):
+    """images [B, H, W, C] -> logits [B, num_classes] (float32).
+
+    `model(images, return_intermediates=True)` returns (logits, intermediates) with, for probing:
+        "embedded"                 tokens after the patch embedding, CLS token and positions [B, T, D]
+        "<block>/attention_input"  the normalised input of each block's attention [B, T, D]
+        "<block>/output"           each block's output [B, T, D]
+        "stage_<s>/output"         (hierarchical) each stage's output as a grid [B, h, w, D]
+        "encoded"                  after the final norm [B, T, D]
+        "pre_logits"               the pooled representation [B, D]
+    where <block> is "block_<i>" for a plain ViT and "stage_<s>/block_<i>" for a hierarchical one.
+    """
+
+    def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
+        dtype = _DTYPES[config.param_dtype]
+        # Static settings only: the config itself holds dicts, which are unhashable graph metadata.
+        self.pooling = config.pooling
+        self.position = config.position
+        self.image_hw = config.image_hw
+        self.channels = config.channels
+        self.hierarchical = bool(config.stages)
+        self.patch_embed = PatchEmbed(config.patch_size, config.channels, config.width, rngs=rngs,
+                                      param_dtype=dtype)
+        with_cls = config.pooling == "cls"
+        # timm and big_vision start the class token at (almost) zero; it learns its content from the blocks.
+        self.cls_token_d = nnx.Param(jnp.zeros((config.width,), dtype)) if with_cls else None
+        if config.position == "learned":
+            # std 0.02, the truncated normal of timm; the CLS token has a position slot too (timm's layout).
+            init = nnx.initializers.truncated_normal(0.02)
+            self.position_td = nnx.Param(init(rngs.params(), (config.num_patches + with_cls, config.width), dtype))
+        else:
+            self.position_td = None
+        stages, grid, width = [], config.grid, None
+        for index in range(len(config.stages) + 1):
+            if index:
+                spec = config.stages[index - 1]
+                grid = (grid[0] // 2, grid[1] // 2)
+                shape = dict(width=spec.width, depth=spec.depth, num_heads=spec.num_heads,
+                             mlp_width=spec.resolved_mlp_width)
+            else:
+                shape = dict(width=config.width, depth=config.depth, num_heads=config.num_heads,
+                             mlp_width=config.mlp_width)
+            attention, attention_kwargs = config.stage_attention(index)
+            stages.append(Stage(grid=grid, in_width=width, **shape, attention=attention,
+                                attention_kwargs=attention_kwargs, qk_norm=config.qk_norm, norm_eps=config.norm_eps,
+                                rngs=rngs, param_dtype=dtype))
+            width = shape["width"]
+        self.stages = nnx.List(stages)
+        self.final_norm = LayerNorm(config.final_width, eps=config.norm_eps, param_dtype=dtype)
+        # Zero-initialised head (big_vision's `head_zeroinit`): every class starts equally likely.
+        self.head_dc = nnx.Param(jnp.zeros((config.final_width, config.num_classes), dtype))
+        self.head_bias_c = nnx.Param(jnp.zeros((config.num_classes,), dtype))
+
+    def named_blocks(self) -> Iterator[tuple[str, EncoderBlock]]:
+        """(name, block) in order, with the names used in the intermediates."""
+        for s, stage in enumerate(self.stages):
+            for i, block in enumerate(stage.blocks):
+                yield self._block_name(s, i), block
+
+    def _block_name(self, stage: int, block: int) -> str:
+        return f"stage_{stage}/block_{block}" if self.hierarchical else f"block_{block}"
+
+    def embed(self, images: jax.Array) -> jax.Array:
+        """images [B, H, W, C] -> tokens [B, T, D]: patches (row-major), CLS token first if any, positions added."""
+        if images.shape[1:] != (*self.image_hw, self.channels):
+            raise ValueError(f"ViT: expected images [B, {self.image_hw[0]}, {self.image_hw[1]}, {self.channels}], "
+                             f"got {list(images.shape)}")
+        x = self.patch_embed(images)
+        if self.position == "sincos":
+            x = x + jnp.asarray(sincos_2d(x.shape[-1], self.stages[0].grid), x.dtype)
+        if self.cls_token_d is not None:
+            cls = jnp.broadcast_to(self.cls_token_d[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+            x = jnp.concatenate([cls, x], axis=1)
+        if self.position_td is not None:
+            x = x + self.position_td[...]
+        return x
+
+    def __call__(self, images: jax.Array, *, return_intermediates: bool = False):
+        intermediates: dict[str, jax.Array] = {}
+        x = self.embed(images)
+        intermediates["embedded"] = x
+        for s, stage in enumerate(self.stages):
+            if stage.merge is not None:
+                previous = self.stages[s - 1].grid
+                grid = stage.merge(x.reshape(x.shape[0], *previous, x.shape[-1]))
+                x = grid.reshape(x.shape[0], -1, grid.shape[-1])
+            for i, block in enumerate(stage.blocks):
+                x = block(x, intermediates, self._block_name(s, i))
+            if self.hierarchical:
+                intermediates[f"stage_{s}/output"] = x.reshape(x.shape[0], *stage.grid, x.shape[-1])
+        x = self.final_norm(x)
+        intermediates["encoded"] = x
+        pooled = x[:, 0] if self.pooling == "cls" else jnp.mean(x, axis=1)
+        intermediates["pre_logits"] = pooled
+        logits = (jnp.einsum("bd,dc->bc", pooled, self.head_dc[...]) + self.head_bias_c[...]).astype(jnp.float32)
+        return (logits, intermediates) if return_intermediates else logits
+
+
+def attention_maps(model: ViT, images: jax.Array) -> dict[str, jax.Array]:
+    """{block name: softmax attention map [B, N, T, T]} of every block, from the block's own attention input.
+
+    Softmax layers only (see `Attention.attention_probabilities`); rows sum to one. For a CLS model, row 0 of each
+    map is where the class token looks, and columns 1: are the patches in row-major grid order.
+    """
+    _, intermediates = model(images, return_intermediates=True)
+    return {name: block.attention.attention_probabilities(intermediates[f"{name}/attention_input"])
+            for name, block in model.named_blocks()}
+
+
+def count_parameters(model: nnx.Module) -> int:
+    """Number of scalars in the model's nnx.Param variables (works on `nnx.eval_shape` results too)."""
+    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param))))
