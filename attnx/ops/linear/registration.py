@@ -2,6 +2,8 @@
 
 from attnx.ops.linear.based import IMPLEMENTATIONS as BASED_IMPLEMENTATIONS
 from attnx.ops.linear.based import based_attention, based_decode, based_reference_fn
+from attnx.ops.linear.performer import IMPLEMENTATIONS as PERFORMER_IMPLEMENTATIONS
+from attnx.ops.linear.performer import performer_attention, performer_decode, performer_reference
 from attnx.ops.linear.lightning import IMPLEMENTATIONS, lightning_attention, lightning_decode, lightning_reference_fn
 from attnx.registry import AttentionSpec, register_attention
 
@@ -29,4 +31,17 @@ register_attention(AttentionSpec(
     implementations=BASED_IMPLEMENTATIONS,
     description="linear attention with the 2nd-order Taylor feature map of exp (Based)",
     decode=based_decode,
+))
+
+register_attention(AttentionSpec(
+    name="performer",
+    fn=performer_attention,
+    reference=performer_reference,
+    patterns=frozenset({"NS", "CS", "NC"}),
+    paper="Choromanski et al., 2021, Rethinking Attention with Performers, arXiv 2009.14794, §2.3-2.4 (FAVOR+); "
+          "CAB (arXiv 2210.07661) approx_attn_dim 16",
+    implementations=PERFORMER_IMPLEMENTATIONS,
+    defaults={"num_features": 16},
+    description="softmax kernel approximated by positive orthogonal random features (FAVOR+)",
+    decode=performer_decode,
 ))
