@@ -1,0 +1,262 @@
+"""Diffusion Transformer (Peebles & Xie, 2023, "Scalable Diffusion Models with Transformers", arXiv 2212.09748).
+
+A class-conditional noise predictor: image [B, H, W, C] (pixels or latents), diffusion step t [B] and label y [B]
+-> ε̂ [B, H, W, C] (and, with learn_sigma, C more channels that set the reverse-process variance; see
+`models.diffusion`). Patches of p x p become tokens with fixed 2-D sin-cos positions (§3.2 "Patchify"); the
+conditioning c = embed(t) + embed(y) modulates every block through adaLN-Zero (§3.2 "DiT block design"); a final
+adaLN and linear layer map tokens back to patches.
+
+`DiTConfig` is a frozen dataclass validated on construction; `DiT(config, rngs=...)` builds the NNX module. The
+attention mixer is chosen by name (`DiTConfig.attention`, default "softmax"): any registered mechanism that supports
+non-causal self attention drops in with one gin line (ARCHITECTURE §5).
+"""
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.diffusion import classifier_free_guidance
+from models.layers.adaln import AdaLNModulation, LabelEmbedder, TimestepEmbedder, modulate
+from models.layers.attention import Attention, resolve_attention
+from models.layers.mlp import GeluMlp
+from models.layers.norm import LayerNorm
+from models.layers.patch import PatchEmbed, sincos_2d, unpatchify
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+NORM_EPS = 1e-6  # DiT's LayerNorms (no learned gain or bias: adaLN supplies both)
+# DiT's forward_with_cfg guides only channels [:3] "for exact reproducibility reasons" (its comment); with 4 latent
+# channels that leaves the 4th unguided. `all_channels=False` reproduces that.
+DIT_REFERENCE_GUIDED_CHANNELS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    """Shape and options of a `DiT`. Fields default to the `tiny` preset: 8x8 grey digits, 10 classes.
+
+    input_size: side of the (square) input, pixels or latent cells. patch_size: p; tokens = (input_size / p)².
+    learn_sigma: predict the reverse-process variance as well (output 2 * in_channels channels).
+    class_dropout_prob: probability of replacing a label by the null class in training (for guidance).
+    """
+
+    input_size: int = 8
+    patch_size: int = 2
+    in_channels: int = 1
+    num_classes: int = 10
+    width: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1
+    attention: str = "softmax"
+    attention_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("input_size", "patch_size", "in_channels", "num_classes", "width", "depth", "num_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"DiTConfig.{name} must be a positive int, got {value!r}")
+        if self.input_size % self.patch_size:
+            raise ValueError(f"DiTConfig.input_size={self.input_size} is not divisible by "
+                             f"patch_size={self.patch_size}")
+        if self.width % self.num_heads:
+            raise ValueError(f"DiTConfig.width={self.width} is not divisible by num_heads={self.num_heads}")
+        if self.width % 4:
+            raise ValueError(f"DiTConfig.width={self.width} must be divisible by 4 (2-D sin-cos positions)")
+        if not self.mlp_ratio > 0 or int(self.width * self.mlp_ratio) < 1:
+            raise ValueError(f"DiTConfig.mlp_ratio must be > 0 (and width * mlp_ratio >= 1), got {self.mlp_ratio!r}")
+        if not isinstance(self.learn_sigma, bool):
+            raise ValueError(f"DiTConfig.learn_sigma must be a bool, got {self.learn_sigma!r}")
+        if not 0 <= self.class_dropout_prob < 1:
+            raise ValueError(f"DiTConfig.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob!r}")
+        if self.param_dtype not in _DTYPES:
+            raise ValueError(f"DiTConfig.param_dtype={self.param_dtype!r}; allowed: {sorted(_DTYPES)}")
+        if not isinstance(self.attention_kwargs, Mapping):
+            raise ValueError(f"DiTConfig.attention_kwargs must be a dict, got {self.attention_kwargs!r}")
+        resolve_attention(self.attention, causal=False)  # unknown or causal-only mechanisms fail here, by name
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    @property
+    def grid_size(self) -> int:
+        return self.input_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def mlp_width(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+
+# Table 1 of the paper: depth, width, heads per size; every size at p = 2, 4, 8. The latent inputs of 256 px
+# ImageNet: 32x32x4 (SD-VAE, 8x downsampling), 1000 classes, learned variances.
+_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+PRESETS: dict[str, DiTConfig] = {
+    f"{size}/{patch}": DiTConfig(input_size=32, patch_size=patch, in_channels=4, num_classes=1000, width=width,
+                                 depth=depth, num_heads=heads, learn_sigma=True)
+    for size, (depth, width, heads) in _SIZES.items() for patch in (2, 4, 8)
+}
+# Pixel-space class-conditional 8x8 digits on a CPU in minutes (configs/experiments/dit_digits.gin).
+PRESETS["tiny"] = DiTConfig()
+
+
+def dit_config(preset: str = "tiny", **overrides: Any) -> DiTConfig:
+    """Returns the named preset with `overrides` applied, e.g. `dit_config("XL/2", attention="linear")`."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown DiT preset {preset!r}; known presets: {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[preset], **overrides)
+
+
+def _xavier_uniform(rng: jax.Array, fan_in: int, fan_out: int, shape: tuple[int, ...], dtype) -> jax.Array:
+    """Uniform(±√(6 / (fan_in + fan_out))) reshaped to `shape`: Glorot & Bengio (2010) over a flat matrix."""
+    return nnx.initializers.xavier_uniform()(rng, (fan_in, fan_out), dtype).reshape(shape)
+
+
+class DiTBlock(nnx.Module):
+    """adaLN-Zero block (§3.2): c -> (shift, scale, gate) for attention and for the MLP;
+    x += gate · Attn(LN(x) (1 + scale) + shift), then the same for the MLP. Identity at initialisation."""
+
+    def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
+        dtype = _DTYPES[config.param_dtype]
+        width, heads, head_dim = config.width, config.num_heads, config.head_dim
+        norm = functools.partial(LayerNorm, width, eps=NORM_EPS, use_scale=False, use_bias=False, param_dtype=dtype)
+        self.attention_norm = norm()
+        self.attention = Attention(width, heads, heads, head_dim, kind=config.attention,
+                                   kind_kwargs=config.attention_kwargs, causal=False, use_rope=False, use_bias=True,
+                                   rngs=rngs, param_dtype=dtype)
+        # DiT initialises timm's fused qkv Linear(D, 3D) and the output Linear(D, D) Xavier-uniform; the shared
+        # layer's own fan-in normal is redrawn here so that the bound is the fused matrix's, √(6 / 4D).
+        qkv = _xavier_uniform(rngs.params(), width, 3 * heads * head_dim, (width, 3, heads, head_dim), dtype)
+        # (New Param objects rather than in-place writes: writing into a Variable under tracing, as in the
+        # trainer's jitted initialisation, costs a slow provenance lookup per write.)
+        self.attention.query_dnh, self.attention.key_dkh, self.attention.value_dkh = (
+            nnx.Param(qkv[:, 0]), nnx.Param(qkv[:, 1]), nnx.Param(qkv[:, 2]))
+        self.attention.out_nhd = nnx.Param(_xavier_uniform(rngs.params(), heads * head_dim, width,
+                                                           (heads, head_dim, width), dtype))
+        self.mlp_norm = norm()
+        self.mlp = GeluMlp(width, config.mlp_width, approximate=True, rngs=rngs, param_dtype=dtype)
+        self.modulation = AdaLNModulation(width, 6, rngs=rngs, param_dtype=dtype)
+
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        """x [B, T, D], c [B, D] -> [B, T, D]."""
+        shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
+        x = x + gate_attn[:, None, :] * self.attention(modulate(self.attention_norm(x), shift_attn, scale_attn))
+        return x + gate_mlp[:, None, :] * self.mlp(modulate(self.mlp_norm(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nnx.Module):
+    """LN -> adaLN (shift, scale) -> Linear(D, p² · out_channels). Zero-initialised, so the DiT outputs 0 at first."""
+
+    def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
+        dtype = _DTYPES[config.param_dtype]
+        patch_features = config.patch_size**2 * config.out_channels
+        self.norm = LayerNorm(config.width, eps=NORM_EPS, use_scale=False, use_bias=False, param_dtype=dtype)
+        self.modulation = AdaLNModulation(config.width, 2, rngs=rngs, param_dtype=dtype)
+        self.linear_dp = nnx.Param(jnp.zeros((config.width, patch_features), dtype))
+        self.linear_bias_p = nnx.Param(jnp.zeros((patch_features,), dtype))
+
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        """x [B, T, D], c [B, D] -> patch values [B, T, p² · out_channels]."""
+        shift, scale = self.modulation(c)
+        x = modulate(self.norm(x), shift, scale)
+        return jnp.einsum("btd,dp->btp", x, self.linear_dp[...]) + self.linear_bias_p[...]
+
+
+class DiT(nnx.Module):
+    """(x [B, H, W, C], t [B], y [B]) -> [B, H, W, out_channels] in float32: ε̂ first, then variance values."""
+
+    def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
+        # Plain hashable attributes rather than the config itself (its dict field is unhashable under jit).
+        self.patch_size = config.patch_size
+        self.grid_size = config.grid_size
+        self.width = config.width
+        self.in_channels = config.in_channels
+        self.out_channels = config.out_channels
+        self.num_classes = config.num_classes
+        self.class_dropout_prob = config.class_dropout_prob
+        dtype = _DTYPES[config.param_dtype]
+        self.patch_embed = PatchEmbed(config.patch_size, config.in_channels, config.width, rngs=rngs,
+                                      param_dtype=dtype)
+        self.timestep_embedder = TimestepEmbedder(config.width, rngs=rngs, param_dtype=dtype)
+        self.label_embedder = LabelEmbedder(config.num_classes, config.width, dropout_prob=config.class_dropout_prob,
+                                            rngs=rngs, param_dtype=dtype)
+        self.blocks = nnx.List([DiTBlock(config, rngs=rngs) for _ in range(config.depth)])
+        self.final_layer = FinalLayer(config, rngs=rngs)
+
+    def position_embedding(self) -> np.ndarray:
+        """The fixed 2-D sin-cos positions [T, D] (MAE/DiT order), a constant rather than a parameter."""
+        return _positions(self.width, self.grid_size)
+
+    def conditioning(self, t: jax.Array, y: jax.Array, *, train: bool = False, rng: jax.Array | None = None,
+                     force_drop_ids: jax.Array | None = None) -> jax.Array:
+        """c = embed(t) + embed(y) [B, D]. Labels go to the null class where force_drop_ids != 0, or, with
+        train=True, with probability class_dropout_prob drawn from `rng`."""
+        if train and self.class_dropout_prob > 0 and rng is None and force_drop_ids is None:
+            raise ValueError("DiT: train=True drops labels at random (class_dropout_prob="
+                             f"{self.class_dropout_prob}), so it needs an rng")
+        drop_rng = rng if train else None
+        return self.timestep_embedder(t) + self.label_embedder(y, rng=drop_rng, force_drop_ids=force_drop_ids)
+
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *, train: bool = False,
+                 rng: jax.Array | None = None, force_drop_ids: jax.Array | None = None,
+                 return_intermediates: bool = False):
+        """Returns the output [B, H, W, out_channels]; with return_intermediates, (output, dict) where the dict
+        holds "conditioning" [B, D], "tokens" (after the position embedding) and "block_{i}" [B, T, D]."""
+        if x.ndim != 4 or x.shape[-1] != self.in_channels:
+            raise ValueError(f"DiT expects images [B, H, W, {self.in_channels}], got {x.shape}")
+        c = self.conditioning(t, y, train=train, rng=rng, force_drop_ids=force_drop_ids)
+        tokens = self.patch_embed(x) + self.position_embedding().astype(x.dtype)
+        intermediates = {"conditioning": c, "tokens": tokens}
+        for index, block in enumerate(self.blocks):
+            tokens = block(tokens, c)
+            intermediates[f"block_{index}"] = tokens
+        patches = self.final_layer(tokens, c)
+        grid = (self.grid_size, self.grid_size)
+        out = unpatchify(patches, self.patch_size, grid, self.out_channels).astype(jnp.float32)
+        return (out, intermediates) if return_intermediates else out
+
+    def forward_with_cfg(self, x: jax.Array, t: jax.Array, y: jax.Array, cfg_scale, *,
+                         all_channels: bool = True) -> jax.Array:
+        """Classifier-free guided output [B, H, W, out_channels] from one forward pass over 2B examples.
+
+        The batch is run with its labels and with the null class; ε_u + s (ε_c - ε_u) replaces the ε channels (all
+        in_channels of them), and the variance channels come from the conditional half. all_channels=False
+        reproduces DiT's `forward_with_cfg`, which guides only the first three output channels.
+        """
+        batch = x.shape[0]
+        out = self(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([y, y]),
+                   force_drop_ids=jnp.concatenate([jnp.zeros(batch, jnp.int32), jnp.ones(batch, jnp.int32)]))
+        guided = self.in_channels if all_channels else min(DIT_REFERENCE_GUIDED_CHANNELS, self.out_channels)
+        return classifier_free_guidance(out[:batch], out[batch:], cfg_scale, guided_channels=guided)
+
+
+@functools.cache
+def _positions(width: int, grid_size: int) -> np.ndarray:
+    return sincos_2d(width, (grid_size, grid_size))
+
+
+def count_params(model_or_config) -> int:
+    """Number of trainable parameters of a DiT or of a config's DiT (built abstractly: nothing is allocated).
+
+    The paper's code also counts its fixed position embedding (T x D numbers, a frozen nn.Parameter); we hold it
+    as a constant, so add `num_patches * width` to compare with its logged totals.
+    """
+    if isinstance(model_or_config, DiTConfig):
+        model_or_config = nnx.eval_shape(lambda: DiT(model_or_config, rngs=nnx.Rngs(0)))
+    params = nnx.state(model_or_config, nnx.Param)
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
