@@ -158,10 +158,15 @@ class LLM(nnx.Module):
             self.unembed_dv = nnx.Param(init(rngs.params(), (config.width, config.vocab_size), dtype))
 
     def __call__(self, token_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        return self.logits(self.features(token_ids, positions))
+
+    def features(self, token_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """The last block's output [B, T, D] before the final norm: `logits(features(t)) == model(t)`. Tasks that
+        score a few positions (MQAR) gather those rows first and skip the vocabulary projection of the rest."""
         x = self.embed(token_ids)
         for block in self.blocks:
             x = block(x, positions)
-        return self._logits(x)
+        return x
 
     def init_cache(self, batch_size: int, length: int) -> list[KVCache]:
         """An empty KV cache of `length` positions per layer, in the parameters' dtype."""
@@ -178,12 +183,13 @@ class LLM(nnx.Module):
         for block, layer_cache in zip(self.blocks, cache):
             x, layer_cache = block.decode(x, layer_cache, cache_index)
             new_cache.append(layer_cache)
-        return self._logits(x), new_cache
+        return self.logits(x), new_cache
 
-    def _logits(self, x: jax.Array) -> jax.Array:
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Features [..., D] -> next-token logits [..., vocab] (float32)."""
         x = self.final_norm(x)
         if self.tie_embeddings:
             logits = self.embed.attend(x)
         else:
-            logits = jnp.einsum("btd,dv->btv", x, self.unembed_dv[...])
+            logits = jnp.einsum("...d,dv->...v", x, self.unembed_dv[...])
         return logits.astype(jnp.float32)

@@ -17,4 +17,4 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
-        return jnp.einsum("btd,vd->btv", x, self.embedding_vd[...]) * (width**-0.5)
+        return jnp.einsum("...d,vd->...v", x, self.embedding_vd[...]) * (width**-0.5)

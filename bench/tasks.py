@@ -1,0 +1,177 @@
+"""Task-quality benchmarks. `mqar`: Zoology's multi-query associative recall over a grid of sequence lengths,
+key-value pairs, model widths and attention mechanisms (Arora et al., 2023, arXiv 2312.04927, §3-4, Fig. 2).
+
+    python -m bench.tasks mqar [--quick] [--mechanisms softmax based ...] [--widths 64 128] [--out bench/out/mqar]
+
+Model: the project's LLM with 2 layers, no MLP, vocabulary 8,192, rotary positions (Zoology uses learned absolute
+positions), one head for the exact mechanisms. Per mechanism: sliding_window sees 16 keys; based projects queries
+and keys to 16 features (the Based paper's feature dimension); performer uses 64 random features; moh routes 2 of 3
+heads around 1 shared head (4 heads); lightning uses ALiBi decay for one head (lambda = exp(-1/256)).
+Training: AdamW (lr 1e-3, wd 0.1, warmup then cosine), cross-entropy on the query positions only; accuracy = share
+of query positions whose argmax is the paired value, on held-out examples of another seed. Zoology trains 100k
+examples for 64 epochs with a learning-rate sweep; this grid is sized to finish on a 2-core CPU in about half an
+hour, so a cell that fails here might pass with the paper's budget.
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from models.llm import LLM, LLMConfig
+from train.data.mqar import IGNORE, mqar
+
+VOCAB = 8192
+CELLS = ((64, 4), (128, 8), (256, 16))
+MECHANISMS = {
+    "softmax": dict(),
+    "sliding_window": dict(attention_kwargs={"window": 16}),
+    "based": dict(qk_head_dim=16),
+    "lightning": dict(),
+    "performer": dict(attention_kwargs={"num_features": 64}),
+    "moh": dict(num_heads=4, num_kv_heads=4, attention_kwargs={"n_shared": 1, "top_k": 2}),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    train_examples: int = 20_000
+    test_examples: int = 1_000
+    batch_size: int = 64
+    epochs: int = 4
+    learning_rate: float = 1e-3
+
+
+def model_config(mechanism: str, width: int) -> LLMConfig:
+    options = dict(MECHANISMS[mechanism])
+    heads = options.pop("num_heads", 1)
+    return LLMConfig(vocab_size=VOCAB, width=width, depth=2, num_heads=heads, num_kv_heads=options.pop(
+        "num_kv_heads", heads), use_mlp=False, attention=mechanism, **options)
+
+
+def _query_rows(model, inputs, labels, num_pairs):
+    """Logits [B, D, V] and labels [B, D] at the D query positions (the only scored ones)."""
+    positions = jnp.argsort(labels == IGNORE, axis=1, stable=True)[:, :num_pairs]  # query positions first
+    features = jnp.take_along_axis(model.features(inputs), positions[..., None], axis=1)
+    return model.logits(features), jnp.take_along_axis(labels, positions, axis=1)
+
+
+def run_cell(mechanism: str, width: int, seq_len: int, num_pairs: int, budget: Budget, seed: int = 0) -> dict:
+    train_x, train_y = mqar(budget.train_examples, seq_len, num_pairs, VOCAB, seed=seed)
+    test_x, test_y = mqar(budget.test_examples, seq_len, num_pairs, VOCAB, seed=seed + 1)
+    model = LLM(model_config(mechanism, width), rngs=nnx.Rngs(seed))
+    steps = budget.epochs * (budget.train_examples // budget.batch_size)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, budget.learning_rate, max(1, steps // 10), steps)
+    optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=0.1), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+        def loss_fn(model):
+            logits, targets = _query_rows(model, x, y, num_pairs)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    @nnx.jit
+    def correct(model, x, y):
+        logits, targets = _query_rows(model, x, y, num_pairs)
+        return jnp.sum(jnp.argmax(logits, -1) == targets)
+
+    began = time.perf_counter()
+    order = np.random.default_rng(seed)
+    loss = float("nan")
+    for _ in range(budget.epochs):
+        permutation = order.permutation(budget.train_examples)
+        for start in range(0, budget.train_examples - budget.batch_size + 1, budget.batch_size):
+            batch = permutation[start : start + budget.batch_size]
+            loss = train_step(model, optimizer, train_x[batch], train_y[batch])
+    hits = sum(int(correct(model, test_x[i : i + 200], test_y[i : i + 200]))
+               for i in range(0, budget.test_examples, 200))
+    return {"mechanism": mechanism, "width": width, "seq_len": seq_len, "num_pairs": num_pairs,
+            "accuracy": hits / (budget.test_examples * num_pairs), "final_loss": float(loss), "steps": steps,
+            "seconds": time.perf_counter() - began}
+
+
+def table(results: list[dict], widths, cells, mechanisms) -> str:
+    header = "| mechanism | width | " + " | ".join(f"T={t}, D={d}" for t, d in cells) + " |"
+    lines = [header, "|" + "---|" * (len(cells) + 2)]
+    index = {(r["mechanism"], r["width"], r["seq_len"], r["num_pairs"]): r for r in results}
+    for mechanism in mechanisms:
+        for width in widths:
+            row = [f"{100 * index[(mechanism, width, t, d)]['accuracy']:.1f}%" if (mechanism, width, t, d) in index
+                   else "—" for t, d in cells]
+            lines.append(f"| {mechanism} | {width} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], widths, cells, mechanisms, path: pathlib.Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(widths), figsize=(5 * len(widths), 3.6), sharey=True, squeeze=False)
+    for axis, width in zip(axes[0], widths):
+        for mechanism in mechanisms:
+            points = [r for r in results if r["mechanism"] == mechanism and r["width"] == width]
+            points.sort(key=lambda r: r["seq_len"])
+            axis.plot([f"{r['seq_len']}/{r['num_pairs']}" for r in points], [100 * r["accuracy"] for r in points],
+                      marker="o", label=mechanism)
+        axis.set_title(f"d_model = {width}")
+        axis.set_xlabel("sequence length / key-value pairs")
+        axis.set_ylim(0, 102)
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("MQAR accuracy (%)")
+    axes[0][-1].legend(fontsize=8, loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.tasks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("task", choices=["mqar"])
+    parser.add_argument("--mechanisms", nargs="+", default=list(MECHANISMS), choices=list(MECHANISMS))
+    parser.add_argument("--widths", nargs="+", type=int, default=[64, 128])
+    parser.add_argument("--quick", action="store_true", help="one small cell and budget: a smoke test")
+    parser.add_argument("--epochs", type=int, default=Budget.epochs)
+    parser.add_argument("--train-examples", type=int, default=Budget.train_examples)
+    parser.add_argument("--out", default="bench/out/mqar")
+    args = parser.parse_args(argv)
+    budget = Budget(train_examples=args.train_examples, epochs=args.epochs)
+    cells = CELLS
+    if args.quick:
+        budget, cells = Budget(train_examples=512, test_examples=200, epochs=1), CELLS[:1]
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"MQAR on {platform.processor() or platform.machine()} ({os.cpu_count()} cores), jax {jax.__version__}, "
+          f"{budget}", flush=True)
+    results = []
+    began = time.perf_counter()
+    for seq_len, num_pairs in cells:
+        for width in args.widths:
+            for mechanism in args.mechanisms:
+                result = run_cell(mechanism, width, seq_len, num_pairs, budget)
+                results.append(result)
+                print(f"T={seq_len:4d} D={num_pairs:3d} d={width:4d} {mechanism:15s} "
+                      f"accuracy {100 * result['accuracy']:5.1f}%  loss {result['final_loss']:.3f}  "
+                      f"{result['seconds']:.0f} s", flush=True)
+    (out / "mqar.json").write_text(json.dumps({"budget": dataclasses.asdict(budget), "results": results,
+                                                "wall_seconds": time.perf_counter() - began}, indent=1))
+    plot(results, args.widths, cells, args.mechanisms, out / "mqar.png")
+    print(f"\n{table(results, args.widths, cells, args.mechanisms)}\n\nwall {time.perf_counter() - began:.0f} s; "
+          f"wrote {out / 'mqar.json'} and {out / 'mqar.png'}")
+
+
+if __name__ == "__main__":
+    main()
