@@ -37,6 +37,18 @@ def test_chunked_equals_the_quadratic_reference(block_size):
                  what=f"block {block_size}")
 
 
+def test_non_causal_form_has_symmetric_decay():
+    q, k, v = inputs()
+    out = lightning_attention(q, k, v, causal=False, block_size=8)
+    assert_close(out, reference(q, k, v, causal=False), jnp.float32)
+    s = jnp.asarray(alibi_slopes(N))
+    distance = jnp.abs(jnp.arange(T)[:, None] - jnp.arange(T)[None, :])
+    weights = jnp.exp(-s[:, None, None] * distance)  # [N, T, T]
+    kr, vr = (jnp.repeat(x, N // K, axis=2) for x in (k, v))
+    expected = jnp.einsum("nts,btnh,bsnh,bsnv->btnv", weights, q, kr, vr)
+    assert_close(out, expected, jnp.float32)
+
+
 def test_bfloat16_inputs_within_the_table():
     q, k, v = inputs(jnp.bfloat16)
     out = lightning_attention(q, k, v, block_size=16)
@@ -113,12 +125,11 @@ def test_alibi_and_tnl_slopes():
 
 def test_registered_with_its_pattern_and_decode_rule():
     spec = attnx.get_attention("lightning")
-    assert spec.patterns == frozenset({"CS"}) and spec.decode is lightning_decode
+    assert spec.patterns == frozenset({"NS", "CS"}) and spec.decode is lightning_decode
     assert "2405.17381" in spec.paper
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(causal=False), "causal self attention only"),
     (dict(slopes=jnp.ones(3)), r"slopes: expected a float array of shape \[N\] = \(6,\)"),
     (dict(slopes=-jnp.ones(N)), "decay rates must be >= 0"),
     (dict(implementation="pallas"), "implementation: 'pallas'; allowed"),

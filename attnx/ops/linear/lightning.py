@@ -9,7 +9,11 @@ OpenNLPLab/lightning-attention (`lightning_attn/ops/triton/lightning_attn2.py`, 
 
 No softmax, no normaliser, no 1/sqrt(H) scale (as in the code: models normalise the output instead, e.g.
 TransNormerLLM's SRMSNorm). Default slopes s_h are ALiBi's for N heads (`decay.alibi_slopes`); s = 0 is plain causal
-linear attention (Katharopoulos et al., 2020). Causal self attention only (CAB pattern CS).
+linear attention (Katharopoulos et al., 2020).
+
+Patterns CS and NS. The paper and code are causal; for non-causal self attention (NS, which the catalogue asks for)
+the decay is symmetric, exp(-s_h |t - j|), the bidirectional analogue, computed as a forward scan plus a scan over
+the reversed sequence minus the diagonal counted twice.
 
 Three ways to run it, all tested against the quadratic reference:
     lightning_attention(...)           the whole sequence (implementation "chunked" by default, or "reference")
@@ -48,11 +52,8 @@ def lightning_attention(query, key, value, *, causal: bool = True, slopes=None, 
     """query [*B, T, N, H], key [*B, T, K, H], value [*B, T, K, V] -> [*B, T, N, V]; K divides N (GQA).
 
     slopes: [N] decay rates (default: ALiBi slopes for N heads). block_size: the tile C of the chunked form.
-    implementation: "chunked" (default) or "reference".
+    implementation: "chunked" (default) or "reference". causal=False: symmetric decay (see the module docstring).
     """
-    if not causal:
-        raise ValueError("lightning: causal self attention only (pattern CS); its decay runs forward in time. "
-                         "Use causal=True, or a non-causal mechanism such as 'softmax'")
     args = canonicalize(query, key, value)
     B, T, N, H = args.q.shape
     S = args.k.shape[1]
@@ -66,10 +67,24 @@ def lightning_attention(query, key, value, *, causal: bool = True, slopes=None, 
         raise ValueError(f"lightning.implementation: {implementation!r}; allowed: {IMPLEMENTATIONS} or None")
     s = _slopes(slopes, N)
     if implementation == "reference":
-        out = lightning_reference(args.q, args.k, args.v, s).astype(args.q.dtype)
-    else:
+        out = lightning_reference(args.q, args.k, args.v, s, causal).astype(args.q.dtype)
+    elif causal:
         out = lightning_chunked(args.q, args.k, args.v, s, block_size)
+    else:
+        out = _bidirectional(args.q, args.k, args.v, s, block_size)
     return out.reshape(args.batch_shape + out.shape[1:])
+
+
+def _bidirectional(q, k, v, slopes, block_size):
+    """sum_j exp(-s |t - j|) (q_t . k_j) v_j = forward scan + backward scan - the diagonal (counted by both)."""
+    forward = lightning_chunked(q, k, v, slopes, block_size).astype(jnp.float32)
+    flip = lambda x: jnp.flip(x, axis=1)
+    backward = flip(lightning_chunked(flip(q), flip(k), flip(v), slopes, block_size).astype(jnp.float32))
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    qg = q.astype(jnp.float32).reshape(B, T, K, N // K, H)
+    diagonal = jnp.einsum("btkgh,btkh,btkv->btkgv", qg, k.astype(jnp.float32), v.astype(jnp.float32))
+    return (forward + backward - diagonal.reshape(B, T, N, -1)).astype(q.dtype)
 
 
 def lightning_reference_fn(query, key, value, *, causal: bool = True, slopes=None, block_size: int = 64):

@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 
 
-def decayed_linear_attention(q, k, v, slopes, q_positions, k_positions):
+def decayed_linear_attention(q, k, v, slopes, q_positions, k_positions, causal: bool = True):
     """sum_j [k_pos_j <= q_pos_t] exp(-s (q_pos_t - k_pos_j)) (q_t . k_j) v_j, for arbitrary absolute positions
-    (the full sequence, or queries decoding against a cache whose slot j holds position j)."""
+    (the full sequence, or queries decoding against a cache whose slot j holds position j). Non-causal: every j,
+    weighted exp(-s |q_pos_t - k_pos_j|)."""
     B, T, N, H = q.shape
     K = k.shape[2]
     G = N // K
@@ -24,11 +25,14 @@ def decayed_linear_attention(q, k, v, slopes, q_positions, k_positions):
     scores = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(jnp.float32), precision=hi)
     distance = (q_positions[:, None] - k_positions[None, :]).astype(jnp.float32)  # [T, S]
     s = slopes.astype(jnp.float32).reshape(K, G, 1, 1)
-    decay = jnp.where(distance >= 0, jnp.exp(-s * jnp.maximum(distance, 0.0)), 0.0)  # [K, G, T, S]
+    if causal:
+        decay = jnp.where(distance >= 0, jnp.exp(-s * jnp.maximum(distance, 0.0)), 0.0)  # [K, G, T, S]
+    else:
+        decay = jnp.exp(-s * jnp.abs(distance))
     out = jnp.einsum("bkgts,bskv->btkgv", scores * decay, v.astype(jnp.float32), precision=hi)
     return out.reshape(B, T, N, v.shape[-1])
 
 
-def lightning_reference(q, k, v, slopes):
+def lightning_reference(q, k, v, slopes, causal: bool = True):
     positions = jnp.arange(q.shape[1])
-    return decayed_linear_attention(q, k, v, slopes, positions, positions)
+    return decayed_linear_attention(q, k, v, slopes, positions, positions, causal)

@@ -11,7 +11,7 @@ register_attention(AttentionSpec(
     name="lightning",
     fn=lightning_attention,
     reference=lightning_reference_fn,
-    patterns=frozenset({"CS"}),
+    patterns=frozenset({"NS", "CS"}),
     paper="Qin et al., 2024, Various Lengths, Constant Speed: Efficient Language Modeling with Lightning Attention, "
           "arXiv 2405.17381, §3.1 and Algorithm 1; slopes: TransNormerLLM, arXiv 2307.14995, §3.1",
     implementations=IMPLEMENTATIONS,
