@@ -43,11 +43,16 @@ def test_processes_get_disjoint_halves():
 
 
 def test_random_shift_moves_ink_by_at_most_the_limit():
-    image = np.zeros((8, 8, 1), np.float32)
-    image[3, 4] = 1.0
-    rng = np.random.default_rng(0)
-    positions = {tuple(np.argwhere(random_shift(image, rng, 1)[..., 0])[0]) for _ in range(200)}
+    images = np.zeros((200, 8, 8, 1), np.float32)
+    images[:, 3, 4] = 1.0
+    shifted = random_shift(images, np.random.default_rng(0), 1)
+    positions = {tuple(np.argwhere(image[..., 0])[0]) for image in shifted}
     assert positions == {(3 + dy, 4 + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+    assert np.all(shifted.sum(axis=(1, 2, 3)) == 1)  # one pixel of ink each: a roll, not a blur
+    corner = np.zeros((300, 8, 8, 1), np.float32)
+    corner[:, 0, 7] = 1.0  # a roll wraps: the corner pixel lands in the opposite row / column
+    landed = {tuple(np.argwhere(image[..., 0])[0]) for image in random_shift(corner, np.random.default_rng(1), 1)}
+    assert (7, 0) in landed and (1, 6) in landed and len(landed) == 9
 
 
 @pytest.mark.parametrize("kwargs, message", [

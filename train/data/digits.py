@@ -36,11 +36,15 @@ def split(test_fraction: float = 0.25, split_seed: int = 0) -> dict[str, tuple[n
     return {"train": (train_x, train_y), "test": (test_x, test_y)}
 
 
-def random_shift(image: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.ndarray:
-    """Rolls the image by up to `max_shift` pixels along each axis. The digits have blank borders, so a shift of
-    one pixel (the augmentation of the spec's measured baseline) rarely wraps ink around."""
-    dy, dx = rng.integers(-max_shift, max_shift + 1, size=2)
-    return np.roll(image, (int(dy), int(dx)), axis=(0, 1))
+def random_shift(images: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.ndarray:
+    """Rolls each image of [b, H, W, C] by its own draw of up to `max_shift` pixels along each axis (one gather for
+    the batch). The digits have blank borders, so a shift of one pixel (the augmentation of the spec's measured
+    baseline) rarely wraps ink around."""
+    count, height, width = images.shape[:3]
+    dy, dx = rng.integers(-max_shift, max_shift + 1, size=(2, count))
+    rows = (np.arange(height)[None, :] - dy[:, None]) % height  # output row r reads input row r - dy
+    columns = (np.arange(width)[None, :] - dx[:, None]) % width
+    return images[np.arange(count)[:, None, None], rows[:, :, None], columns[:, None, :]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +85,11 @@ class DigitsData:
         images, labels = self.arrays("train")
         dataset = grain.MapDataset.range(len(labels)).shuffle(seed=self.seed).repeat()
         dataset = dataset[process_index::process_count]
-        dataset = dataset.map(lambda i: {"image": images[i], "label": labels[i]})
-        if self.max_shift:
-            shift = lambda record, rng: dict(record, image=random_shift(record["image"], rng, self.max_shift))
-            dataset = dataset.random_map(shift, seed=self.seed + 1)
         dataset = dataset.batch(self.batch_size // process_count, drop_remainder=True)
+        dataset = dataset.map(lambda index: {"image": images[index], "label": labels[index]})
+        if self.max_shift:
+            # One random draw per batch, not per image: grain's per-record overhead made a per-image map cost
+            # ~2x the whole train step of the digits ViT (measured 17 vs 7.6 ms a batch of 64).
+            shift = lambda batch, rng: dict(batch, image=random_shift(batch["image"], rng, self.max_shift))
+            dataset = dataset.random_map(shift, seed=self.seed + 1)
         return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
