@@ -68,6 +68,20 @@ def test_quickstart_trains_a_few_steps_on_the_stdlib_and_writes_its_outputs(tmp_
     assert (workdir / "loss.png").exists() and (workdir / "checkpoints" / "3").is_dir()
 
 
+def test_llm_stdlib_experiment_with_a_size_file_and_an_overlay_trains_a_few_steps(tmp_path, capsys):
+    """configs/experiments/llm_stdlib.gin + a model-size file + an attention overlay, shrunk by the tiny bindings
+    that follow them (the size file's macros lose to later command-line bindings)."""
+    workdir = tmp_path / "run"
+    files = ["configs/experiments/llm_stdlib.gin", "configs/models/llm/125m.gin", "configs/attention/lightning.gin"]
+    argv = [arg for f in files for arg in ("--gin_file", f)]
+    assert cli.main([*argv, *tiny_bindings(steps=2), "--gin_bindings",
+                     "BLOCK_SIZE = 8", "--workdir", str(workdir)]) == 0
+    output = capsys.readouterr().out
+    resolved = (workdir / "config.gin").read_text()
+    assert "attention = 'lightning'" in resolved and "WIDTH = 32" in resolved
+    assert "Training finished at step 2" in output
+
+
 def start_training(command, cache_dir):
     # One device (not the suite's 8 fake ones), as a user's run; the compilation cache is shared by both runs.
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), XLA_FLAGS="", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
