@@ -50,8 +50,8 @@ class ClassConditionalDiffusion:
         unconditional model, 1: the conditional model without guidance). cfg_all_channels=False reproduces DiT's
         guidance of output channels [:3] only.
     samples_per_class: samples per label for the accuracy and the Fréchet distance; grid_columns of them per class
-        are drawn. output_dir: where the PNG and JSON go; None: the `workdir` that finish() is given, else the
-        current directory.
+        are drawn. output_dir: where the PNG and JSON go unless finish() is given the run's `workdir` (the trainer
+        does not pass it yet: `finish(model, rng)`); None: the current directory.
     classifier_steps: optimizer steps of the scoring classifier (cached per process).
     """
 
@@ -168,7 +168,7 @@ class ClassConditionalDiffusion:
         return [tuple(a[i : i + size] for a in arrays) for i in range(0, len(arrays[0]), size)]
 
     def evaluate(self, model: DiT) -> dict[str, float]:
-        """Held-out ε-MSE (and variational bound, bits/dim) over the fixed test triples."""
+        """Held-out ε-MSE and mean variational-bound term L_t (bits/dim) over the fixed test triples."""
         graphdef, state = nnx.split(model)
         totals = np.zeros(2)
         count = 0.0
@@ -180,7 +180,7 @@ class ClassConditionalDiffusion:
 
     def describe_evaluation(self, step: int, results: dict[str, float]) -> str:
         count = sum(int(batch[-1].sum()) for batch in self._eval_batches)
-        vb = f", variational bound {results['eval_vb']:.4f} bits/dim" if self.model.learn_sigma else ""
+        vb = f", mean VLB term {results['eval_vb']:.4f} bits/dim" if self.model.learn_sigma else ""
         return (f"step {step}: held-out ε-MSE {results['eval_eps_mse']:.4f}{vb}  (fixed seeded (x0, t, ε) on "
                 f"{count} test examples; predicting ε = 0 scores 1.0)")
 
@@ -206,14 +206,16 @@ class ClassConditionalDiffusion:
     def finish(self, model: DiT, rng: jax.Array, workdir: str | None = None) -> dict:
         """Samples, scores, draws and saves (see the module docstring); returns the JSON record."""
         began = time.perf_counter()
-        output_dir = pathlib.Path(self.output_dir or workdir or ".")
+        output_dir = pathlib.Path(workdir or self.output_dir or ".")
         output_dir.mkdir(parents=True, exist_ok=True)
         classifier = train_classifier(self.data.test_fraction, self.data.split_seed, steps=self.classifier_steps)
         test_images, _ = self.data.arrays("test")
         train_images, _ = self.data.arrays("train")
         test_features = classifier.features(test_images)
         labels = np.repeat(np.arange(self.model.num_classes), self.samples_per_class).astype(np.int32)
-        rng = jax.random.key(self.sample_seed) if rng is None else rng
+        # The trainer's `rng` is not used: a fixed seed starts every run (any attention mechanism, any length) from
+        # the same noise, so their samples differ by the model only.
+        rng = jax.random.key(self.sample_seed)
 
         def score(images: np.ndarray) -> dict:
             correct = classifier.predict(images) == labels
@@ -235,7 +237,7 @@ class ClassConditionalDiffusion:
             classifier_test_accuracy=classifier.test_accuracy, num_samples=len(labels),
             num_test_images=len(test_images), sampler=self.sampler, sampling_steps=self.sampling_steps,
             ddim_eta=self.ddim_eta, cfg_all_channels=self.cfg_all_channels, schedule=self.schedule,
-            num_timesteps=self.num_timesteps, seconds=time.perf_counter() - began)
+            num_timesteps=self.num_timesteps, model=dataclasses.asdict(self.model))
         record["seconds"] = time.perf_counter() - began
         (output_dir / SAMPLES_JSON).write_text(json.dumps(record, indent=2) + "\n")
         png = self._draw_grid(images, labels, record, output_dir / SAMPLES_PNG)

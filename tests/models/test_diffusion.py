@@ -177,13 +177,17 @@ def test_guidance_formula_and_reference_channel_quirk():
 def dit_and_inputs():
     """A tiny DiT with random (not zero-initialised) weights, so its output depends on the label."""
     config = DiTConfig(input_size=4, patch_size=2, in_channels=2, num_classes=5, width=16, depth=1, num_heads=2)
-    model = DiT(config, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(3), len(leaves))
-    state = jax.tree.unflatten(treedef, [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+    @jax.jit  # one compiled build rather than one eager initializer at a time
+    def build():
+        graphdef, state = nnx.split(DiT(config, rngs=nnx.Rngs(0)))
+        leaves, treedef = jax.tree.flatten(state)
+        keys = jax.random.split(jax.random.key(3), len(leaves))
+        state = jax.tree.unflatten(treedef, [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+        return nnx.merge(graphdef, state)
+
     noise = jax.random.normal(jax.random.key(4), (3, 4, 4, 2))
-    return nnx.merge(graphdef, state), noise, jnp.array([0, 3, 4])
+    return build(), noise, jnp.array([0, 3, 4])
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])

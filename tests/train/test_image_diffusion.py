@@ -33,6 +33,10 @@ TINY = dict(
 )
 
 
+def build(task):
+    return jax.jit(lambda: task.build_model(nnx.Rngs(0)))()  # one compile, not one per initializer
+
+
 @pytest.fixture(scope="module")
 def task():
     return image_diffusion.ClassConditionalDiffusion(**TINY)
@@ -53,7 +57,7 @@ def test_trains_through_the_trainer_and_finish_writes_grid_and_numbers(task, tmp
 
 
 def test_held_out_eps_mse_is_the_mean_over_the_fixed_triples(task):
-    model = task.build_model(nnx.Rngs(0))  # outputs 0 at initialisation: the ε-MSE is the mean of ε²
+    model = build(task)  # outputs 0 at initialisation: the ε-MSE is the mean of ε²
     eps = np.concatenate([batch[3][batch[4] > 0] for batch in task._eval_batches])
     results = task.evaluate(model)
     assert len(eps) == len(task.data.arrays("test")[1])
@@ -62,7 +66,7 @@ def test_held_out_eps_mse_is_the_mean_over_the_fixed_triples(task):
 
 
 def test_loss_draws_timesteps_noise_and_dropout_from_the_step_rng(task):
-    model = task.build_model(nnx.Rngs(0))
+    model = build(task)
     images, labels = task.data.arrays("train")
     batch = {"image": jnp.asarray(images[:8]), "label": jnp.asarray(labels[:8])}
     loss = jax.jit(lambda rng: task.loss_fn(model, batch, rng))
