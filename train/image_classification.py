@@ -124,7 +124,7 @@ class ImageClassification:
 
     # ---- End of training ----
 
-    def finish(self, model: ViT, rng: jax.Array) -> None:
+    def finish(self, model: ViT, rng: jax.Array, workdir: str | None = None) -> None:
         print(self.report(model))
 
     def report(self, model: ViT) -> str:

@@ -50,8 +50,8 @@ class ClassConditionalDiffusion:
         unconditional model, 1: the conditional model without guidance). cfg_all_channels=False reproduces DiT's
         guidance of output channels [:3] only.
     samples_per_class: samples per label for the accuracy and the Fréchet distance; grid_columns of them per class
-        are drawn. output_dir: where the PNG and JSON go unless finish() is given the run's `workdir` (the trainer
-        does not pass it yet: `finish(model, rng)`); None: the current directory.
+        are drawn. output_dir: where the PNG and JSON go; None: the run's workdir (which the trainer passes to
+        finish()), or the current directory when finish() is called without one.
     classifier_steps: optimizer steps of the scoring classifier (cached per process).
     """
 
@@ -206,7 +206,7 @@ class ClassConditionalDiffusion:
     def finish(self, model: DiT, rng: jax.Array, workdir: str | None = None) -> dict:
         """Samples, scores, draws and saves (see the module docstring); returns the JSON record."""
         began = time.perf_counter()
-        output_dir = pathlib.Path(workdir or self.output_dir or ".")
+        output_dir = pathlib.Path(self.output_dir or workdir or ".")
         output_dir.mkdir(parents=True, exist_ok=True)
         classifier = train_classifier(self.data.test_fraction, self.data.split_seed, steps=self.classifier_steps)
         test_images, _ = self.data.arrays("test")

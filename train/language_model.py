@@ -103,7 +103,7 @@ class ByteLanguageModel:
 
     # ---- End of training ----
 
-    def finish(self, model: LLM, rng: jax.Array) -> None:
+    def finish(self, model: LLM, rng: jax.Array, workdir: str | None = None) -> None:
         print(f"\nSample (temperature {self.sample_temperature}) continuing {self.sample_prompt!r}:\n")
         print(self.sample(model, rng))
 

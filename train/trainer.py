@@ -8,7 +8,8 @@ A task is any object with:
     tokens_per_step -> int                                                for the tokens/s display
     evaluate(model) -> dict[str, float]                                   optional; called every `eval_every` steps
     describe_evaluation(step, results) -> str                             optional; the line printed after evaluate
-    finish(model, rng) -> None                                            optional; called once when training ends
+    finish(model, rng, workdir) -> None                                   optional; called once when training ends,
+                                                                          with the run's workdir for its outputs
 
 Running again with the same workdir resumes from the newest readable checkpoint. SIGTERM finishes the current step,
 saves a checkpoint and returns normally (`TrainResult.interrupted`), so a preempted job can be restarted as is.
@@ -134,7 +135,7 @@ def train(
             say(f"Loss plot: {plot}")
     if not interrupted and run.step == steps and hasattr(task, "finish"):
         rng = jax.random.fold_in(jax.random.wrap_key_data(run.state["rng"]), run.step)
-        task.finish(run.model(), rng)
+        task.finish(run.model(), rng, workdir=str(workdir_path))
     return TrainResult(final_step=run.step, start_step=run.start_step, losses=losses, interrupted=interrupted,
                        evaluations=evaluations, params=run.state["params"])
 
