@@ -12,6 +12,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from models.layers.mixers import call_with_auxiliary_loss
 from models.vit import ViT, ViTConfig
 from train.data import digits
 from train.data.digits import DigitsData
@@ -74,13 +75,17 @@ class ImageClassification:
 
     def loss_fn(self, model: ViT, batch: dict[str, jax.Array], rng: jax.Array | None = None
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Mean label-smoothed cross-entropy over `batch` {"image" [B, 8, 8, 1], "label" [B]}; deterministic."""
-        logits = model(batch["image"])
+        """Mean label-smoothed cross-entropy over `batch` {"image" [B, 8, 8, 1], "label" [B]}, plus any auxiliary
+        loss the model sows (MoH's balance loss); deterministic."""
+        logits, auxiliary = call_with_auxiliary_loss(model, batch["image"])
         labels = batch["label"].astype(jnp.int32)
         targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), self.label_smoothing)
         loss = optax.softmax_cross_entropy(logits, targets).mean()
-        accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
-        return loss, {"accuracy": accuracy}
+        metrics = {"accuracy": jnp.mean(jnp.argmax(logits, axis=-1) == labels)}
+        if auxiliary is not None:
+            metrics["auxiliary_loss"] = auxiliary
+            loss = loss + auxiliary
+        return loss, metrics
 
     # ---- Evaluation ----
 

@@ -29,6 +29,7 @@ from flax import nnx
 
 from models import diffusion as diffusion_lib
 from models.dit import DiT, DiTConfig
+from models.layers.mixers import call_with_auxiliary_loss
 from train.data.digits import DigitsData
 from train.digits_classifier import frechet_distance, train_classifier
 
@@ -144,11 +145,21 @@ class ClassConditionalDiffusion:
         t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
         t = jax.random.randint(t_rng, labels.shape, 0, self.diffusion.num_timesteps)
         noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
-        model_fn = lambda xt, t_model: model(xt, t_model, labels, train=True, rng=drop_rng)
+        auxiliary = []  # what the model sows (MoH's balance loss), caught on the way through the loss terms
+
+        def model_fn(xt, t_model):
+            out, sown = call_with_auxiliary_loss(model, xt, t_model, labels, train=True, rng=drop_rng)
+            auxiliary.append(sown)
+            return out
+
         terms = diffusion_lib.training_losses(self.diffusion, model_fn, x0, t, noise,
                                               learn_sigma=self.model.learn_sigma,
                                               bin_half_width=self.bin_half_width)
-        return terms["loss"].mean(), {"mse": terms["mse"].mean(), "vb": terms["vb"].mean()}
+        loss, metrics = terms["loss"].mean(), {"mse": terms["mse"].mean(), "vb": terms["vb"].mean()}
+        if auxiliary and auxiliary[0] is not None:
+            metrics["auxiliary_loss"] = auxiliary[0]
+            loss = loss + auxiliary[0]
+        return loss, metrics
 
     # ---- Evaluation ----
 

@@ -59,3 +59,28 @@ def test_missing_or_misfitting_options_are_named():
     with pytest.raises(ValueError, match="'lightning' does not support non-causal"):
         Attention(24, 4, 2, 6, kind="moh", kind_kwargs={"n_shared": 2, "top_k": 1, "core": "lightning"},
                   causal=False, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("family", ["vit", "dit"])
+def test_vision_tasks_add_the_balance_loss(family):
+    """MoH in ViT and DiT (spec vision §10, diffusion §5): the tasks' losses include the weighted balance loss."""
+    from models.dit import DiT, DiTConfig
+    from models.vit import ViT, ViTConfig
+    from train.data.digits import DigitsData
+    from train.image_classification import ImageClassification
+    from train.image_diffusion import ClassConditionalDiffusion
+
+    moh = dict(attention="moh", attention_kwargs={"n_shared": 1, "top_k": 1, "balance_weight": 1.0})
+    batch = {"image": jax.random.uniform(jax.random.key(0), (4, 8, 8, 1)), "label": jnp.arange(4)}
+    if family == "vit":
+        config = ViTConfig(patch_size=4, width=24, depth=1, num_heads=3, mlp_width=16, **moh)
+        task, model = ImageClassification(model=config, data=DigitsData(batch_size=4)), ViT(config, rngs=nnx.Rngs(0))
+    else:
+        config = DiTConfig(patch_size=4, width=24, depth=1, num_heads=3, **moh)
+        task = ClassConditionalDiffusion(model=config, data=DigitsData(batch_size=4), num_timesteps=40,
+                                         sampling_steps=4)
+        model = DiT(config, rngs=nnx.Rngs(0))
+    loss, metrics = task.loss_fn(model, batch, jax.random.key(1))
+    # Two routed heads, top-1: L_b = 2 sum_i f_i P_i is 1 when balanced and at most 2 (weight 1.0 here).
+    assert 1.0 - 1e-5 <= float(metrics["auxiliary_loss"]) <= 2.0 + 1e-5
+    assert float(loss) > float(metrics["auxiliary_loss"])
