@@ -1,12 +1,16 @@
 """MoH inside the attention layer: the router's weights, the balance loss reaching the task loss, the MHA limit,
 and errors for missing or misfitting options."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+import attnx
+from attnx import registry
 from models.layers.attention import Attention
 from models.layers.mixers import call_with_auxiliary_loss
 from models.llm import LLM, LLMConfig
@@ -51,13 +55,16 @@ def test_balance_loss_is_weighted_added_and_trains_the_router():
     assert not nnx.state(model, nnx.Intermediate)
 
 
-def test_missing_or_misfitting_options_are_named():
+def test_missing_or_misfitting_options_are_named(monkeypatch):
     with pytest.raises(ValueError, match="moh needs attention_kwargs n_shared"):
         layer()
     with pytest.raises(ValueError, match="top_k: expected 0 <= top_k <= 3 routed heads"):
         layer(n_shared=1, top_k=4)
-    with pytest.raises(ValueError, match="'lightning' does not support non-causal"):
-        Attention(24, 4, 2, 6, kind="moh", kind_kwargs={"n_shared": 2, "top_k": 1, "core": "lightning"},
+    causal_only = dataclasses.replace(attnx.get_attention("softmax"), name="causal_only", aliases=(),
+                                      patterns=frozenset({"CS"}))
+    monkeypatch.setitem(registry._REGISTRY, "causal_only", causal_only)
+    with pytest.raises(ValueError, match="'causal_only' does not support non-causal"):
+        Attention(24, 4, 2, 6, kind="moh", kind_kwargs={"n_shared": 2, "top_k": 1, "core": "causal_only"},
                   causal=False, rngs=nnx.Rngs(0))
 
 

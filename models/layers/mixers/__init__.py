@@ -13,7 +13,10 @@ ROUTERS = {"moh": MoHRouter}  # registry name -> module computing per-token head
 def call_with_auxiliary_loss(model: nnx.Module, *args, **kwargs) -> tuple[object, jax.Array | None]:
     """Calls `model(*args, **kwargs)` and returns (output, auxiliary loss): the weighted losses its layers sow (e.g.
     MoH's balance loss) averaged over the layers that sow one, or None when none does. Use it in loss functions."""
-    output, intermediates = nnx.capture(model, nnx.Intermediate)(*args, **kwargs)
+    # nnx.capture marks the module it runs; a copy made here (same arrays, so gradients flow) lets this work on a
+    # model closed over by an outer jit or grad, whose objects the current trace may not mutate.
+    graphdef, state = nnx.split(model)
+    output, intermediates = nnx.capture(nnx.merge(graphdef, state), nnx.Intermediate)(*args, **kwargs)
     sown = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(intermediates)
             if any(getattr(entry, "key", None) == "auxiliary_loss" for entry in path)]
     if not sown:
