@@ -71,6 +71,37 @@ def sliding_window_reference(query, key, value, *, window: int = 16, causal: boo
                                     **kwargs)
 
 
+def block_sparse_attention(query, key, value, *, causal: bool = False, block_mask=None,
+                           block_size: tuple[int, int] = (64, 64), mask: Mask | None = None, **kwargs):
+    """Softmax attention restricted to the live blocks of `block_mask` [..., ceil(T/bq), ceil(S/bk)] (True =
+    computed), broadcastable to [*B, N, nT, nS] at `block_size` = (bq, bk): the generic pattern behind
+    SeerAttention's gated blocks, MoA's per-head block lists and landmark retrieval (spec llm_mechanisms.md §2,
+    §6). The chunked path skips dead blocks; rows with no live key return 0. block_mask=None keeps every block
+    (plain softmax attention), so the mechanism fits every CAB pattern."""
+    m = Mask(causal=causal)
+    if block_mask is not None:
+        m = m & Mask(block_mask=block_mask, block_size=tuple(block_size))
+    if mask is not None:
+        m = m & mask
+    return dot_product_attention(query, key, value, mask=m, **kwargs)
+
+
+def block_sparse_reference(query, key, value, **kwargs):
+    return block_sparse_attention(query, key, value, implementation="reference", **kwargs)
+
+
+register_attention(AttentionSpec(
+    name="block_sparse",
+    fn=block_sparse_attention,
+    reference=block_sparse_reference,
+    patterns=frozenset({"NS", "CS", "NC", "CC"}),
+    paper="generic block-sparse attention as used by SeerAttention (Gao et al., 2024, arXiv 2410.13276, §3) and "
+          "MoA (Fu et al., 2024, arXiv 2406.14909)",
+    implementations=implementation_names(),
+    defaults={"block_size": (64, 64)},
+    description="softmax attention over the live blocks of a block mask",
+))
+
 register_attention(AttentionSpec(
     name="softmax",
     fn=softmax_attention,
