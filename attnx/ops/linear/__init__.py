@@ -1,1 +1,2 @@
-"""Linear-attention family: Lightning Attention-2 (decayed causal linear attention) and Based (Taylor features)."""
+"""Linear-attention family: Lightning Attention-2 (decayed linear attention), Based (Taylor features), Performer
+(FAVOR+) and cosFormer."""

@@ -4,6 +4,8 @@ from attnx.ops.linear.based import IMPLEMENTATIONS as BASED_IMPLEMENTATIONS
 from attnx.ops.linear.based import based_attention, based_decode, based_reference_fn
 from attnx.ops.linear.performer import IMPLEMENTATIONS as PERFORMER_IMPLEMENTATIONS
 from attnx.ops.linear.performer import performer_attention, performer_decode, performer_reference
+from attnx.ops.linear.cosformer import IMPLEMENTATIONS as COSFORMER_IMPLEMENTATIONS
+from attnx.ops.linear.cosformer import cosformer_attention, cosformer_reference
 from attnx.ops.linear.lightning import IMPLEMENTATIONS, lightning_attention, lightning_decode, lightning_reference_fn
 from attnx.registry import AttentionSpec, register_attention
 
@@ -44,4 +46,15 @@ register_attention(AttentionSpec(
     defaults={"num_features": 16},
     description="softmax kernel approximated by positive orthogonal random features (FAVOR+)",
     decode=performer_decode,
+))
+
+register_attention(AttentionSpec(
+    name="cosformer",
+    fn=cosformer_attention,
+    reference=cosformer_reference,
+    patterns=frozenset({"NS", "NC"}),
+    paper="Qin et al., 2022, cosFormer: Rethinking Softmax in Attention, arXiv 2202.08791, §3.2-3.3; CAB "
+          "(arXiv 2210.07661) patterns NS, NC",
+    implementations=COSFORMER_IMPLEMENTATIONS,
+    description="ReLU linear attention with cos(pi (i - j) / 2M) re-weighting (cosFormer)",
 ))
