@@ -16,7 +16,6 @@ conclusion yet.
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import pathlib

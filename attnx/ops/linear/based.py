@@ -20,7 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnx.ops.linear.chunked import lightning_chunked
+from attnx.ops.linear.common import (causal_feature_sums, check_block_size, feature_sums, kernel_sums,
+                                     resolve_implementation)
 from attnx.validation import canonicalize
 
 EPS = 1e-12
@@ -48,34 +49,21 @@ def _kernel(q, k, q_positions=None, k_positions=None, causal=False):
     return kernel
 
 
-def _normalised(kernel, v, out_shape):
-    numerator = jnp.einsum("bkgts,bskv->btkgv", kernel, v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-    denominator = jnp.einsum("bkgts->btkg", kernel)[..., None]
-    return (numerator / (denominator + EPS)).reshape(out_shape)
+def _normalised(sums: tuple[jax.Array, jax.Array]) -> jax.Array:
+    numerator, denominator = sums
+    return numerator / (denominator + EPS)
 
 
 def based_reference(q, k, v, causal: bool):
     positions_q, positions_k = jnp.arange(q.shape[1]), jnp.arange(k.shape[1])
-    kernel = _kernel(q, k, positions_q, positions_k, causal)
-    return _normalised(kernel, v, (*q.shape[:3], v.shape[-1]))
+    return _normalised(kernel_sums(_kernel(q, k, positions_q, positions_k, causal), v))
 
 
 def based_chunked(q, k, v, causal: bool, block_size: int):
-    B, T, N, H = q.shape
-    K, V = k.shape[2], v.shape[-1]
     phi_q, phi_k = taylor_feature_map(q), taylor_feature_map(k)
     if causal:
-        ones = jnp.ones((*v.shape[:-1], 1), jnp.float32)
-        both = lightning_chunked(phi_q, phi_k, jnp.concatenate([v.astype(jnp.float32), ones], -1),
-                                 jnp.zeros((N,), jnp.float32), block_size)
-        return both[..., :V] / (both[..., V:] + EPS)
-    # Non-causal: one state sum_j phi(k_j) v_j^T and one normaliser sum_j phi(k_j) per kv head.
-    state = jnp.einsum("bskf,bskv->bkfv", phi_k, v.astype(jnp.float32))
-    normaliser = jnp.sum(phi_k, axis=1)  # [B, K, F]
-    phi_q = phi_q.reshape(B, T, K, N // K, -1)
-    numerator = jnp.einsum("btkgf,bkfv->btkgv", phi_q, state)
-    denominator = jnp.einsum("btkgf,bkf->btkg", phi_q, normaliser)[..., None]
-    return (numerator / (denominator + EPS)).reshape(B, T, N, V)
+        return _normalised(causal_feature_sums(phi_q, phi_k, v, block_size))
+    return _normalised(feature_sums(phi_q, phi_k, v))
 
 
 def based_attention(query, key, value, *, causal: bool = False, block_size: int = 64,
@@ -89,12 +77,8 @@ def based_attention(query, key, value, *, causal: bool = False, block_size: int 
     if causal and S != T:
         raise ValueError(f"based: causal attention needs self attention (pattern CS), got query length {T} and "
                          f"key length {S}; cross attention is supported with causal=False (pattern NC)")
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-        raise ValueError(f"based.block_size: expected an int >= 1, got {block_size!r}")
-    implementation = implementation or "chunked"
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"based.implementation: {implementation!r}; allowed: {IMPLEMENTATIONS} or None")
-    if implementation == "reference":
+    check_block_size("based", block_size)
+    if resolve_implementation("based", implementation, IMPLEMENTATIONS) == "reference":
         out = based_reference(args.q, args.k, args.v, causal)
     else:
         out = based_chunked(args.q, args.k, args.v, causal, block_size)
@@ -110,5 +94,4 @@ def based_decode(query, key_cache, value_cache, *, query_positions, block_size: 
     """The registry decode rule: causal Based attention of queries at `query_positions` over a KV cache."""
     del block_size
     kernel = _kernel(query, key_cache, jnp.asarray(query_positions), jnp.arange(key_cache.shape[1]), causal=True)
-    out = _normalised(kernel, value_cache, (*query.shape[:3], value_cache.shape[-1]))
-    return out.astype(query.dtype)
+    return _normalised(kernel_sums(kernel, value_cache)).astype(query.dtype)

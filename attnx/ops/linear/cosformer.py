@@ -17,6 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from attnx.ops.linear.common import HIGHEST, feature_sums, kernel_sums, resolve_implementation
 from attnx.validation import canonicalize
 
 EPS = 1e-6  # the official code's floor on the normaliser (ReLU features can make it 0)
@@ -33,33 +34,21 @@ def cosformer_attention(query, key, value, *, causal: bool = False, implementati
         raise ValueError("cosformer: non-causal attention only (patterns NS, NC): its re-weighting depends on the "
                          "full length M = max(T, S). Use causal=False, or a causal mechanism such as 'lightning'")
     args = canonicalize(query, key, value)
-    implementation = implementation or "linear"
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"cosformer.implementation: {implementation!r}; allowed: {IMPLEMENTATIONS} or None")
+    implementation = resolve_implementation("cosformer", implementation, IMPLEMENTATIONS)
     B, T, N, H = args.q.shape
-    S, K, V = args.k.shape[1], args.k.shape[2], args.v.shape[-1]
-    G = N // K
-    period = max(T, S)
-    q = jax.nn.relu(args.q.astype(jnp.float32)).reshape(B, T, K, G, H)
+    S, K = args.k.shape[1], args.k.shape[2]
+    q = jax.nn.relu(args.q.astype(jnp.float32))
     k = jax.nn.relu(args.k.astype(jnp.float32))
-    v = args.v.astype(jnp.float32)
-    qa, ka = _angles(T, period), _angles(S, period)
-    hi = jax.lax.Precision.HIGHEST
+    qa, ka = _angles(T, max(T, S)), _angles(S, max(T, S))
     if implementation == "reference":
-        weights = jnp.cos(qa[:, None] - ka[None, :])  # [T, S]
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, k, precision=hi) * weights
-        numerator = jnp.einsum("bkgts,bskv->btkgv", scores, v, precision=hi)
-        denominator = jnp.einsum("bkgts->btkg", scores)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q.reshape(B, T, K, N // K, H), k, precision=HIGHEST)
+        numerator, denominator = kernel_sums(scores * jnp.cos(qa[:, None] - ka[None, :]), args.v)
     else:
-        numerator = 0.0
-        denominator = 0.0
+        numerator, denominator = 0.0, 0.0
         for fn in (jnp.cos, jnp.sin):  # cos(a - b) = cos a cos b + sin a sin b
-            qm = q * fn(qa)[None, :, None, None, None]
-            km = k * fn(ka)[None, :, None, None]
-            numerator = numerator + jnp.einsum("btkgh,bkhv->btkgv", qm, jnp.einsum("bskh,bskv->bkhv", km, v))
-            denominator = denominator + jnp.einsum("btkgh,bkh->btkg", qm, km.sum(axis=1))
-    out = numerator / jnp.maximum(denominator, EPS)[..., None]
-    out = out.reshape(B, T, N, V).astype(args.q.dtype)
+            part = feature_sums(q * fn(qa)[None, :, None, None], k * fn(ka)[None, :, None, None], args.v)
+            numerator, denominator = numerator + part[0], denominator + part[1]
+    out = (numerator / jnp.maximum(denominator, EPS)).astype(args.q.dtype)
     return out.reshape(args.batch_shape + out.shape[1:])
 
 

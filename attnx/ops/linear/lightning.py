@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnx.ops.linear.chunked import lightning_chunked
+from attnx.ops.linear.common import check_block_size, resolve_implementation
 from attnx.ops.linear.decay import alibi_slopes
 from attnx.ops.linear.reference import decayed_linear_attention, lightning_reference
 from attnx.validation import canonicalize
@@ -59,12 +60,8 @@ def lightning_attention(query, key, value, *, causal: bool = True, slopes=None, 
     S = args.k.shape[1]
     if S != T:
         raise ValueError(f"lightning: self attention only, got query length {T} and key length {S}")
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-        raise ValueError(f"lightning.block_size: expected an int >= 1, got {block_size!r}")
-    if implementation is None:
-        implementation = "chunked"
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"lightning.implementation: {implementation!r}; allowed: {IMPLEMENTATIONS} or None")
+    check_block_size("lightning", block_size)
+    implementation = resolve_implementation("lightning", implementation, IMPLEMENTATIONS)
     s = _slopes(slopes, N)
     if implementation == "reference":
         out = lightning_reference(args.q, args.k, args.v, s, causal).astype(args.q.dtype)

@@ -20,7 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnx.ops.linear.chunked import lightning_chunked
+from attnx.ops.linear.common import (HIGHEST, causal_feature_sums, check_block_size, feature_sums, kernel_sums,
+                                     resolve_implementation)
 from attnx.validation import canonicalize
 
 IMPLEMENTATIONS = ("chunked", "reference")
@@ -64,39 +65,43 @@ def _features_or_default(features, num_features: int, head_dim: int, seed: int):
     return features
 
 
+def _masked_kernel(phi_q, phi_k, visible):
+    """phi(q).phi(k) as an explicit [B, K, G, T, S] kernel, zero where `visible` [T, S] (if given) is False."""
+    B, T, N, F = phi_q.shape
+    K = phi_k.shape[2]
+    kernel = jnp.einsum("btkgm,bskm->bkgts", phi_q.reshape(B, T, K, N // K, F), phi_k, precision=HIGHEST)
+    return kernel if visible is None else jnp.where(visible, kernel, 0.0)
+
+
+def _normalised(sums: tuple[jax.Array, jax.Array]) -> jax.Array:
+    numerator, denominator = sums  # positive features: the normaliser is > 0, no floor needed
+    return numerator / denominator
+
+
 def performer_attention(query, key, value, *, causal: bool = False, features=None, num_features: int = 16,
                         seed: int = 0, block_size: int = 64, implementation: str | None = None):
     """query [*B, T, N, H], key [*B, S, K, H], value [*B, S, K, V] -> [*B, T, N, V]. causal=True needs S == T."""
     args = canonicalize(query, key, value)
     B, T, N, H = args.q.shape
-    S, K, V = args.k.shape[1], args.k.shape[2], args.v.shape[-1]
+    S = args.k.shape[1]
     if causal and S != T:
         raise ValueError(f"performer: causal attention needs self attention (pattern CS), got query length {T} "
                          f"and key length {S}")
     if not isinstance(num_features, int) or num_features < 1:
         raise ValueError(f"performer.num_features: expected an int >= 1, got {num_features!r}")
-    implementation = implementation or "chunked"
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"performer.implementation: {implementation!r}; allowed: {IMPLEMENTATIONS} or None")
+    check_block_size("performer", block_size)
+    implementation = resolve_implementation("performer", implementation, IMPLEMENTATIONS)
     w = _features_or_default(features, num_features, H, seed)
     phi_q = _feature_map(args.q, w, is_query=True)  # [B, T, N, m]
     phi_k = _feature_map(args.k, w, is_query=False)  # [B, S, K, m]
-    v = args.v.astype(jnp.float32)
-    G = N // K
-    if implementation == "reference" or not causal:
-        kernel = jnp.einsum("btkgm,bskm->bkgts", phi_q.reshape(B, T, K, G, -1), phi_k,
-                            precision=jax.lax.Precision.HIGHEST)
-        if causal:
-            kernel = jnp.where(jnp.tril(jnp.ones((T, S), bool)), kernel, 0.0)
-        numerator = jnp.einsum("bkgts,bskv->btkgv", kernel, v, precision=jax.lax.Precision.HIGHEST)
-        out = numerator / jnp.einsum("bkgts->btkg", kernel)[..., None]
-        out = out.reshape(B, T, N, V)
+    if implementation == "reference":
+        visible = jnp.tril(jnp.ones((T, S), bool)) if causal else None
+        sums = kernel_sums(_masked_kernel(phi_q, phi_k, visible), args.v)
+    elif causal:
+        sums = causal_feature_sums(phi_q, phi_k, args.v, block_size)
     else:
-        ones = jnp.ones((B, S, K, 1), jnp.float32)
-        both = lightning_chunked(phi_q, phi_k, jnp.concatenate([v, ones], -1), jnp.zeros((N,), jnp.float32),
-                                 block_size)
-        out = both[..., :V] / both[..., V:]
-    out = out.astype(args.q.dtype)
+        sums = feature_sums(phi_q, phi_k, args.v)
+    out = _normalised(sums).astype(args.q.dtype)
     return out.reshape(args.batch_shape + out.shape[1:])
 
 
@@ -110,15 +115,9 @@ def performer_decode(query, key_cache, value_cache, *, query_positions, features
     stabiliser is the max over cache slots up to the last query, so it matches the full-sequence call's up to
     rounding (it cancels anyway)."""
     del block_size
-    B, T, N, H = query.shape
-    K = key_cache.shape[2]
-    w = _features_or_default(features, num_features, H, seed)
+    w = _features_or_default(features, num_features, query.shape[-1], seed)
     positions = jnp.asarray(query_positions)
     visible = jnp.arange(key_cache.shape[1])[None, :] <= positions[:, None]  # [T, L]
     phi_q = _feature_map(query, w, is_query=True)
     phi_k = _feature_map(jnp.where(visible[-1][None, :, None, None], key_cache, 0.0), w, is_query=False)
-    kernel = jnp.einsum("btkgm,bskm->bkgts", phi_q.reshape(B, T, K, N // K, -1), phi_k)
-    kernel = jnp.where(visible, kernel, 0.0)
-    numerator = jnp.einsum("bkgts,bskv->btkgv", kernel, value_cache.astype(jnp.float32))
-    out = numerator / jnp.einsum("bkgts->btkg", kernel)[..., None]
-    return out.reshape(B, T, N, -1).astype(query.dtype)
+    return _normalised(kernel_sums(_masked_kernel(phi_q, phi_k, visible), value_cache)).astype(query.dtype)
