@@ -22,12 +22,12 @@ from flax import nnx
 
 from models.diffusion import classifier_free_guidance
 from models.layers.adaln import AdaLNModulation, LabelEmbedder, TimestepEmbedder, modulate
-from models.layers.attention import Attention, resolve_attention
+from models.layers import PARAM_DTYPES, check_param_dtype
+from models.layers.attention import Attention, check_attention_choice
 from models.layers.mlp import GeluMlp
 from models.layers.norm import LayerNorm
 from models.layers.patch import PatchEmbed, sincos_2d, unpatchify
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NORM_EPS = 1e-6  # DiT's LayerNorms (no learned gain or bias: adaLN supplies both)
 # DiT's forward_with_cfg guides only channels [:3] "for exact reproducibility reasons" (its comment); with 4 latent
 # channels that leaves the 4th unguided. `all_channels=False` reproduces that.
@@ -77,11 +77,8 @@ class DiTConfig:
             raise ValueError(f"DiTConfig.learn_sigma must be a bool, got {self.learn_sigma!r}")
         if not 0 <= self.class_dropout_prob < 1:
             raise ValueError(f"DiTConfig.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob!r}")
-        if self.param_dtype not in _DTYPES:
-            raise ValueError(f"DiTConfig.param_dtype={self.param_dtype!r}; allowed: {sorted(_DTYPES)}")
-        if not isinstance(self.attention_kwargs, Mapping):
-            raise ValueError(f"DiTConfig.attention_kwargs must be a dict, got {self.attention_kwargs!r}")
-        resolve_attention(self.attention, causal=False)  # unknown or causal-only mechanisms fail here, by name
+        check_param_dtype("DiTConfig", self.param_dtype)
+        check_attention_choice("DiTConfig", self.attention, self.attention_kwargs, causal=False)
 
     @property
     def out_channels(self) -> int:
@@ -134,7 +131,7 @@ class DiTBlock(nnx.Module):
     x += gate · Attn(LN(x) (1 + scale) + shift), then the same for the MLP. Identity at initialisation."""
 
     def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
-        dtype = _DTYPES[config.param_dtype]
+        dtype = PARAM_DTYPES[config.param_dtype]
         width, heads, head_dim = config.width, config.num_heads, config.head_dim
         norm = functools.partial(LayerNorm, width, eps=NORM_EPS, use_scale=False, use_bias=False, param_dtype=dtype)
         self.attention_norm = norm()
@@ -165,7 +162,7 @@ class FinalLayer(nnx.Module):
     """LN -> adaLN (shift, scale) -> Linear(D, p² · out_channels). Zero-initialised, so the DiT outputs 0 at first."""
 
     def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
-        dtype = _DTYPES[config.param_dtype]
+        dtype = PARAM_DTYPES[config.param_dtype]
         patch_features = config.patch_size**2 * config.out_channels
         self.norm = LayerNorm(config.width, eps=NORM_EPS, use_scale=False, use_bias=False, param_dtype=dtype)
         self.modulation = AdaLNModulation(config.width, 2, rngs=rngs, param_dtype=dtype)
@@ -191,7 +188,7 @@ class DiT(nnx.Module):
         self.out_channels = config.out_channels
         self.num_classes = config.num_classes
         self.class_dropout_prob = config.class_dropout_prob
-        dtype = _DTYPES[config.param_dtype]
+        dtype = PARAM_DTYPES[config.param_dtype]
         self.patch_embed = PatchEmbed(config.patch_size, config.in_channels, config.width, rngs=rngs,
                                       param_dtype=dtype)
         self.timestep_embedder = TimestepEmbedder(config.width, rngs=rngs, param_dtype=dtype)

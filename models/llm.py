@@ -27,12 +27,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers.attention import Attention, KVCache, resolve_attention
+from models.layers import PARAM_DTYPES, check_param_dtype
+from models.layers.attention import Attention, KVCache, check_attention_choice
 from models.layers.embed import Embed
 from models.layers.mlp import SwiGLU
 from models.layers.norm import RMSNorm
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,11 +74,8 @@ class LLMConfig:
         if not self.head_dim and self.width % self.num_heads:
             raise ValueError(
                 f"LLMConfig.width={self.width} is not divisible by num_heads={self.num_heads}; set head_dim")
-        if self.param_dtype not in _DTYPES:
-            raise ValueError(f"LLMConfig.param_dtype={self.param_dtype!r}; allowed: {sorted(_DTYPES)}")
-        if not isinstance(self.attention_kwargs, Mapping):
-            raise ValueError(f"LLMConfig.attention_kwargs must be a dict, got {self.attention_kwargs!r}")
-        resolve_attention(self.attention, causal=True)  # unknown or non-causal mechanisms fail here, by name
+        check_param_dtype("LLMConfig", self.param_dtype)
+        check_attention_choice("LLMConfig", self.attention, self.attention_kwargs, causal=True)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -114,7 +111,7 @@ class DecoderBlock(nnx.Module):
     """Pre-norm residual block: x + attention(norm(x)), then + mlp(norm(x))."""
 
     def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs):
-        dtype = _DTYPES[config.param_dtype]
+        dtype = PARAM_DTYPES[config.param_dtype]
         self.attention_norm = RMSNorm(config.width, eps=config.norm_eps, param_dtype=dtype)
         self.attention = Attention(
             config.width,
@@ -149,7 +146,7 @@ class LLM(nnx.Module):
 
     def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs):
         self.tie_embeddings = config.tie_embeddings  # not the config itself: its dict field is unhashable
-        dtype = _DTYPES[config.param_dtype]
+        dtype = PARAM_DTYPES[config.param_dtype]
         self.embed = Embed(config.vocab_size, config.width, rngs=rngs, param_dtype=dtype)
         self.blocks = nnx.List([DecoderBlock(config, rngs=rngs) for _ in range(config.depth)])
         self.final_norm = RMSNorm(config.width, eps=config.norm_eps, param_dtype=dtype)

@@ -22,12 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.layers.attention import Attention, resolve_attention
+from models.layers import PARAM_DTYPES, check_param_dtype
+from models.layers.attention import Attention, check_attention_choice
 from models.layers.mlp import GeluMlp
 from models.layers.norm import LayerNorm
 from models.layers.patch import PatchEmbed, sincos_2d
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 POOLINGS = ("cls", "mean")
 POSITIONS = ("learned", "sincos")
 
@@ -37,16 +37,6 @@ def _check_positive_ints(owner: str, obj: Any, names: tuple[str, ...]) -> None:
         value = getattr(obj, name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{owner}.{name} must be a positive int, got {value!r}")
-
-
-def _check_attention(owner: str, attention: str, attention_kwargs: Any) -> None:
-    """Unknown names and mechanisms without non-causal self attention fail here, naming the field."""
-    if not isinstance(attention_kwargs, Mapping):
-        raise ValueError(f"{owner}.attention_kwargs must be a dict, got {attention_kwargs!r}")
-    try:
-        resolve_attention(attention, causal=False)
-    except (ValueError, TypeError) as error:
-        raise ValueError(f"{owner}.attention={attention!r}: {error}") from error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,9 +116,8 @@ class ViTConfig:
             raise ValueError(f"ViTConfig.position='sincos' needs a width divisible by 4, got width={self.width}")
         if not self.norm_eps > 0:
             raise ValueError(f"ViTConfig.norm_eps must be > 0, got {self.norm_eps!r}")
-        if self.param_dtype not in _DTYPES:
-            raise ValueError(f"ViTConfig.param_dtype={self.param_dtype!r}; allowed: {sorted(_DTYPES)}")
-        _check_attention("ViTConfig", self.attention, self.attention_kwargs)
+        check_param_dtype("ViTConfig", self.param_dtype)
+        check_attention_choice("ViTConfig", self.attention, self.attention_kwargs, causal=False)
         if self.stages:
             self._check_stages()
 
@@ -151,7 +140,7 @@ class ViTConfig:
                                  f"stage is {grid[0]}x{grid[1]} (image {self.image_size}, patch {self.patch_size})")
             grid = (grid[0] // 2, grid[1] // 2)
             attention, attention_kwargs = self.stage_attention(index + 1)
-            _check_attention(owner, attention, attention_kwargs)
+            check_attention_choice(owner, attention, attention_kwargs, causal=False)
 
     @property
     def image_hw(self) -> tuple[int, int]:
@@ -280,7 +269,7 @@ class ViT(nnx.Module):
     """
 
     def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
-        dtype = _DTYPES[config.param_dtype]
+        dtype = PARAM_DTYPES[config.param_dtype]
         # Static settings only: the config itself holds dicts, which are unhashable graph metadata.
         self.pooling = config.pooling
         self.position = config.position

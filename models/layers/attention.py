@@ -41,6 +41,17 @@ def resolve_attention(kind: str, *, causal: bool) -> Callable[..., jax.Array]:
     return lambda query, key, value, **kwargs: spec.fn(query, key, value, causal=causal, **kwargs)
 
 
+def check_attention_choice(owner: str, attention: str, attention_kwargs: Any, *, causal: bool) -> None:
+    """A model config's `attention` / `attention_kwargs`: unknown names and mechanisms without the family's pattern
+    fail here, at construction, with the field named (e.g. "LLMConfig.attention='x': ...")."""
+    if not isinstance(attention_kwargs, Mapping):
+        raise ValueError(f"{owner}.attention_kwargs must be a dict, got {attention_kwargs!r}")
+    try:
+        resolve_attention(attention, causal=causal)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{owner}.attention={attention!r}: {error}") from error
+
+
 def resolve_decode(kind: str) -> Callable[..., jax.Array]:
     """The mechanism's cached-decode rule (`AttentionSpec.decode`); a clear error when it has none."""
     spec = attnx.get_attention(kind)

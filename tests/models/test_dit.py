@@ -156,7 +156,8 @@ def test_reference_quirk_guides_only_the_first_three_channels(randomized_outputs
 def test_config_asks_for_non_causal_self_attention(monkeypatch):
     """The mechanism is checked for the NS pattern at construction (the shared resolver rejects the others)."""
     calls = []
-    monkeypatch.setattr(dit, "resolve_attention", lambda kind, *, causal: calls.append((kind, causal)))
+    monkeypatch.setattr(dit, "check_attention_choice",
+                        lambda owner, kind, kwargs, *, causal: calls.append((kind, causal)))
     DiTConfig(attention="sliding_window")
     assert calls == [("sliding_window", False)]
 
