@@ -16,6 +16,7 @@ from flax import nnx
 
 from models.layers.mixers import call_with_auxiliary_loss
 from models.llm import LLM, LLMConfig
+from models.sampling import sample_logits
 from train.data.byte_lm import ByteLMData
 
 LN2 = math.log(2.0)
@@ -146,10 +147,7 @@ def _generate(graphdef, state, buffer, prompt_length, length, context, temperatu
         window = jax.lax.dynamic_slice(buffer, (start,), (context,))
         logits = model(window[None])[0, position - 1 - start]
         rng, draw = jax.random.split(rng)
-        if temperature == 0:
-            token = jnp.argmax(logits)
-        else:
-            token = jax.random.categorical(draw, logits / temperature)
+        token = sample_logits(logits[None], draw, temperature=temperature)[0]
         return buffer.at[position].set(token.astype(buffer.dtype)), rng
 
     buffer, _ = jax.lax.fori_loop(prompt_length, length, next_byte, (buffer, rng))
