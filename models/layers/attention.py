@@ -26,7 +26,6 @@ def resolve_attention(kind: str, *, causal: bool) -> Callable[..., jax.Array]:
 
     Unknown names raise the registry's ValueError, which lists the known ones; a mechanism that does not support
     self attention with the requested causality (CAB pattern "CS" or "NS") is rejected here, at construction.
-    "softmax" calls `attnx.dot_product_attention` directly with `attnx.Mask(causal=...)`.
     """
     spec = attnx.get_attention(kind)
     pattern = "CS" if causal else "NS"
@@ -35,9 +34,6 @@ def resolve_attention(kind: str, *, causal: bool) -> Callable[..., jax.Array]:
         raise ValueError(f"attention {kind!r} does not support {'causal' if causal else 'non-causal'} self "
                          f"attention (pattern {pattern}); it supports {sorted(spec.patterns)}. Mechanisms that "
                          f"support {pattern}: {supporting}")
-    if spec.name == "softmax":
-        mask = attnx.Mask(causal=causal)
-        return lambda query, key, value, **kwargs: attnx.dot_product_attention(query, key, value, mask=mask, **kwargs)
     return lambda query, key, value, **kwargs: spec.fn(query, key, value, causal=causal, **kwargs)
 
 
