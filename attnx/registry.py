@@ -76,10 +76,19 @@ def register_attention(spec: AttentionSpec) -> AttentionSpec:
 
 
 def _ensure_builtins() -> None:
-    # Import for the side effect of registering the built-in mechanisms, lazily to avoid import cycles.
+    # Import for the side effect of registering the built-in mechanisms, lazily to avoid import cycles. Every family
+    # folder attnx/ops/<family>/ that holds a registration.py registers its mechanisms there, so a new family is
+    # picked up without editing this list (sorted: the registration order is the same on every machine).
+    import importlib
+    import importlib.util
+    import pkgutil
+
+    from attnx import ops
     from attnx.ops import builtin  # noqa: F401
-    from attnx.ops.linear import registration  # noqa: F401
-    from attnx.ops.heads import registration as _heads  # noqa: F401
+
+    for family in sorted(info.name for info in pkgutil.iter_modules(ops.__path__) if info.ispkg):
+        if importlib.util.find_spec(f"attnx.ops.{family}.registration") is not None:
+            importlib.import_module(f"attnx.ops.{family}.registration")
 
 
 def list_attentions() -> list[str]:
