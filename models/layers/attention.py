@@ -115,10 +115,15 @@ class Attention(nnx.Module):
         self.key_norm = RMSNorm(qk_dim, param_dtype=param_dtype) if qk_norm else None
         # Last, so a routed layer draws the same projections as a plain one from the same seed.
         router = ROUTERS.get(attnx.get_attention(kind).name)
-        self.router = router(width, num_heads, rngs=rngs, param_dtype=param_dtype, **kind_kwargs) if router else None
+        self.router = router(width, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, qk_head_dim=qk_dim,
+                             rngs=rngs, param_dtype=param_dtype, **kind_kwargs) if router else None
 
     def project(self, x: jax.Array, positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [B, T, D] -> query [B, T, N, H], key [B, T, K, H], value [B, T, K, V], biased, normalised, rotated."""
+        return self.rotate(*self.project_heads(x), positions)
+
+    def project_heads(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, T, D] -> query, key, value heads, biased and normalised but not yet rotated."""
         query = jnp.einsum("btd,dnh->btnh", x, self.query_dnh[...])
         key = jnp.einsum("bsd,dkh->bskh", x, self.key_dkh[...])
         value = jnp.einsum("bsd,dkh->bskh", x, self.value_dkh[...])
@@ -128,9 +133,14 @@ class Attention(nnx.Module):
             value = value + self.value_bias_kh[...]
         if self.query_norm is not None:
             query, key = self.query_norm(query), self.key_norm(key)
+        return query, key, value
+
+    def rotate(self, query: jax.Array, key: jax.Array, value: jax.Array,
+               positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Rotary positions on query and key (identity when the layer has none); positions default to 0..T-1."""
         if self.use_rope:
             if positions is None:
-                positions = jnp.arange(x.shape[1])
+                positions = jnp.arange(query.shape[1])
             query = rotary_embedding(query, positions, theta=self.rope_theta)
             key = rotary_embedding(key, positions, theta=self.rope_theta)
         return query, key, value
@@ -141,14 +151,17 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         """x [B, T, D] -> [B, T, D]; `positions` [B, T] or [T] (rotary only) default to 0..T-1."""
-        query, key, value = self.project(x, positions)
+        heads = self.project_heads(x)
+        query, key, value = self.rotate(*heads, positions)
         attention_fn = resolve_attention(self.kind, causal=self.causal)  # by name: keeps the graph def hashable
-        return self.output(attention_fn(query, key, value, **self._call_kwargs(x, query)))
+        return self.output(attention_fn(query, key, value, **self._call_kwargs(x, *heads[:2])))
 
-    def _call_kwargs(self, x: jax.Array, query: jax.Array) -> dict[str, Any]:
+    def _call_kwargs(self, x: jax.Array, query: jax.Array, key: jax.Array) -> dict[str, Any]:
+        """The configured attention kwargs plus those of the mechanism's own weights (ROUTERS), which see the layer
+        input and the query/key heads before rotary positions."""
         kwargs = dict(self.kind_kwargs)
         if self.router is not None:
-            kwargs["gates"] = self.router(x, query)
+            kwargs.update(self.router(x, query, key))
         return kwargs
 
     # ---- Decoding with a KV cache ----
@@ -169,13 +182,14 @@ class Attention(nnx.Module):
         if not self.causal:
             raise ValueError("decode: a KV cache serves causal attention only")
         positions = cache_index + jnp.arange(x.shape[1], dtype=jnp.int32)
-        query, key, value = self.project(x, positions)
+        heads = self.project_heads(x)
+        query, key, value = self.rotate(*heads, positions)
         start = (0, cache_index, 0, 0)
         cache = {"key": jax.lax.dynamic_update_slice(cache["key"], key.astype(cache["key"].dtype), start),
                  "value": jax.lax.dynamic_update_slice(cache["value"], value.astype(cache["value"].dtype), start)}
         decode_fn = resolve_decode(self.kind)
         mixed = decode_fn(query, cache["key"].astype(query.dtype), cache["value"].astype(query.dtype),
-                          query_positions=positions, **self._call_kwargs(x, query))
+                          query_positions=positions, **self._call_kwargs(x, *heads[:2]))
         return self.output(mixed), cache
 
     # ---- Probing ----

@@ -17,8 +17,8 @@ class MoHRouter(nnx.Module):
 
     def __init__(self, width: int, num_heads: int, *, n_shared: int | None = None, top_k: int | None = None,
                  param_free: bool = False, balance_weight: float = 0.01, rngs: nnx.Rngs, param_dtype=jnp.float32,
-                 **core_options):
-        del core_options  # the core mechanism's options, used by the attention function
+                 **options):
+        del options  # the layer's shape and the core mechanism's options, used by the attention function
         if n_shared is None or top_k is None:
             raise ValueError(f"moh needs attention_kwargs n_shared (always-on heads) and top_k (routed heads per "
                              f"token), e.g. {{'n_shared': {num_heads // 2}, 'top_k': {max(1, num_heads // 4)}}}; "
@@ -36,8 +36,12 @@ class MoHRouter(nnx.Module):
         self.shared_ds = make(n_shared) if learned and n_shared > 1 else None
         self.mix_d2 = make(2) if learned and n_shared > 0 and top_k > 0 else None
 
-    def __call__(self, x: jax.Array, query: jax.Array) -> jax.Array:
-        if self.param_free:
+    def __call__(self, x: jax.Array, query: jax.Array, key: jax.Array | None = None) -> dict[str, jax.Array]:
+        """{"gates": [B, T, N]} for the attention function."""
+        return {"gates": self.gates(x, query)}
+
+    def gates(self, x: jax.Array, query: jax.Array) -> jax.Array:
+        if self.param_free:  # the routed logit is a norm, which rotary positions keep: pre-RoPE queries do
             return moh_param_free_gates(query, n_shared=self.n_shared, top_k=self.top_k)
         value = lambda p: None if p is None else p[...]
         gates, aux = moh_gates(x, value(self.routed_dr), value(self.shared_ds), value(self.mix_d2),
