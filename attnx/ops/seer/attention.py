@@ -5,7 +5,8 @@ in Your LLMs", arXiv 2410.13276, §3; official code microsoft/SeerAttention, `se
 The gate's weights live in the model (models/layers/mixers/seer.py, `SeerGate`), which hands this function its
 logits. Given
     gate_logits [*B|1, N|1, nb, nb]  -> block mask = seer_block_mask(softmax(gate_logits), threshold | nz_ratio,
-                                        dense_last, causal), as the code does at inference;
+                                        dense_last, causal), as the code does at inference (causal: blocks above
+                                        the diagonal are masked before the softmax, masked or not already);
     block_mask  [..., nb, nb] bool   -> used as given (e.g. an oracle mask from the ground truth);
     neither                          -> dense attention. This is the gate's threshold-0 limit and what the code does
                                         where it has no gate output (single-token decoding); it keeps the mechanism
@@ -32,8 +33,8 @@ import jax.numpy as jnp
 from attnx.api import dot_product_attention, implementation_names
 from attnx.mask import Mask
 from attnx.ops.builtin import softmax_decode
-from attnx.ops.seer.gate import (DEFAULT_THRESHOLD, check_block, check_pools, seer_block_mask,
-                                 seer_gate_probabilities)
+from attnx.ops.seer.gate import (DEFAULT_THRESHOLD, MASKED_LOGIT, block_causal, check_block, check_pools,
+                                 seer_block_mask, seer_gate_probabilities)
 
 IMPLEMENTATIONS = implementation_names()
 
@@ -56,6 +57,8 @@ def seer_block_mask_from_kwargs(gate_logits, block_mask, *, num_blocks: int, thr
         return block_mask
     if threshold is None and nz_ratio is None:
         threshold = DEFAULT_THRESHOLD
+    if causal:  # the gate module leaves its logits unmasked; the softmax must see only the causal blocks
+        gate_logits = jnp.where(block_causal(num_blocks, num_blocks), gate_logits, MASKED_LOGIT)
     return seer_block_mask(seer_gate_probabilities(gate_logits), threshold=threshold, nz_ratio=nz_ratio,
                            dense_last=dense_last, causal=causal)
 

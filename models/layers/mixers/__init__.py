@@ -6,13 +6,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.layers.mixers.moh import MoHRouter
+from models.layers.mixers.seer import SeerGate
 
 # Registry name -> NNX module that owns the mechanism's own weights (beside the layer's projections). The attention
 # layer builds it as `module(width, num_heads, num_kv_heads=, head_dim=, qk_head_dim=, rngs=, param_dtype=,
 # **attention_kwargs)` and calls it as `module(x, query, key)` with the layer input [B, T, D] and the query/key heads
 # before rotary positions ([B, T, N, H], [B, S, K, H]); it returns the extra keyword arguments of the attention
 # function (MoH: {"gates": [B, T, N]}).
-ROUTERS = {"moh": MoHRouter}
+ROUTERS = {"moh": MoHRouter, "seer": SeerGate}
 
 
 def call_with_auxiliary_loss(model: nnx.Module, *args, **kwargs) -> tuple[object, jax.Array | None]:
