@@ -1,0 +1,86 @@
+"""LARA: linear randomized attention (Zheng et al., 2022, "Linear Complexity Randomized Self-attention Mechanism",
+arXiv 2204.04667, §4 eq. (10)-(12), Algorithm 1), as benchmarked in CAB (`efficient_attention/modules/lara.py`,
+pattern NS, C = 16 segment-mean proposals).
+
+Random-feature attention with multiple importance sampling: C Gaussian proposals N(mu_c, I) with mu_c = q~_c + k~_c
+(segment means of queries and keys), one sample w_c per proposal, and self-normalised importance weights. With
+x' = x / sqrt(H) and the code's positive random features (`prm_projection`, unnormalised, in log space):
+
+    f_c(x)    = w_c . x' - |x|^2 / (2 sqrt(H))
+    kv_c      = softmax_s(f_c(k_s)) V                                      (per-proposal value summary, [C, V])
+    r_{c,t}   = mu_c . q'_t + f_c(q_t) + logsumexp_s f_c(k_s) - f_c(mu_c)   (log importance ratio)
+    o_t       = sum_c softmax_c(r_{:, t}) kv_c
+
+Linear in T: every term is [C, T] or [C, V]. Faithful to the code's formula, including its H^-1/2 (not H^-1/4)
+scaling inside the features, its segment split when C does not divide T, and C = T when T < C.
+
+Randomness: the code samples w_c = mu_c + eps in training and uses w_c = mu_c (no noise) in evaluation. Here
+`rng=None` (the default) is the code's evaluation mode, deterministic; pass a PRNG key `rng` for the training-mode
+sample w_c = mu_c + eps, eps ~ N(0, I) (antithetic sampling and the "optimal approximation" variant, both off by
+default in CAB, are not implemented). Self attention only (CAB: no causal, no cross).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attnx.ops.efficient.common import (HIGHEST, check_int, group, refuse_pattern, resolve_implementation,
+                                        segment_matrix)
+from attnx.validation import canonicalize
+
+IMPLEMENTATIONS = ("linear", "reference")
+
+
+def _features(x, w, H: int):
+    """log features f_c(x_l) = w_c . x_l / sqrt(H) - |x_l|^2 / (2 sqrt(H)): x [B, L, K, G, H], w [B, C, K, G, H]
+    -> [B, K, G, C, L]."""
+    projected = jnp.einsum("bckgh,blkgh->bkgcl", w, x, precision=HIGHEST) * H ** -0.5
+    squared = jnp.sum(jnp.square(x), axis=-1) * H ** -0.5 / 2  # [B, L, K, G]
+    return projected - jnp.transpose(squared, (0, 2, 3, 1))[:, :, :, None, :]
+
+
+def lara_attention(query, key, value, *, causal: bool = False, num_landmarks: int = 16, rng=None,
+                   implementation: str | None = None):
+    """query [*B, T, N, H], key [*B, T, K, H], value [*B, T, K, V] -> [*B, T, N, V] (non-causal self only).
+
+    rng: None for the code's deterministic evaluation mode (w = mu), or a PRNG key for w = mu + N(0, I)."""
+    args = canonicalize(query, key, value)
+    B, T, N, H = args.q.shape
+    S, K = args.k.shape[1], args.k.shape[2]
+    refuse_pattern("lara", causal=causal, T=T, S=S, patterns="NS")
+    check_int("lara.num_landmarks", num_landmarks)
+    implementation = resolve_implementation("lara", implementation, IMPLEMENTATIONS)
+    G = N // K
+    q = group(args.q.astype(jnp.float32), K)  # [B, T, K, G, H]
+    # Keys are shared by the G query heads of a group; the proposals mix both, so they are per query head.
+    k = jnp.broadcast_to(args.k.astype(jnp.float32)[:, :, :, None, :], (B, S, K, G, H))
+    v = args.v.astype(jnp.float32)
+    C = min(num_landmarks, T)  # the code: fewer positions than landmarks -> every position is its own mean
+    means = segment_matrix(T, C)
+    mu = (jnp.einsum("ct,btkgh->bckgh", means, q, precision=HIGHEST)
+          + jnp.einsum("ct,btkgh->bckgh", means, k, precision=HIGHEST))  # [B, C, K, G, H]
+    if rng is None:
+        w = mu
+    else:
+        w = mu + jax.random.normal(rng, mu.shape, jnp.float32)
+    log_q = _features(q, w, H)  # [B, K, G, C, T]
+    log_k = _features(k, w, H)  # [B, K, G, C, S]
+    log_mu = (jnp.einsum("bckgh,bckgh->bkgc", w, mu, precision=HIGHEST) * H ** -0.5
+              - jnp.transpose(jnp.sum(jnp.square(mu), -1), (0, 2, 3, 1)) * H ** -0.5 / 2)  # [B, K, G, C]
+    stratum = jnp.einsum("bckgh,btkgh->bkgct", mu, q, precision=HIGHEST) * H ** -0.5
+    log_ratio = stratum + log_q + jax.nn.logsumexp(log_k, -1, keepdims=True) - log_mu[..., None]
+    importance = jax.nn.softmax(log_ratio, axis=3)  # [B, K, G, C, T]: self-normalised over proposals
+    key_probs = jax.nn.softmax(log_k, axis=-1)  # [B, K, G, C, S]
+    if implementation == "reference":  # the explicit [T, S] attention matrix sum_c iw_{c,t} p_c(s)
+        weights = jnp.einsum("bkgct,bkgcs->bkgts", importance, key_probs, precision=HIGHEST)
+        out = jnp.einsum("bkgts,bskv->btkgv", weights, v, precision=HIGHEST)
+    else:
+        summaries = jnp.einsum("bkgcs,bskv->bkgcv", key_probs, v, precision=HIGHEST)  # [C, V] per head
+        out = jnp.einsum("bkgct,bkgcv->btkgv", importance, summaries, precision=HIGHEST)
+    out = out.reshape(B, T, N, -1).astype(args.q.dtype)
+    return out.reshape(args.batch_shape + out.shape[1:])
+
+
+def lara_reference(query, key, value, **kwargs):
+    return lara_attention(query, key, value, implementation="reference", **kwargs)
