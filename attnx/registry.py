@@ -80,15 +80,15 @@ def _ensure_builtins() -> None:
     # folder attnx/ops/<family>/ that holds a registration.py registers its mechanisms there, so a new family is
     # picked up without editing this list (sorted: the registration order is the same on every machine).
     import importlib
-    import importlib.util
-    import pkgutil
+    import pathlib
 
     from attnx import ops
     from attnx.ops import builtin  # noqa: F401
 
-    for family in sorted(info.name for info in pkgutil.iter_modules(ops.__path__) if info.ispkg):
-        if importlib.util.find_spec(f"attnx.ops.{family}.registration") is not None:
-            importlib.import_module(f"attnx.ops.{family}.registration")
+    # Looks for the file rather than asking importlib, which would import every family package to answer.
+    for folder in sorted(pathlib.Path(ops.__file__).parent.iterdir()):
+        if (folder / "registration.py").is_file():
+            importlib.import_module(f"attnx.ops.{folder.name}.registration")
 
 
 def list_attentions() -> list[str]:

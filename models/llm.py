@@ -18,6 +18,17 @@ Presets (`llm_config(name)`; parameter counts are exact, tested):
 125m and 350m keep GPT-3's width, depth and heads with the Llama block (SwiGLU at 8/3 width rounded up to 64) and
 GPT-2's vocabulary padded to a multiple of 64. 1b is Llama 3.2 1B's shape (rope theta 500k, eps 1e-5) without its
 long-context RoPE rescaling.
+
+Per-layer token mixers (`LLMConfig.layer_attention`): a tuple of entries, repeated over the depth (layer l takes
+entry l % len, like Zoology's `Hybrid`), each None (the config's `attention`), a name, or (name, kwargs). A name is a
+registered attention mechanism (the shared `Attention` layer) or one of the LLM's own mixers, which replace the whole
+attention layer (`MIXERS`): 'tnl' (TransNormerLLM's gated Lightning attention, models/layers/mixers/tnl.py) and
+'base_conv' (Zoology's gated convolution, models/layers/mixers/base_conv.py). Both also serve as `attention`, so
+`llm.LLMConfig.attention = 'tnl'` makes a TransNormerLLM-style model in one gin line. Two kwargs are the LLM's, not
+the function's: `qk_head_dim` in a layer entry sizes that layer's query/key heads (Based's 16 features beside full
+sliding-window heads), and `slopes='tnl'` on a lightning or tnl layer becomes TransNormerLLM's per-layer decay
+s_h (1 - l / (L - 1) + 1e-5) (arXiv 2307.14995, §3.1), 'alibi' the same ALiBi slopes in every layer. The Based LM
+(arXiv 2402.18668) is configs/experiments/based_lm.gin.
 """
 
 import dataclasses
@@ -27,12 +38,61 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import attnx
 from models.layers import PARAM_DTYPES, check_param_dtype
 from models.layers.attention import Attention, KVCache, check_attention_choice
 from models.layers.embed import Embed
+from models.layers.mixers.base_conv import BaseConv
+from models.layers.mixers.tnl import TNLMixer, check_slopes, resolve_slopes
 from models.layers.mlp import SwiGLU
 from models.layers.norm import RMSNorm
 
+# The LLM's own token mixers: modules that replace the attention layer, built as
+# `cls(width, num_heads, num_kv_heads, head_dim, layer_index=, num_layers=, norm_eps=, rngs=, param_dtype=, **kwargs)`
+# with the methods of `Attention` that a block uses: __call__(x, positions), init_cache, decode; `check_options`
+# validates their kwargs at config time.
+MIXERS = {"tnl": TNLMixer, "base_conv": BaseConv}
+
+
+def _entry(owner: str, entry: Any, attention: str, attention_kwargs: Mapping[str, Any]
+           ) -> tuple[str, dict[str, Any]]:
+    """A layer_attention entry as (name, kwargs): None inherits the config's attention, a name has no kwargs."""
+    if entry is None:
+        return attention, dict(attention_kwargs)
+    if isinstance(entry, str):
+        return entry, {}
+    if isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str) \
+            and isinstance(entry[1], Mapping):
+        return entry[0], dict(entry[1])
+    raise ValueError(f"{owner}={entry!r}: expected None (the config's attention), a mechanism name, or "
+                     f"(name, kwargs dict); names: registered attentions {attnx.list_attentions()} or the LLM's "
+                     f"mixers {sorted(MIXERS)}")
+
+
+def _check_mixer(owner: str, kind: str, kwargs: Any, num_heads: int, *, layer_entry: bool) -> None:
+    """One token-mixer choice: known name, causal self attention supported, kwargs valid where we can tell."""
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"{owner}.attention_kwargs must be a dict, got {kwargs!r}")
+    kwargs = dict(kwargs)
+    if "qk_head_dim" in kwargs:
+        qk = kwargs.pop("qk_head_dim")
+        if not layer_entry or kind in MIXERS:
+            raise ValueError(f"{owner}: qk_head_dim is a layer option of attention layers in layer_attention "
+                             f"entries (use LLMConfig.qk_head_dim for every layer), got it for {kind!r}")
+        if not isinstance(qk, int) or isinstance(qk, bool) or qk < 0:
+            raise ValueError(f"{owner}: qk_head_dim must be an int >= 0 (0 = head_dim), got {qk!r}")
+    if kind in MIXERS:
+        try:
+            MIXERS[kind].check_options(kwargs)
+        except ValueError as error:
+            raise ValueError(f"{owner}={kind!r}: {error}") from error
+        return
+    check_attention_choice(owner, kind, kwargs, causal=True)
+    if isinstance(kwargs.get("slopes"), str):
+        if attnx.get_attention(kind).name != "lightning":
+            raise ValueError(f"{owner}={kind!r}: slopes={kwargs['slopes']!r} is a decay schedule of 'lightning' "
+                             f"and 'tnl' layers only")
+        check_slopes(owner, kwargs["slopes"], num_heads)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +102,8 @@ class LLMConfig:
     head_dim / mlp_width default (0) to width // num_heads and the Llama rule 8/3 * width rounded up to 64.
     qk_head_dim (0 = head_dim) sizes query/key heads apart from value heads (Based's small feature dimension);
     use_mlp=False drops the feed-forward blocks (Zoology's attention-only MQAR models).
+    num_value_heads (0 = num_kv_heads) and query_hidden_dim (0 = none) are Sigma's DiffQKV options (arXiv
+    2501.13629 §2, attention 'diffqkv'): value heads counted apart from key heads, and the augmented Q projection.
     """
 
     vocab_size: int = 256
@@ -57,13 +119,27 @@ class LLMConfig:
     qk_norm: bool = False
     qk_head_dim: int = 0
     use_mlp: bool = True
+    num_value_heads: int = 0
+    query_hidden_dim: int = 0
     attention: str = "softmax"
     attention_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    layer_attention: tuple[Any, ...] = ()  # per-layer mixers, repeated over the depth; () = `attention` everywhere
     param_dtype: str = "float32"
 
     def __post_init__(self):
         if not isinstance(self.qk_head_dim, int) or self.qk_head_dim < 0:
             raise ValueError(f"LLMConfig.qk_head_dim must be an int >= 0 (0 = head_dim), got {self.qk_head_dim!r}")
+        for name in ("num_value_heads", "query_hidden_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"LLMConfig.{name} must be an int >= 0 (0 = off), got {value!r}")
+        if self.num_value_heads and self.num_heads % self.num_value_heads:
+            raise ValueError(f"LLMConfig.num_heads={self.num_heads} must be a multiple of "
+                             f"num_value_heads={self.num_value_heads}")
+        if self.num_value_heads and self.num_value_heads != self.num_kv_heads and self.attention not in (
+                "diffqkv", "sigma"):
+            raise ValueError(f"LLMConfig.num_value_heads={self.num_value_heads} differs from num_kv_heads="
+                             f"{self.num_kv_heads}: set attention='diffqkv' (separate key and value head counts)")
         for name in ("vocab_size", "width", "depth", "num_heads", "num_kv_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -75,7 +151,43 @@ class LLMConfig:
             raise ValueError(
                 f"LLMConfig.width={self.width} is not divisible by num_heads={self.num_heads}; set head_dim")
         check_param_dtype("LLMConfig", self.param_dtype)
-        check_attention_choice("LLMConfig", self.attention, self.attention_kwargs, causal=True)
+        _check_mixer("LLMConfig", self.attention, self.attention_kwargs, self.num_heads, layer_entry=False)
+        self._check_layer_attention()
+
+    def _check_layer_attention(self) -> None:
+        entries = self.layer_attention
+        if isinstance(entries, list):  # a list from Python code; gin gives a tuple
+            object.__setattr__(self, "layer_attention", entries := tuple(entries))
+        if not isinstance(entries, tuple) or len(entries) > self.depth:
+            raise ValueError(f"LLMConfig.layer_attention must be a tuple of at most depth={self.depth} entries "
+                             f"(repeated over the layers), got {entries!r}")
+        for index, entry in enumerate(entries):
+            owner = f"LLMConfig.layer_attention[{index}]"
+            kind, kwargs = _entry(owner, entry, self.attention, self.attention_kwargs)
+            _check_mixer(owner, kind, kwargs, self.num_heads, layer_entry=entry is not None)
+
+    def layer_mixer(self, layer: int) -> tuple[str, dict[str, Any]]:
+        """(name, kwargs) of layer `layer`'s token mixer as configured (before the LLM resolves `slopes`)."""
+        if not 0 <= layer < self.depth:
+            raise ValueError(f"LLMConfig.layer_mixer: layer must be in [0, depth={self.depth}), got {layer!r}")
+        if not self.layer_attention:
+            return self.attention, dict(self.attention_kwargs)
+        entry = self.layer_attention[layer % len(self.layer_attention)]
+        return _entry("LLMConfig.layer_attention", entry, self.attention, self.attention_kwargs)
+
+    def layer_config(self, layer: int) -> "LLMConfig":
+        """This config with `attention` / `attention_kwargs` / `qk_head_dim` of layer `layer` and no
+        layer_attention: what that layer's block is built from. `slopes` is resolved to the layer's floats."""
+        kind, kwargs = self.layer_mixer(layer)
+        qk_head_dim = kwargs.pop("qk_head_dim", self.qk_head_dim)
+        if kind == "tnl" or kind not in MIXERS and attnx.get_attention(kind).name == "lightning":
+            if kwargs.get("slopes") is not None:
+                kwargs["slopes"] = resolve_slopes(kwargs["slopes"], self.num_heads, layer, self.depth)
+        if (kind, kwargs, qk_head_dim) == (self.attention, dict(self.attention_kwargs), self.qk_head_dim) \
+                and not self.layer_attention:
+            return self
+        return dataclasses.replace(self, attention=kind, attention_kwargs=kwargs, qk_head_dim=qk_head_dim,
+                                   layer_attention=())
 
     @property
     def resolved_head_dim(self) -> int:
@@ -110,10 +222,10 @@ def llm_config(preset: str = "tiny", **overrides: Any) -> LLMConfig:
 class DecoderBlock(nnx.Module):
     """Pre-norm residual block: x + attention(norm(x)), then + mlp(norm(x))."""
 
-    def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs, mixer: nnx.Module | None = None):
         dtype = PARAM_DTYPES[config.param_dtype]
         self.attention_norm = RMSNorm(config.width, eps=config.norm_eps, param_dtype=dtype)
-        self.attention = Attention(
+        self.attention = mixer if mixer is not None else Attention(
             config.width,
             config.num_heads,
             config.num_kv_heads,
@@ -124,6 +236,8 @@ class DecoderBlock(nnx.Module):
             rope_theta=config.rope_theta,
             qk_norm=config.qk_norm,
             qk_head_dim=config.qk_head_dim or None,
+            num_value_heads=config.num_value_heads or None,
+            query_hidden_dim=config.query_hidden_dim or None,
             rngs=rngs,
             param_dtype=dtype,
         )
@@ -141,6 +255,19 @@ class DecoderBlock(nnx.Module):
         return (x if self.mlp is None else x + self.mlp(self.mlp_norm(x))), cache
 
 
+def _block(config: LLMConfig, layer: int, rngs: nnx.Rngs) -> DecoderBlock:
+    """Block `layer`: the shared attention layer, or one of `MIXERS` in its place (built first, so that its weights
+    are drawn where the attention layer's would be)."""
+    config = config.layer_config(layer)
+    mixer = None
+    if config.attention in MIXERS:
+        mixer = MIXERS[config.attention](
+            config.width, config.num_heads, config.num_kv_heads, config.resolved_head_dim, layer_index=layer,
+            num_layers=config.depth, norm_eps=config.norm_eps, rngs=rngs,
+            param_dtype=PARAM_DTYPES[config.param_dtype], **config.attention_kwargs)
+    return DecoderBlock(config, rngs=rngs, mixer=mixer)
+
+
 class LLM(nnx.Module):
     """Token ids [B, T] -> next-token logits [B, T, vocab] (float32)."""
 
@@ -148,7 +275,7 @@ class LLM(nnx.Module):
         self.tie_embeddings = config.tie_embeddings  # not the config itself: its dict field is unhashable
         dtype = PARAM_DTYPES[config.param_dtype]
         self.embed = Embed(config.vocab_size, config.width, rngs=rngs, param_dtype=dtype)
-        self.blocks = nnx.List([DecoderBlock(config, rngs=rngs) for _ in range(config.depth)])
+        self.blocks = nnx.List([_block(config, layer, rngs) for layer in range(config.depth)])
         self.final_norm = RMSNorm(config.width, eps=config.norm_eps, param_dtype=dtype)
         if not config.tie_embeddings:
             init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")

@@ -67,6 +67,10 @@ class Attention(nnx.Module):
         query and key head before attention (Dehghani et al., 2023, "Scaling Vision Transformers to 22B
         Parameters", §3.1), which keeps logits bounded at scale. qk_head_dim: a query/key head size other than the
         value head size `head_dim` (Based projects queries and keys to 16 features, values keep the full size).
+    num_value_heads: value heads counted apart from the key heads `num_kv_heads` (Sigma's DiffQKV, arXiv
+        2501.13629 §2; kind 'diffqkv'); default num_kv_heads. query_hidden_dim: Sigma's augmented Q, the query
+        projection factored through a wider hidden width, q = (x W_Q1) W_Q2 with W_Q1: D -> query_hidden_dim (the
+        paper gives no nonlinearity between them, so none is used).
     """
 
     def __init__(
@@ -84,12 +88,22 @@ class Attention(nnx.Module):
         use_bias: bool = False,
         qk_norm: bool = False,
         qk_head_dim: int | None = None,
+        num_value_heads: int | None = None,
+        query_hidden_dim: int | None = None,
         rngs: nnx.Rngs,
         param_dtype=jnp.float32,
     ):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
         resolve_attention(kind, causal=causal)  # fail at construction, not at the first call
+        num_value_heads = num_kv_heads if num_value_heads is None else num_value_heads
+        if num_value_heads != num_kv_heads and attnx.get_attention(kind).name != "diffqkv":
+            raise ValueError(f"num_value_heads={num_value_heads} differs from num_kv_heads={num_kv_heads}: only "
+                             f"attention 'diffqkv' reads separate key and value head counts, got {kind!r}")
+        if num_value_heads < 1 or num_heads % num_value_heads:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of num_value_heads={num_value_heads}")
+        if query_hidden_dim is not None and query_hidden_dim < 1:
+            raise ValueError(f"query_hidden_dim must be a positive width or None, got {query_hidden_dim!r}")
         kind_kwargs = dict(kind_kwargs or {})
         if isinstance(kind_kwargs.get("core"), str):  # a mechanism around a core (MoH): the core must fit too
             resolve_attention(kind_kwargs["core"], causal=causal)
@@ -102,14 +116,20 @@ class Attention(nnx.Module):
         in_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2))
         out_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
         qk_dim = qk_head_dim or head_dim
-        self.query_dnh = nnx.Param(in_init(rngs.params(), (width, num_heads, qk_dim), param_dtype))
+        if query_hidden_dim is None:
+            self.query_hidden_da = None
+            self.query_dnh = nnx.Param(in_init(rngs.params(), (width, num_heads, qk_dim), param_dtype))
+        else:  # augmented Q: both factors fan-in scaled, so the query keeps the plain projection's variance
+            hidden_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+            self.query_hidden_da = nnx.Param(hidden_init(rngs.params(), (width, query_hidden_dim), param_dtype))
+            self.query_dnh = nnx.Param(in_init(rngs.params(), (query_hidden_dim, num_heads, qk_dim), param_dtype))
         self.key_dkh = nnx.Param(in_init(rngs.params(), (width, num_kv_heads, qk_dim), param_dtype))
-        self.value_dkh = nnx.Param(in_init(rngs.params(), (width, num_kv_heads, head_dim), param_dtype))
+        self.value_dkh = nnx.Param(in_init(rngs.params(), (width, num_value_heads, head_dim), param_dtype))
         self.out_nhd = nnx.Param(out_init(rngs.params(), (num_heads, head_dim, width), param_dtype))
         zeros = lambda *shape: nnx.Param(jnp.zeros(shape, param_dtype))
         self.query_bias_nh = zeros(num_heads, qk_dim) if use_bias else None
         self.key_bias_kh = zeros(num_kv_heads, qk_dim) if use_bias else None
-        self.value_bias_kh = zeros(num_kv_heads, head_dim) if use_bias else None
+        self.value_bias_kh = zeros(num_value_heads, head_dim) if use_bias else None
         self.out_bias_d = zeros(width) if use_bias else None
         self.query_norm = RMSNorm(qk_dim, param_dtype=param_dtype) if qk_norm else None
         self.key_norm = RMSNorm(qk_dim, param_dtype=param_dtype) if qk_norm else None
@@ -124,7 +144,8 @@ class Attention(nnx.Module):
 
     def project_heads(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [B, T, D] -> query, key, value heads, biased and normalised but not yet rotated."""
-        query = jnp.einsum("btd,dnh->btnh", x, self.query_dnh[...])
+        hidden = x if self.query_hidden_da is None else x @ self.query_hidden_da[...]
+        query = jnp.einsum("btd,dnh->btnh", hidden, self.query_dnh[...])
         key = jnp.einsum("bsd,dkh->bskh", x, self.key_dkh[...])
         value = jnp.einsum("bsd,dkh->bskh", x, self.value_dkh[...])
         if self.query_bias_nh is not None:
@@ -169,9 +190,9 @@ class Attention(nnx.Module):
     def init_cache(self, batch_size: int, length: int, dtype=jnp.float32) -> KVCache:
         """An empty cache for `length` positions."""
         _, num_kv_heads, qk_dim = self.key_dkh.shape
-        value_dim = self.value_dkh.shape[-1]
+        _, num_value_heads, value_dim = self.value_dkh.shape  # DiffQKV: the two caches differ in heads too
         return {"key": jnp.zeros((batch_size, length, num_kv_heads, qk_dim), dtype),
-                "value": jnp.zeros((batch_size, length, num_kv_heads, value_dim), dtype)}
+                "value": jnp.zeros((batch_size, length, num_value_heads, value_dim), dtype)}
 
     def decode(self, x: jax.Array, cache: KVCache, cache_index: jax.Array) -> tuple[jax.Array, KVCache]:
         """x [B, T, D] holds the tokens at positions cache_index .. cache_index + T - 1 (a traced int32 scalar).

@@ -24,6 +24,8 @@ VARIANTS = {
         "n_shared": 1, "top_k": 2, "core": "sliding_window", "core_kwargs": {"window": 3}}),
     "moh_param_free": dataclasses.replace(BASE, attention="moh", attention_kwargs={
         "n_shared": 2, "top_k": 1, "param_free": True}),
+    "diffqkv_k1_v2_augmented_q": dataclasses.replace(BASE, attention="diffqkv", num_kv_heads=1, num_value_heads=2,
+                                                     query_hidden_dim=36),
     "qk_norm_untied_soft_cap": dataclasses.replace(BASE, qk_norm=True, tie_embeddings=False,
                                                    attention_kwargs={"logits_soft_cap": 2.0}),
 }

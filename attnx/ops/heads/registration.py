@@ -1,8 +1,12 @@
-"""Registry entry of MoH. The router weights live in the model (models/layers/mixers/moh.py); the registered
+"""Registry entries of the head-level mechanisms: MoH and Sigma's DiffQKV (attnx/ops/heads/diffqkv.py).
+
+MoH: The router weights live in the model (models/layers/mixers/moh.py); the registered
 function applies given gates to any core mechanism, or computes the parameter-free gates from the queries."""
 
 from __future__ import annotations
 
+from attnx.api import implementation_names
+from attnx.ops.heads.diffqkv import flexhead_attention, flexhead_decode, flexhead_reference
 from attnx.ops.heads.moh import apply_head_gates, moh_param_free_gates
 from attnx.registry import AttentionSpec, get_attention, register_attention
 
@@ -64,4 +68,18 @@ register_attention(AttentionSpec(
     defaults={"core": "softmax"},
     description="per-token head gates (shared + top-k routed heads) around any core mechanism",
     decode=moh_decode,
+))
+
+
+register_attention(AttentionSpec(
+    name="diffqkv",
+    fn=flexhead_attention,
+    reference=flexhead_reference,
+    patterns=frozenset({"NS", "CS", "NC", "CC"}),
+    paper="Lin et al., 2025, Sigma: Differential Rescaling of Query, Key and Value for Efficient Language Models, "
+          "arXiv 2501.13629, §2 (DiffQKV: independent K and V head counts, augmented Q)",
+    implementations=implementation_names(),
+    aliases=("sigma",),
+    description="softmax attention whose key and value heads are counted (and cached) independently",
+    decode=flexhead_decode,
 ))
