@@ -1,0 +1,92 @@
+"""Softmax attention with ACT calibration on selected heads (Yu et al., 2024, "Unveiling and Harnessing Hidden
+Attention Sinks: Training-Free Attention Calibration for Large Language Models", arXiv 2406.15765, §4; official code
+GATECH-EIC/ACT `models/llama_modelling_aug.py`). The calibration rule itself is `attnx.analysis.calibration`.
+
+Materialised on purpose: ACT edits post-softmax probabilities with a sink set chosen from column statistics of the
+whole map, so both paths here form the [B, N, T, T] probabilities (O(T^2) memory). `act_attention` computes the
+output in the flash-epilogue form (two accumulators, sink columns and the rest, combined by `act_flash_epilogue`),
+the form a fused kernel would use; `act_reference` rewrites the map explicitly (`act_calibrate`) and multiplies by
+the values. Pattern CS only: the official rule is defined on causal self-attention maps.
+
+statistics: "prefix" (default here) takes row i's sink statistics from rows <= i, so the mechanism is causal (CAB
+CS) and can train and run inside an LLM; "full" is the official rule (one sink set per map, from all rows), for
+evaluating whole prompts as the paper does: with it, earlier outputs change when later tokens are appended. No
+KV-cache decode rule: a row's sink set needs the attention of earlier *queries*, which a KV cache does not keep.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+from attnx.analysis.calibration import (act_calibrate, act_flash_epilogue, act_sink_set, check_act_options,
+                                        head_mask_array)
+from attnx.validation import canonicalize
+
+HIGHEST = jax.lax.Precision.HIGHEST
+F32 = jnp.float32
+
+
+def _prepare(query, key, value, causal: bool, scale):
+    """Canonical arguments and the float32 causal softmax maps [B, N, T, T] (heads n = k * G + g)."""
+    if not causal:
+        raise ValueError("act: causal=False is not supported; ACT calibrates causal self-attention maps "
+                         "(pattern CS only)")
+    if query.shape[-3] != key.shape[-3]:
+        raise ValueError(f"act: self attention only (pattern CS), got query length {query.shape[-3]} and key "
+                         f"length {key.shape[-3]}")
+    args = canonicalize(query, key, value, scale=scale)
+    B, T, N, H = args.q.shape
+    K = args.k.shape[2]
+    qg = jnp.moveaxis(args.q.astype(F32).reshape(B, T, K, N // K, H), 1, 3)  # [B, K, G, T, H]
+    logits = jnp.einsum("bkgth,bskh->bkgts", qg, args.k.astype(F32), precision=HIGHEST) * args.scale
+    probs = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((T, T), bool)), logits, -jnp.inf), axis=-1)
+    return args, probs.reshape(B, N, T, T)
+
+
+def _apply(args, maps):
+    """maps [B, N, T, S] times the values [B, S, K, V] without repeating key/value heads -> float32 [B, N, T, V]."""
+    B, N, T, S = maps.shape
+    K = args.v.shape[2]
+    out = jnp.einsum("bkgts,bskv->bkgtv", maps.reshape(B, K, N // K, T, S), args.v.astype(F32), precision=HIGHEST)
+    return out.reshape(B, N, T, -1)
+
+
+def _output(args, out):
+    """float32 [B, N, T, V] -> [*B, T, N, V] in the query's dtype."""
+    out = jnp.moveaxis(out, 1, 2).astype(args.q.dtype)
+    return out.reshape(args.batch_shape + out.shape[1:])
+
+
+def act_attention(query, key, value, *, causal: bool = False, head_mask=None, beta: float = 0.4, tau: float = 0.1,
+                  statistics: Literal["full", "prefix"] = "prefix", scale: float | None = None,
+                  implementation: Any = None):
+    """query [*B, T, N, H], key [*B, T, K, H], value [*B, T, K, V] -> [*B, T, N, V]: causal softmax attention whose
+    maps are calibrated by ACT on the heads where `head_mask` (N booleans, static; None = every head) is True.
+
+    beta, tau: ACT's sink keep-ratio and detection threshold (0.4, 0.1 in the paper). statistics: see the module
+    docstring. implementation: None or "epilogue" (two accumulators and the epilogue), "reference" (the explicit
+    rewrite, `act_reference`)."""
+    if implementation == "reference":
+        return act_reference(query, key, value, causal=causal, head_mask=head_mask, beta=beta, tau=tau,
+                             statistics=statistics, scale=scale)
+    if implementation not in (None, "epilogue"):
+        raise NotImplementedError(f"act.implementation: expected None, 'epilogue' or 'reference' (both "
+                                  f"materialised), got {implementation!r}")
+    check_act_options(beta, tau, statistics)
+    args, probs = _prepare(query, key, value, causal, scale)
+    heads = head_mask_array(head_mask, probs.shape[1])
+    sink = act_sink_set(probs, tau=tau, statistics=statistics) & heads[:, None, None]
+    p_sink, p_rest = jnp.where(sink, probs, 0.0), jnp.where(sink, 0.0, probs)
+    # Two accumulators, as a fused kernel would keep them, combined by the epilogue.
+    out = act_flash_epilogue(_apply(args, p_sink), _apply(args, p_rest), p_sink.sum(-1), p_rest.sum(-1), beta=beta)
+    return _output(args, out)
+
+
+def act_reference(query, key, value, *, causal: bool = False, head_mask=None, beta: float = 0.4, tau: float = 0.1,
+                  statistics: Literal["full", "prefix"] = "prefix", scale: float | None = None, **unused):
+    """The explicit rewrite: `act_calibrate` on the materialised maps, then the maps times the values."""
+    args, probs = _prepare(query, key, value, causal, scale)
+    return _output(args, _apply(args, act_calibrate(probs, head_mask, beta=beta, tau=tau, statistics=statistics)))
