@@ -16,9 +16,25 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-__all__ = ["AttentionSpec", "PATTERNS", "register_attention", "get_attention", "list_attentions"]
+__all__ = ["AttentionSpec", "CacheRule", "PATTERNS", "register_attention", "get_attention", "list_attentions"]
 
 PATTERNS = ("NS", "CS", "NC", "CC")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheRule:
+    """A mechanism's own decoding cache, for mechanisms whose cache is not one slot per position (StreamingLLM's
+    bounded sink + window cache, which also re-assigns rotary positions inside the cache).
+
+    init(batch_size, length, key_shape (K, H), value_shape (K', V), dtype, **kwargs) -> cache (a pytree of arrays).
+    decode(query [*B, T, N, H], key [*B, T, K, H], value [*B, T, K', V], cache, cache_index, *, rope_theta,
+        **kwargs) -> (out [*B, T, N, V], cache): the T new tokens sit at positions cache_index .. cache_index + T - 1;
+        query and key come **before** rotary positions, which the rule applies itself (rope_theta None: the layer
+        has no rotary positions).
+    """
+
+    init: Callable
+    decode: Callable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +53,8 @@ class AttentionSpec:
         `decode(query [*B, T, N, H], key_cache [*B, L, K, H], value_cache [*B, L, K, V], *, query_positions [T],
         **kwargs)`, where cache slot j holds the key/value of position j and queries sit at absolute
         `query_positions`. It must equal the last rows of `fn(..., causal=True)` over the whole sequence.
+    cache: a `CacheRule` that replaces the one-slot-per-position cache (and `decode`) for mechanisms that keep
+        their own cache; None for the rest.
     """
 
     name: str
@@ -49,6 +67,7 @@ class AttentionSpec:
     defaults: dict = dataclasses.field(default_factory=dict)
     description: str = ""
     decode: Callable | None = None
+    cache: CacheRule | None = None
 
     def __post_init__(self):
         bad = set(self.patterns) - set(PATTERNS)

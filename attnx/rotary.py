@@ -1,6 +1,8 @@
 """Rotary position embeddings (Su et al., 2021, "RoFormer"), in the half-split layout used by Llama/GPT-NeoX.
 
-A pure function of arrays: the rotation has no parameters, so it needs no module.
+A pure function of arrays: the rotation has no parameters, so it needs no module. It lives in attnx because some
+mechanisms rotate inside the attention function (StreamingLLM's positions within the cache, SeerAttention's gate at
+block positions); models.layers.rope re-exports it for the layers.
 """
 
 import jax

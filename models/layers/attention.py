@@ -18,7 +18,8 @@ from models.layers.mixers import ROUTERS
 from models.layers.norm import RMSNorm
 from models.layers.rope import rotary_embedding
 
-KVCache = dict[str, jax.Array]  # {"key": [B, L, K, H], "value": [B, L, K, V]}; slot j holds position j
+# {"key": [B, L, K, H], "value": [B, L, K, V]}; slot j holds position j (mechanisms with a CacheRule keep their own)
+KVCache = dict[str, jax.Array]
 
 
 def resolve_attention(kind: str, *, causal: bool) -> Callable[..., jax.Array]:
@@ -51,8 +52,9 @@ def check_attention_choice(owner: str, attention: str, attention_kwargs: Any, *,
 def resolve_decode(kind: str) -> Callable[..., jax.Array]:
     """The mechanism's cached-decode rule (`AttentionSpec.decode`); a clear error when it has none."""
     spec = attnx.get_attention(kind)
-    if spec.decode is None:
-        with_decode = [name for name in attnx.list_attentions() if attnx.get_attention(name).decode is not None]
+    if spec.decode is None and spec.cache is None:
+        with_decode = [name for name in attnx.list_attentions()
+                       if attnx.get_attention(name).decode is not None or attnx.get_attention(name).cache is not None]
         raise NotImplementedError(f"attention {kind!r} has no KV-cache decode rule yet, so generate() cannot use it; "
                                   f"mechanisms with one: {with_decode}")
     return spec.decode
@@ -188,9 +190,13 @@ class Attention(nnx.Module):
     # ---- Decoding with a KV cache ----
 
     def init_cache(self, batch_size: int, length: int, dtype=jnp.float32) -> KVCache:
-        """An empty cache for `length` positions."""
+        """An empty cache for `length` positions (or the mechanism's own, e.g. StreamingLLM's bounded one)."""
         _, num_kv_heads, qk_dim = self.key_dkh.shape
         _, num_value_heads, value_dim = self.value_dkh.shape  # DiffQKV: the two caches differ in heads too
+        rule = attnx.get_attention(self.kind).cache
+        if rule is not None:
+            return rule.init(batch_size, length, (num_kv_heads, qk_dim), (num_value_heads, value_dim), dtype,
+                             **dict(self.kind_kwargs))
         return {"key": jnp.zeros((batch_size, length, num_kv_heads, qk_dim), dtype),
                 "value": jnp.zeros((batch_size, length, num_value_heads, value_dim), dtype)}
 
@@ -204,6 +210,11 @@ class Attention(nnx.Module):
             raise ValueError("decode: a KV cache serves causal attention only")
         positions = cache_index + jnp.arange(x.shape[1], dtype=jnp.int32)
         heads = self.project_heads(x)
+        rule = attnx.get_attention(self.kind).cache
+        if rule is not None:  # the mechanism keeps its own cache and places rotary positions itself
+            mixed, cache = rule.decode(*heads, cache, cache_index, rope_theta=self.rope_theta if self.use_rope else None,
+                                       **self._call_kwargs(x, *heads[:2]))
+            return self.output(mixed), cache
         query, key, value = self.rotate(*heads, positions)
         start = (0, cache_index, 0, 0)
         cache = {"key": jax.lax.dynamic_update_slice(cache["key"], key.astype(cache["key"].dtype), start),
