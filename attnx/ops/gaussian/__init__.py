@@ -1,0 +1,1 @@
+"""Gaussian family: GAAM, Gaussian re-weighting of features around any attention core."""

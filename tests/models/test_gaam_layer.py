@@ -1,0 +1,37 @@
+"""GAAM inside the attention layer: the Gaussians it owns, the flat-Gaussian limit against a softmax layer, and the
+cached decode through the layer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.layers.attention import Attention
+
+X = jax.random.normal(jax.random.key(0), (2, 5, 24))
+
+
+def test_owns_per_kv_head_gaussians_and_keeps_shapes():
+    layer = Attention(24, 4, 2, 6, kind="gaam", kind_kwargs={"num_gaussians": 3}, causal=True, rngs=nnx.Rngs(1))
+    assert layer.router.delta_kg.shape == (2, 3) and layer.router.c_kg.shape == (2, 3)
+    np.testing.assert_array_equal(layer.router.delta_kg[...], 0.0)  # the code's init
+    assert layer(X).shape == X.shape
+
+
+def test_flat_gaussian_without_residual_is_the_softmax_layer_over_n():
+    """One very wide Gaussian weights every position 1/S, so the values (and the output, linear in them) are the
+    softmax layer's divided by S."""
+    layer = Attention(24, 4, 2, 6, kind="gaam", kind_kwargs={"num_gaussians": 1, "residual": False}, causal=False,
+                      use_rope=False, rngs=nnx.Rngs(1))
+    layer.router.c_kg[...] = jnp.full((2, 1), 1e3)
+    plain = Attention(24, 4, 2, 6, causal=False, use_rope=False, rngs=nnx.Rngs(1))
+    np.testing.assert_allclose(layer(X), plain(X) / X.shape[1], rtol=1e-4, atol=1e-6)
+
+
+def test_layer_decode_equals_the_full_forward():
+    layer = Attention(24, 4, 2, 6, kind="gaam", causal=True, rngs=nnx.Rngs(2))
+    cache = layer.init_cache(2, 8)
+    full = layer(X)
+    first, cache = layer.decode(X[:, :3], cache, jnp.int32(0))
+    rest, _ = layer.decode(X[:, 3:], cache, jnp.int32(3))
+    np.testing.assert_allclose(jnp.concatenate([first, rest], 1), full, rtol=1e-4, atol=1e-5)
