@@ -8,6 +8,7 @@ from flax import nnx
 from models.layers.mixers.abc import ABCMemory
 from models.layers.mixers.longshort import LongShortProjection
 from models.layers.mixers.gaam import GAAMGaussians
+from models.layers.mixers.moa_experts import MoAExpertsRouter
 from models.layers.mixers.moh import MoHRouter
 from models.layers.mixers.seer import SeerGate
 
@@ -16,7 +17,8 @@ from models.layers.mixers.seer import SeerGate
 # **attention_kwargs)` and calls it as `module(x, query, key)` with the layer input [B, T, D] and the query/key heads
 # before rotary positions ([B, T, N, H], [B, S, K, H]); it returns the extra keyword arguments of the attention
 # function (MoH: {"gates": [B, T, N]}).
-ROUTERS = {"moh": MoHRouter, "seer": SeerGate, "abc": ABCMemory, "longshort": LongShortProjection, "gaam": GAAMGaussians}
+ROUTERS = {"moh": MoHRouter, "seer": SeerGate, "abc": ABCMemory, "longshort": LongShortProjection, "gaam": GAAMGaussians,
+           "moa_experts": MoAExpertsRouter}
 
 
 def call_with_auxiliary_loss(model: nnx.Module, *args, **kwargs) -> tuple[object, jax.Array | None]:

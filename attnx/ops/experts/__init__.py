@@ -1,0 +1,1 @@
+"""Expert family: attention experts mixed by a soft router (BAM's soft Mixture of Attention)."""
