@@ -1,0 +1,231 @@
+"""The registered multimodal mechanisms: causal self attention (CAB pattern CS) over a sequence with a fixed image
+span, each with its mask (cca, mma, composite), logit bias (head_modulation), post-softmax transform (var) or head
+scale (vhr). The math and the papers are in masks.py, var.py and heads.py.
+
+Static inputs come in as keyword arguments (spans as (start, end) pairs, head and token indices as tuples), so that a
+model selects a mechanism with one `attention` / `attention_kwargs` pair in gin. Every entry refuses the non-causal
+and cross patterns with ValueError. Without an image span (the registry defaults of cca and mma) each entry is plain
+causal softmax attention.
+
+Causality. The image block of CCA and MMA is not causal by design (an image token sees later image tokens, MMA's also
+the question), so the CAB prefix property holds for their text rows, and for whole sequences only when no image is
+declared; their registry defaults declare none for that reason. composite, var, vhr and head_modulation keep every
+row causal and are prefix-consistent with an image (spans are clipped to the sequence).
+
+Decoding. Each `*_decode` evaluates the same (query index, key index) predicate for queries at `query_positions` over
+cache slots, restricted to slots at or before the last query (slots after it are not written yet), so it equals the
+last rows of the full forward as long as the image was prefilled in one chunk (what `generate` does with a prompt).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from attnx.api import dot_product_attention
+from attnx.mask import Mask
+from attnx.ops.multimodal import heads as head_ops
+from attnx.ops.multimodal import masks
+from attnx.ops.multimodal.var import sink_mask, var_softmax
+from attnx.validation import canonicalize
+
+
+def _check_self_causal(name: str, query, key, causal: bool) -> None:
+    if not causal:
+        raise ValueError(f"{name}: causal self attention only (CAB pattern CS): the mechanism masks a causal "
+                         f"multimodal sequence; got causal=False")
+    if query.shape[-3] != key.shape[-3]:
+        raise ValueError(f"{name}: self attention only (CAB pattern CS): query and key positions share one sequence; "
+                         f"got query length {query.shape[-3]} and key length {key.shape[-3]}")
+
+
+def _dense(predicate, T: int, S: int) -> Mask:
+    return Mask(dense=predicate(jnp.arange(T)[:, None], jnp.arange(S)[None, :]))
+
+
+def _decode_mask(predicate, query_positions, cache_length: int) -> Mask:
+    q = jnp.asarray(query_positions)[:, None]
+    k = jnp.arange(cache_length)[None, :]
+    return Mask(dense=predicate(q, k) & (k <= jnp.max(q)))
+
+
+def _combine(m: Mask, mask: Mask | None) -> Mask:
+    return m if mask is None else m & mask
+
+
+# ---- Masks: cca, mma, composite -------------------------------------------------------------------------------
+
+def _cca_predicate(image_start, grid):
+    if image_start is None and grid is None:
+        return lambda q, k: k <= q
+    if image_start is None or grid is None:
+        raise ValueError(f"cca: give both image_start and grid (or neither, for no image), got image_start="
+                         f"{image_start!r}, grid={grid!r}")
+    start = masks._check_int("cca.image_start", image_start)
+    grid = masks.check_grid("cca.grid", grid)
+    return lambda q, k: masks.cca_allowed(q, k, start=start, grid=grid)
+
+
+def cca_attention(query, key, value, *, causal: bool = False, image_start: int | None = None,
+                  grid: int | None = None, mask: Mask | None = None, **kwargs):
+    """Softmax attention under the CCA mask for a grid x grid image at [image_start, image_start + grid^2).
+
+    The concentric rotary positions are not applied here (positions are rotated in the layer before this call):
+    pass `cca_position_ids(image_start, T, grid)` as the layer's positions."""
+    _check_self_causal("cca", query, key, causal)
+    predicate = _cca_predicate(image_start, grid)
+    T = query.shape[-3]
+    return dot_product_attention(query, key, value, mask=_combine(_dense(predicate, T, T), mask), **kwargs)
+
+
+def cca_decode(query, key_cache, value_cache, *, query_positions, image_start=None, grid=None, mask=None, **kwargs):
+    m = _decode_mask(_cca_predicate(image_start, grid), query_positions, key_cache.shape[-3])
+    return dot_product_attention(query, key_cache, value_cache, mask=_combine(m, mask), **kwargs)
+
+
+def _mma_predicate(image_span, question_span):
+    image_span = masks.check_span("mma.image_span", image_span)
+    question_span = masks.check_span("mma.question_span", question_span)
+    if image_span is None or question_span is None:  # AKI's text-only path: empty spans, plain causal
+        return lambda q, k: k <= q
+    return lambda q, k: masks.mma_allowed(q, k, image_span=image_span, question_span=question_span)
+
+
+def mma_attention(query, key, value, *, causal: bool = False, image_span=None, question_span=None,
+                  mask: Mask | None = None, **kwargs):
+    """Softmax attention under the modality-mutual mask (image rows also see the question columns). Padding:
+    pass `mask=Mask(kv_lengths=...)` (the code clears padding key columns)."""
+    _check_self_causal("mma", query, key, causal)
+    predicate = _mma_predicate(image_span, question_span)
+    T = query.shape[-3]
+    return dot_product_attention(query, key, value, mask=_combine(_dense(predicate, T, T), mask), **kwargs)
+
+
+def mma_decode(query, key_cache, value_cache, *, query_positions, image_span=None, question_span=None, mask=None,
+               **kwargs):
+    m = _decode_mask(_mma_predicate(image_span, question_span), query_positions, key_cache.shape[-3])
+    return dot_product_attention(query, key_cache, value_cache, mask=_combine(m, mask), **kwargs)
+
+
+def _composite_predicate(image_span):
+    image_span = masks.check_span("composite.image_span", image_span)
+    if image_span is None:
+        return lambda q, k: k <= q
+    return lambda q, k: masks.composite_allowed(q, k, image_span=image_span)
+
+
+def composite_attention(query, key, value, *, causal: bool = False, image_span=None, mask: Mask | None = None,
+                        **kwargs):
+    """Softmax attention under EE-MLLM's composite mask: image rows return their own value (the value path)."""
+    _check_self_causal("composite", query, key, causal)
+    T = query.shape[-3]
+    m = Mask(causal=True) & _dense(_composite_predicate(image_span), T, T)  # causal lets fast paths skip blocks
+    return dot_product_attention(query, key, value, mask=_combine(m, mask), **kwargs)
+
+
+def composite_decode(query, key_cache, value_cache, *, query_positions, image_span=None, mask=None, **kwargs):
+    m = _decode_mask(_composite_predicate(image_span), query_positions, key_cache.shape[-3])
+    return dot_product_attention(query, key_cache, value_cache, mask=_combine(m, mask), **kwargs)
+
+
+# ---- Post-softmax transform: var ---------------------------------------------------------------------------------
+
+def _var(query, key, value, allowed, query_positions, image_span, sinks, p, rho, summ, scale):
+    image_span = masks.check_span("var.image_span", image_span)
+    args = canonicalize(query, key, value)
+    sink = sink_mask(sinks, args.k.shape[1])
+    if sink.ndim > 1:  # [*B, S] -> the canonical single batch axis
+        sink = jnp.broadcast_to(sink, args.batch_shape + sink.shape[-1:]).reshape(-1, sink.shape[-1])
+    out = var_softmax(args.q, args.k, args.v, allowed, sink, image_span, p=p, rho=rho, summ=summ,
+                      query_positions=query_positions, scale=scale)
+    return out.reshape(args.batch_shape + out.shape[1:])
+
+
+def var_attention(query, key, value, *, causal: bool = False, image_span=None, sinks=(), p: float = 0.6,
+                  rho: float = 0.5, summ: float = 0.2, scale: float | None = None, implementation: str | None = None):
+    """Causal softmax attention with VAR applied to the probabilities (materialised reference path only).
+
+    sinks: static tuple of sink token indices, or a bool [*B, S] array (e.g. from `var_sink_tokens`)."""
+    _check_self_causal("var", query, key, causal)
+    if implementation not in (None, "reference"):
+        raise NotImplementedError(f"var: a post-softmax transform has only the materialised 'reference' path, got "
+                                  f"implementation={implementation!r}")
+    T = query.shape[-3]
+    allowed = jnp.tril(jnp.ones((T, T), bool))
+    return _var(query, key, value, allowed, None, image_span, sinks, p, rho, summ, scale)
+
+
+def var_decode(query, key_cache, value_cache, *, query_positions, image_span=None, sinks=(), p: float = 0.6,
+               rho: float = 0.5, summ: float = 0.2, scale: float | None = None, implementation=None):
+    del implementation
+    positions = jnp.asarray(query_positions)
+    allowed = jnp.arange(key_cache.shape[-3])[None, :] <= positions[:, None]
+    return _var(query, key_cache, value_cache, allowed, positions, image_span, sinks, p, rho, summ, scale)
+
+
+# ---- Head transforms: vhr, head_modulation -----------------------------------------------------------------------
+
+def _vhr_scale(num_heads, heads, alpha, head_scale):
+    if head_scale is not None:
+        return jnp.asarray(head_scale, jnp.float32)
+    return head_ops.heads_scale(num_heads, heads, alpha)
+
+
+def vhr_attention(query, key, value, *, causal: bool = False, heads=(), alpha: float = 2.0, head_scale=None,
+                  mask: Mask | None = None, **kwargs):
+    """Causal softmax attention whose selected heads' outputs are multiplied by alpha (VHR).
+
+    heads: static tuple of the reinforced (top-VHD) heads; head_scale: a [N] (or [*B, T, N]) scale instead, e.g.
+    `vhr_head_scale(vhd, top_k, alpha)` computed by the model from an image-free pass."""
+    _check_self_causal("vhr", query, key, causal)
+    out = dot_product_attention(query, key, value, mask=_combine(Mask(causal=True), mask), **kwargs)
+    return head_ops.apply_head_scale(out, _vhr_scale(query.shape[-2], heads, alpha, head_scale))
+
+
+def vhr_decode(query, key_cache, value_cache, *, query_positions, heads=(), alpha: float = 2.0, head_scale=None,
+               mask=None, **kwargs):
+    m = _decode_mask(lambda q, k: k <= q, query_positions, key_cache.shape[-3])
+    out = dot_product_attention(query, key_cache, value_cache, mask=_combine(m, mask), **kwargs)
+    return head_ops.apply_head_scale(out, _vhr_scale(query.shape[-2], heads, alpha, head_scale))
+
+
+def _modulation_bias(num_heads: int, length: int, tokens, heads, head_scores, alpha):
+    if not isinstance(tokens, (tuple, list)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in tokens):
+        raise ValueError(f"head_modulation.tokens: expected a tuple of token indices >= 0, got {tokens!r}")
+    heads = head_ops.check_heads("head_modulation.heads", heads, num_heads)
+    if head_scores is None:
+        head_scores = (1.0,) * len(heads)
+    if len(head_scores) != len(heads):
+        raise ValueError(f"head_modulation.head_scores: expected one score per selected head ({len(heads)}), got "
+                         f"{head_scores!r}")
+    scores = jnp.zeros(num_heads, jnp.float32).at[jnp.asarray(heads, jnp.int32)].set(
+        jnp.asarray(head_scores, jnp.float32))
+    selected = jnp.zeros(length, bool).at[jnp.asarray([i for i in tokens if i < length], jnp.int32)].set(True)
+    return head_ops.head_modulation_bias(selected, scores, alpha)  # [N, 1, S], broadcast over batch and rows
+
+
+def head_modulation_attention(query, key, value, *, causal: bool = False, tokens=(), heads=(), head_scores=None,
+                              alpha: float = 1.0, mask: Mask | None = None, **kwargs):
+    """Causal softmax attention with log(1 + alpha s_h) added to head h's logits of the selected `tokens`.
+
+    heads / head_scores: the heads with a nonzero visual sensitivity s_h and their scores (default 1 each); other
+    heads get no boost. tokens past the sequence are dropped."""
+    _check_self_causal("head_modulation", query, key, causal)
+    bias = _modulation_bias(query.shape[-2], key.shape[-3], tokens, heads, head_scores, alpha)
+    return dot_product_attention(query, key, value, bias, _combine(Mask(causal=True), mask), **kwargs)
+
+
+def head_modulation_decode(query, key_cache, value_cache, *, query_positions, tokens=(), heads=(), head_scores=None,
+                           alpha: float = 1.0, mask=None, **kwargs):
+    m = _decode_mask(lambda q, k: k <= q, query_positions, key_cache.shape[-3])
+    bias = _modulation_bias(query.shape[-2], key_cache.shape[-3], tokens, heads, head_scores, alpha)
+    return dot_product_attention(query, key_cache, value_cache, bias, _combine(m, mask), **kwargs)
+
+
+def reference_of(fn):
+    """The same mechanism through the materialised reference softmax (the oracle for its fast paths)."""
+    def reference(query, key, value, **kwargs):
+        return fn(query, key, value, implementation="reference", **kwargs)
+    reference.__name__ = fn.__name__.replace("_attention", "_reference")
+    reference.__doc__ = f"{fn.__name__} through the reference softmax implementation."
+    return reference
