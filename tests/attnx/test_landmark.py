@@ -52,18 +52,18 @@ def loop_weights(q, k, is_landmark):
     return w
 
 
+weights = jax.jit(lambda q, k, is_lm: landmark_weights_of(q, k, is_landmark=is_lm))
+
+
 @pytest.mark.parametrize("general", [False, True], ids=["regular", "is_landmark"])
 def test_weights_follow_the_spec_rows_sum_to_one_and_landmarks_get_zero(general):
     q, k, _ = inputs()
-    if general:  # irregular blocks of 3, 1 and 4 tokens; per-batch masks
-        is_lm = np.zeros((B, T), bool)
+    is_lm = np.broadcast_to(np.asarray(regular_landmarks(T, BLOCK)), (B, T)).copy()
+    if general:  # irregular blocks (3, 1, 4 tokens and 1, 4 tokens), a different mask per batch row
+        is_lm[:] = False
         is_lm[0, [3, 5, 10]] = True
         is_lm[1, [1, 6]] = True
-        w = landmark_weights_of(q, k, is_landmark=jnp.asarray(is_lm))
-    else:
-        is_lm = np.broadcast_to(np.asarray(regular_landmarks(T, BLOCK)), (B, T))
-        w = landmark_weights_of(q, k, block_size=BLOCK)
-    w = np.asarray(w)
+    w = np.asarray(weights(q, k, jnp.asarray(is_lm)))
     for b in range(B):
         for n in range(N):
             np.testing.assert_allclose(w[b, :, n], loop_weights(q[b, :, n], k[b, :, n // (N // K)], is_lm[b]),
@@ -76,24 +76,25 @@ def test_weights_follow_the_spec_rows_sum_to_one_and_landmarks_get_zero(general)
 
 
 def test_landmark_logit_equal_to_block_lse_gives_plain_softmax():
-    """Queries constant over positions (per head, N == K): setting each landmark key so that q . k_L / sqrt(H)
-    equals its block's LSE makes p_{L_g} the block's share of one softmax, so w = softmax over ordinary tokens."""
+    """Queries constant over positions and within each GQA group: setting each landmark key so that
+    q . k_L / sqrt(H) equals its block's LSE makes p_{L_g} the block's share of one softmax, so w = the plain causal
+    softmax over the ordinary tokens."""
     rng = np.random.default_rng(3)
-    heads, b1 = 3, BLOCK + 1
-    q = np.broadcast_to(rng.standard_normal((1, 1, heads, H)), (1, T, heads, H))
-    k, v = rng.standard_normal((1, T, heads, H)), rng.standard_normal((1, T, heads, V))
+    q_kv = rng.standard_normal((B, K, H))  # one query per kv head, shared by its group and by every position
+    q = np.broadcast_to(np.repeat(q_kv, N // K, axis=1)[:, None], (B, T, N, H))
+    k, v = rng.standard_normal((B, T, K, H)), rng.standard_normal((B, T, K, V))
     lm = np.asarray(regular_landmarks(T, BLOCK))
-    s = np.einsum("nh,snh->ns", q[0, 0], k[0]) / np.sqrt(H)  # [heads, S]: the same for every query
+    s = np.einsum("bkh,bskh->bks", q_kv, k) / np.sqrt(H)  # the same for every query
     for p in np.flatnonzero(lm):
-        lse = np.log(np.exp(s[:, p - BLOCK:p]).sum(-1))  # [heads]
-        k[0, p] = q[0, 0] * (lse * np.sqrt(H) / np.sum(q[0, 0] ** 2, -1))[:, None]
+        lse = np.log(np.exp(s[:, :, p - BLOCK:p]).sum(-1))  # [B, K]
+        k[:, p] = q_kv * (lse * np.sqrt(H) / np.sum(q_kv**2, -1))[..., None]
     args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
     allowed = np.tril(np.ones((T, T), bool)) & ~lm[None, :]
     want = attnx.dot_product_attention(*args, mask=jnp.asarray(allowed), implementation="reference")
     for implementation in ("reference", "chunked", "gather"):
         assert_close(attend(*args, implementation=implementation), want, jnp.float32, what=implementation)
-    # The identity is not vacuous: with other landmark logits the output differs.
-    args[1] = args[1].at[0, BLOCK].add(args[0][0, 0])  # the first landmark logit + |q|^2 / sqrt(H)
+    # The identity is not vacuous: with another landmark logit the output differs.
+    args[1] = args[1].at[:, BLOCK].add(jnp.asarray(q_kv, jnp.float32))  # the first landmark logit + |q|^2/sqrt(H)
     assert float(jnp.max(jnp.abs(attend(*args, implementation="reference") - want))) > 1e-2
 
 
@@ -101,28 +102,30 @@ def test_landmark_logit_equal_to_block_lse_gives_plain_softmax():
 def test_fast_paths_equal_the_reference_forward_gradients_and_jvp(top_k):
     primals, tangents = inputs(), inputs(seed=1)
     cotangent = jax.random.normal(jax.random.key(9), (B, T, N, V))
-    fast = ("chunked", "gather") if top_k is None else ("gather",)
     want = attend(*primals, implementation="reference", top_k=top_k)
     loss = lambda impl: jax.jit(jax.grad(lambda *a: jnp.sum(cotangent * attend(*a, implementation=impl,
                                                                                 top_k=top_k)), (0, 1, 2)))
     grads_want = loss("reference")(*primals)
-    for impl in fast:
+    for impl in ("chunked", "gather") if top_k is None else ("gather",):
         assert_close(attend(*primals, implementation=impl, top_k=top_k), want, jnp.float32, what=impl)
+    # Gradients: the scan for the training path; the gather once (top_k=None runs the same code with k = nb).
+    for impl in ("chunked",) if top_k is None else ("gather",):
         for name, g, w in zip("qkv", loss(impl)(*primals), grads_want):
             assert_close(g, w, jnp.float32, "gradient", what=f"{impl} d{name}")
-    if top_k is None:
-        _, got = jax.jvp(lambda *a: attend(*a, implementation="chunked"), primals, tangents)
-        _, ref = jax.jvp(lambda *a: attend(*a, implementation="reference"), primals, tangents)
-        assert_close(got, ref, jnp.float32, "gradient", what="jvp")
+    if top_k is None:  # forward mode of the scan: <cotangent, J t> must equal <J^T cotangent, t> of the reference
+        _, got = jax.jit(lambda p, t: jax.jvp(lambda *a: attend(*a, implementation="chunked"), p, t))(primals,
+                                                                                                       tangents)
+        want_dot = sum(jnp.sum(g * t) for g, t in zip(grads_want, tangents))
+        assert_close(jnp.sum(cotangent * got), want_dot, jnp.float32, "gradient", what="jvp")
 
 
 def test_top_k_selects_and_restricts():
     q, k, v = inputs()
-    full, top1 = attend(q, k, v), attend(q, k, v, top_k=1)
+    full, top1 = attend(q, k, v, implementation="chunked"), attend(q, k, v, implementation="gather", top_k=1)
     # Rows in blocks 0 and 1 have at most one earlier block: top-1 retrieval is the whole past there.
     assert_close(top1[:, : 2 * (BLOCK + 1)], full[:, : 2 * (BLOCK + 1)], jnp.float32)
     assert float(jnp.max(jnp.abs(top1[:, -1] - full[:, -1]))) > 1e-3  # three earlier blocks, one kept
-    assert_close(attend(q, k, v, top_k=3), full, jnp.float32)  # k >= blocks: the training path
+    # k = all blocks (top_k=None) equals the training path: test_fast_paths_equal_the_reference_...[training].
 
 
 def test_decode_equals_the_last_rows():
@@ -133,30 +136,33 @@ def test_decode_equals_the_last_rows():
     rows = slice(T - 3, T)
     decode = jax.jit(lambda qq, top_k: landmark_decode(qq, cache_k, cache_v, query_positions=jnp.arange(T - 3, T),
                                                        block_size=BLOCK, top_k=top_k), static_argnums=1)
-    assert_close(decode(q[:, rows], None), attend(q, k, v)[:, rows], jnp.float32)
-    assert_close(decode(q[:, rows], 1), attend(q, k, v, top_k=1)[:, rows], jnp.float32)
+    assert_close(decode(q[:, rows], None), attend(q, k, v, implementation="chunked")[:, rows], jnp.float32)
+    # Retrieval of one block per query and head: the rows of the full-sequence retrieval call.
+    assert_close(decode(q[:, rows], 1), attend(q, k, v, implementation="gather", top_k=1)[:, rows], jnp.float32)
     assert attnx.get_attention("landmark").decode is landmark_decode
 
 
+retrieve_top1 = jax.jit(lambda q, landmark_k, valid: landmark_retrieve(q, landmark_k, 1, valid=valid))
+
+
 def test_passkey_block_is_retrieved_and_read():
-    """The last query is aligned with one block's landmark key only; top-1 retrieval must pick that block, and the
-    output must be that block's (constant) value."""
-    b1, blocks = BLOCK + 1, 4
-    length = blocks * b1 + 1
-    q, k, v = inputs(seed=5, length=length)
-    q, k, v = 0.1 * q, 0.1 * k, v
-    direction = jnp.zeros((H,)).at[0].set(1.0)
-    target, passkey = 2, jnp.arange(1.0, V + 1.0)
-    k = k.at[:, target * b1 + BLOCK].set(8.0 * direction)  # the passkey block's landmark
+    """The last query (position 10, three earlier blocks) is aligned with one block's landmark key only: top-1
+    retrieval must pick that block, and the output must be that block's (constant) value."""
+    b1, blocks, target = BLOCK + 1, T // (BLOCK + 1), 1
+    q, k, v = (0.1 * x for x in inputs(seed=5))
+    direction = jnp.zeros((H,)).at[0].set(8.0)
+    passkey = jnp.arange(1.0, V + 1.0)
+    k = k.at[:, target * b1 + BLOCK].set(direction)  # the passkey block's landmark
     v = v.at[:, target * b1: target * b1 + BLOCK].set(passkey)
-    q = q.at[:, -1].set(8.0 * direction)
-    landmark_k = k[:, BLOCK::b1][:, :blocks]
-    idx, ok = landmark_retrieve(q[:, -1:], landmark_k, 1)
-    assert idx.shape == (B, 1, N, 1) and np.all(np.asarray(idx) == target) and np.all(np.asarray(ok))
-    out = landmark_attention(q, k, v, block_size=BLOCK, top_k=1)[:, -1]
+    q = q.at[:, -1].set(direction)
+    landmark_k = k[:, BLOCK::b1]
+    everything = jnp.ones((blocks,), bool)
+    idx, ok = retrieve_top1(q, landmark_k, everything)
+    assert idx.shape == (B, T, N, 1) and np.all(np.asarray(idx[:, -1]) == target) and np.all(np.asarray(ok))
+    out = attend(q, k, v, implementation="gather", top_k=1)[:, -1]
     np.testing.assert_allclose(np.asarray(out), np.broadcast_to(passkey, (B, N, V)), atol=1e-2)
-    # Validity is respected: with the passkey block excluded another block is chosen.
-    idx, _ = landmark_retrieve(q[:, -1:], landmark_k, 1, valid=jnp.arange(blocks) != target)
+    # Candidates are respected: with the passkey block excluded another block is chosen.
+    idx, _ = retrieve_top1(q, landmark_k, everything.at[target].set(False))
     assert not np.any(np.asarray(idx) == target)
 
 
