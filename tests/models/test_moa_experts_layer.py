@@ -1,0 +1,29 @@
+"""BAM soft Mixture of Attention experts inside the attention layer: the router it owns, one expert = the softmax
+layer, identical experts (Q, K, V and O copied between experts) = router-invariant output."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.layers.attention import Attention
+
+X = jax.random.normal(jax.random.key(0), (2, 5, 24))
+
+
+def test_router_shape_and_one_expert_is_the_softmax_layer():
+    layer = Attention(24, 4, 2, 6, kind="moa_experts", kind_kwargs={"num_experts": 1}, rngs=nnx.Rngs(1))
+    assert layer.router.router_de.shape == (24, 1)
+    plain = Attention(24, 4, 2, 6, rngs=nnx.Rngs(1))
+    np.testing.assert_allclose(layer(X), plain(X), rtol=1e-5, atol=1e-6)
+
+
+def test_identical_experts_make_the_layer_router_invariant():
+    layer = Attention(24, 4, 2, 6, kind="moa_experts", kind_kwargs={"num_experts": 2}, rngs=nnx.Rngs(2))
+    for name, axis, half in (("query_dnh", 1, 2), ("key_dkh", 1, 1), ("value_dkh", 1, 1), ("out_nhd", 0, 2)):
+        w = getattr(layer, name)[...]
+        first = jax.lax.slice_in_dim(w, 0, half, axis=axis)
+        getattr(layer, name)[...] = jnp.concatenate([first, first], axis)
+    before = layer(X)
+    layer.router.router_de[...] = 5.0 * jax.random.normal(jax.random.key(3), (24, 2))
+    np.testing.assert_allclose(layer(X), before, rtol=1e-5, atol=1e-6)
