@@ -71,6 +71,23 @@ def test_chunked_span_groups_match_the_banded_reference_with_gradients():
     assert float(jnp.max(jnp.abs(want - dense))) > 1e-2
 
 
+def test_chunked_path_skips_the_blocks_between_sink_and_band():
+    # The chunked implementation's block-liveness table for one span group (8 x 8 blocks of 8): the sink column,
+    # the diagonal and the block below it stay; the 15 causal blocks in between are never computed.
+    from attnx.ops.softmax import chunked
+    from attnx.ops.spans.moa import _group_rule
+    from attnx.validation import canonicalize
+
+    x = jnp.zeros((1, 64, 2, 8))
+    live = {}
+    for span, sink in ((8, 8), (8, 0), (64, 8)):
+        mask, mask_mod = _group_rule(span, sink, 64)
+        args = canonicalize(x, x, x, mask=mask, mask_mod=mask_mod)
+        geometry = chunked._geometry(args, attnx.Chunked(block_q=8, block_kv=8))
+        live[span, sink] = int(np.asarray(chunked._live_table(geometry, args.mask, args.mask_mod)).sum())
+    assert live == {(8, 8): 8 + 8 + 7 - 2, (8, 0): 8 + 7, (64, 8): 36}
+
+
 def test_span_at_least_length_gives_dense_causal_attention():
     q, k, v = inputs()
     dense = attnx.dot_product_attention(q, k, v, mask=attnx.Mask(causal=True), implementation="reference")
