@@ -1,6 +1,6 @@
 """ACT: training-free attention calibration (Yu et al., 2024, "Unveiling and Harnessing Hidden Attention Sinks:
-Training-Free Attention Calibration for Large Language Models", arXiv 2406.15765, §4; official code
-GATECH-EIC/ACT `models/llama_modelling_aug.py::atten_process_eval`).
+Training-Free Attention Calibration for Large Language Models", ICML 2024, arXiv 2406.15765, the attention calibration
+technique (ACT) section; official code GATECH-EIC/ACT `models/llama_modelling_aug.py::atten_process_eval`).
 
 On a post-softmax causal map A [T, T] of a selected head (code-exact, rows i, columns j):
 
@@ -127,8 +127,8 @@ def act_flash_epilogue(acc_sink: jax.Array, acc_rest: jax.Array, mass_sink: jax.
 
 def act_head_search(evaluate: Callable[[np.ndarray], float], num_layers: int, num_heads: int, *,
                     layers: Sequence[int] | None = None, initial: np.ndarray | None = None):
-    """ACT's offline greedy head search (paper §4.2; the official scripts loop one head at a time over layers 2-30
-    of Llama-2-7B-chat and keep a head when calibration-set accuracy improves).
+    """ACT's offline greedy head search (the paper's head-selection step; the official scripts loop one head at a
+    time over layers 2-30 of Llama-2-7B-chat and keep a head when calibration-set accuracy improves).
 
     evaluate(head_mask) -> score, higher is better, for a bool [num_layers, num_heads] mask of calibrated heads (e.g.
     accuracy on 900 calibration samples with those heads calibrated). Heads are tried in order (layer-major, over

@@ -1,6 +1,7 @@
 """MoA's attention-influence profile and span-plan selection (Fu et al., 2024, "MoA: Mixture of Sparse Attention for
-Automatic Large Language Model Compression", arXiv 2406.14909, §4: profiling and optimisation; official code
-thu-nics/MoA `MoA/models/llama/modify_llama_profile.py`, `MoA/universal/elastic_block_sparse.py`).
+Automatic Large Language Model Compression", arXiv 2406.14909, the sections on profiling (attention influence) and
+optimisation (multi-objective plan search); official code thu-nics/MoA `MoA/models/llama/modify_llama_profile.py`,
+`MoA/universal/elastic_block_sparse.py`).
 
 Influence. Removing A_ij from a softmax row and renormalising the rest changes the row by dA_ij = -A_ij and
 dA_in = A_in A_ij / (1 - A_ij) (n != j). To first order the loss changes by

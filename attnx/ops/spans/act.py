@@ -1,6 +1,6 @@
 """Softmax attention with ACT calibration on selected heads (Yu et al., 2024, "Unveiling and Harnessing Hidden
-Attention Sinks: Training-Free Attention Calibration for Large Language Models", arXiv 2406.15765, §4; official code
-GATECH-EIC/ACT `models/llama_modelling_aug.py`). The calibration rule itself is `attnx.analysis.calibration`.
+Attention Sinks: Training-Free Attention Calibration for Large Language Models", arXiv 2406.15765, ACT section;
+official code GATECH-EIC/ACT `models/llama_modelling_aug.py`). The calibration rule is `attnx.analysis.calibration`.
 
 Materialised on purpose: ACT edits post-softmax probabilities with a sink set chosen from column statistics of the
 whole map, so both paths here form the [B, N, T, T] probabilities (O(T^2) memory). `act_attention` computes the

@@ -1,5 +1,7 @@
 """MoA's heterogeneous sink + window attention (Fu et al., 2024, "MoA: Mixture of Sparse Attention for Automatic
-Large Language Model Compression", arXiv 2406.14909, §3.1-3.2; official code thu-nics/MoA).
+Large Language Model Compression", arXiv 2406.14909 (v3 retitled "Mixture of Attention Spans: Optimizing LLM Inference
+Efficiency with Heterogeneous Sliding-Window Lengths"), method sections on the heterogeneous elastic rules (search
+space); section numbers differ between versions, so sections are cited by subject; official code thu-nics/MoA).
 
 Each head h keeps the first `sink` tokens (the paper's G = 64 "global" tokens) and a band of the `spans[h]` most
 recent tokens:
@@ -64,7 +66,7 @@ def _check_spans(spans: Any, num_heads: int) -> tuple[int, ...]:
 
 
 def moa_spans(alpha: Sequence[float], beta: Sequence[float], length: int) -> tuple[int, ...]:
-    """Per-head spans S_h = alpha_h + beta_h * length (MoA §3.2, the elastic rule), truncated to int and clipped to
+    """Per-head spans S_h = alpha_h + beta_h * length (MoA's elastic rule), truncated to int and clipped to
     [1, length] as the official cache sizing does (alpha may be negative; the plan grid only keeps configurations
     with S_h > 0 at the shortest length)."""
     length = _int("length", length, 1)

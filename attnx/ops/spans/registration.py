@@ -13,7 +13,7 @@ register_attention(AttentionSpec(
     reference=sink_window_reference,
     patterns=frozenset({"CS"}),
     paper="Fu et al., 2024, MoA: Mixture of Sparse Attention for Automatic Large Language Model Compression, "
-          "arXiv 2406.14909, §3 (heterogeneous elastic sink + window rules); official code thu-nics/MoA",
+          "arXiv 2406.14909, heterogeneous elastic rules (sink + sliding window per head); official code thu-nics/MoA",
     implementations=implementation_names(),
     # spans has no default in the function (it is the plan); these small values serve the CAB checks (N = 4).
     defaults={"spans": (1, 2, 3, 5), "sink": 1},
@@ -27,7 +27,8 @@ register_attention(AttentionSpec(
     reference=act_reference,
     patterns=frozenset({"CS"}),
     paper="Yu et al., 2024, Unveiling and Harnessing Hidden Attention Sinks: Training-Free Attention Calibration "
-          "for Large Language Models, arXiv 2406.15765, §4 (ACT); official code GATECH-EIC/ACT",
+          "for Large Language Models, arXiv 2406.15765, the attention calibration technique (ACT) section; "
+          "official code GATECH-EIC/ACT",
     implementations=("epilogue", "reference"),
     defaults={"beta": 0.4, "tau": 0.1, "statistics": "prefix"},
     description="causal softmax attention with attention-sink calibration on selected heads (materialised)",
