@@ -119,6 +119,13 @@ def test_fast_paths_equal_the_reference_forward_gradients_and_jvp(top_k):
         assert_close(jnp.sum(cotangent * got), want_dot, jnp.float32, "gradient", what="jvp")
 
 
+def test_bfloat16_inputs_within_the_table():
+    low = [x.astype(jnp.bfloat16) for x in inputs()]
+    got = attend(*low, implementation="chunked")
+    assert got.dtype == jnp.bfloat16
+    assert_close(got, attend(*(x.astype(jnp.float32) for x in low), implementation="reference"), jnp.bfloat16)
+
+
 def test_top_k_selects_and_restricts():
     q, k, v = inputs()
     full, top1 = attend(q, k, v, implementation="chunked"), attend(q, k, v, implementation="gather", top_k=1)
@@ -216,5 +223,8 @@ def test_lm_data_layout_matches_the_attention_layout():
     assert num_ordinary(11, BLOCK) == 8 and num_ordinary(12, BLOCK) == 8
     cut, _ = insert_landmarks(window[:8], block_size=BLOCK, landmark_id=256, length=T)
     assert cut.shape == (T,) and cut[-1] == 17 and np.sum(cut == 256) == 3
+    traced = jax.jit(lambda w: language_model_example(w, block_size=BLOCK, landmark_id=256))(jnp.asarray(window))
+    np.testing.assert_array_equal(traced[0], tokens)  # inside a jitted loss, the same layout
+    np.testing.assert_array_equal(traced[1], labels)
     with pytest.raises(ValueError, match="insert_landmarks.length"):
         insert_landmarks(window, block_size=BLOCK, landmark_id=256, length=100)

@@ -19,6 +19,8 @@ Landmark logits are not predictions of anything; `remove_landmarks` drops their 
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 IGNORE_LABEL = -1
@@ -41,20 +43,27 @@ def num_ordinary(length: int, block_size: int) -> int:
     return length - length // (block_size + 1)
 
 
+def _namespace(x):
+    """jax.numpy for jax arrays (so the layout can be built inside a jitted loss), numpy otherwise."""
+    return jnp if isinstance(x, jax.Array) else np
+
+
 def insert_landmarks(tokens, labels=None, *, block_size: int, landmark_id: int, ignore_label: int = IGNORE_LABEL,
                      length: int | None = None):
     """tokens [..., n] (and labels [..., n], the target of each token) -> the same with a landmark after every
     `block_size` tokens: [..., n + n // block_size], or the first `length` slots of it.
 
     Landmark slots hold `landmark_id` in tokens and `ignore_label` in labels. Returns (tokens, labels), labels None
-    when none were given. `length` must not exceed the laid-out length (pad the input instead).
+    when none were given. `length` must not exceed the laid-out length (pad the input instead). numpy in, numpy
+    out (a grain map); jax arrays in, jax arrays out (traceable: the slot layout is static).
     """
     _check(block_size)
-    tokens = np.asarray(tokens)
+    xp = _namespace(tokens)
+    tokens = xp.asarray(tokens)
     if tokens.ndim == 0:
         raise ValueError(f"insert_landmarks.tokens: expected [..., n], got a scalar {tokens!r}")
     if labels is not None:
-        labels = np.asarray(labels)
+        labels = xp.asarray(labels)
         if labels.shape != tokens.shape:
             raise ValueError(f"insert_landmarks.labels: shape {labels.shape} must equal tokens' {tokens.shape}")
     n = tokens.shape[-1]
@@ -64,28 +73,30 @@ def insert_landmarks(tokens, labels=None, *, block_size: int, landmark_id: int, 
     if not 0 <= length <= total:
         raise ValueError(f"insert_landmarks.length: expected 0 <= length <= {total} ({n} tokens with their "
                          f"landmarks), got {length}")
-    slots = np.arange(n) + np.arange(n) // block_size  # where ordinary token i lands
+    # A gather with a static index: slot p holds ordinary token p - (landmarks before p) = p - (p + 1) // (b + 1).
+    slot = np.arange(length)
+    is_lm = landmark_mask(length, block_size)
+    source = np.where(is_lm, 0, slot - (slot + 1) // (block_size + 1))
     dtype = np.result_type(tokens.dtype, np.min_scalar_type(landmark_id))  # e.g. uint8 bytes + id 256 -> uint16
-    out = np.full(tokens.shape[:-1] + (total,), landmark_id, dtype=dtype)
-    out[..., slots] = tokens
+    out = xp.where(is_lm, xp.asarray(landmark_id, dtype), xp.take(tokens, source, axis=-1).astype(dtype))
     if labels is not None:
-        lab = np.full(labels.shape[:-1] + (total,), ignore_label, dtype=np.result_type(labels.dtype, np.int32))
-        lab[..., slots] = labels
-        labels = lab[..., :length]
-    return out[..., :length], labels
+        dtype = np.result_type(labels.dtype, np.int32)
+        labels = xp.where(is_lm, xp.asarray(ignore_label, dtype), xp.take(labels, source, axis=-1).astype(dtype))
+    return out, labels
 
 
 def language_model_example(window, *, block_size: int, landmark_id: int, ignore_label: int = IGNORE_LABEL,
                            length: int | None = None):
     """A window of raw tokens [..., n + 1] -> (inputs, labels) for next-token training with landmarks: the inputs
     are window[..., :-1] laid out with landmarks, each ordinary input labelled with the next raw token."""
-    window = np.asarray(window)
+    window = _namespace(window).asarray(window)
     return insert_landmarks(window[..., :-1], window[..., 1:], block_size=block_size, landmark_id=landmark_id,
                             ignore_label=ignore_label, length=length)
 
 
-def remove_landmarks(x, block_size: int, axis: int = -1) -> np.ndarray:
-    """Drop the landmark slots of `x` along `axis` (e.g. logits [B, T, vocab] with axis=1)."""
-    x = np.asarray(x)
-    keep = ~landmark_mask(x.shape[axis], block_size)
-    return np.compress(keep, x, axis=axis)
+def remove_landmarks(x, block_size: int, axis: int = -1):
+    """Drop the landmark slots of `x` along `axis` (e.g. logits [B, T, vocab] with axis=1); numpy or jax."""
+    xp = _namespace(x)
+    x = xp.asarray(x)
+    keep = np.flatnonzero(~landmark_mask(x.shape[axis], block_size))
+    return xp.take(x, keep, axis=axis)
