@@ -1,0 +1,1 @@
+"""Pooled-query family: queries pooled over a window of positions (MQSA)."""
