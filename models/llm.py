@@ -158,9 +158,9 @@ class LLMConfig:
         entries = self.layer_attention
         if isinstance(entries, list):  # a list from Python code; gin gives a tuple
             object.__setattr__(self, "layer_attention", entries := tuple(entries))
-        if not isinstance(entries, tuple) or len(entries) > self.depth:
-            raise ValueError(f"LLMConfig.layer_attention must be a tuple of at most depth={self.depth} entries "
-                             f"(repeated over the layers), got {entries!r}")
+        if not isinstance(entries, tuple):
+            raise ValueError(f"LLMConfig.layer_attention must be a tuple of entries (repeated over the layers; () = "
+                             f"`attention` everywhere), got {entries!r}")
         for index, entry in enumerate(entries):
             owner = f"LLMConfig.layer_attention[{index}]"
             kind, kwargs = _entry(owner, entry, self.attention, self.attention_kwargs)
