@@ -83,7 +83,8 @@ def test_logits_carry_no_gradient_to_the_representation_tables():
 def test_split_score_scales_each_part_by_its_own_width():
     q, k = jax.random.normal(jax.random.key(2), (2, 6)), jax.random.normal(jax.random.key(3), (2, 5, 6))
     got = target_scores(q, k, time_dim=2)
-    want = jnp.einsum("bd,bsd->bs", q[:, :4], k[:, :, :4]) / 2.0 + jnp.einsum("bd,bsd->bs", q[:, 4:], k[:, :, 4:]) / 2**0.5
+    want = (jnp.einsum("bd,bsd->bs", q[:, :4], k[:, :, :4]) / 2.0
+            + jnp.einsum("bd,bsd->bs", q[:, 4:], k[:, :, 4:]) / 2**0.5)
     assert_close(got, want, jnp.float32)
 
 
@@ -137,7 +138,7 @@ def test_kv_source_takes_logits_and_values_from_separate_streams_and_decode_matc
     def run(q, k, v, other):
         cache_k = jnp.zeros((Bm, T + 2, K, H)).at[:, :T].set(k)
         cache_v = jnp.zeros((Bm, T + 2, K, H)).at[:, :T].set(other)
-        return (spec.fn(q, k, v, causal=True, kv_source=(k, other), top_k=2),
+        return (spec.fn(q, k, v, causal=True, kv_source=(None, other), top_k=2),
                 spec.fn(q, k, other, causal=True, top_k=2),
                 dare_decode(q[:, T - 2:], cache_k, cache_v, query_positions=jnp.arange(T - 2, T), top_k=2))
 

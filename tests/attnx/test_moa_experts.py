@@ -4,7 +4,6 @@ values, and the regrouped fast path equals one core call per expert (forward, gr
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import attnx

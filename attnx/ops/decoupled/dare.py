@@ -1,7 +1,8 @@
-"""DARE: Decoupled Attention and Representation Embeddings (Feng et al., 2024, "Long-Sequence Recommendation Models
-Need Decoupled Embeddings", arXiv 2410.02604, §3-§4). Official code: thuml/DARE `model/din_pytorch.py` (the two sets of
-embedding tables), `model/attention_pytorch.py` (`attention`, scaled_dot_product / concat time mode), run flags in
-`scripts/taobao.sh` (-hard_or_soft soft -top_k 20 -use_time_mode concat -time_embedding_dim 16).
+"""DARE: Decoupled Attention and Representation Embeddings (Feng, Pan, Wu, Chen, Wang, Li, Hu, Jiang, Long, 2024,
+"Long-Sequence Recommendation Models Need Decoupled Embeddings", arXiv 2410.02604, §3-§4). Official code: thuml/DARE
+`model/din_pytorch.py` (the two sets of embedding tables), `model/attention_pytorch.py` (`attention`,
+scaled_dot_product / concat time mode), run flags in `scripts/taobao.sh` (-hard_or_soft soft -top_k 20
+-use_time_mode concat -time_embedding_dim 16).
 
 Each feature (item, category, time) has two tables, E_att and E_rep. The target and the history are embedded in
 both, each embedding being the concatenation of the features' rows (time last):
@@ -23,6 +24,14 @@ representation stream) may come from different sources, given either as the key/
 product), and top_k keeps each query's top_k allowed keys. Unlike the code's padding quirk (which can put padded
 positions back into the top-k set), only allowed keys are searched here: otherwise causal attention would see the
 future when a row has fewer than top_k visible keys.
+
+In the LLM. DARE decouples *embedding tables* of the same ids. An attention layer's keys and values are already
+separate linear maps of one hidden state, which is the "projection" variant the paper reports as ineffective for
+recommenders; a separate value projection owned by a mixer would add nothing beyond the layer's own. The faithful
+translation is a representation table indexed by the token ids feeding each layer's values (what some LMs call value
+embeddings), passed as kv_source=(None, values); the layer interface (models/layers/mixers ROUTERS: module(x, query,
+key)) does not see token ids, so that path needs a model change and is not wired here. In the LLM, `dare` therefore
+runs with the layer's own keys and values: the split score and the top-k search.
 """
 
 from __future__ import annotations
@@ -116,12 +125,14 @@ def _split_scaled_query(query, time_dim: int):
 
 
 def _sources(key, value, kv_source):
+    """kv_source = (key, value) replaces the arguments; a None element keeps its argument (a model that supplies
+    only the representation stream passes (None, values))."""
     if kv_source is None:
         return key, value
     if not isinstance(kv_source, (tuple, list)) or len(kv_source) != 2:
         raise ValueError("dare.kv_source: expected a pair (key from the attention stream, value from the "
-                         "representation stream)")
-    return kv_source
+                         "representation stream; None keeps the argument)")
+    return (key if kv_source[0] is None else kv_source[0]), (value if kv_source[1] is None else kv_source[1])
 
 
 def _top_k_mask(query, key, causal: bool, top_k: int, positions=None):

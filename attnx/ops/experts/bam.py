@@ -23,7 +23,6 @@ block-level, not part of this attention function.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from attnx.ops.heads.moh import apply_head_gates

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import jax
 import jax.numpy as jnp
 
 from attnx.ops.builtin import softmax_attention, softmax_decode

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 
 EPS = 1e-8  # the code's default (and, through the wrapper's argument slip, the value its heads always use)

@@ -1,7 +1,7 @@
-"""MQSA: Multi-Query Self-Attention (Zhu, Shi, Zhang, Wu, Mo, Nie, 2024, "Collaboration and Transition: Distilling Item Transitions
-into Multi-Query Self-Attention for Sequential Recommendation", WSDM 2024, arXiv 2311.01056, method section). No official code
-was found; this follows the spec's reading of the paper (llm_mechanisms.md §13), which marks the pooling form as
-unverified (assumed: mean):
+"""MQSA: Multi-Query Self-Attention (Zhu, Shi, Zhang, Wu, Mo, Nie, 2024, "Collaboration and Transition: Distilling
+Item Transitions into Multi-Query Self-Attention for Sequential Recommendation", WSDM 2024, arXiv 2311.01056, method
+section). No official code was found; this follows the spec's reading of the paper (llm_mechanisms.md §13), which
+marks the pooling form as unverified (assumed: mean):
 
     L-query     q^L_t = mean(q_{t-L+1}, ..., q_t)     (the last L items; fewer at the start of the sequence)
     two branches, long L_l and short L_s:   o = alpha * Attn(q^{L_l}, K, V) + (1 - alpha) * Attn(q^{L_s}, K, V)
