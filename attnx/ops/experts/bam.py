@@ -1,6 +1,7 @@
-"""BAM's soft Mixture of Attention experts (Zhang et al., 2024, "BAM! Just Like That: Simple and Efficient Parameter
-Upcycling for Mixture of Experts", arXiv 2408.08274, §3.2-3.3). No official code was found; this follows the paper
-as summarised in the spec (llm_mechanisms.md §11).
+"""BAM's soft Mixture of Attention experts (Zhang, Gritsch, Gnaneshwar, Guo, Cairuz, Venkitesh, Foerster, Blunsom,
+Ruder, Üstün, Locatelli, 2024, "BAM! Just Like That: Simple and Efficient Parameter Upcycling for Mixture of
+Experts", arXiv 2408.08274, §4; §3 for the parallel block; section numbers not checked against the PDF). No official
+code was found; this follows the paper as summarised in the spec (llm_mechanisms.md §11).
 
 E attention experts, each with its own heads, are all computed and mixed per token by a soft router:
 
@@ -9,7 +10,7 @@ E attention experts, each with its own heads, are all computed and mixed per tok
 Written as E.N_e heads of one layer, the sum over experts is the output projection of the concatenated heads with
 each head scaled by its expert's gate (W_O concat_e(r_e o_e) = sum_e r_e W_O^e o_e), so the gates reuse MoH's
 `apply_head_gates` (spec shared building block 5). Heads are expert-major: query head n belongs to expert
-n // N_e. Two variants (§3.2):
+n // N_e. Two variants (the abstract's 1) and 2)):
 
     full       every expert owns Q, K, V, O: the layer has E.N_e query heads and E.K_e key/value heads, and the
                contiguous GQA grouping already sends expert e's queries to expert e's keys/values.

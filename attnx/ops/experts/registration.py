@@ -46,7 +46,7 @@ register_attention(AttentionSpec(
     reference=moa_experts_reference,
     patterns=frozenset({"NS", "CS", "NC", "CC"}),
     paper="Zhang et al., 2024, BAM! Just Like That: Simple and Efficient Parameter Upcycling for Mixture of Experts, "
-          "arXiv 2408.08274, §3.2 (soft Mixture of Attention, full and KV-shared experts); no official code",
+          "arXiv 2408.08274, §4 (soft Mixture of Attention, full and KV-shared experts); no official code",
     implementations=("core's",),
     aliases=("bam",),
     defaults={"num_experts": 2},

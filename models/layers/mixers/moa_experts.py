@@ -1,4 +1,4 @@
-"""The soft router W_A of a BAM attention layer (Zhang et al., 2024, arXiv 2408.08274, §3.2): per-token expert
+"""The soft router W_A of a BAM attention layer (Zhang et al., 2024, arXiv 2408.08274, §4): per-token expert
 weights r = softmax(W_A x) over E attention experts (attnx.ops.experts.bam mixes the experts' heads with them)."""
 
 import jax
@@ -9,7 +9,7 @@ from attnx.ops.experts.bam import check_experts
 
 
 class MoAExpertsRouter(nnx.Module):
-    """{"gates": [B, T, E]} from the layer input x [B, T, D]. BAM initialises routers randomly (§3.1); here a
+    """{"gates": [B, T, E]} from the layer input x [B, T, D]. BAM initialises routers randomly (Figure 1); here a
     bias-free linear with Xavier-uniform weights, as MoH's routers."""
 
     def __init__(self, width: int, num_heads: int, *, num_kv_heads: int, num_experts: int = 2,
