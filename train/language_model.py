@@ -5,6 +5,7 @@ sampled continuation at the end. Plugs into `train.trainer.train` (see its docst
 import dataclasses
 import functools
 import gzip
+import inspect
 import lzma
 import math
 
@@ -14,12 +15,15 @@ import numpy as np
 import optax
 from flax import nnx
 
+import attnx
 from models.layers.mixers import call_with_auxiliary_loss
 from models.llm import LLM, LLMConfig
 from models.sampling import sample_logits
 from train.data.byte_lm import ByteLMData
+from train.data.landmark import IGNORE_LABEL, insert_landmarks, language_model_example, num_ordinary
 
 LN2 = math.log(2.0)
+LANDMARK_ID = 256  # Landmark Attention's extra token after the 256 byte values (vocab 257)
 
 
 @dataclasses.dataclass
@@ -27,6 +31,9 @@ class ByteLanguageModel:
     """Trains `model` (an LLMConfig with vocab 256) to predict the next byte of `data`.
 
     sample_prompt is continued by `sample_bytes` bytes at `sample_temperature` when training ends (0 = greedy).
+    With attention 'landmark' (Landmark Attention, arXiv 2305.16300 §3.1) every input carries the landmark token
+    256 after each `block_size` bytes (vocab 257): train/data/landmark.py lays windows out, landmark slots are left
+    out of the loss, and bits per byte count bytes only.
     """
 
     model: LLMConfig = dataclasses.field(default_factory=LLMConfig)
@@ -37,12 +44,25 @@ class ByteLanguageModel:
     sample_temperature: float = 0.8
 
     def __post_init__(self):
-        if self.model.vocab_size != 256:
+        if self.landmark_block_size is not None:
+            if self.model.vocab_size != LANDMARK_ID + 1:
+                raise ValueError(f"a byte-level model with landmark attention needs LLMConfig.vocab_size=257 (the "
+                                 f"256 bytes and the landmark token), got {self.model.vocab_size}")
+        elif self.model.vocab_size != 256:
             raise ValueError(f"a byte-level model needs LLMConfig.vocab_size=256, got {self.model.vocab_size}")
         if not self.sample_temperature >= 0:
             raise ValueError(f"sample_temperature must be >= 0, got {self.sample_temperature!r}")
         if not self.sample_prompt:
             raise ValueError("sample_prompt must not be empty: sampling continues it")
+
+    @property
+    def landmark_block_size(self) -> int | None:
+        """Bytes per landmark block when the model uses landmark attention, else None."""
+        spec = attnx.get_attention(self.model.attention)
+        if spec.name != "landmark":
+            return None
+        default = inspect.signature(spec.fn).parameters["block_size"].default
+        return int(dict(self.model.attention_kwargs).get("block_size", default))
 
     # ---- Training ----
 
@@ -56,14 +76,15 @@ class ByteLanguageModel:
     def train_iterator(self, process_index: int, process_count: int):
         return self.data.train_iterator(process_index, process_count)
 
-    @staticmethod
-    def loss_fn(model: LLM, batch: dict[str, jax.Array], rng: jax.Array | None = None
+    def loss_fn(self, model: LLM, batch: dict[str, jax.Array], rng: jax.Array | None = None
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Mean next-byte cross-entropy in nats over `batch["tokens"]` [B, T + 1], plus any auxiliary loss the
         model sows (MoH's balance loss); deterministic: `rng` unused."""
-        tokens = batch["tokens"].astype(jnp.int32)
-        logits, auxiliary = call_with_auxiliary_loss(model, tokens[:, :-1])  # e.g. MoH's weighted balance loss
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+        inputs, labels = _layout(batch["tokens"].astype(jnp.int32), self.landmark_block_size)
+        logits, auxiliary = call_with_auxiliary_loss(model, inputs)  # e.g. MoH's weighted balance loss
+        scored = labels != IGNORE_LABEL
+        nats = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(scored, labels, 0))
+        loss = jnp.sum(nats * scored) / jnp.sum(scored)
         metrics = {"bits_per_byte": loss / LN2}
         if auxiliary is not None:
             metrics["auxiliary_loss"] = auxiliary
@@ -93,8 +114,8 @@ class ByteLanguageModel:
     def evaluate(self, model: LLM) -> dict[str, float]:
         """Validation bits per byte (every validation byte but the first is predicted), with the baselines."""
         graphdef, state = nnx.split(model)
-        total_nats = sum(float(_summed_nats(graphdef, state, w, m)) for w, m in self._validation_batches)
-        predicted = sum(float(m.sum()) for _, m in self._validation_batches)
+        sums = [_summed_nats(graphdef, state, w, m, self.landmark_block_size) for w, m in self._validation_batches]
+        total_nats, predicted = (sum(float(pair[i]) for pair in sums) for i in (0, 1))
         return {"validation_bits_per_byte": total_nats / predicted / LN2, **self.compression_baselines}
 
     def describe_evaluation(self, step: int, results: dict[str, float]) -> str:
@@ -119,33 +140,54 @@ class ByteLanguageModel:
         buffer[: len(prompt)] = prompt
         graphdef, state = nnx.split(model)
         out = np.asarray(_generate(graphdef, state, jnp.asarray(buffer), len(prompt), length, self.data.seq_len,
-                                   self.sample_temperature, rng))
+                                   self.sample_temperature, rng, self.landmark_block_size))
         generated = bytes(out[:length].astype(np.uint8).tolist()).split(b"\x00")[0]
         return generated.decode("utf-8", errors="replace")
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _summed_nats(graphdef, state, windows, target_mask):
-    tokens = windows.astype(jnp.int32)
-    logits = nnx.merge(graphdef, state)(tokens[:, :-1])
-    nats = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-    return jnp.sum(nats * target_mask)
+def _layout(windows: jax.Array, block_size: int | None) -> tuple[jax.Array, jax.Array]:
+    """Byte windows [B, T + 1] -> (inputs [B, T], labels [B, T]): the plain shift, or with a landmark token after
+    every `block_size` bytes (labels IGNORE_LABEL there; the inputs then cover fewer than T bytes)."""
+    if block_size is None:
+        return windows[:, :-1], windows[:, 1:]
+    inputs, labels = language_model_example(windows, block_size=block_size, landmark_id=LANDMARK_ID,
+                                            length=windows.shape[1] - 1)
+    return inputs.astype(jnp.int32), labels
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5, 6))
-def _generate(graphdef, state, buffer, prompt_length, length, context, temperature, rng):
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _summed_nats(graphdef, state, windows, target_mask, block_size=None):
+    """(summed nats, predicted bytes) over the bytes `target_mask` [B, T] marks (landmark slots never count)."""
+    inputs, labels = _layout(windows.astype(jnp.int32), block_size)
+    if block_size is not None:  # the mask follows its byte through the layout; 0 at the landmark slots
+        _, laid_out = insert_landmarks(windows[:, :-1], target_mask.astype(jnp.int32), block_size=block_size,
+                                       landmark_id=LANDMARK_ID, ignore_label=0, length=inputs.shape[1])
+        target_mask = laid_out.astype(jnp.float32)
+    logits = nnx.merge(graphdef, state)(inputs)
+    nats = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(labels == IGNORE_LABEL, 0, labels))
+    return jnp.sum(nats * target_mask), jnp.sum(target_mask)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5, 6, 8))
+def _generate(graphdef, state, buffer, prompt_length, length, context, temperature, rng, block_size=None):
     """Fills buffer[prompt_length:length] one byte at a time, each from the `context` bytes before it.
 
     Without a KV cache each byte re-reads a whole window; causality makes the not-yet-written tail of the window
-    irrelevant, and at these sizes the loop takes about a second.
+    irrelevant, and at these sizes the loop takes about a second. With landmarks, the window holds the bytes that fit
+    in `context` slots beside their landmark tokens.
     """
     model = nnx.merge(graphdef, state)
+    raw_context = context if block_size is None else num_ordinary(context, block_size)
 
     def next_byte(position, carry):
         buffer, rng = carry
-        start = jnp.clip(position - context, 0, buffer.shape[0] - context)
-        window = jax.lax.dynamic_slice(buffer, (start,), (context,))
-        logits = model(window[None])[0, position - 1 - start]
+        start = jnp.clip(position - raw_context, 0, buffer.shape[0] - raw_context)
+        window = jax.lax.dynamic_slice(buffer, (start,), (raw_context,))
+        last = position - 1 - start  # the window index of the byte that predicts `position`
+        if block_size is not None:
+            window, _ = insert_landmarks(window, block_size=block_size, landmark_id=LANDMARK_ID)
+            last = last + last // block_size  # its slot once landmarks sit after each block
+        logits = model(window[None])[0, last]
         rng, draw = jax.random.split(rng)
         token = sample_logits(logits[None], draw, temperature=temperature)[0]
         return buffer.at[position].set(token.astype(buffer.dtype)), rng

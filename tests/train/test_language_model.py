@@ -81,3 +81,41 @@ def test_sample_returns_prompt_and_continuation(task_and_model):
     text = task.sample(model, jax.random.key(1))
     # Each sampled byte decodes to at most one character (invalid UTF-8 becomes U+FFFD).
     assert text.startswith(task.sample_prompt) and len(text) <= len(task.sample_prompt) + task.sample_bytes
+
+
+@pytest.fixture(scope="module")
+def landmark_task_and_model(corpus, tiny_task):
+    import dataclasses
+    task = tiny_task(corpus)
+    model_config = dataclasses.replace(task.model, vocab_size=257, attention="landmark",
+                                       attention_kwargs={"block_size": 3})
+    task = dataclasses.replace(task, model=model_config)
+    return task, task.build_model(nnx.Rngs(0))
+
+
+def test_landmark_windows_carry_the_landmark_token_and_score_bytes_only(landmark_task_and_model):
+    task, model = landmark_task_and_model
+    window = np.frombuffer(task.data.validation_text[:17], np.uint8)[None].astype(np.int32)  # T = 16
+    inputs, labels = language_model._layout(jnp.asarray(window), 3)
+    assert inputs[0].tolist() == [*window[0, 0:3], 256, *window[0, 3:6], 256, *window[0, 6:9], 256,
+                                  *window[0, 9:12], 256]
+    # Each byte predicts the next byte; the byte before a landmark predicts the byte after it.
+    assert labels[0].tolist() == [*window[0, 1:4], -1, *window[0, 4:7], -1, *window[0, 7:10], -1,
+                                  *window[0, 10:13], -1]
+    loss, _ = task.loss_fn(model, {"tokens": jnp.asarray(window)})
+    logits = np.asarray(model(inputs)[0], np.float64)
+    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
+        logits.max(-1, keepdims=True)
+    scored = [i for i, label in enumerate(labels[0].tolist()) if label != -1]
+    expected = -np.mean([log_probs[i, labels[0, i]] for i in scored])
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_landmark_task_evaluates_and_samples_bytes(landmark_task_and_model):
+    task, model = landmark_task_and_model
+    assert math.isfinite(task.evaluate(model)["validation_bits_per_byte"])
+    text = task.sample(model, jax.random.key(0))
+    assert text.startswith(task.sample_prompt)
+    with pytest.raises(ValueError, match="vocab_size=257"):
+        import dataclasses
+        dataclasses.replace(task, model=dataclasses.replace(task.model, vocab_size=256))
