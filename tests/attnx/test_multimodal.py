@@ -11,8 +11,9 @@ import pytest
 
 import attnx
 from attnx.ops.multimodal import attention as mm
-from attnx.ops.multimodal import (cca_mask, cca_position_ids, cca_rings, composite_mask, head_modulation_bias,
-                                  mma_mask, var_redistribute, var_sink_tokens, vhd_scores, vhr_head_scale)
+from attnx.ops.multimodal import (cca_mask, cca_position_ids, cca_positions_of, cca_rings, composite_mask,
+                                  head_modulation_bias, mma_mask, var_redistribute, var_sink_tokens, vhd_scores,
+                                  vhr_head_scale)
 from attnx.testing.tolerances import assert_close
 
 B, N, K, H, VD = 2, 4, 2, 8, 6
@@ -45,8 +46,10 @@ def qkv(length=T, seed=0, dtype=jnp.float32):
             jax.random.normal(kv, (B, length, K, VD), dtype))
 
 
+@jax.jit
 def masked_softmax(q, k, v, allowed, bias=None):
-    """Independent oracle: dense softmax over an explicit [T, S] mask, key/value heads repeated."""
+    """Independent oracle: dense softmax over an explicit [T, S] mask, key/value heads repeated (jitted once for
+    every mask of one shape)."""
     G = q.shape[2] // k.shape[2]
     k, v = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
     logits = jnp.einsum("btnh,bsnh->bnts", q, k, precision="highest") / np.sqrt(q.shape[-1])
@@ -54,6 +57,17 @@ def masked_softmax(q, k, v, allowed, bias=None):
         logits = logits + bias
     probs = jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
     return jnp.einsum("bnts,bsnv->btnv", probs, v, precision="highest"), probs
+
+
+def padded(x, extra=5):
+    """A KV cache with `extra` unwritten (zero) slots after the sequence."""
+    return jnp.concatenate([x, jnp.zeros_like(x[:, :extra])], axis=1)
+
+
+def last_rows(decode, q, k, v, **kwargs):
+    """The decode rule for the last two queries over a cache with unwritten slots after them (one shape for every
+    mechanism, so the compiled primitives are shared)."""
+    return decode(q[:, -2:], padded(k), padded(v), query_positions=jnp.arange(T - 2, T), **kwargs)
 
 
 def causal(T):
@@ -84,6 +98,12 @@ def test_cca_rings_and_positions_reproduce_fig3():
     np.testing.assert_array_equal(np.asarray(cca_position_ids(start, length, 6)), want_ids)
     # text after the image continues from start + G/2 = 6; the 36 image tokens use 3 slots
     np.testing.assert_array_equal(np.asarray(cca_position_ids(start, length, 6))[39:], np.arange(6, 11))
+    # decode rule of the code: a token at cache index L >= s + V gets L - V + G/2 (the layer hook agrees)
+    for index in (39, 40, 57):
+        assert int(cca_positions_of(index, start=start, grid=6)) == index - 36 + 3
+    np.testing.assert_array_equal(np.asarray(mm.cca_rotary_positions(jnp.arange(length), image_start=start, grid=6)),
+                                  want_ids)
+    np.testing.assert_array_equal(np.asarray(mm.cca_rotary_positions(jnp.arange(5))), np.arange(5))
     mask = np.asarray(cca_mask(start, length, 6))
     np.testing.assert_array_equal(mask, want_mask)
     image = mask[3:39, 3:39]
@@ -108,11 +128,9 @@ def test_cca_attention_text_rows_equal_causal():
 def test_cca_decode_equals_full_forward_rows():
     q, k, v = qkv()
     full = mm.cca_attention(q, k, v, causal=True, **KWARGS["cca"])
-    assert_close(mm.cca_decode(q[:, -2:], k, v, query_positions=jnp.arange(T - 2, T), **KWARGS["cca"]),
-                 full[:, -2:], jnp.float32)
+    assert_close(last_rows(mm.cca_decode, q, k, v, **KWARGS["cca"]), full[:, -2:], jnp.float32)
     # a prefill chunk holding the image, into a cache with unwritten slots after it
-    pad = lambda x: jnp.concatenate([x, jnp.zeros_like(x[:, :5])], axis=1)
-    assert_close(mm.cca_decode(q, pad(k), pad(v), query_positions=jnp.arange(T), **KWARGS["cca"]), full,
+    assert_close(mm.cca_decode(q, padded(k), padded(v), query_positions=jnp.arange(T), **KWARGS["cca"]), full,
                  jnp.float32)
 
 
@@ -145,8 +163,7 @@ def test_mma_attention_answer_rows_causal_empty_question_and_decode():
     assert_close(out[:, 16:], plain[:, 16:], jnp.float32)
     empty = mm.mma_attention(q, k, v, causal=True, image_span=(2, 11), question_span=(11, 11))
     assert_close(empty, plain, jnp.float32)
-    assert_close(mm.mma_decode(q[:, -3:], k, v, query_positions=jnp.arange(T - 3, T), **KWARGS["mma"]),
-                 out[:, -3:], jnp.float32)
+    assert_close(last_rows(mm.mma_decode, q, k, v, **KWARGS["mma"]), out[:, -2:], jnp.float32)
 
 
 # ---- Composite (EE-MLLM) ------------------------------------------------------------------------------------------
@@ -162,8 +179,9 @@ def test_composite_visual_rows_are_the_value_path_and_text_rows_causal():
     assert_close(out, masked_softmax(q, k, v, mask)[0], jnp.float32)
     plain, _ = masked_softmax(q, k, v, causal(T))
     assert_close(out[:, :3], plain[:, :3], jnp.float32)
-    assert_close(mm.composite_decode(q[:, 5:7], k, v, query_positions=jnp.arange(5, 7), **KWARGS["composite"]),
-                 out[:, 5:7], jnp.float32)
+    assert_close(last_rows(mm.composite_decode, q, k, v, **KWARGS["composite"]), out[:, -2:], jnp.float32)
+    assert_close(mm.composite_decode(q[:, 5:7], padded(k), padded(v), query_positions=jnp.arange(5, 7),
+                                     **KWARGS["composite"]), out[:, 5:7], jnp.float32)  # visual rows, decoded
 
 
 # ---- VAR ----------------------------------------------------------------------------------------------------------
@@ -244,8 +262,7 @@ def test_var_attention_against_the_probability_oracle_and_decode():
     out = mm.var_attention(q, k, v, causal=True, **kwargs)
     assert_close(out, want, jnp.float32)
     assert_close(mm.var_attention(q, k, v, causal=True), masked_softmax(q, k, v, causal(T))[0], jnp.float32)
-    assert_close(mm.var_decode(q[:, -2:], k, v, query_positions=jnp.arange(T - 2, T), **kwargs), out[:, -2:],
-                 jnp.float32)
+    assert_close(last_rows(mm.var_decode, q, k, v, **kwargs), out[:, -2:], jnp.float32)
     with pytest.raises(NotImplementedError, match="reference"):
         mm.var_attention(q, k, v, causal=True, implementation="chunked", **kwargs)
 
@@ -268,8 +285,7 @@ def test_vhr_attention_scales_the_selected_heads_only():
     plain, _ = masked_softmax(q, k, v, causal(T))
     out = mm.vhr_attention(q, k, v, causal=True, **KWARGS["vhr"])
     assert_close(out, plain * jnp.array([1.0, 2.0, 2.0, 1.0])[:, None], jnp.float32)
-    assert_close(mm.vhr_decode(q[:, -1:], k, v, query_positions=jnp.array([T - 1]), **KWARGS["vhr"]), out[:, -1:],
-                 jnp.float32)
+    assert_close(last_rows(mm.vhr_decode, q, k, v, **KWARGS["vhr"]), out[:, -2:], jnp.float32)
     scale = jnp.array([1.0, 3.0, 1.0, 0.5])  # a head_scale array (e.g. vhr_head_scale of measured VHD) instead
     assert_close(mm.vhr_attention(q, k, v, causal=True, head_scale=scale), plain * scale[:, None], jnp.float32)
 
@@ -290,8 +306,8 @@ def test_head_modulation_bias_multiplies_selected_weights_by_one_plus_alpha_s():
     want = jnp.einsum("bnts,bsnv->btnv", weights / weights.sum(-1, keepdims=True), jnp.repeat(v, 2, axis=2),
                       precision="highest")
     assert_close(out, want, jnp.float32)
-    assert_close(mm.head_modulation_decode(q[:, -2:], k, v, query_positions=jnp.arange(T - 2, T),
-                                           **KWARGS["head_modulation"]), out[:, -2:], jnp.float32)
+    assert_close(last_rows(mm.head_modulation_decode, q, k, v, **KWARGS["head_modulation"]), out[:, -2:],
+                 jnp.float32)
 
 
 # ---- Fast paths ---------------------------------------------------------------------------------------------------
@@ -335,5 +351,7 @@ def test_errors_name_the_argument():
         mm.composite_attention(q, k, v, causal=False, image_span=(0, 2))
     with pytest.raises(ValueError, match="head_modulation.heads"):
         mm.head_modulation_attention(q, k, v, causal=True, tokens=(1,), heads=(4,))
+    with pytest.raises(ValueError, match="head_modulation.head_scores"):
+        mm.head_modulation_attention(q, k, v, causal=True, tokens=(1,), heads=(0,), head_scores=(-1.0,))
     with pytest.raises(ValueError, match="var.p"):
         mm.var_attention(q, k, v, causal=True, image_span=(0, 2), sinks=(1,), p=1.5)

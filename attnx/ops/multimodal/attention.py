@@ -20,6 +20,7 @@ last rows of the full forward as long as the image was prefilled in one chunk (w
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from attnx.api import dot_product_attention
 from attnx.mask import Mask
@@ -60,7 +61,7 @@ def _cca_predicate(image_start, grid):
     if image_start is None or grid is None:
         raise ValueError(f"cca: give both image_start and grid (or neither, for no image), got image_start="
                          f"{image_start!r}, grid={grid!r}")
-    start = masks._check_int("cca.image_start", image_start)
+    start = masks.check_int("cca.image_start", image_start)
     grid = masks.check_grid("cca.grid", grid)
     return lambda q, k: masks.cca_allowed(q, k, start=start, grid=grid)
 
@@ -75,6 +76,18 @@ def cca_attention(query, key, value, *, causal: bool = False, image_start: int |
     predicate = _cca_predicate(image_start, grid)
     T = query.shape[-3]
     return dot_product_attention(query, key, value, mask=_combine(_dense(predicate, T, T), mask), **kwargs)
+
+
+def cca_rotary_positions(index, *, image_start: int | None = None, grid: int | None = None, **unused):
+    """The rotary positions a layer should use for sequence indices `index` under cca's attention kwargs: the
+    concentric positions of `cca_positions_of`, or `index` itself when no image is declared. This is the hook the
+    attention layer needs (it rotates queries and keys before calling the mechanism); the layer does not call it
+    yet, see the module docstring of masks.py."""
+    del unused
+    if image_start is None and grid is None:
+        return index
+    _cca_predicate(image_start, grid)  # validates
+    return masks.cca_positions_of(index, start=image_start, grid=grid)
 
 
 def cca_decode(query, key_cache, value_cache, *, query_positions, image_start=None, grid=None, mask=None, **kwargs):
@@ -190,14 +203,14 @@ def vhr_decode(query, key_cache, value_cache, *, query_positions, heads=(), alph
 
 def _modulation_bias(num_heads: int, length: int, tokens, heads, head_scores, alpha):
     if not isinstance(tokens, (tuple, list)) or not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in tokens):
+            isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0 for i in tokens):
         raise ValueError(f"head_modulation.tokens: expected a tuple of token indices >= 0, got {tokens!r}")
     heads = head_ops.check_heads("head_modulation.heads", heads, num_heads)
     if head_scores is None:
         head_scores = (1.0,) * len(heads)
-    if len(head_scores) != len(heads):
-        raise ValueError(f"head_modulation.head_scores: expected one score per selected head ({len(heads)}), got "
-                         f"{head_scores!r}")
+    if len(head_scores) != len(heads) or any(float(x) < 0 for x in head_scores):
+        raise ValueError(f"head_modulation.head_scores: expected one score >= 0 per selected head ({len(heads)}), "
+                         f"got {head_scores!r}")
     scores = jnp.zeros(num_heads, jnp.float32).at[jnp.asarray(heads, jnp.int32)].set(
         jnp.asarray(head_scores, jnp.float32))
     selected = jnp.zeros(length, bool).at[jnp.asarray([i for i in tokens if i < length], jnp.int32)].set(True)

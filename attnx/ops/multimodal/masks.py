@@ -18,6 +18,9 @@ The code builds the image block by first masking it fully and then re-opening, f
 (q in ring r, k in ring <= r) pair; the predicate below is that result. Its decode rule gives a new token at cache
 index L the position L - G^2 + G/2, which is the text formula above (it does not depend on s). The code assumes
 G = 24 (576 tokens, 12 rings); any even G works the same way. Odd G has no 2 x 2 centre and is refused.
+In this library the attention layer rotates queries and keys before it calls the mechanism, so the registered
+`cca` entry applies the mask only; the positions reach the model once the layer rotates by
+`attention.cca_rotary_positions(index, **attention_kwargs)` (a change to models/layers/attention.py, not made yet).
 
 **MMA**, modality-mutual attention (AKI: Wang, Wang, Suzuki, Kobayashi, 2025, "Seeing is Understanding:
 Unlocking Causal Attention into Modality-Mutual Attention for Multimodal LLMs", arXiv 2503.02597, §3; code sony/aki
@@ -37,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _check_int(name: str, value, minimum: int = 0) -> int:
+def check_int(name: str, value, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
     return int(value)
@@ -50,15 +53,15 @@ def check_span(name: str, span, *, allow_none: bool = True) -> tuple[int, int] |
     if not (isinstance(span, (tuple, list)) and len(span) == 2):
         raise ValueError(f"{name}: expected a pair (start, end) of ints{' or None' if allow_none else ''}, "
                          f"got {span!r}")
-    start = _check_int(f"{name}[0]", span[0])
-    end = _check_int(f"{name}[1]", span[1])
+    start = check_int(f"{name}[0]", span[0])
+    end = check_int(f"{name}[1]", span[1])
     if end < start:
         raise ValueError(f"{name}: expected start <= end, got {span!r}")
     return start, end
 
 
 def check_grid(name: str, grid) -> int:
-    grid = _check_int(name, grid, 2)
+    grid = check_int(name, grid, 2)
     if grid % 2:
         raise ValueError(f"{name}: CCA's rings need an even grid side (a 2 x 2 centre), got {grid}")
     return grid
@@ -93,8 +96,8 @@ def cca_allowed(q_index, k_index, *, start: int, grid: int):
 
 def cca_mask(start: int, length: int, grid: int) -> jnp.ndarray:
     """[L, L] bool CCA mask for an image of G x G tokens at [start, start + G^2) in a sequence of `length`."""
-    start, length, grid = _check_int("cca.start", start), _check_int("cca.length", length, 1), check_grid("cca.grid",
-                                                                                                         grid)
+    start, length = check_int("cca.start", start), check_int("cca.length", length, 1)
+    grid = check_grid("cca.grid", grid)
     i = jnp.arange(length)
     return cca_allowed(i[:, None], i[None, :], start=start, grid=grid)
 
@@ -111,8 +114,8 @@ def cca_positions_of(index, *, start: int, grid: int):
 def cca_position_ids(start: int, length: int, grid: int) -> jnp.ndarray:
     """[L] int32 rotary positions of a sequence of `length` holding a whole G x G image at `start` (so the image
     takes G/2 position slots and the text after it continues from start + G/2, as in the code)."""
-    start, length, grid = _check_int("cca.start", start), _check_int("cca.length", length, 1), check_grid("cca.grid",
-                                                                                                         grid)
+    start, length = check_int("cca.start", start), check_int("cca.length", length, 1)
+    grid = check_grid("cca.grid", grid)
     if start + grid * grid > length:
         raise ValueError(f"cca.length: the image [{start}, {start + grid * grid}) must fit in the sequence, got "
                          f"length {length}")
@@ -130,7 +133,7 @@ def mma_allowed(q_index, k_index, *, image_span, question_span):
 def mma_mask(length: int, image_span, question_span, pad=None) -> jnp.ndarray:
     """[L, L] bool modality-mutual mask: causal, plus image rows see the question columns; `pad` [L] bool (True =
     padding token) clears those key columns, as the code does with its 2-D attention mask."""
-    length = _check_int("mma.length", length, 1)
+    length = check_int("mma.length", length, 1)
     image_span = check_span("mma.image_span", image_span, allow_none=False)
     question_span = check_span("mma.question_span", question_span, allow_none=False)
     i = jnp.arange(length)
@@ -153,7 +156,7 @@ def composite_allowed(q_index, k_index, *, image_span):
 
 def composite_mask(length: int, image_span) -> jnp.ndarray:
     """[L, L] bool EE-MLLM composite mask (visual rows diagonal, every other row causal)."""
-    length = _check_int("composite.length", length, 1)
+    length = check_int("composite.length", length, 1)
     image_span = check_span("composite.image_span", image_span, allow_none=False)
     i = jnp.arange(length)
     return composite_allowed(i[:, None], i[None, :], image_span=image_span)
