@@ -28,8 +28,10 @@ when delta = 0 (its only weight normalises to 1).
 
 from __future__ import annotations
 
+import functools
 import math
 
+import jax
 import jax.numpy as jnp
 
 EPS = 1e-8  # the code's default (and, through the wrapper's argument slip, the value its heads always use)
@@ -55,6 +57,37 @@ def _product_of_gaussians(x, mean, var, delta, c):
     return weights
 
 
+@functools.partial(jax.checkpoint, static_argnums=(4,))
+def _causal_weights(x, xm, delta, c, eps):
+    """W_t(t) / max(sum_{j<=t} W_j(t), eps) along the last axis, with prefix statistics (module docstring).
+
+    The product of the G Gaussians is folded into one exponent, prod_g N_g = C exp(-(A a^2 - 2 B a + D) / 2 sigma^2)
+    with a = x - mu, A = sum 1/c^2, B = sum delta/c^2, D = sum delta^2/c^2, C = prod (2 pi c^2)^(-1/2): equal to the
+    code's product up to rounding, and one [n, n] exponential instead of G. Checkpointed: the backward pass recomputes
+    the [n, n] tables instead of storing them.
+    """
+    n = x.shape[-1]
+    seen = jnp.tril(jnp.ones((n, n), bool))  # [t, j]: j in the prefix of t
+    count = jnp.arange(1, n + 1, dtype=jnp.float32)
+    mean = jnp.sum(jnp.where(seen, xm[..., None, :], 0.0), -1) / count  # [..., t]
+    # Two passes, like torch.var; a prefix of one has no unbiased variance (0/0), taken as 0 (docstring).
+    squares = jnp.where(seen, jnp.square(xm[..., None, :] - mean[..., None]), 0.0)
+    var = jnp.sum(squares, -1) / jnp.maximum(count - 1.0, 1.0) + eps
+    inv = 1.0 / jnp.square(c)
+    a_coef, b_coef, d_coef = jnp.sum(inv, -1), jnp.sum(delta * inv, -1), jnp.sum(jnp.square(delta) * inv, -1)
+    log_c = -0.5 * jnp.sum(jnp.log(2.0 * math.pi * jnp.square(c)), -1)
+
+    def weight(a, var):
+        return jnp.exp(log_c - (a_coef * jnp.square(a) - 2.0 * b_coef * a + d_coef) / (2.0 * var))
+
+    a_coef, b_coef, d_coef, log_c = (v[..., None] for v in (a_coef, b_coef, d_coef, log_c))
+    own = weight(x - mean, var)  # W_t(t)
+    a_coef, b_coef, d_coef, log_c = (v[..., None] for v in (a_coef, b_coef, d_coef, log_c))
+    table = weight(x[..., None, :] - mean[..., None], var[..., None])  # [..., t, j]
+    total = jnp.sum(jnp.where(seen, table, 0.0), -1)
+    return own / jnp.maximum(total, eps)
+
+
 def gaussian_weights(x, delta, c, *, eps: float = EPS, mask=None, causal: bool = False):
     """One GAAM head along the last axis of x [..., n]: returns (y [..., n], W [..., n]).
 
@@ -63,7 +96,6 @@ def gaussian_weights(x, delta, c, *, eps: float = EPS, mask=None, causal: bool =
     diagonal W_t(t) / normaliser_t.
     """
     x32 = x.astype(jnp.float32)
-    n = x.shape[-1]
     valid = None if mask is None else jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
     xm = x32 if valid is None else jnp.where(valid, x32, 0.0)
     delta, c = delta[..., None, :], c[..., None, :]  # [..., 1, G]: constant along the n axis
@@ -73,17 +105,7 @@ def gaussian_weights(x, delta, c, *, eps: float = EPS, mask=None, causal: bool =
         w = _product_of_gaussians(x32, mean, var, delta, c)
         w = w / jnp.maximum(jnp.sum(w, -1, keepdims=True), eps)
     else:
-        seen = jnp.tril(jnp.ones((n, n), bool))  # [t, j]: j in the prefix of t
-        count = jnp.arange(1, n + 1, dtype=jnp.float32)
-        rows = jnp.where(seen, xm[..., None, :], 0.0)  # [..., t, j]
-        mean = jnp.sum(rows, -1) / count  # [..., t]
-        # Two passes, like torch.var; a prefix of one has no unbiased variance (0/0), taken as 0 (docstring).
-        squares = jnp.where(seen, jnp.square(xm[..., None, :] - mean[..., None]), 0.0)
-        var = jnp.sum(squares, -1) / jnp.maximum(count - 1.0, 1.0) + eps
-        all_w = _product_of_gaussians(x32[..., None, :], mean[..., None], var[..., None], delta[..., None, :, :],
-                                      c[..., None, :, :])  # [..., t, j]
-        total = jnp.sum(jnp.where(seen, all_w, 0.0), -1)
-        w = jnp.diagonal(all_w, axis1=-2, axis2=-1) / jnp.maximum(total, eps)
+        w = _causal_weights(x32, xm, delta[..., 0, :], c[..., 0, :], eps)
     y = x32 * w
     if valid is not None:
         y = jnp.where(valid, y, x32)
