@@ -49,8 +49,8 @@ from models.layers.norm import RMSNorm
 
 # The LLM's own token mixers: modules that replace the attention layer, built as
 # `cls(width, num_heads, num_kv_heads, head_dim, layer_index=, num_layers=, norm_eps=, rngs=, param_dtype=, **kwargs)`
-# with the methods of `Attention` that a block uses: __call__(x, positions), init_cache, decode; `check_options`
-# validates their kwargs at config time.
+# with the methods of `Attention` that a block uses: __call__(x, positions), init_cache, decode;
+# `check_options(kwargs, num_heads=)` validates their kwargs at config time.
 MIXERS = {"tnl": TNLMixer, "base_conv": BaseConv}
 
 
@@ -83,7 +83,7 @@ def _check_mixer(owner: str, kind: str, kwargs: Any, num_heads: int, *, layer_en
             raise ValueError(f"{owner}: qk_head_dim must be an int >= 0 (0 = head_dim), got {qk!r}")
     if kind in MIXERS:
         try:
-            MIXERS[kind].check_options(kwargs)
+            MIXERS[kind].check_options(kwargs, num_heads=num_heads)
         except ValueError as error:
             raise ValueError(f"{owner}={kind!r}: {error}") from error
         return
@@ -104,6 +104,8 @@ class LLMConfig:
     use_mlp=False drops the feed-forward blocks (Zoology's attention-only MQAR models).
     num_value_heads (0 = num_kv_heads) and query_hidden_dim (0 = none) are Sigma's DiffQKV options (arXiv
     2501.13629 §2, attention 'diffqkv'): value heads counted apart from key heads, and the augmented Q projection.
+    attention names a registered mechanism or one of the LLM's `MIXERS` ('tnl', 'base_conv'); layer_attention
+    chooses the mixer per layer (see the module docstring).
     """
 
     vocab_size: int = 256
@@ -180,7 +182,7 @@ class LLMConfig:
         layer_attention: what that layer's block is built from. `slopes` is resolved to the layer's floats."""
         kind, kwargs = self.layer_mixer(layer)
         qk_head_dim = kwargs.pop("qk_head_dim", self.qk_head_dim)
-        if kind == "tnl" or kind not in MIXERS and attnx.get_attention(kind).name == "lightning":
+        if kind == "tnl" or (kind not in MIXERS and attnx.get_attention(kind).name == "lightning"):
             if kwargs.get("slopes") is not None:
                 kwargs["slopes"] = resolve_slopes(kwargs["slopes"], self.num_heads, layer, self.depth)
         if (kind, kwargs, qk_head_dim) == (self.attention, dict(self.attention_kwargs), self.qk_head_dim) \

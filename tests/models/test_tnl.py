@@ -119,7 +119,7 @@ def test_decode_with_the_recurrent_state_equals_the_full_forward():
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(attention_kwargs={"slopes": "linear"}), r"LLMConfig='tnl'.*tnl.slopes='linear'.*'tnl', 'alibi'"),
-    (dict(attention_kwargs={"slopes": [0.1, 0.2]}), r"tnl.slopes has 2 rates; the layer has num_heads=4"),
+    (dict(attention_kwargs={"slopes": [0.1, 0.2]}), r"LLMConfig='tnl': tnl.slopes has 2 rates; .* num_heads=4"),
     (dict(attention_kwargs={"window": 3}), r"tnl: unknown options \['window'\]"),
     (dict(attention_kwargs={"block_size": 0}), r"tnl.block_size must be an int >= 1"),
     (dict(attention="softmax", attention_kwargs={"slopes": "tnl"}), r"decay schedule of 'lightning' and 'tnl'"),

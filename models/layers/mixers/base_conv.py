@@ -72,7 +72,8 @@ class BaseConv(nnx.Module):
     kind = "base_conv"
 
     @staticmethod
-    def check_options(options: Mapping[str, Any]) -> None:
+    def check_options(options: Mapping[str, Any], num_heads: int | None = None) -> None:
+        del num_heads  # one convolution over the width: no heads
         unknown = set(options) - set(_OPTIONS)
         if unknown:
             raise ValueError(f"base_conv: unknown options {sorted(unknown)}; allowed: {sorted(_OPTIONS)}")

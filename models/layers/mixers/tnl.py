@@ -80,11 +80,11 @@ class TNLMixer(nnx.Module):
     kind = "tnl"  # the name LLMConfig selects it by; the config tests read it like Attention.kind
 
     @staticmethod
-    def check_options(options: Mapping[str, Any]) -> None:
+    def check_options(options: Mapping[str, Any], num_heads: int | None = None) -> None:
         unknown = set(options) - {"slopes", "block_size"}
         if unknown:
             raise ValueError(f"tnl: unknown options {sorted(unknown)}; allowed: ['block_size', 'slopes']")
-        check_slopes("tnl", options.get("slopes", "tnl"))
+        check_slopes("tnl", options.get("slopes", "tnl"), num_heads)
         block_size = options.get("block_size", 64)
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
             raise ValueError(f"tnl.block_size must be an int >= 1, got {block_size!r}")
@@ -92,7 +92,7 @@ class TNLMixer(nnx.Module):
     def __init__(self, width: int, num_heads: int, num_kv_heads: int, head_dim: int, *, layer_index: int,
                  num_layers: int, slopes: Any = "tnl", block_size: int = 64, norm_eps: float = 1e-6,
                  rngs: nnx.Rngs, param_dtype=jnp.float32):
-        self.check_options({"slopes": slopes, "block_size": block_size})
+        self.check_options({"slopes": slopes, "block_size": block_size}, num_heads)
         if num_heads % num_kv_heads:
             raise ValueError(f"tnl: num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
         self.slopes = resolve_slopes(slopes, num_heads, layer_index, num_layers)
