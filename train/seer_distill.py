@@ -9,8 +9,9 @@ are pulled towards the block max-pool of that layer's post-RoPE attention map (`
 (the script's `gate_loss_scale`). Optimiser as the script: AdamW, lr 1e-3, 20 warmup steps then cosine (to 0, the
 Hugging Face cosine), weight decay 0, gradient clipping at norm 1 (the Trainer's default).
 
-    model = LLM(LLMConfig(..., attention='seer', attention_kwargs={'block': 16, 'hidden': 32}), rngs=...)
-    model.load_weights(...)                          # the frozen base (any softmax-trained weights)
+    config = dataclasses.replace(base.config, attention='seer', attention_kwargs={'block': 16, 'hidden': 32})
+    model = LLM(config, rngs=nnx.Rngs(0))
+    nnx.update(model, nnx.state(base_model))           # the frozen base: the same tree without the gates
     losses = distill_gates(model, batches, steps=500)  # updates the gate parameters in place
 """
 
@@ -38,9 +39,25 @@ DISTILL_OPTIMIZER = OptimizerConfig(peak_learning_rate=1e-3, warmup_steps=20, fi
                                     beta1=0.9, beta2=0.999, weight_decay=0.0, clip_global_norm=1.0)
 
 
+# attention_kwargs of a seer layer that configure the gate and the mask (not the dense attention distilled from).
+_SEER_OPTIONS = {"block", "hidden", "q_pools", "k_pools", "rope_theta", "threshold", "nz_ratio", "dense_last",
+                 "implementation"}
+
+
 def _seer_gate(block) -> SeerGate | None:
     router = getattr(getattr(block, "attention", None), "router", None)
     return router if isinstance(router, SeerGate) else None
+
+
+def _attention_scale(attention) -> float | None:
+    """The layer's softmax scale option, if any; options that change the attention map in ways the ground truth
+    does not model (soft caps, sinks, score mods) are refused rather than silently distilled from the wrong map."""
+    options = dict(attention.kind_kwargs)
+    other = sorted(set(options) - _SEER_OPTIONS - {"scale"})
+    if other:
+        raise NotImplementedError(f"distill_gates: the ground truth is the block max-pool of plain softmax attention; "
+                                  f"the seer layer's attention_kwargs {other} change that map")
+    return options.get("scale")
 
 
 def gate_losses(model, token_ids: jax.Array, implementation=None) -> tuple[jax.Array, jax.Array]:
@@ -56,12 +73,14 @@ def gate_losses(model, token_ids: jax.Array, implementation=None) -> tuple[jax.A
             x = block(x, positions)
             continue
         attention = block.attention
+        scale = _attention_scale(attention)
         query_pre, key_pre, value = attention.project_heads(block.attention_norm(x))
         query, key, value = attention.rotate(query_pre, key_pre, value, positions)
         ground_truth = block_maxpool_gt_chunked(jax.lax.stop_gradient(query), jax.lax.stop_gradient(key),
-                                                block=gate.block, causal=True)
+                                                block=gate.block, causal=True, scale=scale)
         losses.append(seer_gate_loss(gate.logits(query_pre, key_pre, causal=True), ground_truth))
-        mixed = dot_product_attention(query, key, value, mask=Mask(causal=True), implementation=implementation)
+        mixed = dot_product_attention(query, key, value, mask=Mask(causal=True), scale=scale,
+                                      implementation=implementation)
         x = x + attention.output(mixed)
         if block.mlp is not None:
             x = x + block.mlp(block.mlp_norm(x))

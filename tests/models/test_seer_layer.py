@@ -2,6 +2,8 @@
 its logits otherwise) and gate distillation with the base model frozen (train/seer_distill.py): the KL falls, only
 gate parameters move, and the distilled gate's block mask beats a random mask of equal density."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,9 +65,12 @@ FAST = OptimizerConfig(peak_learning_rate=3e-2, warmup_steps=5, final_learning_r
 
 
 def token_batches(seed):
+    """[4, 64] tokens in 8 blocks of 8; each block draws from one of 4 disjoint 16-token "topics", so which key
+    blocks matter to a query block is a property of the blocks' contents that pooled queries/keys can reveal."""
     rng = np.random.default_rng(seed)
     while True:
-        yield rng.integers(0, 64, (4, 64))
+        topics = rng.integers(0, 4, (4, 8, 1))
+        yield (16 * topics + rng.integers(0, 16, (4, 8, 8))).reshape(4, 64)
 
 
 @nnx.jit
@@ -102,29 +107,35 @@ def mask_errors(model, tokens, rng):
 def distilled():
     @nnx.jit
     def build():
-        model = LLM(CONFIG, rngs=nnx.Rngs(0))
-        for block in model.blocks:  # sharper attention than at initialisation, so block maps have structure
-            block.attention.query_dnh[...] = 3.0 * block.attention.query_dnh[...]
-        return model
+        """A softmax 'base model' and a seer model carrying its weights (the distillation workflow)."""
+        base = LLM(dataclasses.replace(CONFIG, attention="softmax", attention_kwargs={}), rngs=nnx.Rngs(0))
+        for block in base.blocks:  # content-matching heads (keys = queries of heads 0 and 2), sharpened
+            attention = block.attention
+            attention.query_dnh[...] = 3.0 * attention.query_dnh[...]
+            attention.key_dkh[...] = attention.query_dnh[...][:, ::2] / 3.0
+        model = LLM(CONFIG, rngs=nnx.Rngs(7))
+        nnx.update(model, nnx.state(base))
+        return model, base
 
-    model = build()
+    model, base = build()
     held_out = jnp.asarray(next(token_batches(99)))
-    before = evaluate(model, held_out)
+    before = evaluate(model, held_out) + (nnx.jit(lambda m, t: m.features(t))(base, held_out),)
     frozen_before = [np.array(leaf) for leaf in jax.tree.leaves(nnx.state(model, nnx.Not(nnx.PathContains("router"))))]
     steps = distill_gates(model, token_batches(0), steps=40, optimizer=FAST, implementation="reference")
     return model, held_out, before, evaluate(model, held_out), frozen_before, steps
 
 
-def test_the_distillation_walk_is_the_models_dense_forward(distilled):
-    _, _, (_, walk, features), *_ = distilled
-    np.testing.assert_allclose(walk, features, rtol=1e-5, atol=1e-5)
+def test_the_distillation_walk_is_the_base_models_forward(distilled):
+    _, _, (_, walk, features, base_features), *_ = distilled
+    np.testing.assert_allclose(walk, base_features, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(features, base_features, rtol=1e-5, atol=1e-5)  # seer at threshold 0 is dense
 
 
 def test_distillation_lowers_the_kl_and_trains_only_the_gates(distilled):
     model, _, before, after, frozen_before, steps = distilled
     assert len(steps) == 40 and all(np.isfinite(steps))
     losses_before, losses_after = np.asarray(before[0]), np.asarray(after[0])
-    assert np.all(losses_after < 0.95 * losses_before), (losses_before, losses_after)
+    assert np.all(losses_after < 0.75 * losses_before), (losses_before, losses_after)  # measured: -41%, -40%
     frozen_after = nnx.state(model, nnx.Not(nnx.PathContains("router")))
     assert len(frozen_before) == len(jax.tree.leaves(frozen_after)) > 10
     for a, b in zip(frozen_before, jax.tree.leaves(frozen_after)):
@@ -135,4 +146,4 @@ def test_distilled_gate_beats_a_random_mask_of_equal_density(distilled):
     model, held_out, *_ = distilled
     errors = np.asarray(mask_errors(model, held_out, jax.random.key(5)))
     np.testing.assert_allclose(errors[:, 2], errors[:, 3])  # equal densities
-    assert np.all(errors[:, 0] < 0.9 * errors[:, 1]), errors
+    assert np.all(errors[:, 0] < 0.85 * errors[:, 1]), errors  # measured: 0.59x, 0.73x
