@@ -20,6 +20,9 @@ class SeerGate(nnx.Module):
     rope_theta (set it to the model's rotary base; None for models without rotary positions). Weights are drawn
     from N(0, 0.02^2), the code's `_init_weights` (initializer_range of Llama). With one query pool and hidden ==
     H there is no query linear and the key linear has N heads (the code's `mask_linear_q is None` case).
+
+    Block positions are 0, block, 2 block, ... (the layer does not hand the router its token positions), which is
+    right for sequences that start at position 0, the prefill the gate serves; decoding is dense (attnx.ops.seer).
     """
 
     def __init__(self, width: int, num_heads: int, *, num_kv_heads: int, head_dim: int, qk_head_dim: int | None = None,
