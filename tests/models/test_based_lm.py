@@ -51,6 +51,33 @@ def test_short_base_conv_equals_the_direct_form_forward_and_gradient():
         assert_close(g, w, jnp.float32, kind="gradient", what="base_conv gradient")
 
 
+def test_based_variant_equals_its_direct_form_forward_and_gradient():
+    """HazyResearch/based's BaseConv: [u1, u2] = x W_in + b, y = (SiLU(conv(u1)) * u2) W_out + b, no conv bias."""
+    m = BaseConv(D, variant="based", expand=4, kernel_size=3, rngs=nnx.Rngs(9))
+    assert m.in_proj_de.shape == (D, 4 * D) and m.conv_kd.shape == (3, 2 * D) and m.out_proj_ed.shape == (2 * D, D)
+    graphdef, params = nnx.split(m)
+
+    def direct(mod, x):
+        h = x @ mod.in_proj_de[...] + mod.in_bias_e[...]
+        u, gate = h[..., :2 * D], h[..., 2 * D:]
+        padded = jnp.pad(u, ((0, 0), (2, 0), (0, 0)))
+        conv = jnp.stack([sum(padded[:, t + i] * mod.conv_kd[i] for i in range(3)) for t in range(T)], axis=1)
+        return (jax.nn.silu(conv) * gate) @ mod.out_proj_ed[...] + mod.out_bias_d[...]
+
+    loss = lambda fn: lambda p, x: jnp.sum(jnp.sin(fn(nnx.merge(graphdef, p), x)))
+
+    @jax.jit
+    def forward_and_gradients(p, x):
+        return (nnx.merge(graphdef, p)(x), direct(nnx.merge(graphdef, p), x),
+                jax.grad(loss(lambda mod, x: mod(x)), argnums=(0, 1))(p, x),
+                jax.grad(loss(direct), argnums=(0, 1))(p, x))
+
+    got, want, got_grads, want_grads = forward_and_gradients(params, X)
+    assert_close(got, want, jnp.float32, what="based-variant forward")
+    for g, w in zip(jax.tree_util.tree_leaves(got_grads), jax.tree_util.tree_leaves(want_grads)):
+        assert_close(g, w, jnp.float32, kind="gradient", what="based-variant gradient")
+
+
 def test_implicit_long_convolution_is_causal_and_equals_the_direct_sum():
     h = jax.random.normal(jax.random.key(2), (T, D))
     direct = jnp.stack([sum(h[j] * X[:, t - j] for j in range(t + 1)) for t in range(T)], axis=1)
@@ -81,10 +108,10 @@ def test_hybrid_builds_each_layer_from_its_entry():
 
 
 def test_convolution_layers_decode_like_the_full_forward():
-    """Short convolution (a k-1 window), implicit long convolution (all inputs) and a softmax layer between them;
-    based / sliding_window / tnl decode are tested with their own layers."""
-    config = dataclasses.replace(BASE, depth=3, layer_attention=(HYBRID.layer_attention[0], None,
-                                                                 HYBRID.layer_attention[3]))
+    """Short convolution (a k-1 window), the based variant (a window of its inner half) and the implicit long
+    convolution (all inputs); based / sliding_window / tnl decode are tested with their own layers."""
+    config = dataclasses.replace(BASE, depth=3, layer_attention=(
+        HYBRID.layer_attention[0], ("base_conv", {"variant": "based", "expand": 4}), HYBRID.layer_attention[3]))
     model = LLM(config, rngs=nnx.Rngs(4))
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
@@ -92,7 +119,8 @@ def test_convolution_layers_decode_like_the_full_forward():
     tokens = jax.random.randint(jax.random.key(5), (B, T), 0, 41)
     full = forward(state, tokens)
     cache = model.init_cache(B, 9)  # longer than the sequence: unwritten slots must not matter
-    assert cache[0]["window"].shape == (B, 2, D) and cache[2]["inputs"].shape == (B, 9, D)
+    assert cache[0]["window"].shape == (B, 2, D) and cache[1]["window"].shape == (B, 2, 2 * D)
+    assert cache[2]["inputs"].shape == (B, 9, D)
     prefill, cache = decode(state, tokens[:, :4], cache, jnp.int32(0))
     np.testing.assert_allclose(prefill, full[:, :4], rtol=1e-5, atol=1e-5)
     for position in range(4, T):
@@ -129,6 +157,9 @@ def test_no_layer_attention_builds_exactly_the_previous_model():
     ((("base_conv", {"kernel_size": -1}),), r"layer_attention\[0\]='base_conv'.*needs l_max"),
     ((("base_conv", {"kernel_size": 0}),), r"base_conv.kernel_size=0"),
     ((("base_conv", {"window": 3}),), r"base_conv: unknown options \['window'\]"),
+    ((("base_conv", {"variant": "hyena"}),), r"base_conv.variant='hyena'; allowed: \['zoology', 'based'\]"),
+    ((("base_conv", {"expand": 4}),), r"base_conv.expand=4: an int >= 1 of variant 'based'"),
+    ((("base_conv", {"variant": "based", "kernel_size": -1}),), r"variant='based' has a short convolution only"),
 ])
 def test_bad_layer_attention_is_named(layer_attention, message):
     with pytest.raises(ValueError, match=message):

@@ -16,12 +16,20 @@ with conv one of
                            convolution is causal over the whole sequence (FFT) and the code adds the input back:
                            conv(u)_t = sum_{j <= t} h_j u_{t-j} + u_t.
 
+variant='based' is instead the BaseConv of the Based LMs (HazyResearch/based `based/models/mixers/convolution.py`,
+used by `train/configs/experiment/reference/based-360m.yaml` with expand_proj 4, kernel 3, biases):
+
+    [u1, u2] = x W_in + b_in   (each expand * D / 2 wide);   y = (SiLU(conv(u1)) ⊙ u2) W_out + b_out
+
+with a short causal depthwise convolution without bias and no residual inside the mixer.
+
 Code over paper: the residual `+ u` and the long filter's own `+ u` are in the code, not in Eq. 2. The code
 allocates a bias for the long filter that its forward never reads; it is left out here. Weights are initialised by
 variance scaling instead of torch's defaults. `use_act=True` (SiLU on both branches) exists in the code but cannot be
 turned on there (the flag is never stored), so it is not offered.
 
-Decoding: the short convolution keeps its last k - 1 inputs ({"window": [B, k-1, D]}), so a step costs O(k D); the
+Decoding: the short convolution keeps its last k - 1 inputs ({"window": [B, k-1, C]}, C the convolved width), so a
+step costs O(k C); the
 long convolution keeps every input up to the cache length ({"inputs": [B, L, D]}, slot j = position j) and
 recomputes the causal sum for the new positions. Both equal the matching rows of the full forward (tested).
 """
@@ -36,7 +44,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-_OPTIONS = ("kernel_size", "l_max", "filter_order", "filter_inner_layers", "filter_frequency")
+_OPTIONS = ("variant", "kernel_size", "expand", "l_max", "filter_order", "filter_inner_layers", "filter_frequency")
+VARIANTS = ("zoology", "based")
 
 
 def _positive_int(value: Any) -> bool:
@@ -62,11 +71,13 @@ def causal_long_conv(u: jax.Array, h: jax.Array) -> jax.Array:
 
 
 class BaseConv(nnx.Module):
-    """x [B, T, D] -> [B, T, D]: Zoology's BaseConv (see the module docstring).
+    """x [B, T, D] -> [B, T, D]: Zoology's BaseConv, or with variant='based' the Based LMs' (module docstring).
 
     kernel_size: k >= 1 for a short causal convolution, -1 for the implicit long convolution, which also needs
     l_max (the longest sequence; its positional grid). filter_order / filter_inner_layers / filter_frequency: the
     implicit filter MLP's width (16), hidden layers (2) and initial sine frequency (1), the code's defaults.
+    expand (variant 'based' only): the input projection is expand * D wide, split in two halves (2 in the code's
+    class, 4 in based-360m).
     """
 
     kind = "base_conv"
@@ -77,7 +88,16 @@ class BaseConv(nnx.Module):
         unknown = set(options) - set(_OPTIONS)
         if unknown:
             raise ValueError(f"base_conv: unknown options {sorted(unknown)}; allowed: {sorted(_OPTIONS)}")
+        variant = options.get("variant", "zoology")
+        if variant not in VARIANTS:
+            raise ValueError(f"base_conv.variant={variant!r}; allowed: {list(VARIANTS)}")
         kernel_size = options.get("kernel_size", 3)
+        if variant == "based" and kernel_size == -1:
+            raise ValueError("base_conv.variant='based' has a short convolution only (kernel_size >= 1), got -1")
+        expand = options.get("expand", 2)
+        if not _positive_int(expand) or (variant == "zoology" and "expand" in options):
+            raise ValueError(f"base_conv.expand={expand!r}: an int >= 1 of variant 'based' (zoology's BaseConv has "
+                             f"no input projection)")
         if kernel_size != -1 and not _positive_int(kernel_size):
             raise ValueError(f"base_conv.kernel_size={kernel_size!r}: expected an int >= 1 (short convolution) or -1 "
                              f"(implicit long convolution)")
@@ -94,22 +114,35 @@ class BaseConv(nnx.Module):
             raise ValueError(f"base_conv.filter_frequency must be a number, got {frequency!r}")
 
     def __init__(self, width: int, num_heads: int = 1, num_kv_heads: int = 1, head_dim: int = 0, *,
-                 layer_index: int = 0, num_layers: int = 1, kernel_size: int = 3, l_max: int | None = None,
+                 layer_index: int = 0, num_layers: int = 1, variant: str = "zoology", kernel_size: int = 3,
+                 expand: int = 2, l_max: int | None = None,
                  filter_order: int = 16, filter_inner_layers: int = 2, filter_frequency: float = 1.0,
                  norm_eps: float = 1e-6, rngs: nnx.Rngs, param_dtype=jnp.float32):
         del num_heads, num_kv_heads, head_dim, layer_index, num_layers, norm_eps  # the layer interface; unused
-        self.check_options(dict(kernel_size=kernel_size, l_max=l_max, filter_order=filter_order,
-                                filter_inner_layers=filter_inner_layers, filter_frequency=filter_frequency))
-        self.kernel_size, self.l_max = kernel_size, l_max
+        options = dict(variant=variant, kernel_size=kernel_size, l_max=l_max, filter_order=filter_order,
+                       filter_inner_layers=filter_inner_layers, filter_frequency=filter_frequency)
+        self.check_options({**options, "expand": expand} if variant == "based" else options)
+        if variant == "based" and expand * width % 2:
+            raise ValueError(f"base_conv: expand * width = {expand} * {width} must be even (two equal halves)")
+        self.variant, self.kernel_size, self.l_max = variant, kernel_size, l_max
         dense = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
         param = lambda init, shape: nnx.Param(init(rngs.params(), shape, param_dtype))
         zeros = lambda *shape: nnx.Param(jnp.zeros(shape, param_dtype))
+        # Depthwise convolution: fan-in is the kernel width (torch's Conv1d with groups = channels).
+        conv_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=1)
+        if variant == "based":
+            inner = expand * width // 2
+            self.in_proj_de = param(dense, (width, 2 * inner))
+            self.in_bias_e = zeros(2 * inner)
+            self.conv_kd = param(conv_init, (kernel_size, inner))
+            self.conv_bias_d = None
+            self.out_proj_ed = param(dense, (inner, width))
+            self.out_bias_d = zeros(width)
+            return
         self.proj_dd = param(dense, (width, width))
         self.proj_bias_d = zeros(width)
         if kernel_size > 0:
-            # Depthwise: fan-in is the kernel width (torch's Conv1d with groups = channels).
-            self.conv_kd = param(nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0,
-                                                                   out_axis=1), (kernel_size, width))
+            self.conv_kd = param(conv_init, (kernel_size, width))
             self.conv_bias_d = zeros(width)
         else:
             sizes = [3] + [filter_order] * (filter_inner_layers + 1)
@@ -144,7 +177,14 @@ class BaseConv(nnx.Module):
         T = u.shape[1]
         # torch's Conv1d is a cross-correlation: output t reads inputs t-k+1 .. t against weights 0 .. k-1.
         out = sum(padded[:, i:i + T] * self.conv_kd[i] for i in range(k))
-        return out + self.conv_bias_d[...]
+        return out if self.conv_bias_d is None else out + self.conv_bias_d[...]
+
+    def split(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """variant 'based': the input projection's two halves (convolved, gate), each [B, T, expand * D / 2]."""
+        return tuple(jnp.split(x @ self.in_proj_de[...] + self.in_bias_e[...], 2, axis=-1))
+
+    def based_output(self, conv: jax.Array, gate: jax.Array) -> jax.Array:
+        return (jax.nn.silu(conv) * gate) @ self.out_proj_ed[...] + self.out_bias_d[...]
 
     def mix(self, u: jax.Array, conv: jax.Array) -> jax.Array:
         return conv * (u @ self.proj_dd[...] + self.proj_bias_d[...]) + u
@@ -152,6 +192,9 @@ class BaseConv(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         """x [B, T, D] -> [B, T, D]; `positions` is accepted for the layer interface and unused."""
         del positions
+        if self.variant == "based":
+            u, gate = self.split(x)
+            return self.based_output(self.convolve(u), gate)
         if self.kernel_size > 0:
             return self.mix(x, self.convolve(x))
         return self.mix(x, causal_long_conv(x, self.long_filter(x.shape[1])) + x)
@@ -159,18 +202,19 @@ class BaseConv(nnx.Module):
     # ---- Decoding ----
 
     def init_cache(self, batch_size: int, length: int, dtype=jnp.float32) -> dict[str, jax.Array]:
-        width = self.proj_dd.shape[0]
-        if self.kernel_size > 0:
-            return {"window": jnp.zeros((batch_size, self.kernel_size - 1, width), dtype)}
-        return {"inputs": jnp.zeros((batch_size, length, width), dtype)}
+        if self.kernel_size > 0:  # the convolution's own input: the width, or variant 'based''s inner half
+            return {"window": jnp.zeros((batch_size, self.kernel_size - 1, self.conv_kd.shape[1]), dtype)}
+        return {"inputs": jnp.zeros((batch_size, length, self.proj_dd.shape[0]), dtype)}
 
     def decode(self, x: jax.Array, cache: dict[str, jax.Array], cache_index: jax.Array
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """x [B, T, D] at positions cache_index .. cache_index + T - 1 -> (out [B, T, D], updated cache)."""
         if self.kernel_size > 0:
-            conv = self.convolve(x, cache["window"])
-            window = jnp.concatenate([cache["window"], x.astype(cache["window"].dtype)], axis=1)
-            return self.mix(x, conv), {"window": window[:, window.shape[1] - (self.kernel_size - 1):]}
+            u, gate = self.split(x) if self.variant == "based" else (x, None)
+            conv = self.convolve(u, cache["window"])
+            window = jnp.concatenate([cache["window"], u.astype(cache["window"].dtype)], axis=1)
+            window = {"window": window[:, window.shape[1] - (self.kernel_size - 1):]}
+            return (self.based_output(conv, gate) if self.variant == "based" else self.mix(x, conv)), window
         inputs = jax.lax.dynamic_update_slice(cache["inputs"], x.astype(cache["inputs"].dtype), (0, cache_index, 0))
         # Slots after the new tokens are still zero, so the causal sum over the whole cache is exact for them.
         full = causal_long_conv(inputs.astype(x.dtype), self.long_filter(inputs.shape[1]))
