@@ -13,7 +13,7 @@ follows the code where it and the paper differ (the spec, llm_mechanisms.md §10
   padded entries pass through unchanged (y = x there), and they do enter the normaliser sum with their own W.
 * The code's multi-head wrapper passes its `eps` into an unused constructor argument, so its heads always run with
   eps = 1e-8; here `eps` is honoured and its default 1e-8 reproduces the code.
-* `GaussianBlock` stacks layers residually (x <- x + GAAM(x)); the registry entry (registration.py) uses one such
+* `GaussianBlock` stacks layers residually (x <- x + GAAM(x)); the registry entry (attention.py, `gaam`) uses one such
   residual layer on the values by default.
 
 Causal form (an attnx addition; the code is bidirectional): with causal=True the output at position t is the
