@@ -40,10 +40,12 @@ def iterative_pinv(a: jax.Array, num_iterations: int = 6) -> jax.Array:
     eye = jnp.eye(a.shape[-1], dtype=a.dtype)
     z = jnp.swapaxes(a, -1, -2) / jnp.max(jnp.sum(a, axis=-2))
     mm = lambda x, y: jnp.matmul(x, y, precision=HIGHEST)
-    for _ in range(num_iterations):
+
+    def step(_, z):
         az = mm(a, z)
-        z = mm(0.25 * z, 13 * eye - mm(az, 15 * eye - mm(az, 7 * eye - az)))
-    return z
+        return mm(0.25 * z, 13 * eye - mm(az, 15 * eye - mm(az, 7 * eye - az)))
+
+    return jax.lax.fori_loop(0, num_iterations, step, z)  # static trip count: reverse-mode differentiable
 
 
 def _conv_matrix(weight: jax.Array, length: int) -> jax.Array:

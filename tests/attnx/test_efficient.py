@@ -1,0 +1,258 @@
+"""CAB's efficient attentions (attnx/ops/efficient): every fast path against its naive reference (forward and
+gradients), closed forms (Nystrom with m = L landmarks and ProbSparse with u >= L are softmax attention; ABC with
+one-hot slots is softmax attention; LongShort with a window over everything; LARA with one proposal), the causal
+forms' CAB causality, the weight modules, and the refused patterns."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import attnx
+from attnx.ops.efficient.abc import abc_attention
+from attnx.ops.efficient.lara import lara_attention
+from attnx.ops.efficient.longshort import longshort_attention
+from attnx.ops.efficient.nystrom import _nystrom, iterative_pinv, nystrom_attention
+from attnx.ops.efficient.probsparse import probsparse_attention, sample_sizes
+from attnx.testing.patterns import check_pattern
+from attnx.testing.tolerances import assert_close
+
+B, T, S, N, K, H, V = 2, 13, 10, 4, 2, 8, 5
+
+
+def inputs(kv_length=T, value_dim=V, seed=0):
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(kq, (B, T, N, H)), jax.random.normal(kk, (B, kv_length, K, H)),
+            jax.random.normal(kv, (B, kv_length, K, value_dim)))
+
+
+def softmax_attention(q, k, v):
+    return attnx.dot_product_attention(q, k, v, implementation="reference")
+
+
+def run(fn, *args, **kwargs):
+    """fn(*args, **kwargs) under jit (options static): one compile instead of eager dispatch of many small ops."""
+    return jax.jit(lambda *a: fn(*a, **kwargs))(*args)
+
+
+def check_fast_against_reference(fn, fast, cases):
+    """Forward and gradients (of q, k, v) of implementation `fast` against "reference", for each (q, k, v, kwargs)
+    case; all cases in one jitted computation (one compile: eager dispatch of every small op dominates here)."""
+    def both(q, k, v, kwargs):
+        def loss(impl):
+            return lambda *a: jnp.sum(jnp.sin(fn(*a, implementation=impl, **kwargs)))
+        return [(fn(q, k, v, implementation=impl, **kwargs), jax.grad(loss(impl), (0, 1, 2))(q, k, v))
+                for impl in (fast, "reference")]
+
+    results = jax.jit(lambda arrays: [both(*a, kw) for a, (*_, kw) in zip(arrays, cases)])(
+        [c[:3] for c in cases])
+    for (got, want), (*_, kwargs) in zip(results, cases):
+        what = f"{fn.__name__}({kwargs})"
+        assert_close(got[0], want[0], jnp.float32, what=what)
+        for name, g, w in zip("qkv", got[1], want[1]):
+            assert bool(jnp.all(jnp.isfinite(g))), name
+            assert_close(g, w, jnp.float32, "gradient", what=f"{what} d/d{name}")
+
+
+# ---- Nystromformer ----
+
+def test_nystrom_landmark_path_matches_reference_with_conv_and_uneven_segments():
+    conv = jax.random.normal(jax.random.key(3), (N, 3))  # 13 positions in 4 segments: sizes 3, 3, 3, 4
+    check_fast_against_reference(nystrom_attention, "linear", [(*inputs(), dict(num_landmarks=4, conv_weight=conv))])
+
+
+def test_nystrom_with_one_landmark_per_position_is_softmax_attention():
+    _, k, v = inputs()
+    # Self attention (queries = keys, the Nystrom setting) keeps softmax(Q~ K~^T) well conditioned, so the float32
+    # iteration converges (10 steps from the code's start; its default 6 leave ~2e-2 here).
+    q = 1.5 * jnp.repeat(k, N // K, axis=2)
+    exact = softmax_attention(q, k, v)
+    # m = T forces the landmark path (_nystrom takes pre-scaled queries); the public API takes the exact branch.
+    assert_close(run(lambda *a: _nystrom(*a, T, 25, "linear"), q * H ** -0.5, k, v), exact, jnp.float32)
+    assert_close(run(nystrom_attention, q, k, v, num_landmarks=T), exact, jnp.float32)
+
+
+def test_iterative_pinv_converges_to_the_pseudo_inverse():
+    a = jax.nn.softmax(2 * jax.random.normal(jax.random.key(1), (3, 6, 6)), axis=-1)
+    np.testing.assert_allclose(iterative_pinv(a, 30), np.linalg.pinv(np.asarray(a, np.float64)), atol=1e-3)
+    step6 = float(jnp.max(jnp.abs(iterative_pinv(a, 6) @ a - jnp.eye(6))))
+    assert step6 < float(jnp.max(jnp.abs(iterative_pinv(a, 3) @ a - jnp.eye(6))))  # the iteration converges
+
+
+def test_nystrom_conv_is_a_depthwise_same_convolution_of_the_values():
+    q, k, v = inputs()
+    conv = jnp.zeros((N, 3)).at[:, 0].set(1.0)  # tap 0 reads v[t - 1]
+    delta = run(nystrom_attention, q, k, v, num_landmarks=T, conv_weight=conv) - softmax_attention(q, k, v)
+    shifted = jnp.pad(jnp.repeat(v, N // K, axis=2), ((0, 0), (1, 0), (0, 0), (0, 0)))[:, :T]
+    assert_close(delta, shifted, jnp.float32)
+
+
+# ---- ABC ----
+
+def test_abc_matches_reference_cross_and_causal():
+    # NS and CC run the NC code path (full memory); CS is the prefix scan against the dense masked softmax.
+    cases = [(*inputs(S), dict(num_slots=3)), (*inputs(T), dict(causal=True, num_slots=3))]
+    check_fast_against_reference(abc_attention, "scan", cases)
+
+
+def test_abc_with_one_hot_slots_is_softmax_attention():
+    q = jax.random.normal(jax.random.key(0), (1, 4, 2, S))
+    k = v = jnp.broadcast_to(jnp.eye(S)[None, :, None, :], (1, S, 1, S))  # key s = value s = e_s
+    phi = 40.0 * jnp.eye(S)  # slot r's logits pick key r: K~ = K, V~ = V
+    got = run(abc_attention, q, k, v, phi_key=phi, phi_value=phi)
+    assert_close(got, softmax_attention(q, k, v), jnp.float32)
+
+
+def test_abc_causal_memory_is_the_prefix_softmax_sum():
+    q, k, v = (np.asarray(x, np.float64) for x in inputs(T))
+    phi_k, phi_v = np.asarray(jax.random.normal(jax.random.key(5), (H, 3))), np.asarray(
+        jax.random.normal(jax.random.key(6), (V, 3)))
+    want = np.zeros((B, T, N, V))
+    for t in range(T):  # K~_t = sum_{m<=t} softmax_{m<=t}(k_m phi) k_m, per batch and kv head
+        def memory(x, phi):
+            logits = np.einsum("bmkd,dr->bkrm", x[:, :t + 1], phi)
+            w = np.exp(logits - logits.max(-1, keepdims=True))
+            return np.einsum("bkrm,bmkd->bkrd", w / w.sum(-1, keepdims=True), x[:, :t + 1])
+        km, vm = memory(k, phi_k), memory(v, phi_v)
+        logits = np.einsum("bnh,bnrh->bnr", q[:, t] * H ** -0.5, np.repeat(km, N // K, axis=1))
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        want[:, t] = np.einsum("bnr,bnrv->bnv", p / p.sum(-1, keepdims=True), np.repeat(vm, N // K, axis=1))
+    got = run(abc_attention, *inputs(T), causal=True, phi_key=jnp.asarray(phi_k, jnp.float32),
+                        phi_value=jnp.asarray(phi_v, jnp.float32))
+    assert_close(got, want, jnp.float32)
+
+
+def test_abc_rejects_mismatched_weights():
+    q, k, v = inputs()
+    with pytest.raises(ValueError, match="phi_key"):
+        run(abc_attention, q, k, v, phi_key=jnp.zeros((H, 3)), phi_value=jnp.zeros((V, 4)))
+    with pytest.raises(ValueError, match="num_slots"):
+        run(abc_attention, q, k, v, phi_key=jnp.zeros((H, 3)), phi_value=jnp.zeros((V, 3)), num_slots=4)
+
+
+# ---- LARA ----
+
+def test_lara_matches_reference_in_eval_and_sampled_modes():
+    cases = [(*inputs(), dict(num_landmarks=4, rng=rng)) for rng in (None, jax.random.key(7))]
+    check_fast_against_reference(lara_attention, "linear", cases)
+
+
+def test_lara_with_one_proposal_is_a_random_feature_softmax_over_keys():
+    q, k, v = (np.asarray(x, np.float64) for x in inputs())
+    kg = np.repeat(k, N // K, axis=2)
+    mu = q.mean(1) + kg.mean(1)  # [B, N, H]; evaluation mode: w = mu
+    logits = (np.einsum("bnh,bsnh->bns", mu, kg) - 0.5 * np.sum(kg ** 2, -1).transpose(0, 2, 1)) * H ** -0.5
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    want = np.einsum("bns,bsnv->bnv", p / p.sum(-1, keepdims=True), np.repeat(v, N // K, axis=2))
+    got = run(lara_attention, *inputs(), num_landmarks=1)
+    assert_close(got, np.broadcast_to(want[:, None], got.shape), jnp.float32)
+
+
+def test_lara_randomness_comes_from_rng_only():
+    q, k, v = inputs()
+    base, sampled = jax.jit(lambda *a: (lara_attention(*a, num_landmarks=4),
+                                        lara_attention(*a, num_landmarks=4, rng=jax.random.key(1))))(q, k, v)
+    assert float(jnp.max(jnp.abs(sampled - base))) > 1e-3  # rng draws w = mu + eps; None is the code's w = mu
+
+
+# ---- LongShort (Transformer-LS) ----
+
+def test_longshort_matches_reference_non_causal_and_causal():
+    cases = [(*inputs(value_dim=H), dict(causal=causal, window=window, chunk_size=4, rank=2))
+             for causal, window in ((False, 3), (True, 3))]
+    check_fast_against_reference(longshort_attention, "blocked", cases)
+
+
+def test_longshort_window_over_everything_is_one_softmax_over_projected_and_all_keys():
+    q, k, v = (np.asarray(x, np.float64) for x in inputs(value_dim=H))
+    W = np.asarray(jax.random.normal(jax.random.key(2), (K, H, 3)))
+
+    def ln(x):  # one LayerNorm over all heads' features, identity affine
+        x = x - x.mean((-2, -1), keepdims=True)
+        return x / np.sqrt((x ** 2).mean((-2, -1), keepdims=True) + 1e-5)
+
+    kw, vw = ln(k), ln(v)
+    logits = np.einsum("bskh,khr->bskr", k, W)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    keys = np.concatenate([ln(np.einsum("bskr,bskh->brkh", p, kw)), kw], 1)
+    values = np.concatenate([ln(np.einsum("bskr,bskh->brkh", p, vw)), vw], 1)
+    logits = np.einsum("btnh,bsnh->bnts", q * H ** -0.5, np.repeat(keys, N // K, axis=2))
+    a = np.exp(logits - logits.max(-1, keepdims=True))
+    want = np.einsum("bnts,bsnh->btnh", a / a.sum(-1, keepdims=True), np.repeat(values, N // K, axis=2))
+    got = run(longshort_attention, *inputs(value_dim=H), window=T, projection=jnp.asarray(W, jnp.float32))
+    assert_close(got, want, jnp.float32)
+
+
+def test_longshort_causal_form_sees_no_future_and_reaches_past_the_window():
+    """Jacobian of the causal output w.r.t. the sequence (q = k = v): zero above the diagonal (no future leaks),
+    nonzero below the window once whole chunks have ended (the segment-wise projection carries the far past).
+    The prefix form of the CAB test runs over the registry defaults in tests/attnx/test_registry.py."""
+    x = jax.random.normal(jax.random.key(0), (1, 7, 2, 4))
+    f = lambda x: longshort_attention(x, x, x, causal=True, window=2, chunk_size=3, rank=1)
+    reach = np.asarray(jnp.sum(jnp.abs(jax.jit(jax.jacrev(f))(x)), axis=(0, 2, 3, 4, 6, 7)))  # [t_out, t_in]
+    assert np.all(reach[np.triu_indices(7, 1)] == 0)  # nothing from the future
+    assert reach[2, 0] == 0  # window [1, 2]; chunk [0, 2] has not ended
+    assert reach[5, 3] == 0  # window [4, 5]; chunk [3, 5] has not ended
+    assert reach[5, 0] > 0 and reach[6, 3] > 0  # ended chunks carry the far past
+
+
+def test_longshort_needs_equal_key_and_value_head_sizes():
+    with pytest.raises(ValueError, match="value head size"):
+        run(longshort_attention, *inputs())
+
+
+# ---- ProbSparse ----
+
+def test_probsparse_with_every_query_active_is_softmax_attention():
+    q, k, v = inputs()
+    assert sample_sizes(T, T, 5)[1] == T
+    assert_close(run(probsparse_attention, q, k, v), softmax_attention(q, k, v), jnp.float32)
+
+
+def test_probsparse_matches_reference_and_lazy_rows_are_the_mean_value():
+    q, k, v = inputs()
+    check_fast_against_reference(probsparse_attention, "sparse", [(q, k, v, dict(factor=1))])
+    out = run(probsparse_attention, q, k, v, factor=1)
+    lazy = jnp.all(jnp.abs(out - jnp.repeat(v.mean(1, keepdims=True), N // K, axis=2)) < 1e-6, axis=-1)
+    active = sample_sizes(T, T, 1)[1]
+    assert active < T and bool(jnp.all(jnp.sum(~lazy, axis=1) == active))  # exactly u active rows per head
+
+
+def test_probsparse_sample_comes_from_rng_or_the_seed():
+    q, k, v = inputs()
+    outs = jax.jit(lambda *a: [probsparse_attention(*a, factor=1, rng=jax.random.key(0))]
+                   + [probsparse_attention(*a, factor=1, seed=s) for s in range(4)])(q, k, v)
+    assert_close(outs[0], outs[1], jnp.float32)  # the default seed 0 is the key rng=jax.random.key(0)
+    assert any(float(jnp.max(jnp.abs(out - outs[1]))) > 1e-3 for out in outs[2:])
+
+
+# ---- Refused patterns, registry, weight modules ----
+
+@pytest.mark.parametrize("fn", [nystrom_attention, lara_attention, probsparse_attention])
+def test_ns_only_mechanisms_refuse_causal_and_cross_by_name(fn):
+    q, k, v = inputs()
+    with pytest.raises(ValueError, match="causal=True is not supported"):
+        fn(q, k, v, causal=True)
+    with pytest.raises(ValueError, match="self attention only"):
+        fn(q, *inputs(S)[1:])
+
+
+def test_registry_entries_declare_cab_patterns():
+    want = {"nystrom": {"NS"}, "abc": {"NS", "CS", "NC", "CC"}, "lara": {"NS"}, "longshort": {"NS", "CS"},
+            "probsparse": {"NS"}}
+    for name, patterns in want.items():
+        assert attnx.get_attention(name).patterns == patterns, name
+
+
+def test_weight_modules_feed_the_attention_layer():
+    from models.layers.attention import Attention
+    x = jax.random.normal(jax.random.key(0), (1, 7, 16))
+    layers = [Attention(16, 2, 1, 8, kind=kind, kind_kwargs=kwargs, rngs=nnx.Rngs(0))
+              for kind, kwargs in (("abc", {"num_slots": 3}), ("longshort", {"rank": 1, "window": 2, "chunk_size": 2}))]
+    grads = nnx.jit(lambda layers: [nnx.grad(lambda m: jnp.sum(m(x) ** 2))(m) for m in layers])(layers)
+    for layer, grad in zip(layers, grads):
+        router = jax.tree_util.tree_leaves(nnx.state(grad.router))  # the mixer's weights are trained
+        assert len(router) >= 2 and all(bool(jnp.all(jnp.isfinite(g))) for g in router), layer.kind
+        assert bool(jnp.any(router[0] != 0)) and bool(jnp.any(router[-1] != 0)), layer.kind
