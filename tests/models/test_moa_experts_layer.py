@@ -27,3 +27,17 @@ def test_identical_experts_make_the_layer_router_invariant():
     before = layer(X)
     layer.router.router_de[...] = 5.0 * jax.random.normal(jax.random.key(3), (24, 2))
     np.testing.assert_allclose(layer(X), before, rtol=1e-5, atol=1e-6)
+
+
+def test_kv_shared_experts_own_only_queries_and_outputs():
+    """Two KV-shared experts of 2 heads over 2 shared key/value heads: copying Q and O between experts is enough
+    for router invariance, since K and V are shared already."""
+    layer = Attention(24, 4, 2, 6, kind="moa_experts", kind_kwargs={"num_experts": 2, "kv_shared": True},
+                      rngs=nnx.Rngs(4))
+    for name, axis in (("query_dnh", 1), ("out_nhd", 0)):
+        first = jax.lax.slice_in_dim(getattr(layer, name)[...], 0, 2, axis=axis)
+        getattr(layer, name)[...] = jnp.concatenate([first, first], axis)
+    before = layer(X)
+    assert before.shape == X.shape
+    layer.router.router_de[...] = 5.0 * jax.random.normal(jax.random.key(5), (24, 2))
+    np.testing.assert_allclose(layer(X), before, rtol=1e-5, atol=1e-6)
