@@ -55,6 +55,9 @@ class AttentionSpec:
         `query_positions`. It must equal the last rows of `fn(..., causal=True)` over the whole sequence.
     cache: a `CacheRule` that replaces the one-slot-per-position cache (and `decode`) for mechanisms that keep
         their own cache; None for the rest.
+    rotary_positions: `rotary_positions(index [T], **kwargs) -> positions [T]`, the positions at which a layer
+        with rotary embeddings rotates the queries and keys at sequence indices `index`, for mechanisms that
+        re-number positions (CCA's concentric image positions); None keeps index = position.
     """
 
     name: str
@@ -68,6 +71,7 @@ class AttentionSpec:
     description: str = ""
     decode: Callable | None = None
     cache: CacheRule | None = None
+    rotary_positions: Callable | None = None
 
     def __post_init__(self):
         bad = set(self.patterns) - set(PATTERNS)

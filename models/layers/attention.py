@@ -164,6 +164,9 @@ class Attention(nnx.Module):
         if self.use_rope:
             if positions is None:
                 positions = jnp.arange(query.shape[1])
+            renumber = attnx.get_attention(self.kind).rotary_positions
+            if renumber is not None:  # e.g. CCA's concentric image positions
+                positions = renumber(positions, **dict(self.kind_kwargs))
             query = rotary_embedding(query, positions, theta=self.rope_theta)
             key = rotary_embedding(key, positions, theta=self.rope_theta)
         return query, key, value

@@ -355,3 +355,22 @@ def test_errors_name_the_argument():
         mm.head_modulation_attention(q, k, v, causal=True, tokens=(1,), heads=(0,), head_scores=(-1.0,))
     with pytest.raises(ValueError, match="var.p"):
         mm.var_attention(q, k, v, causal=True, image_span=(0, 2), sinks=(1,), p=1.5)
+
+
+def test_the_layer_rotates_cca_tokens_at_their_concentric_positions():
+    """The attention layer applies the registry's rotary_positions hook: a cca layer rotates its queries and keys at
+    cca_position_ids, not at the sequence indices."""
+    from flax import nnx
+
+    from attnx.rotary import rotary_embedding
+    from models.layers.attention import Attention
+
+    kwargs = {"image_start": 1, "grid": 4}
+    layer = Attention(16, 2, 1, 8, kind="cca", kind_kwargs=kwargs, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (1, 20, 16))
+    heads = layer.project_heads(x)
+    query, key, _ = layer.rotate(*heads)
+    positions = jnp.asarray(cca_position_ids(1, 20, 4))
+    np.testing.assert_allclose(query, rotary_embedding(heads[0], positions), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(key, rotary_embedding(heads[1], positions), rtol=1e-6, atol=1e-6)
+    assert int(positions.max()) < 19  # the image's 16 tokens share ring positions

@@ -80,9 +80,8 @@ def cca_attention(query, key, value, *, causal: bool = False, image_start: int |
 
 def cca_rotary_positions(index, *, image_start: int | None = None, grid: int | None = None, **unused):
     """The rotary positions a layer should use for sequence indices `index` under cca's attention kwargs: the
-    concentric positions of `cca_positions_of`, or `index` itself when no image is declared. This is the hook the
-    attention layer needs (it rotates queries and keys before calling the mechanism); the layer does not call it
-    yet, see the module docstring of masks.py."""
+    concentric positions of `cca_positions_of`, or `index` itself when no image is declared. Registered as the
+    entry's `rotary_positions`, which the attention layer applies before it rotates queries and keys."""
     del unused
     if image_start is None and grid is None:
         return index

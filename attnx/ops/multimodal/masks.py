@@ -19,8 +19,8 @@ The code builds the image block by first masking it fully and then re-opening, f
 index L the position L - G^2 + G/2, which is the text formula above (it does not depend on s). The code assumes
 G = 24 (576 tokens, 12 rings); any even G works the same way. Odd G has no 2 x 2 centre and is refused.
 In this library the attention layer rotates queries and keys before it calls the mechanism, so the registered
-`cca` entry applies the mask only; the positions reach the model once the layer rotates by
-`attention.cca_rotary_positions(index, **attention_kwargs)` (a change to models/layers/attention.py, not made yet).
+`cca` entry applies the mask and declares `attention.cca_rotary_positions(index, **attention_kwargs)` as its
+`rotary_positions`, by which the layer rotates.
 
 **MMA**, modality-mutual attention (AKI: Wang, Wang, Suzuki, Kobayashi, 2025, "Seeing is Understanding:
 Unlocking Causal Attention into Modality-Mutual Attention for Multimodal LLMs", arXiv 2503.02597, §3; code sony/aki

@@ -21,6 +21,7 @@ register_attention(AttentionSpec(
     description="causal attention whose image block follows concentric rings (ring(k) <= ring(q)); the concentric "
                 "rotary positions are cca_position_ids, applied by the layer",
     decode=mm.cca_decode,
+    rotary_positions=mm.cca_rotary_positions,
 ))
 
 register_attention(AttentionSpec(
