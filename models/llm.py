@@ -23,8 +23,10 @@ Per-layer token mixers (`LLMConfig.layer_attention`): a tuple of entries, repeat
 entry l % len, like Zoology's `Hybrid`), each None (the config's `attention`), a name, or (name, kwargs). A name is a
 registered attention mechanism (the shared `Attention` layer) or one of the LLM's own mixers, which replace the whole
 attention layer (`MIXERS`): 'tnl' (TransNormerLLM's gated Lightning attention, models/layers/mixers/tnl.py) and
-'base_conv' (Zoology's gated convolution, models/layers/mixers/base_conv.py). Both also serve as `attention`, so
-`llm.LLMConfig.attention = 'tnl'` makes a TransNormerLLM-style model in one gin line. Two kwargs are the LLM's, not
+'base_conv' (Zoology's and Based's gated convolution, models/layers/mixers/base_conv.py). They are chosen through
+layer_attention only, so that `attention` always names a registered mechanism (code that asks the registry about it
+keeps working); a one-entry pattern puts a mixer in every layer, e.g. `llm.LLMConfig.layer_attention = ('tnl',)`
+for a TransNormerLLM-style model (configs/attention/tnl.gin). Two kwargs are the LLM's, not
 the function's: `qk_head_dim` in a layer entry sizes that layer's query/key heads (Based's 16 features beside full
 sliding-window heads), and `slopes='tnl'` on a lightning or tnl layer becomes TransNormerLLM's per-layer decay
 s_h (1 - l / (L - 1) + 1e-5) (arXiv 2307.14995, §3.1), 'alibi' the same ALiBi slopes in every layer. The Based LM
@@ -81,6 +83,9 @@ def _check_mixer(owner: str, kind: str, kwargs: Any, num_heads: int, *, layer_en
                              f"entries (use LLMConfig.qk_head_dim for every layer), got it for {kind!r}")
         if not isinstance(qk, int) or isinstance(qk, bool) or qk < 0:
             raise ValueError(f"{owner}: qk_head_dim must be an int >= 0 (0 = head_dim), got {qk!r}")
+    if kind in MIXERS and not layer_entry:
+        raise ValueError(f"{owner}.attention={kind!r} is one of the LLM's own mixers {sorted(MIXERS)}, which replace "
+                         f"the attention layer: choose it per layer, e.g. layer_attention=({kind!r},) for every layer")
     if kind in MIXERS:
         try:
             MIXERS[kind].check_options(kwargs, num_heads=num_heads)
@@ -104,8 +109,8 @@ class LLMConfig:
     use_mlp=False drops the feed-forward blocks (Zoology's attention-only MQAR models).
     num_value_heads (0 = num_kv_heads) and query_hidden_dim (0 = none) are Sigma's DiffQKV options (arXiv
     2501.13629 §2, attention 'diffqkv'): value heads counted apart from key heads, and the augmented Q projection.
-    attention names a registered mechanism or one of the LLM's `MIXERS` ('tnl', 'base_conv'); layer_attention
-    chooses the mixer per layer (see the module docstring).
+    layer_attention chooses the token mixer per layer: registered mechanisms or the LLM's `MIXERS` ('tnl',
+    'base_conv'), which only it can name (see the module docstring).
     """
 
     vocab_size: int = 256
@@ -164,27 +169,33 @@ class LLMConfig:
             raise ValueError(f"LLMConfig.layer_attention must be a tuple of entries (repeated over the layers; () = "
                              f"`attention` everywhere), got {entries!r}")
         for index, entry in enumerate(entries):
-            owner = f"LLMConfig.layer_attention[{index}]"
-            kind, kwargs = _entry(owner, entry, self.attention, self.attention_kwargs)
-            _check_mixer(owner, kind, kwargs, self.num_heads, layer_entry=entry is not None)
+            if entry is not None:  # None: the top-level attention, checked above
+                owner = f"LLMConfig.layer_attention[{index}]"
+                kind, kwargs = _entry(owner, entry, self.attention, self.attention_kwargs)
+                _check_mixer(owner, kind, kwargs, self.num_heads, layer_entry=True)
 
     def layer_mixer(self, layer: int) -> tuple[str, dict[str, Any]]:
-        """(name, kwargs) of layer `layer`'s token mixer as configured (before the LLM resolves `slopes`)."""
+        """(name, kwargs) of layer `layer`'s token mixer, with `slopes` resolved to the layer's floats."""
         if not 0 <= layer < self.depth:
             raise ValueError(f"LLMConfig.layer_mixer: layer must be in [0, depth={self.depth}), got {layer!r}")
         if not self.layer_attention:
-            return self.attention, dict(self.attention_kwargs)
-        entry = self.layer_attention[layer % len(self.layer_attention)]
-        return _entry("LLMConfig.layer_attention", entry, self.attention, self.attention_kwargs)
-
-    def layer_config(self, layer: int) -> "LLMConfig":
-        """This config with `attention` / `attention_kwargs` / `qk_head_dim` of layer `layer` and no
-        layer_attention: what that layer's block is built from. `slopes` is resolved to the layer's floats."""
-        kind, kwargs = self.layer_mixer(layer)
-        qk_head_dim = kwargs.pop("qk_head_dim", self.qk_head_dim)
+            kind, kwargs = self.attention, dict(self.attention_kwargs)
+        else:
+            entry = self.layer_attention[layer % len(self.layer_attention)]
+            kind, kwargs = _entry("LLMConfig.layer_attention", entry, self.attention, self.attention_kwargs)
         if kind == "tnl" or (kind not in MIXERS and attnx.get_attention(kind).name == "lightning"):
             if kwargs.get("slopes") is not None:
                 kwargs["slopes"] = resolve_slopes(kwargs["slopes"], self.num_heads, layer, self.depth)
+        return kind, kwargs
+
+    def layer_config(self, layer: int) -> "LLMConfig":
+        """The config block `layer` is built from: for an attention layer, this config with that layer's `attention`,
+        `attention_kwargs` and `qk_head_dim` and no layer_attention; for a `MIXERS` layer (built from
+        `layer_mixer`), this config, whose norms and MLP the block still uses."""
+        kind, kwargs = self.layer_mixer(layer)
+        if kind in MIXERS:
+            return self
+        qk_head_dim = kwargs.pop("qk_head_dim", self.qk_head_dim)
         if (kind, kwargs, qk_head_dim) == (self.attention, dict(self.attention_kwargs), self.qk_head_dim) \
                 and not self.layer_attention:
             return self
@@ -260,14 +271,14 @@ class DecoderBlock(nnx.Module):
 def _block(config: LLMConfig, layer: int, rngs: nnx.Rngs) -> DecoderBlock:
     """Block `layer`: the shared attention layer, or one of `MIXERS` in its place (built first, so that its weights
     are drawn where the attention layer's would be)."""
-    config = config.layer_config(layer)
+    kind, kwargs = config.layer_mixer(layer)
     mixer = None
-    if config.attention in MIXERS:
-        mixer = MIXERS[config.attention](
+    if kind in MIXERS:
+        mixer = MIXERS[kind](
             config.width, config.num_heads, config.num_kv_heads, config.resolved_head_dim, layer_index=layer,
             num_layers=config.depth, norm_eps=config.norm_eps, rngs=rngs,
-            param_dtype=PARAM_DTYPES[config.param_dtype], **config.attention_kwargs)
-    return DecoderBlock(config, rngs=rngs, mixer=mixer)
+            param_dtype=PARAM_DTYPES[config.param_dtype], **kwargs)
+    return DecoderBlock(config.layer_config(layer), rngs=rngs, mixer=mixer)
 
 
 class LLM(nnx.Module):

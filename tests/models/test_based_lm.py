@@ -134,6 +134,7 @@ def test_a_pattern_repeats_over_the_depth_and_none_inherits_the_attention():
     assert [config.layer_mixer(layer) for layer in range(5)] == [
         ("base_conv", {}), ("sliding_window", {"window": 2})] * 2 + [("base_conv", {})]
     assert config.layer_config(1).attention_kwargs == {"window": 2} and config.layer_config(1).layer_attention == ()
+    assert config.layer_config(0) is config  # a mixer layer's block takes its norms and MLP from the model's config
 
 
 def test_no_layer_attention_builds_exactly_the_previous_model():

@@ -18,8 +18,8 @@ from models.llm import LLM, LLMConfig
 # B=2, T=7, width 24, N=4 query heads of H=6 over K=2 key/value heads; tile 3 so the chunked form crosses tiles.
 B, T, D, N, K, H = 2, 7, 24, 4, 2, 6
 X = jax.random.normal(jax.random.key(0), (B, T, D))
-BASE = LLMConfig(vocab_size=53, width=D, depth=3, num_heads=N, num_kv_heads=K, mlp_width=40, attention="tnl",
-                 attention_kwargs={"block_size": 3})
+TNL = ("tnl", {"block_size": 3})
+BASE = LLMConfig(vocab_size=53, width=D, depth=3, num_heads=N, num_kv_heads=K, mlp_width=40, layer_attention=(TNL,))
 
 
 def mixer(layer_index=1, num_layers=3, **options):
@@ -85,7 +85,7 @@ def test_norm_removes_the_scale_and_a_zero_gate_halves_the_output():
 
 
 def test_slopes_follow_the_tnl_schedule_per_layer():
-    model = LLM(dataclasses.replace(BASE, layer_attention=(None, ("lightning", {"slopes": "tnl"}), None)),
+    model = LLM(dataclasses.replace(BASE, layer_attention=(TNL, ("lightning", {"slopes": "tnl"}), TNL)),
                 rngs=nnx.Rngs(0))
     alibi = alibi_slopes(N)
     slopes = [np.asarray(model.blocks[0].attention.slopes), np.asarray(dict(model.blocks[1].attention.kind_kwargs)[
@@ -93,11 +93,12 @@ def test_slopes_follow_the_tnl_schedule_per_layer():
     for layer, got in enumerate(slopes):  # s_h (1 - l / (L - 1) + 1e-5), L = 3: factors 1, 1/2, 0 (+1e-5)
         np.testing.assert_allclose(got, alibi * (1 - layer / 2 + 1e-5), rtol=1e-6)
     assert slopes[2].min() > 0  # the last layer keeps a sliver of decay
-    same = LLM(dataclasses.replace(BASE, attention_kwargs={"slopes": "alibi"}, depth=2), rngs=nnx.Rngs(0))
+    same = LLM(dataclasses.replace(BASE, layer_attention=(("tnl", {"slopes": "alibi"}),), depth=2),
+               rngs=nnx.Rngs(0))
     for block in same.blocks:
         np.testing.assert_allclose(block.attention.slopes, alibi, rtol=1e-6)
     # A plain lightning layer keeps its function's default (ALiBi in every layer): nothing changes unless asked.
-    plain = dataclasses.replace(BASE, attention="lightning", attention_kwargs={})
+    plain = dataclasses.replace(BASE, attention="lightning", layer_attention=())
     assert plain.layer_config(2) is plain
 
 
@@ -118,13 +119,15 @@ def test_decode_with_the_recurrent_state_equals_the_full_forward():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(attention_kwargs={"slopes": "linear"}), r"LLMConfig='tnl'.*tnl.slopes='linear'.*'tnl', 'alibi'"),
-    (dict(attention_kwargs={"slopes": [0.1, 0.2]}), r"LLMConfig='tnl': tnl.slopes has 2 rates; .* num_heads=4"),
-    (dict(attention_kwargs={"window": 3}), r"tnl: unknown options \['window'\]"),
-    (dict(attention_kwargs={"block_size": 0}), r"tnl.block_size must be an int >= 1"),
-    (dict(attention="softmax", attention_kwargs={"slopes": "tnl"}), r"decay schedule of 'lightning' and 'tnl'"),
+    (dict(layer_attention=(("tnl", {"slopes": "linear"}),)),
+     r"layer_attention\[0\]='tnl'.*tnl.slopes='linear'.*'tnl', 'alibi'"),
+    (dict(layer_attention=(("tnl", {"slopes": [0.1, 0.2]}),)), r"tnl.slopes has 2 rates; .* num_heads=4"),
+    (dict(layer_attention=(("tnl", {"window": 3}),)), r"tnl: unknown options \['window'\]"),
+    (dict(layer_attention=(("tnl", {"block_size": 0}),)), r"tnl.block_size must be an int >= 1"),
+    (dict(attention="tnl", layer_attention=()), r"attention='tnl' is one of the LLM's own mixers.*layer_attention"),
+    (dict(layer_attention=(("softmax", {"slopes": "tnl"}),)), r"decay schedule of 'lightning' and 'tnl'"),
     (dict(attention="lightning", attention_kwargs={"slopes": "fast"}), r"slopes='fast'"),
 ])
 def test_bad_tnl_options_are_named(overrides, message):
     with pytest.raises(ValueError, match=message):
-        LLM(dataclasses.replace(BASE, **overrides), rngs=nnx.Rngs(0))
+        dataclasses.replace(BASE, **overrides)

@@ -16,7 +16,7 @@ spec use SRMSNorm, which is what this layer does.
 
 Departures, each deliberate: key/value projections may have fewer heads than queries (GQA, `num_kv_heads`; equal
 counts give the official MHA module exactly); the block around this mixer is the LLM's (RMSNorm + SwiGLU), not
-TNL's SGLU channel mixer, so that `LLMConfig.attention = 'tnl'` swaps the token mixer only.
+TNL's SGLU channel mixer, so that `LLMConfig.layer_attention = ('tnl',)` swaps the token mixer only.
 
 Decoding keeps Lightning's recurrent state, one [H, V] matrix per head (`init_cache` / `decode`), instead of a KV
 cache: the prefill of T tokens adds their intra-chunk part (the tiled function) to the queries' view of the carried
@@ -77,7 +77,7 @@ class TNLMixer(nnx.Module):
     slopes: 'tnl' (default; the per-layer schedule), 'alibi', or N explicit rates. block_size: Lightning's tile.
     """
 
-    kind = "tnl"  # the name LLMConfig selects it by; the config tests read it like Attention.kind
+    kind = "tnl"  # its name in LLMConfig.layer_attention; read like Attention.kind (e.g. by the config tests)
 
     @staticmethod
     def check_options(options: Mapping[str, Any], num_heads: int | None = None) -> None:
