@@ -13,7 +13,7 @@ Causal self attention (CS) writes only the prefix: the memory seen by query t is
 
     K~_{t, r} = sum_{m <= t} softmax_{m <= t}(alpha_{:, r})_m k_m
 
-computed here as a prefix scan of (log-sum-exp, normalised sum) pairs (O(T n H), like the code's [T, n, H]
+computed here as a blocked scan carrying (log-sum-exp, normalised sum) pairs (O(T n H), like the code's [T, n, H]
 tensor). CAB's own causal non-incremental branch differs: it weights only the current key, exp(alpha_t -
 logcumsumexp(alpha)_t) k_t, with no sum over m < t, so the memory forgets everything but the newest token (see the
 CAB caveat in the spec); attnx implements the prefix form above and checks it with the CAB causality test.
@@ -30,7 +30,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnx.ops.efficient.common import HIGHEST, check_int, group, resolve_implementation
+from attnx.ops.efficient.common import HIGHEST, check_int, decode_through_full_causal, group, resolve_implementation
 from attnx.validation import canonicalize
 
 IMPLEMENTATIONS = ("scan", "reference")
@@ -68,18 +68,36 @@ def _memory(x, phi):
     return jnp.einsum("bksr,bskd->bkrd", jax.nn.softmax(logits, axis=2), x, precision=HIGHEST)
 
 
-def _prefix_memory_scan(x, phi):
-    """Causal memory: x [B, T, K, D] -> [B, T, K, n, D], row t the prefix-softmax-weighted sum over m <= t."""
+def _prefix_memory_scan(x, phi, block_size: int):
+    """Causal memory: x [B, T, K, D] -> [B, T, K, n, D], row t the prefix-softmax-weighted sum over m <= t.
+
+    Blocked scan: within a block a masked [b, b] softmax per slot, across blocks a carried (log-sum-exp of the
+    weights so far, weighted mean so far) pair, merged as in online softmax, so no exp overflows or underflows and
+    the memory is O(T n D), like the code's [T, n, D] tensor."""
+    B, T, K, D = x.shape
     logits = jnp.einsum("btkd,dr->btkr", x, phi, precision=HIGHEST)
+    nb = -(-T // block_size)
+    pad = nb * block_size - T  # padded positions get -inf logits: zero weight, and their rows are dropped
+    logits = jnp.pad(logits, ((0, 0), (0, pad), (0, 0), (0, 0)), constant_values=-jnp.inf)
+    x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    blocks = lambda y: jnp.moveaxis(y.reshape(B, nb, block_size, *y.shape[2:]), 1, 0)
+    visible = jnp.tril(jnp.ones((block_size, block_size), bool))
 
-    def combine(a, b):  # (log-sum-exp of the weights, weighted mean) of two adjacent spans
-        lse_a, mean_a = a
-        lse_b, mean_b = b
-        lse = jnp.logaddexp(lse_a, lse_b)
-        return lse, jnp.exp(lse_a - lse)[..., None] * mean_a + jnp.exp(lse_b - lse)[..., None] * mean_b
+    def step(carry, block):
+        lse_c, mean_c = carry  # [B, K, n], [B, K, n, D]
+        a, xb = block  # [B, b, K, n], [B, b, K, D]
+        masked = jnp.where(visible, jnp.moveaxis(a, 1, -1)[..., None, :], -jnp.inf)  # [B, K, n, b_t, b_m]
+        lse_l = jax.nn.logsumexp(masked, axis=-1)  # [B, K, n, b_t]
+        mean_l = jnp.einsum("bkrtm,bmkd->bkrtd", jax.nn.softmax(masked, axis=-1), xb, precision=HIGHEST)
+        lse = jnp.logaddexp(lse_c[..., None], lse_l)
+        mean = (jnp.exp(lse_c[..., None] - lse)[..., None] * mean_c[..., None, :]
+                + jnp.exp(lse_l - lse)[..., None] * mean_l)  # [B, K, n, b_t, D]
+        return (lse[..., -1], mean[..., -1, :]), jnp.moveaxis(mean, 3, 1)  # rows [B, b, K, n, D]
 
-    elements = (logits, jnp.broadcast_to(x[:, :, :, None, :], logits.shape + x.shape[-1:]))
-    return jax.lax.associative_scan(combine, elements, axis=1)[1]
+    n = phi.shape[1]
+    init = (jnp.full((B, K, n), -jnp.inf), jnp.zeros((B, K, n, D)))
+    _, rows = jax.lax.scan(step, init, (blocks(logits), blocks(x)))
+    return jnp.moveaxis(rows, 0, 1).reshape(B, nb * block_size, K, n, D)[:, :T]
 
 
 def _prefix_memory_dense(x, phi):
@@ -92,20 +110,25 @@ def _prefix_memory_dense(x, phi):
 
 
 def abc_attention(query, key, value, *, causal: bool = False, phi_key=None, phi_value=None,
-                  num_slots: int | None = None, seed: int = 0, implementation: str | None = None):
+                  num_slots: int | None = None, seed: int = 0, block_size: int = 64,
+                  implementation: str | None = None):
     """query [*B, T, N, H], key [*B, S, K, H], value [*B, S, K, V] -> [*B, T, N, V]; all four CAB patterns.
 
-    phi_key [H, n], phi_value [V, n]: the slot control weights (None: drawn from `seed`, n = num_slots or 16)."""
+    phi_key [H, n], phi_value [V, n]: the slot control weights (None: drawn from `seed`, n = num_slots or 16).
+    block_size: the causal scan's block length (the memory is exact for any value)."""
     args = canonicalize(query, key, value)
     B, T, N, H = args.q.shape
     S, K, V = args.k.shape[1], args.k.shape[2], args.v.shape[3]
     implementation = resolve_implementation("abc", implementation, IMPLEMENTATIONS)
+    check_int("abc.block_size", block_size)
     phi_k, phi_v = _weights(phi_key, phi_value, num_slots, H, V, seed)
     q = group(args.q.astype(jnp.float32) * H ** -0.5, K)
     k, v = args.k.astype(jnp.float32), args.v.astype(jnp.float32)
     if causal and T == S:  # CS: the memory of query t holds positions <= t only
-        prefix = _prefix_memory_dense if implementation == "reference" else _prefix_memory_scan
-        k_mem, v_mem = prefix(k, phi_k), prefix(v, phi_v)  # [B, T, K, n, D]
+        if implementation == "reference":
+            k_mem, v_mem = _prefix_memory_dense(k, phi_k), _prefix_memory_dense(v, phi_v)  # [B, T, K, n, D]
+        else:
+            k_mem, v_mem = _prefix_memory_scan(k, phi_k, block_size), _prefix_memory_scan(v, phi_v, block_size)
         probs = jax.nn.softmax(jnp.einsum("btkgh,btkrh->btkgr", q, k_mem, precision=HIGHEST), axis=-1)
         out = jnp.einsum("btkgr,btkrv->btkgv", probs, v_mem, precision=HIGHEST)
     else:  # NS, NC, and CC (queries never interact, so the full memory is causal in the CAB sense)
@@ -118,3 +141,10 @@ def abc_attention(query, key, value, *, causal: bool = False, phi_key=None, phi_
 
 def abc_reference(query, key, value, **kwargs):
     return abc_attention(query, key, value, implementation="reference", **kwargs)
+
+
+def abc_decode(query, key_cache, value_cache, *, query_positions, **kwargs):
+    """The registry decode rule: queries at `query_positions` over a KV cache (slot j = position j), equal to the
+    rows of the full causal call (the prefix memory of position t reads keys/values <= t only)."""
+    return decode_through_full_causal(abc_attention, query, key_cache, value_cache, query_positions=query_positions,
+                                      **kwargs)

@@ -68,3 +68,14 @@ def layer_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, ep
     if bias is not None:
         y = y + bias
     return y
+
+
+def decode_through_full_causal(fn, query, key_cache, value_cache, *, query_positions, **kwargs):
+    """The registry decode rule of a mechanism whose causal output at position t reads only q_t and the keys and
+    values at positions <= t (ABC's prefix memory, Transformer-LS): the queries are placed at their positions in a
+    cache-length query array, the full causal form runs over the cache, and their rows are read back. Cache slots
+    after the last query (zeros or stale) cannot reach those rows. O(L) per call, like re-encoding the cache."""
+    positions = jnp.asarray(query_positions)
+    L = key_cache.shape[-3]
+    full = jnp.zeros((*query.shape[:-3], L, *query.shape[-2:]), query.dtype).at[..., positions, :, :].set(query)
+    return fn(full, key_cache, value_cache, causal=True, **kwargs)[..., positions, :, :]

@@ -37,8 +37,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnx.ops.efficient.common import (HIGHEST, check_int, group, layer_norm, refuse_pattern,
-                                        resolve_implementation)
+from attnx.ops.efficient.common import (HIGHEST, check_int, decode_through_full_causal, group, layer_norm,
+                                        refuse_pattern, resolve_implementation)
 from attnx.validation import canonicalize
 
 IMPLEMENTATIONS = ("blocked", "reference")
@@ -186,3 +186,10 @@ def _causal(q, k, v, projection, norms, w, c, dense):
 
 def longshort_reference(query, key, value, **kwargs):
     return longshort_attention(query, key, value, implementation="reference", **kwargs)
+
+
+def longshort_decode(query, key_cache, value_cache, *, query_positions, **kwargs):
+    """The registry decode rule: queries at `query_positions` over a KV cache (slot j = position j), equal to the
+    rows of the full causal call (window and ended chunks both lie at or before the query)."""
+    return decode_through_full_causal(longshort_attention, query, key_cache, value_cache,
+                                      query_positions=query_positions, **kwargs)

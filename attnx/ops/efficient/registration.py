@@ -29,6 +29,7 @@ register_attention(AttentionSpec(
     implementations=abc.IMPLEMENTATIONS,
     defaults={},
     description="attention over n learned memory slots written by a softmax over positions (prefix form when causal)",
+    decode=abc.abc_decode,
 ))
 
 register_attention(AttentionSpec(
@@ -54,6 +55,7 @@ register_attention(AttentionSpec(
     aliases=("transformer_ls",),
     defaults={"window": 16, "chunk_size": 16},
     description="one softmax over sliding-window keys and dynamically projected low-rank keys, with DualLN",
+    decode=longshort.longshort_decode,
 ))
 
 register_attention(AttentionSpec(
