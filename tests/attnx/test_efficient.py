@@ -15,7 +15,6 @@ from attnx.ops.efficient.lara import lara_attention
 from attnx.ops.efficient.longshort import longshort_attention
 from attnx.ops.efficient.nystrom import _nystrom, iterative_pinv, nystrom_attention
 from attnx.ops.efficient.probsparse import probsparse_attention, sample_sizes
-from attnx.testing.patterns import check_pattern
 from attnx.testing.tolerances import assert_close
 
 B, T, S, N, K, H, V = 2, 13, 10, 4, 2, 8, 5
@@ -28,7 +27,12 @@ def inputs(kv_length=T, value_dim=V, seed=0):
 
 
 def softmax_attention(q, k, v):
-    return attnx.dot_product_attention(q, k, v, implementation="reference")
+    """Exact softmax attention in float64 numpy (GQA by repeating kv heads): the closed forms' target."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    g = q.shape[2] // k.shape[2]
+    logits = np.einsum("btnh,bsnh->bnts", q, np.repeat(k, g, axis=2)) / np.sqrt(q.shape[-1])
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return np.einsum("bnts,bsnv->btnv", p / p.sum(-1, keepdims=True), np.repeat(v, g, axis=2))
 
 
 def run(fn, *args, **kwargs):
@@ -63,17 +67,6 @@ def test_nystrom_landmark_path_matches_reference_with_conv_and_uneven_segments()
     check_fast_against_reference(nystrom_attention, "linear", [(*inputs(), dict(num_landmarks=4, conv_weight=conv))])
 
 
-def test_nystrom_with_one_landmark_per_position_is_softmax_attention():
-    _, k, v = inputs()
-    # Self attention (queries = keys, the Nystrom setting) keeps softmax(Q~ K~^T) well conditioned, so the float32
-    # iteration converges (10 steps from the code's start; its default 6 leave ~2e-2 here).
-    q = 1.5 * jnp.repeat(k, N // K, axis=2)
-    exact = softmax_attention(q, k, v)
-    # m = T forces the landmark path (_nystrom takes pre-scaled queries); the public API takes the exact branch.
-    assert_close(run(lambda *a: _nystrom(*a, T, 25, "linear"), q * H ** -0.5, k, v), exact, jnp.float32)
-    assert_close(run(nystrom_attention, q, k, v, num_landmarks=T), exact, jnp.float32)
-
-
 def test_iterative_pinv_converges_to_the_pseudo_inverse():
     a = jax.nn.softmax(2 * jax.random.normal(jax.random.key(1), (3, 6, 6)), axis=-1)
     z30, z6, z3 = jax.jit(lambda a: [iterative_pinv(a, n) for n in (30, 6, 3)])(a)
@@ -82,12 +75,21 @@ def test_iterative_pinv_converges_to_the_pseudo_inverse():
     assert residual(z6) < residual(z3)  # the iteration converges
 
 
-def test_nystrom_conv_is_a_depthwise_same_convolution_of_the_values():
-    q, k, v = inputs()
+def test_nystrom_closed_forms_softmax_with_one_landmark_per_position_and_the_conv_shift():
+    _, k, v = inputs()
+    # Self attention (queries = keys, the Nystrom setting) keeps softmax(Q~ K~^T) well conditioned, so the float32
+    # iteration converges (10 steps from the code's start; its default 6 leave ~2e-2 here).
+    q = 1.5 * jnp.repeat(k, N // K, axis=2)
     conv = jnp.zeros((N, 3)).at[:, 0].set(1.0)  # tap 0 reads v[t - 1]
-    delta = run(nystrom_attention, q, k, v, num_landmarks=T, conv_weight=conv) - softmax_attention(q, k, v)
-    shifted = jnp.pad(jnp.repeat(v, N // K, axis=2), ((0, 0), (1, 0), (0, 0), (0, 0)))[:, :T]
-    assert_close(delta, shifted, jnp.float32)
+    landmarks, exact_branch, with_conv = jax.jit(lambda q, k, v: (
+        _nystrom(q * H ** -0.5, k, v, T, 25, "linear"),  # m = T forces the landmark path (pre-scaled queries)
+        nystrom_attention(q, k, v, num_landmarks=T),  # the code's T <= m branch
+        nystrom_attention(q, k, v, num_landmarks=T, conv_weight=conv)))(q, k, v)
+    exact = softmax_attention(q, k, v)
+    assert_close(landmarks, exact, jnp.float32)  # up to the pseudo-inverse's accuracy
+    assert_close(exact_branch, exact, jnp.float32)
+    shifted = np.pad(np.repeat(np.asarray(v), N // K, axis=2), ((0, 0), (1, 0), (0, 0), (0, 0)))[:, :T]
+    assert_close(with_conv, exact + shifted, jnp.float32)  # a depthwise 'same' convolution of the values
 
 
 # ---- ABC ----
@@ -142,21 +144,18 @@ def test_lara_matches_reference():
                                                                                rng=jax.random.key(7)))])
 
 
-def test_lara_with_one_proposal_is_a_random_feature_softmax_over_keys():
-    q, k, v = (np.asarray(x, np.float64) for x in inputs())
+def test_lara_one_proposal_closed_form_and_randomness_from_rng_only():
+    q, k, v = inputs()
+    one, base, sampled = jax.jit(lambda *a: (lara_attention(*a, num_landmarks=1), lara_attention(*a, num_landmarks=4),
+                                             lara_attention(*a, num_landmarks=4, rng=jax.random.key(1))))(q, k, v)
+    # One proposal: importance weight 1, so o_t = softmax_s(f(k_s)) V with w = mu = mean(q) + mean(k) (eval mode).
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     kg = np.repeat(k, N // K, axis=2)
-    mu = q.mean(1) + kg.mean(1)  # [B, N, H]; evaluation mode: w = mu
+    mu = q.mean(1) + kg.mean(1)  # [B, N, H]
     logits = (np.einsum("bnh,bsnh->bns", mu, kg) - 0.5 * np.sum(kg ** 2, -1).transpose(0, 2, 1)) * H ** -0.5
     p = np.exp(logits - logits.max(-1, keepdims=True))
     want = np.einsum("bns,bsnv->bnv", p / p.sum(-1, keepdims=True), np.repeat(v, N // K, axis=2))
-    got = run(lara_attention, *inputs(), num_landmarks=1)
-    assert_close(got, np.broadcast_to(want[:, None], got.shape), jnp.float32)
-
-
-def test_lara_randomness_comes_from_rng_only():
-    q, k, v = inputs()
-    base, sampled = jax.jit(lambda *a: (lara_attention(*a, num_landmarks=4),
-                                        lara_attention(*a, num_landmarks=4, rng=jax.random.key(1))))(q, k, v)
+    assert_close(one, np.broadcast_to(want[:, None], one.shape), jnp.float32)
     assert float(jnp.max(jnp.abs(sampled - base))) > 1e-3  # rng draws w = mu + eps; None is the code's w = mu
 
 
@@ -195,7 +194,7 @@ def test_longshort_causal_form_sees_no_future_and_reaches_past_the_window():
     The prefix form of the CAB test runs over the registry defaults in tests/attnx/test_registry.py."""
     x = jax.random.normal(jax.random.key(0), (1, 7, 2, 4))
     f = lambda x: longshort_attention(x, x, x, causal=True, window=2, chunk_size=3, rank=1)
-    reach = np.asarray(jnp.sum(jnp.abs(jax.jit(jax.jacrev(f))(x)), axis=(0, 2, 3, 4, 6, 7)))  # [t_out, t_in]
+    reach = np.asarray(jnp.sum(jnp.abs(jax.jit(jax.jacfwd(f))(x)), axis=(0, 2, 3, 4, 6, 7)))  # [t_out, t_in]
     assert np.all(reach[np.triu_indices(7, 1)] == 0)  # nothing from the future
     assert reach[2, 0] == 0  # window [1, 2]; chunk [0, 2] has not ended
     assert reach[5, 3] == 0  # window [4, 5]; chunk [3, 5] has not ended
@@ -209,27 +208,21 @@ def test_longshort_needs_equal_key_and_value_head_sizes():
 
 # ---- ProbSparse ----
 
-def test_probsparse_with_every_query_active_is_softmax_attention():
-    q, k, v = inputs()
-    assert sample_sizes(T, T, 5)[1] == T
-    assert_close(run(probsparse_attention, q, k, v), softmax_attention(q, k, v), jnp.float32)
+def test_probsparse_matches_reference():
+    check_fast_against_reference(probsparse_attention, "sparse", [(*inputs(), dict(factor=1))])
 
 
-def test_probsparse_matches_reference_and_lazy_rows_are_the_mean_value():
+def test_probsparse_closed_forms_lazy_rows_and_sampling():
     q, k, v = inputs()
-    check_fast_against_reference(probsparse_attention, "sparse", [(q, k, v, dict(factor=1))])
-    out = run(probsparse_attention, q, k, v, factor=1)
+    assert sample_sizes(T, T, 5)[1] == T and sample_sizes(T, T, 1)[1] < T
+    every, by_key, *by_seed = jax.jit(lambda *a: [probsparse_attention(*a), probsparse_attention(
+        *a, factor=1, rng=jax.random.key(0))] + [probsparse_attention(*a, factor=1, seed=s) for s in range(4)])(q, k, v)
+    assert_close(every, softmax_attention(q, k, v), jnp.float32)  # u >= T: every query active, exact softmax
+    out = by_seed[0]
     lazy = jnp.all(jnp.abs(out - jnp.repeat(v.mean(1, keepdims=True), N // K, axis=2)) < 1e-6, axis=-1)
-    active = sample_sizes(T, T, 1)[1]
-    assert active < T and bool(jnp.all(jnp.sum(~lazy, axis=1) == active))  # exactly u active rows per head
-
-
-def test_probsparse_sample_comes_from_rng_or_the_seed():
-    q, k, v = inputs()
-    outs = jax.jit(lambda *a: [probsparse_attention(*a, factor=1, rng=jax.random.key(0))]
-                   + [probsparse_attention(*a, factor=1, seed=s) for s in range(4)])(q, k, v)
-    assert_close(outs[0], outs[1], jnp.float32)  # the default seed 0 is the key rng=jax.random.key(0)
-    assert any(float(jnp.max(jnp.abs(out - outs[1]))) > 1e-3 for out in outs[2:])
+    assert bool(jnp.all(jnp.sum(~lazy, axis=1) == sample_sizes(T, T, 1)[1]))  # exactly u active rows per head
+    assert_close(by_key, out, jnp.float32)  # the default seed 0 is the key rng=jax.random.key(0)
+    assert any(float(jnp.max(jnp.abs(other - out))) > 1e-3 for other in by_seed[1:])
 
 
 # ---- Cached decoding (ABC, LongShort) ----

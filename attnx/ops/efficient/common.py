@@ -8,7 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnx.ops.linear.common import resolve_implementation  # noqa: F401  (re-exported for the family)
+from attnx.ops.linear.common import resolve_implementation  # re-exported for the family
+
+__all__ = ["HIGHEST", "check_int", "decode_through_full_causal", "group", "layer_norm", "refuse_pattern",
+           "resolve_implementation", "segment_matrix", "segment_means"]
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
