@@ -167,6 +167,8 @@ def main(argv=None) -> None:
     parser.add_argument("task", choices=["mqar"])
     parser.add_argument("--mechanisms", nargs="+", default=list(MECHANISMS), choices=list(MECHANISMS))
     parser.add_argument("--widths", nargs="+", type=int, default=[64, 128])
+    parser.add_argument("--cells", nargs="+", default=[f"{t}x{d}" for t, d in CELLS],
+                        help="sequence length x key-value pairs, e.g. 64x4 128x8")
     parser.add_argument("--quick", action="store_true", help="one small cell and budget: a smoke test")
     parser.add_argument("--epochs", type=int, default=Budget.epochs)
     parser.add_argument("--train-examples", type=int, default=Budget.train_examples)
@@ -177,7 +179,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     budget = Budget(train_examples=args.train_examples, epochs=args.epochs, learning_rate=args.learning_rate,
                     vocab_size=args.vocab_size, batch_size=args.batch_size)
-    cells = CELLS
+    try:
+        cells = tuple(tuple(int(part) for part in cell.split("x")) for cell in args.cells)
+    except ValueError:
+        parser.error(f"--cells: expected LENGTHxPAIRS items such as 64x4, got {args.cells}")
     if args.quick:
         budget = dataclasses.replace(budget, train_examples=512, test_examples=250, epochs=1, steps_per_call=4)
         cells = CELLS[:1]
