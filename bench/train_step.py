@@ -16,7 +16,6 @@ other load than XLA's thread pool, so compare runs whose printed load average is
 import argparse
 import os
 import platform
-import statistics
 import time
 
 import jax

@@ -24,7 +24,6 @@ import time
 from typing import Any, Callable, Literal
 
 import jax
-import numpy as np
 from flax import nnx
 from tqdm import tqdm
 

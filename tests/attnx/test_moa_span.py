@@ -106,7 +106,6 @@ def test_sink_zero_gives_a_plain_sliding_window():
 def test_decode_equals_the_last_rows_of_the_full_forward():
     q, k, v = inputs()
     full = sink_window_reference(q, k, v, spans=SPANS, sink=SINK)
-    cache_length = T + 3  # slots past the last position hold junk that must stay unread
     pad = lambda x: jnp.concatenate([x, 100.0 * jnp.ones((B, 3) + x.shape[2:])], axis=1)
     positions = jnp.arange(T - 3, T)
     got = sink_window_decode(q[:, -3:], pad(k), pad(v), query_positions=positions, spans=SPANS, sink=SINK)

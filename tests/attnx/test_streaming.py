@@ -2,7 +2,6 @@
 decoding past the window: with positions inside the cache (the paper's method) a step equals a fresh forward pass
 over [sinks | recent]; with absolute positions it equals the full-sequence forward."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

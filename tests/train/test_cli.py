@@ -12,7 +12,6 @@ import gin
 import pytest
 
 from train import __main__ as cli
-from train import gin_config
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 QUICKSTART = "configs/quickstart.gin"

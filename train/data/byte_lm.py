@@ -12,7 +12,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from train.data.sources import PythonStdlib, TextFiles, split_by_file
+from train.data.sources import PythonStdlib, split_by_file
 
 FILE_SEPARATOR = b"\x00"
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +72,7 @@ def _geometry(args: AttentionArgs, cfg: Chunked) -> _Geometry:
     nq, nk = -(-T // bq), -(-S // bk)
     left, right = args.mask.effective_window
     off = args.mask.q_offset
-    lo, hi, full_rows = [], [], []
+    lo, hi = [], []
     for i in range(nq):
         p_lo, p_hi = i * bq + off, min((i + 1) * bq, T) - 1 + off
         first = 0 if left is None else max(0, p_lo - left)
