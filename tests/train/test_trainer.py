@@ -64,9 +64,8 @@ def test_corrupt_latest_checkpoint_is_reported_and_previous_used(corpus, tmp_pat
 class PoisonedByteModel(ByteLanguageModel):
     """Loss is NaN on any batch that contains the byte 0xFF (planted once in the corpus)."""
 
-    @staticmethod
-    def loss_fn(model, batch, rng):
-        loss, metrics = ByteLanguageModel.loss_fn(model, batch, rng)
+    def loss_fn(self, model, batch, rng):
+        loss, metrics = super().loss_fn(model, batch, rng)
         return jnp.where(jnp.any(batch["tokens"] == 0xFF), jnp.nan, loss), metrics
 
 
