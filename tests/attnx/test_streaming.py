@@ -44,13 +44,18 @@ def stream():
     return jax.random.normal(jax.random.key(1), (2, STEPS, 16))
 
 
+# Compiled once per shape: eager NNX calls dispatch op by op, which dominated these tests.
+_forward = nnx.jit(lambda layer, x: layer(x))
+_decode = nnx.jit(lambda layer, x, cache, index: layer.decode(x, cache, index))
+
+
 def _decode_all(layer, stream, prefill: int):
     """Prefill `prefill` tokens in one call, then one token per call; returns every output row and the cache."""
     cache = layer.init_cache(2, 10_000)
-    out, cache = layer.decode(stream[:, :prefill], cache, jnp.int32(0))
+    out, cache = _decode(layer, stream[:, :prefill], cache, jnp.int32(0))
     rows = [out]
     for t in range(prefill, STEPS):
-        out, cache = layer.decode(stream[:, t:t + 1], cache, jnp.int32(t))
+        out, cache = _decode(layer, stream[:, t:t + 1], cache, jnp.int32(t))
         rows.append(out)
     return jnp.concatenate(rows, axis=1), cache
 
@@ -61,7 +66,7 @@ def test_each_step_equals_a_fresh_forward_over_sinks_and_recent(layer, stream, p
     assert cache["key"].shape[1] == SINK + WINDOW  # bounded: 10,000 positions were asked for
     for t in range(STEPS):
         view = list(range(min(SINK, t + 1))) + list(range(max(SINK, t - WINDOW + 1), t + 1))
-        fresh = layer(stream[:, jnp.asarray(view)])  # positions 0 .. len(view) - 1, as a new sequence
+        fresh = _forward(layer, stream[:, jnp.asarray(view)])  # positions 0 .. len(view) - 1, as a new sequence
         np.testing.assert_allclose(got[:, t], fresh[:, -1], rtol=2e-5, atol=2e-5, err_msg=f"step {t}")
 
 
@@ -69,7 +74,7 @@ def test_without_position_shift_decode_equals_the_full_forward(stream):
     layer = Attention(16, 4, 2, 8, kind="streaming", kind_kwargs={**KWARGS, "position_shift": False},
                       rngs=nnx.Rngs(0))
     got, _ = _decode_all(layer, stream, 3)
-    np.testing.assert_allclose(got, layer(stream), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(got, _forward(layer, stream), rtol=2e-5, atol=2e-5)
 
 
 def test_cache_keeps_exactly_the_sinks_and_the_recent_positions():

@@ -46,10 +46,10 @@ def test_balance_loss_is_weighted_added_and_trains_the_router():
     _, auxiliary = call_with_auxiliary_loss(model, tokens[:, :-1])
     assert 0.5 * 1.0 < float(auxiliary) < 0.5 * 3.0 + 1e-6  # k=2 routed of 3: L_b in [k·k/E.., E], ~k when balanced
     task = ByteLanguageModel(model=config)
-    loss, metrics = task.loss_fn(model, {"tokens": tokens})
+    loss, metrics = nnx.jit(lambda m, t: task.loss_fn(m, {"tokens": t}))(model, tokens)  # compiled: eager is slow
     np.testing.assert_allclose(loss, metrics["bits_per_byte"] * np.log(2) + metrics["auxiliary_loss"], rtol=1e-6)
     graphdef, params = nnx.split(model, nnx.Param)
-    grads = jax.grad(lambda p: task.loss_fn(nnx.merge(graphdef, p), {"tokens": tokens})[0])(params)
+    grads = jax.jit(jax.grad(lambda p: task.loss_fn(nnx.merge(graphdef, p), {"tokens": tokens})[0]))(params)
     assert float(jnp.abs(grads["blocks"][0]["attention"]["router"]["routed_dr"][...]).max()) > 0
     # Plain inference records nothing (sowing happens only under nnx.capture).
     model(tokens)
