@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import xlogy
 
+from attnx.rotary import rotary_embedding
+
 POOLS = ("max", "min", "avg")
 MASKED_LOGIT = -1e9  # the code's `masked_fill(~mask, -1e9)`: finite, so log_softmax stays finite where GT is 0
 DEFAULT_THRESHOLD = 0.0  # `SeerAttnLlamaConfig.__init__`'s default (its docstring says 2e-3, the README 5e-4)
@@ -78,16 +80,10 @@ def block_pool(x: jax.Array, block: int, kind: str) -> jax.Array:
 
 def block_rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     """Rotary positions in the half-split ("rotate half", GPT-NeoX/Llama) layout on x [*B, n, N, d] at `positions`
-    [n]; the code's `apply_rotary_emb_func(..., interleaved=False)`. attnx may not import models/, hence this copy
-    of the rotation (models/layers/rope.py uses the same convention). float32 in and out."""
-    d = x.shape[-1]
-    if d % 2:
-        raise ValueError(f"seer: rotary positions need an even gate width, got hidden={d}")
-    inverse_frequency = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-    angles = positions.astype(jnp.float32)[:, None] * inverse_frequency  # [n, d/2]
-    sin, cos = jnp.sin(angles)[:, None, :], jnp.cos(angles)[:, None, :]  # broadcast over heads
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    [n]; the code's `apply_rotary_emb_func(..., interleaved=False)`, i.e. the layers' own `attnx.rotary`."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"seer: rotary positions need an even gate width, got hidden={x.shape[-1]}")
+    return rotary_embedding(x, positions, theta=theta)
 
 
 def _pooled(x, block, pools):
