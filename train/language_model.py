@@ -17,7 +17,7 @@ from flax import nnx
 
 import attnx
 from models.layers.mixers import call_with_auxiliary_loss
-from models.llm import LLM, LLMConfig
+from models.llm import LLM, MIXERS, LLMConfig
 from models.sampling import sample_logits
 from train.data.byte_lm import ByteLMData
 from train.data.landmark import IGNORE_LABEL, insert_landmarks, language_model_example, num_ordinary
@@ -57,12 +57,20 @@ class ByteLanguageModel:
 
     @property
     def landmark_block_size(self) -> int | None:
-        """Bytes per landmark block when the model uses landmark attention, else None."""
-        spec = attnx.get_attention(self.model.attention)
-        if spec.name != "landmark":
-            return None
-        default = inspect.signature(spec.fn).parameters["block_size"].default
-        return int(dict(self.model.attention_kwargs).get("block_size", default))
+        """Bytes per landmark block when any layer uses landmark attention (one block size for all), else None."""
+        sizes = set()
+        for layer in range(self.model.depth):
+            kind, kwargs = self.model.layer_mixer(layer)
+            if kind in MIXERS:  # the LLM's own mixers (tnl, base_conv) are not registry entries
+                continue
+            spec = attnx.get_attention(kind)
+            if spec.name == "landmark":
+                default = inspect.signature(spec.fn).parameters["block_size"].default
+                sizes.add(int(kwargs.get("block_size", default)))
+        if len(sizes) > 1:
+            raise ValueError(f"landmark layers with different block sizes {sorted(sizes)}: the byte LM lays its "
+                             f"inputs out once, so every landmark layer needs the same block_size")
+        return sizes.pop() if sizes else None
 
     # ---- Training ----
 

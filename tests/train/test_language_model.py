@@ -119,3 +119,14 @@ def test_landmark_task_evaluates_and_samples_bytes(landmark_task_and_model):
     with pytest.raises(ValueError, match="vocab_size=257"):
         import dataclasses
         dataclasses.replace(task, model=dataclasses.replace(task.model, vocab_size=256))
+
+
+def test_a_landmark_layer_in_layer_attention_gets_the_layout_too():
+    from models.llm import LLMConfig
+    mixed = LLMConfig(vocab_size=257, depth=2, layer_attention=("base_conv", ("landmark", {"block_size": 7})))
+    assert language_model.ByteLanguageModel(model=mixed).landmark_block_size == 7
+    assert language_model.ByteLanguageModel().landmark_block_size is None
+    clash = LLMConfig(vocab_size=257, depth=2, layer_attention=(("landmark", {"block_size": 7}),
+                                                                 ("landmark", {"block_size": 5})))
+    with pytest.raises(ValueError, match="same block_size"):
+        language_model.ByteLanguageModel(model=clash)
