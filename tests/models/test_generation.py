@@ -31,16 +31,21 @@ VARIANTS = {
 }
 
 
+# Compiled once per variant and shape: eager NNX calls dispatch op by op, which dominated these tests' time.
+_forward = nnx.jit(lambda model, tokens: model(tokens))
+_decode = nnx.jit(lambda model, tokens, cache, index: model.decode(tokens, cache, index))
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_decode_step_equals_the_last_row_of_a_full_forward(name):
     model = LLM(VARIANTS[name], rngs=nnx.Rngs(1))
     tokens = jax.random.randint(jax.random.key(2), (2, 7), 0, 97)
-    full = model(tokens)
+    full = _forward(model, tokens)
     cache = model.init_cache(2, 9)  # longer than the sequence: unwritten slots must not be attended
-    prefill, cache = model.decode(tokens[:, :4], cache, jnp.int32(0))
+    prefill, cache = _decode(model, tokens[:, :4], cache, jnp.int32(0))
     np.testing.assert_allclose(prefill, full[:, :4], rtol=1e-5, atol=1e-5)
     for position in range(4, 7):
-        step, cache = model.decode(tokens[:, position : position + 1], cache, jnp.int32(position))
+        step, cache = _decode(model, tokens[:, position : position + 1], cache, jnp.int32(position))
         np.testing.assert_allclose(step[:, 0], full[:, position], rtol=1e-5, atol=1e-5)
 
 
@@ -50,7 +55,7 @@ def test_greedy_generate_equals_argmax_of_repeated_full_forwards():
     out = generate(model, prompt, 5)
     expected = prompt
     for _ in range(5):
-        next_token = jnp.argmax(model(expected)[:, -1], axis=-1)
+        next_token = jnp.argmax(_forward(model, expected)[:, -1], axis=-1)
         expected = jnp.concatenate([expected, next_token[:, None].astype(expected.dtype)], axis=1)
     np.testing.assert_array_equal(out, expected)
     # top-k 1 and a tiny nucleus leave only the argmax, whatever the temperature.
