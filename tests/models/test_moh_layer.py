@@ -88,7 +88,7 @@ def test_vision_tasks_add_the_balance_loss(family):
         task = ClassConditionalDiffusion(model=config, data=DigitsData(batch_size=4), num_timesteps=40,
                                          sampling_steps=4)
         model = DiT(config, rngs=nnx.Rngs(0))
-    loss, metrics = task.loss_fn(model, batch, jax.random.key(1))
+    loss, metrics = nnx.jit(task.loss_fn)(model, batch, jax.random.key(1))  # compiled: eager NNX is slow
     # Two routed heads, top-1: L_b = 2 sum_i f_i P_i is 1 when balanced and at most 2 (weight 1.0 here).
     assert 1.0 - 1e-5 <= float(metrics["auxiliary_loss"]) <= 2.0 + 1e-5
     assert float(loss) > float(metrics["auxiliary_loss"])
