@@ -33,37 +33,10 @@ def short_conv_direct(m: BaseConv, u):
     return (conv + m.conv_bias_d[...]) * (u @ m.proj_dd[...] + m.proj_bias_d[...]) + u
 
 
-def test_short_base_conv_equals_the_direct_form_forward_and_gradient():
-    m = BaseConv(D, kernel_size=3, rngs=nnx.Rngs(1))
-    assert m.conv_kd.shape == (3, D) and m.proj_dd.shape == (D, D)
-    graphdef, params = nnx.split(m)
-    loss = lambda fn: lambda p, x: jnp.sum(jnp.sin(fn(nnx.merge(graphdef, p), x)))
 
-    @jax.jit
-    def forward_and_gradients(p, x):
-        return (nnx.merge(graphdef, p)(x), short_conv_direct(nnx.merge(graphdef, p), x),
-                jax.grad(loss(lambda mod, x: mod(x)), argnums=(0, 1))(p, x),
-                jax.grad(loss(short_conv_direct), argnums=(0, 1))(p, x))
-
-    got, want, got_grads, want_grads = forward_and_gradients(params, X)
-    assert_close(got, want, jnp.float32, what="base_conv forward")
-    for g, w in zip(jax.tree_util.tree_leaves(got_grads), jax.tree_util.tree_leaves(want_grads)):
-        assert_close(g, w, jnp.float32, kind="gradient", what="base_conv gradient")
-
-
-def test_based_variant_equals_its_direct_form_forward_and_gradient():
-    """HazyResearch/based's BaseConv: [u1, u2] = x W_in + b, y = (SiLU(conv(u1)) * u2) W_out + b, no conv bias."""
-    m = BaseConv(D, variant="based", expand=4, kernel_size=3, rngs=nnx.Rngs(9))
-    assert m.in_proj_de.shape == (D, 4 * D) and m.conv_kd.shape == (3, 2 * D) and m.out_proj_ed.shape == (2 * D, D)
-    graphdef, params = nnx.split(m)
-
-    def direct(mod, x):
-        h = x @ mod.in_proj_de[...] + mod.in_bias_e[...]
-        u, gate = h[..., :2 * D], h[..., 2 * D:]
-        padded = jnp.pad(u, ((0, 0), (2, 0), (0, 0)))
-        conv = jnp.stack([sum(padded[:, t + i] * mod.conv_kd[i] for i in range(3)) for t in range(T)], axis=1)
-        return (jax.nn.silu(conv) * gate) @ mod.out_proj_ed[...] + mod.out_bias_d[...]
-
+def assert_module_matches(module, direct, what):
+    """module(X) equals direct(module, X), and so do the gradients of a sin-sum loss for parameters and input."""
+    graphdef, params = nnx.split(module)
     loss = lambda fn: lambda p, x: jnp.sum(jnp.sin(fn(nnx.merge(graphdef, p), x)))
 
     @jax.jit
@@ -73,9 +46,29 @@ def test_based_variant_equals_its_direct_form_forward_and_gradient():
                 jax.grad(loss(direct), argnums=(0, 1))(p, x))
 
     got, want, got_grads, want_grads = forward_and_gradients(params, X)
-    assert_close(got, want, jnp.float32, what="based-variant forward")
+    assert_close(got, want, jnp.float32, what=f"{what} forward")
     for g, w in zip(jax.tree_util.tree_leaves(got_grads), jax.tree_util.tree_leaves(want_grads)):
-        assert_close(g, w, jnp.float32, kind="gradient", what="based-variant gradient")
+        assert_close(g, w, jnp.float32, kind="gradient", what=f"{what} gradient")
+
+def test_short_base_conv_equals_the_direct_form_forward_and_gradient():
+    m = BaseConv(D, kernel_size=3, rngs=nnx.Rngs(1))
+    assert m.conv_kd.shape == (3, D) and m.proj_dd.shape == (D, D)
+    assert_module_matches(m, short_conv_direct, "base_conv")
+
+
+def test_based_variant_equals_its_direct_form_forward_and_gradient():
+    """HazyResearch/based's BaseConv: [u1, u2] = x W_in + b, y = (SiLU(conv(u1)) * u2) W_out + b, no conv bias."""
+    m = BaseConv(D, variant="based", expand=4, kernel_size=3, rngs=nnx.Rngs(9))
+    assert m.in_proj_de.shape == (D, 4 * D) and m.conv_kd.shape == (3, 2 * D) and m.out_proj_ed.shape == (2 * D, D)
+
+    def direct(mod, x):
+        h = x @ mod.in_proj_de[...] + mod.in_bias_e[...]
+        u, gate = h[..., :2 * D], h[..., 2 * D:]
+        padded = jnp.pad(u, ((0, 0), (2, 0), (0, 0)))
+        conv = jnp.stack([sum(padded[:, t + i] * mod.conv_kd[i] for i in range(3)) for t in range(T)], axis=1)
+        return (jax.nn.silu(conv) * gate) @ mod.out_proj_ed[...] + mod.out_bias_d[...]
+
+    assert_module_matches(m, direct, "based-variant")
 
 
 def test_implicit_long_convolution_is_causal_and_equals_the_direct_sum():
