@@ -58,6 +58,10 @@ class AttentionSpec:
     rotary_positions: `rotary_positions(index [T], **kwargs) -> positions [T]`, the positions at which a layer
         with rotary embeddings rotates the queries and keys at sequence indices `index`, for mechanisms that
         re-number positions (CCA's concentric image positions); None keeps index = position.
+    spatial: the mechanism reads the 2-D (or 1-D/3-D) layout of the tokens: `fn(..., grid=(h, w))` with the tokens
+        in row-major grid order (neighbourhood attention, HiLo, halo, ...). `grid=None` (the default, and what the
+        CAB pattern checks use) means a 1-D sequence of length T. Tokens beyond prod(grid) at the front (a class
+        token) are the mechanism's to handle or refuse with a ValueError. Model layers pass their grid.
     """
 
     name: str
@@ -72,6 +76,7 @@ class AttentionSpec:
     decode: Callable | None = None
     cache: CacheRule | None = None
     rotary_positions: Callable | None = None
+    spatial: bool = False
 
     def __post_init__(self):
         bad = set(self.patterns) - set(PATTERNS)

@@ -23,7 +23,7 @@ from flax import nnx
 from models.diffusion import classifier_free_guidance
 from models.layers.adaln import AdaLNModulation, LabelEmbedder, TimestepEmbedder, modulate
 from models.layers import PARAM_DTYPES, check_param_dtype
-from models.layers.attention import Attention, check_attention_choice
+from models.layers.attention import Attention, check_attention_choice, token_mixer
 from models.layers.mlp import GeluMlp
 from models.layers.norm import LayerNorm
 from models.layers.patch import PatchEmbed, sincos_2d, unpatchify
@@ -43,6 +43,9 @@ class DiTConfig:
     input_size: side of the (square) input, pixels or latent cells. patch_size: p; tokens = (input_size / p)².
     learn_sigma: predict the reverse-process variance as well (output 2 * in_channels channels).
     class_dropout_prob: probability of replacing a label by the null class in training (for guidance).
+    layer_attention: per-block attention, a tuple of entries repeated over the depth (block l takes entry
+        l % len); each None (the config's `attention` and `attention_kwargs`), a mechanism name, or (name, kwargs).
+        MoH-DiT's published head plans differ per block (diffusion spec §5), e.g. 8 routed blocks then 4 all-shared.
     """
 
     input_size: int = 8
@@ -57,9 +60,12 @@ class DiTConfig:
     class_dropout_prob: float = 0.1
     attention: str = "softmax"
     attention_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    layer_attention: tuple[Any, ...] = ()
     param_dtype: str = "float32"
 
     def __post_init__(self):
+        if isinstance(self.layer_attention, list):  # gin gives lists; a tuple keeps the config hashable
+            object.__setattr__(self, "layer_attention", tuple(self.layer_attention))
         for name in ("input_size", "patch_size", "in_channels", "num_classes", "width", "depth", "num_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -79,6 +85,25 @@ class DiTConfig:
             raise ValueError(f"DiTConfig.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob!r}")
         check_param_dtype("DiTConfig", self.param_dtype)
         check_attention_choice("DiTConfig", self.attention, self.attention_kwargs, causal=False)
+        if not isinstance(self.layer_attention, tuple):
+            raise ValueError(f"DiTConfig.layer_attention must be a tuple of entries, got {self.layer_attention!r}")
+        for index in range(len(self.layer_attention)):
+            check_attention_choice(f"DiTConfig.layer_attention[{index}]", *self.layer_choice(index), causal=False)
+
+    def layer_choice(self, layer: int) -> tuple[str, Mapping[str, Any]]:
+        """(mechanism name, kwargs) of block `layer`."""
+        if not self.layer_attention:
+            return self.attention, self.attention_kwargs
+        entry = self.layer_attention[layer % len(self.layer_attention)]
+        if entry is None:
+            return self.attention, self.attention_kwargs
+        if isinstance(entry, str):
+            return entry, {}
+        if isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str) \
+                and isinstance(entry[1], Mapping):
+            return entry[0], entry[1]
+        raise ValueError(f"DiTConfig.layer_attention entry {entry!r}: expected None (the config's attention), a "
+                         f"mechanism name, or (name, kwargs dict)")
 
     @property
     def out_channels(self) -> int:
@@ -130,23 +155,24 @@ class DiTBlock(nnx.Module):
     """adaLN-Zero block (§3.2): c -> (shift, scale, gate) for attention and for the MLP;
     x += gate · Attn(LN(x) (1 + scale) + shift), then the same for the MLP. Identity at initialisation."""
 
-    def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs, layer: int = 0):
         dtype = PARAM_DTYPES[config.param_dtype]
         width, heads, head_dim = config.width, config.num_heads, config.head_dim
         norm = functools.partial(LayerNorm, width, eps=NORM_EPS, use_scale=False, use_bias=False, param_dtype=dtype)
         self.attention_norm = norm()
-        self.attention = Attention(width, heads, heads, head_dim, kind=config.attention,
-                                   kind_kwargs=config.attention_kwargs, causal=False, use_rope=False, use_bias=True,
-                                   rngs=rngs, param_dtype=dtype)
-        # DiT initialises timm's fused qkv Linear(D, 3D) and the output Linear(D, D) Xavier-uniform; the shared
-        # layer's own fan-in normal is redrawn here so that the bound is the fused matrix's, √(6 / 4D).
-        qkv = _xavier_uniform(rngs.params(), width, 3 * heads * head_dim, (width, 3, heads, head_dim), dtype)
-        # (New Param objects rather than in-place writes: writing into a Variable under tracing, as in the
-        # trainer's jitted initialisation, costs a slow provenance lookup per write.)
-        self.attention.query_dnh, self.attention.key_dkh, self.attention.value_dkh = (
-            nnx.Param(qkv[:, 0]), nnx.Param(qkv[:, 1]), nnx.Param(qkv[:, 2]))
-        self.attention.out_nhd = nnx.Param(_xavier_uniform(rngs.params(), heads * head_dim, width,
-                                                           (heads, head_dim, width), dtype))
+        attention, attention_kwargs = config.layer_choice(layer)
+        self.attention = token_mixer(width, heads, attention=attention, attention_kwargs=attention_kwargs,
+                                     grid=(config.grid_size, config.grid_size), rngs=rngs, param_dtype=dtype)
+        if isinstance(self.attention, Attention):
+            # DiT initialises timm's fused qkv Linear(D, 3D) and the output Linear(D, D) Xavier-uniform; the shared
+            # layer's own fan-in normal is redrawn here so that the bound is the fused matrix's, √(6 / 4D).
+            qkv = _xavier_uniform(rngs.params(), width, 3 * heads * head_dim, (width, 3, heads, head_dim), dtype)
+            # (New Param objects rather than in-place writes: writing into a Variable under tracing, as in the
+            # trainer's jitted initialisation, costs a slow provenance lookup per write.)
+            self.attention.query_dnh, self.attention.key_dkh, self.attention.value_dkh = (
+                nnx.Param(qkv[:, 0]), nnx.Param(qkv[:, 1]), nnx.Param(qkv[:, 2]))
+            self.attention.out_nhd = nnx.Param(_xavier_uniform(rngs.params(), heads * head_dim, width,
+                                                               (heads, head_dim, width), dtype))
         self.mlp_norm = norm()
         self.mlp = GeluMlp(width, config.mlp_width, approximate=True, rngs=rngs, param_dtype=dtype)
         self.modulation = AdaLNModulation(width, 6, rngs=rngs, param_dtype=dtype)
@@ -194,7 +220,7 @@ class DiT(nnx.Module):
         self.timestep_embedder = TimestepEmbedder(config.width, rngs=rngs, param_dtype=dtype)
         self.label_embedder = LabelEmbedder(config.num_classes, config.width, dropout_prob=config.class_dropout_prob,
                                             rngs=rngs, param_dtype=dtype)
-        self.blocks = nnx.List([DiTBlock(config, rngs=rngs) for _ in range(config.depth)])
+        self.blocks = nnx.List([DiTBlock(config, rngs=rngs, layer=index) for index in range(config.depth)])
         self.final_layer = FinalLayer(config, rngs=rngs)
 
     def position_embedding(self) -> np.ndarray:

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from models.layers import PARAM_DTYPES, check_param_dtype
-from models.layers.attention import Attention, check_attention_choice
+from models.layers.attention import check_attention_choice, token_mixer
 from models.layers.mlp import GeluMlp
 from models.layers.norm import LayerNorm
 from models.layers.patch import PatchEmbed, sincos_2d
@@ -198,11 +198,11 @@ class EncoderBlock(nnx.Module):
     """Pre-norm residual block: x + attention(norm(x)), then + mlp(norm(x)). Tokens [B, T, D]."""
 
     def __init__(self, width: int, num_heads: int, mlp_width: int, *, attention: str,
-                 attention_kwargs: Mapping[str, Any], qk_norm: bool, norm_eps: float, rngs: nnx.Rngs, param_dtype):
+                 attention_kwargs: Mapping[str, Any], qk_norm: bool, norm_eps: float, rngs: nnx.Rngs, param_dtype,
+                 grid: tuple[int, int]):
         self.attention_norm = LayerNorm(width, eps=norm_eps, param_dtype=param_dtype)
-        self.attention = Attention(width, num_heads, num_heads, width // num_heads, kind=attention,
-                                   kind_kwargs=attention_kwargs, causal=False, use_rope=False, use_bias=True,
-                                   qk_norm=qk_norm, rngs=rngs, param_dtype=param_dtype)
+        self.attention = token_mixer(width, num_heads, attention=attention, attention_kwargs=attention_kwargs,
+                                     grid=grid, qk_norm=qk_norm, rngs=rngs, param_dtype=param_dtype)
         self.mlp_norm = LayerNorm(width, eps=norm_eps, param_dtype=param_dtype)
         self.mlp = GeluMlp(width, mlp_width, rngs=rngs, param_dtype=param_dtype)
 
@@ -251,7 +251,7 @@ class Stage(nnx.Module):
                       PatchMerging(in_width, width, norm_eps=norm_eps, rngs=rngs, param_dtype=param_dtype))
         self.blocks = nnx.List([
             EncoderBlock(width, num_heads, mlp_width, attention=attention, attention_kwargs=attention_kwargs,
-                         qk_norm=qk_norm, norm_eps=norm_eps, rngs=rngs, param_dtype=param_dtype)
+                         qk_norm=qk_norm, norm_eps=norm_eps, rngs=rngs, param_dtype=param_dtype, grid=grid)
             for _ in range(depth)])
 
 

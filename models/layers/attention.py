@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import attnx
-from models.layers.mixers import ROUTERS
+from models.layers.mixers import ROUTERS, SPATIAL_MIXERS
 from models.layers.norm import RMSNorm
 from models.layers.rope import rotary_embedding
 
@@ -60,6 +60,24 @@ def resolve_decode(kind: str) -> Callable[..., jax.Array]:
     return spec.decode
 
 
+def token_mixer(width: int, num_heads: int, *, attention: str, attention_kwargs: Mapping[str, Any],
+                grid: tuple[int, ...], qk_norm: bool = False, rngs: nnx.Rngs, param_dtype=jnp.float32) -> nnx.Module:
+    """The token mixer of a ViT or DiT block: non-causal self attention over tokens laid out on `grid`.
+
+    Mechanisms whose computation the shared projections cannot express (HiLo's per-branch projections, TransNeXt's
+    pooled branch, ...) replace the whole layer with their `SPATIAL_MIXERS` module, built as
+    `module(width, num_heads, grid=, use_bias=True, rngs=, param_dtype=, **attention_kwargs)` and called as
+    `module(x [B, T, D]) -> [B, T, D]`; every other mechanism runs in the shared `Attention` layer.
+    """
+    name = attnx.get_attention(attention).name
+    if name in SPATIAL_MIXERS:
+        return SPATIAL_MIXERS[name](width, num_heads, grid=tuple(grid), use_bias=True, rngs=rngs,
+                                    param_dtype=param_dtype, **dict(attention_kwargs))
+    return Attention(width, num_heads, num_heads, width // num_heads, kind=attention, kind_kwargs=attention_kwargs,
+                     causal=False, use_rope=False, use_bias=True, qk_norm=qk_norm, grid=grid, rngs=rngs,
+                     param_dtype=param_dtype)
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention with grouped-query heads and a pluggable mixer `kind`.
 
@@ -92,6 +110,7 @@ class Attention(nnx.Module):
         qk_head_dim: int | None = None,
         num_value_heads: int | None = None,
         query_hidden_dim: int | None = None,
+        grid: tuple[int, ...] | None = None,
         rngs: nnx.Rngs,
         param_dtype=jnp.float32,
     ):
@@ -107,8 +126,17 @@ class Attention(nnx.Module):
         if query_hidden_dim is not None and query_hidden_dim < 1:
             raise ValueError(f"query_hidden_dim must be a positive width or None, got {query_hidden_dim!r}")
         kind_kwargs = dict(kind_kwargs or {})
+        spec = attnx.get_attention(kind)
+        spatial = spec.spatial
         if isinstance(kind_kwargs.get("core"), str):  # a mechanism around a core (MoH): the core must fit too
             resolve_attention(kind_kwargs["core"], causal=causal)
+            spatial = spatial or attnx.get_attention(kind_kwargs["core"]).spatial
+        if grid is not None:
+            grid = tuple(grid)
+            if not grid or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid):
+                raise ValueError(f"Attention: grid must be a tuple of positive ints (the token layout), got {grid!r}")
+        # Passed on only to mechanisms that read it, so that the others keep their exact signatures.
+        self.grid = grid if spatial else None
         self.kind = kind
         # Stored as sorted pairs: module attributes are static graph metadata and must be hashable for jit.
         self.kind_kwargs = tuple(sorted(kind_kwargs.items()))
@@ -136,9 +164,10 @@ class Attention(nnx.Module):
         self.query_norm = RMSNorm(qk_dim, param_dtype=param_dtype) if qk_norm else None
         self.key_norm = RMSNorm(qk_dim, param_dtype=param_dtype) if qk_norm else None
         # Last, so a routed layer draws the same projections as a plain one from the same seed.
-        router = ROUTERS.get(attnx.get_attention(kind).name)
+        router = ROUTERS.get(spec.name)
+        layout = {"grid": self.grid} if spec.spatial else {}
         self.router = router(width, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, qk_head_dim=qk_dim,
-                             rngs=rngs, param_dtype=param_dtype, **kind_kwargs) if router else None
+                             rngs=rngs, param_dtype=param_dtype, **layout, **kind_kwargs) if router else None
 
     def project(self, x: jax.Array, positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [B, T, D] -> query [B, T, N, H], key [B, T, K, H], value [B, T, K, V], biased, normalised, rotated."""
@@ -186,6 +215,8 @@ class Attention(nnx.Module):
         """The configured attention kwargs plus those of the mechanism's own weights (ROUTERS), which see the layer
         input and the query/key heads before rotary positions."""
         kwargs = dict(self.kind_kwargs)
+        if self.grid is not None:
+            kwargs["grid"] = self.grid
         if self.router is not None:
             kwargs.update(self.router(x, query, key))
         return kwargs

@@ -1,6 +1,7 @@
 """The DiT family: preset shapes and parameter counts (abstractly), adaLN-Zero identity at initialisation, label
 dropout and the null class, classifier-free guidance, embeddings against the reference formulas, validation."""
 
+import dataclasses
 import functools
 
 import jax
@@ -169,6 +170,17 @@ def test_attention_is_the_shared_layer_picked_by_name():
     assert attention.query_dnh.shape == (24, 3, 8) and attention.query_bias_nh is not None
 
 
+def test_layer_attention_picks_each_blocks_mechanism_in_a_repeating_pattern():
+    """MoH-DiT's head plans differ per block; entries repeat over the depth (block l takes entry l % len)."""
+    moh = ("moh", {"n_shared": 1, "top_k": 1, "core": "softmax"})
+    config = dataclasses.replace(CONFIG, depth=4, layer_attention=[None, moh])
+    assert config.layer_attention == (None, moh)
+    model = nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0)))
+    kinds = [block.attention.kind for block in model.blocks]
+    assert kinds == ["softmax", "moh", "softmax", "moh"]
+    assert model.blocks[0].attention.router is None and model.blocks[1].attention.router is not None
+
+
 def test_presets_and_overrides():
     assert dit_config("tiny") == DiTConfig()
     assert dit_config("XL/2", attention="moh").attention == "moh"
@@ -187,6 +199,9 @@ def test_presets_and_overrides():
     (dict(mlp_ratio=0), "mlp_ratio must be > 0"),
     (dict(param_dtype="float64"), "param_dtype='float64'; allowed"),
     (dict(learn_sigma="yes"), "learn_sigma must be a bool"),
+    (dict(layer_attention=(None, "no_such_mechanism")), r"layer_attention\[1\].*no_such_mechanism"),
+    (dict(layer_attention=(None, 3)), "layer_attention entry 3: expected None"),
+    (dict(layer_attention="softmax"), "layer_attention must be a tuple"),
 ])
 def test_bad_configs_are_clear_errors(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -102,3 +102,43 @@ def test_probabilities_are_refused_for_other_mechanisms():
                       rngs=nnx.Rngs(0))
     with pytest.raises(NotImplementedError, match="only plain 'softmax'"):
         layer.attention_probabilities(jnp.zeros((1, 4, 12)))
+
+
+def test_spatial_mechanisms_and_their_weight_modules_get_the_token_grid(monkeypatch):
+    """The layer hands `grid` to mechanisms registered spatial (and their ROUTERS module), and only to them."""
+    from attnx import registry
+    from models.layers import attention as attention_module
+    from models.layers.attention import token_mixer
+
+    registry.list_attentions()  # registers the built-ins before the probe entry goes in
+    seen = []
+
+    def probe(query, key, value, *, causal=False, grid=None):
+        seen.append(grid)
+        return value
+
+    class ProbeRouter(nnx.Module):
+        def __init__(self, width, num_heads, *, grid, rngs, param_dtype, **options):
+            self.built_with = grid
+
+        def __call__(self, x, query, key):
+            return {}
+
+    monkeypatch.setitem(registry._REGISTRY, "probe_spatial", registry.AttentionSpec(
+        name="probe_spatial", fn=probe, reference=probe, patterns={"NS"}, paper="test probe", spatial=True))
+    monkeypatch.setitem(attention_module.ROUTERS, "probe_spatial", ProbeRouter)
+    layer = token_mixer(16, 2, attention="probe_spatial", attention_kwargs={}, grid=(2, 3), rngs=nnx.Rngs(0))
+    layer(jnp.ones((1, 6, 16)))
+    assert seen == [(2, 3)] and layer.router.built_with == (2, 3)
+    assert token_mixer(16, 2, attention="softmax", attention_kwargs={}, grid=(2, 3), rngs=nnx.Rngs(0)).grid is None
+    with pytest.raises(ValueError, match="grid must be a tuple of positive ints"):
+        token_mixer(16, 2, attention="probe_spatial", attention_kwargs={}, grid=(2, 0), rngs=nnx.Rngs(0))
+
+    class WholeLayer(nnx.Module):  # a SPATIAL_MIXERS entry replaces the attention layer
+        def __init__(self, width, num_heads, *, grid, use_bias, rngs, param_dtype, **options):
+            self.grid, self.options = grid, options
+
+    monkeypatch.setitem(attention_module.SPATIAL_MIXERS, "probe_spatial", WholeLayer)
+    mixer = token_mixer(16, 2, attention="probe_spatial", attention_kwargs={"window": 2}, grid=(2, 3),
+                        rngs=nnx.Rngs(0))
+    assert isinstance(mixer, WholeLayer) and mixer.grid == (2, 3) and mixer.options == {"window": 2}

@@ -20,6 +20,12 @@ from models.layers.mixers.seer import SeerGate
 ROUTERS = {"moh": MoHRouter, "seer": SeerGate, "abc": ABCMemory, "longshort": LongShortProjection, "gaam": GAAMGaussians,
            "moa_experts": MoAExpertsRouter}
 
+# Registry name -> NNX module that replaces the whole attention layer of a ViT or DiT block, for vision mechanisms
+# whose weights the shared query/key/value/output projections cannot express. Built by
+# `models.layers.attention.token_mixer` as `module(width, num_heads, *, grid, use_bias, rngs, param_dtype,
+# **attention_kwargs)` with the block's token grid (h, w) and called as `module(x [B, T, D]) -> [B, T, D]`.
+SPATIAL_MIXERS: dict[str, type] = {}
+
 
 def call_with_auxiliary_loss(model: nnx.Module, *args, **kwargs) -> tuple[object, jax.Array | None]:
     """Calls `model(*args, **kwargs)` and returns (output, auxiliary loss): the weighted losses its layers sow (e.g.
