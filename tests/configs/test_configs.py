@@ -21,7 +21,11 @@ SIZE_FILE_BASES = {"models/vit": "experiments/vit_digits.gin", "models/dit": "ex
 def files_to_parse(gin_file: pathlib.Path) -> list[str]:
     relative = gin_file.relative_to(CONFIG_DIR)
     if relative.parts[0] in OVERLAY_DIRS:
-        return [str(CONFIG_DIR / "quickstart.gin"), str(gin_file)]
+        # A vision or diffusion overlay names its base in a header line "# Base: experiments/vit_digits.gin".
+        declared = re.search(r"^#\s*Base:\s*(\S+)", gin_file.read_text(), flags=re.MULTILINE)
+        base = CONFIG_DIR / (declared.group(1) if declared else "quickstart.gin")
+        assert base.is_file(), f"{relative}: its Base: {base} does not exist"
+        return [str(base), str(gin_file)]
     if relative.parent.as_posix() in SIZE_FILE_BASES:
         base = CONFIG_DIR / SIZE_FILE_BASES[relative.parent.as_posix()]
         if not base.exists():
