@@ -1,0 +1,1 @@
+"""Cross-attention with several decoupled key/value streams: IP-Adapter, MIP-Adapter, DPDEdit, PortraitTalk."""
