@@ -23,7 +23,7 @@ from flax import nnx
 from models.diffusion import classifier_free_guidance
 from models.layers.adaln import AdaLNModulation, LabelEmbedder, TimestepEmbedder, modulate
 from models.layers import PARAM_DTYPES, check_param_dtype
-from models.layers.attention import Attention, check_attention_choice, token_mixer
+from models.layers.attention import Attention, check_attention_choice, layer_entry, token_mixer
 from models.layers.mlp import GeluMlp
 from models.layers.norm import LayerNorm
 from models.layers.patch import PatchEmbed, sincos_2d, unpatchify
@@ -92,18 +92,8 @@ class DiTConfig:
 
     def layer_choice(self, layer: int) -> tuple[str, Mapping[str, Any]]:
         """(mechanism name, kwargs) of block `layer`."""
-        if not self.layer_attention:
-            return self.attention, self.attention_kwargs
-        entry = self.layer_attention[layer % len(self.layer_attention)]
-        if entry is None:
-            return self.attention, self.attention_kwargs
-        if isinstance(entry, str):
-            return entry, {}
-        if isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str) \
-                and isinstance(entry[1], Mapping):
-            return entry[0], entry[1]
-        raise ValueError(f"DiTConfig.layer_attention entry {entry!r}: expected None (the config's attention), a "
-                         f"mechanism name, or (name, kwargs dict)")
+        return layer_entry("DiTConfig.layer_attention", self.layer_attention, layer, self.attention,
+                           self.attention_kwargs)
 
     @property
     def out_channels(self) -> int:

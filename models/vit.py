@@ -23,10 +23,10 @@ import numpy as np
 from flax import nnx
 
 from models.layers import PARAM_DTYPES, check_param_dtype
-from models.layers.attention import check_attention_choice, token_mixer
-from models.layers.mlp import GeluMlp
+from models.layers.attention import check_attention_choice, layer_entry, token_mixer
 from models.layers.norm import LayerNorm
-from models.layers.patch import PatchEmbed, sincos_2d
+from models.layers.patch import sincos_2d
+from models.layers.vision import EMBEDDINGS, MERGES, MLPS, check_part
 
 POOLINGS = ("cls", "mean")
 POSITIONS = ("learned", "sincos")
@@ -45,7 +45,11 @@ class ViTStage:
 
     attention / attention_kwargs: None inherits `ViTConfig.attention` / `ViTConfig.attention_kwargs`, so an
     overlay that switches the mechanism switches it everywhere unless a stage names its own.
+    layer_attention: per-block entries repeated over the stage's blocks (see `ViTConfig.layer_attention`).
     mlp_width: 0 means 4 * width, the ratio of ViT and Swin.
+    merge: the downsampling into this stage, a name in `models.layers.vision.MERGES` ("swin": 2x2 patch merging).
+    mlp: the blocks' feed-forward layer, a name in `MLPS`; None inherits `ViTConfig.mlp`.
+    use_attention: False gives blocks without a token mixer (LITv2's first two stages are MLP blocks only).
     """
 
     width: int
@@ -54,6 +58,10 @@ class ViTStage:
     mlp_width: int = 0
     attention: str | None = None
     attention_kwargs: Mapping[str, Any] | None = None
+    layer_attention: tuple[Any, ...] = ()
+    merge: str = "swin"
+    mlp: str | None = None
+    use_attention: bool = True
 
     @property
     def resolved_mlp_width(self) -> int:
@@ -69,6 +77,11 @@ class ViTConfig:
     survives patch merging). position: "learned" (one vector per token, the CLS token included, as in timm) or
     "sincos" (the fixed 2-D embedding of MAE; the CLS token gets none). qk_norm: see `Attention`. stages: extra
     stages of a hierarchical model (see `ViTStage`); empty for the plain ViT.
+    layer_attention: per-block attention of the first stage, entries repeated over its blocks (block l takes entry
+        l % len), each None (`attention` / `attention_kwargs`), a name, or (name, kwargs): CrossFormer alternates
+        SDA and LDA blocks, DiNAT alternates dilations.
+    embed: the patch embedding, a name in `models.layers.vision.EMBEDDINGS` ("patch": a p x p convolution with
+        stride p). mlp: the blocks' feed-forward layer, a name in `MLPS` ("gelu"). use_attention: see `ViTStage`.
     """
 
     image_size: int | tuple[int, int] = 8
@@ -83,6 +96,10 @@ class ViTConfig:
     position: Literal["learned", "sincos"] = "learned"
     attention: str = "softmax"
     attention_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    layer_attention: tuple[Any, ...] = ()
+    embed: str = "patch"
+    mlp: str = "gelu"
+    use_attention: bool = True
     qk_norm: bool = False
     norm_eps: float = 1e-6
     stages: tuple[ViTStage, ...] = ()
@@ -94,6 +111,8 @@ class ViTConfig:
             object.__setattr__(self, "image_size", tuple(self.image_size))
         if isinstance(self.stages, list):
             object.__setattr__(self, "stages", tuple(self.stages))
+        if isinstance(self.layer_attention, list):
+            object.__setattr__(self, "layer_attention", tuple(self.layer_attention))
         size = self.image_size
         if isinstance(size, int):
             size = (size, size)
@@ -118,6 +137,9 @@ class ViTConfig:
             raise ValueError(f"ViTConfig.norm_eps must be > 0, got {self.norm_eps!r}")
         check_param_dtype("ViTConfig", self.param_dtype)
         check_attention_choice("ViTConfig", self.attention, self.attention_kwargs, causal=False)
+        check_part("ViTConfig.embed", EMBEDDINGS, "embeddings", self.embed)
+        check_part("ViTConfig.mlp", MLPS, "MLPs", self.mlp)
+        self._check_blocks("ViTConfig", self.layer_attention, 0, self.depth, self.use_attention)
         if self.stages:
             self._check_stages()
 
@@ -139,8 +161,24 @@ class ViTConfig:
                 raise ValueError(f"{owner}: 2x2 patch merging needs an even token grid, but the grid before this "
                                  f"stage is {grid[0]}x{grid[1]} (image {self.image_size}, patch {self.patch_size})")
             grid = (grid[0] // 2, grid[1] // 2)
-            attention, attention_kwargs = self.stage_attention(index + 1)
-            check_attention_choice(owner, attention, attention_kwargs, causal=False)
+            if isinstance(stage.layer_attention, list):
+                object.__setattr__(stage, "layer_attention", tuple(stage.layer_attention))
+            check_part(f"{owner}.merge", MERGES, "merges", stage.merge)
+            if stage.mlp is not None:
+                check_part(f"{owner}.mlp", MLPS, "MLPs", stage.mlp)
+            self._check_blocks(owner, stage.layer_attention, index + 1, stage.depth, stage.use_attention)
+
+    def _check_blocks(self, owner: str, layer_attention: Any, stage: int, depth: int, use_attention: Any) -> None:
+        if not isinstance(use_attention, bool):
+            raise ValueError(f"{owner}.use_attention must be a bool, got {use_attention!r}")
+        if not isinstance(layer_attention, tuple):
+            raise ValueError(f"{owner}.layer_attention must be a tuple of entries, got {layer_attention!r}")
+        if not use_attention:
+            return
+        for block in range(min(depth, len(layer_attention)) or 1):
+            attention, attention_kwargs = self.block_attention(stage, block)
+            check_attention_choice(f"{owner}.layer_attention[{block}]" if layer_attention else owner, attention,
+                                   attention_kwargs, causal=False)
 
     @property
     def image_hw(self) -> tuple[int, int]:
@@ -168,6 +206,20 @@ class ViTConfig:
         attention = self.attention if spec.attention is None else spec.attention
         kwargs = self.attention_kwargs if spec.attention_kwargs is None else spec.attention_kwargs
         return attention, kwargs
+
+    def block_attention(self, stage: int, block: int) -> tuple[str, Mapping[str, Any]]:
+        """(mechanism name, kwargs) of block `block` of stage `stage`, after the stage's layer_attention."""
+        attention, kwargs = self.stage_attention(stage)
+        entries = self.layer_attention if stage == 0 else self.stages[stage - 1].layer_attention
+        owner = "ViTConfig.layer_attention" if stage == 0 else f"ViTConfig.stages[{stage - 1}].layer_attention"
+        return layer_entry(owner, entries, block, attention, kwargs)
+
+    def stage_parts(self, stage: int) -> tuple[str, bool]:
+        """(MLP name, use_attention) of stage `stage`."""
+        if stage == 0:
+            return self.mlp, self.use_attention
+        spec = self.stages[stage - 1]
+        return (self.mlp if spec.mlp is None else spec.mlp), spec.use_attention
 
 
 _IMAGENET = dict(image_size=224, patch_size=16, channels=3, num_classes=1000, pooling="cls", position="learned")
@@ -197,43 +249,28 @@ def vit_config(preset: str = "tiny", **overrides: Any) -> ViTConfig:
 class EncoderBlock(nnx.Module):
     """Pre-norm residual block: x + attention(norm(x)), then + mlp(norm(x)). Tokens [B, T, D]."""
 
-    def __init__(self, width: int, num_heads: int, mlp_width: int, *, attention: str,
+    def __init__(self, width: int, num_heads: int, mlp_width: int, *, attention: str | None,
                  attention_kwargs: Mapping[str, Any], qk_norm: bool, norm_eps: float, rngs: nnx.Rngs, param_dtype,
-                 grid: tuple[int, int]):
-        self.attention_norm = LayerNorm(width, eps=norm_eps, param_dtype=param_dtype)
-        self.attention = token_mixer(width, num_heads, attention=attention, attention_kwargs=attention_kwargs,
-                                     grid=grid, qk_norm=qk_norm, rngs=rngs, param_dtype=param_dtype)
+                 grid: tuple[int, int], mlp: str = "gelu"):
+        if attention is None:  # an attention-free block (LITv2's early stages): x + mlp(norm(x)) only
+            self.attention_norm = self.attention = None
+        else:
+            self.attention_norm = LayerNorm(width, eps=norm_eps, param_dtype=param_dtype)
+            self.attention = token_mixer(width, num_heads, attention=attention, attention_kwargs=attention_kwargs,
+                                         grid=grid, qk_norm=qk_norm, rngs=rngs, param_dtype=param_dtype)
         self.mlp_norm = LayerNorm(width, eps=norm_eps, param_dtype=param_dtype)
-        self.mlp = GeluMlp(width, mlp_width, rngs=rngs, param_dtype=param_dtype)
+        self.mlp = MLPS[mlp](width, mlp_width, grid=grid, rngs=rngs, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array, intermediates: dict[str, jax.Array] | None = None, name: str = "") -> jax.Array:
-        attention_input = self.attention_norm(x)
-        x = x + self.attention(attention_input)
+        if self.attention is not None:
+            attention_input = self.attention_norm(x)
+            x = x + self.attention(attention_input)
+            if intermediates is not None:
+                intermediates[f"{name}/attention_input"] = attention_input
         x = x + self.mlp(self.mlp_norm(x))
         if intermediates is not None:
-            intermediates[f"{name}/attention_input"] = attention_input
             intermediates[f"{name}/output"] = x
         return x
-
-
-class PatchMerging(nnx.Module):
-    """Swin's downsampling: grid [B, h, w, D] -> [B, h/2, w/2, D'] by concatenating each 2x2 cell's four tokens,
-    LayerNorm over the 4D features, and a linear map without bias (Liu et al., 2021, §3.1, "patch merging").
-
-    The four tokens are concatenated in row-major cell order ((0,0), (0,1), (1,0), (1,1)); Swin's code orders them
-    (0,0), (1,0), (0,1), (1,1), so importing its weights permutes the kernel's input blocks.
-    """
-
-    def __init__(self, width: int, out_width: int, *, norm_eps: float, rngs: nnx.Rngs, param_dtype):
-        self.norm = LayerNorm(4 * width, eps=norm_eps, param_dtype=param_dtype)
-        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-        self.reduction_fd = nnx.Param(init(rngs.params(), (4 * width, out_width), param_dtype))
-
-    def __call__(self, grid: jax.Array) -> jax.Array:
-        batch, height, width, features = grid.shape
-        cells = grid.reshape(batch, height // 2, 2, width // 2, 2, features).transpose(0, 1, 3, 2, 4, 5)
-        cells = cells.reshape(batch, height // 2, width // 2, 4 * features)
-        return jnp.einsum("bhwf,fd->bhwd", self.norm(cells), self.reduction_fd[...])
 
 
 class Stage(nnx.Module):
@@ -243,16 +280,21 @@ class Stage(nnx.Module):
     attention, HiLo, TransNeXt) can be handed it; the blocks themselves see flattened tokens [B, h * w, D].
     """
 
-    def __init__(self, *, grid: tuple[int, int], in_width: int | None, width: int, depth: int, num_heads: int,
-                 mlp_width: int, attention: str, attention_kwargs: Mapping[str, Any], qk_norm: bool,
-                 norm_eps: float, rngs: nnx.Rngs, param_dtype):
+    def __init__(self, config: ViTConfig, index: int, *, grid: tuple[int, int], in_width: int | None, width: int,
+                 depth: int, num_heads: int, mlp_width: int, rngs: nnx.Rngs, param_dtype):
         self.grid = grid
+        merge = "swin" if index == 0 else config.stages[index - 1].merge
         self.merge = (None if in_width is None else
-                      PatchMerging(in_width, width, norm_eps=norm_eps, rngs=rngs, param_dtype=param_dtype))
-        self.blocks = nnx.List([
-            EncoderBlock(width, num_heads, mlp_width, attention=attention, attention_kwargs=attention_kwargs,
-                         qk_norm=qk_norm, norm_eps=norm_eps, rngs=rngs, param_dtype=param_dtype, grid=grid)
-            for _ in range(depth)])
+                      MERGES[merge](in_width, width, norm_eps=config.norm_eps, rngs=rngs, param_dtype=param_dtype))
+        mlp, use_attention = config.stage_parts(index)
+        blocks = []
+        for block in range(depth):
+            attention, attention_kwargs = config.block_attention(index, block)
+            blocks.append(EncoderBlock(
+                width, num_heads, mlp_width, attention=attention if use_attention else None,
+                attention_kwargs=attention_kwargs, qk_norm=config.qk_norm, norm_eps=config.norm_eps, rngs=rngs,
+                param_dtype=param_dtype, grid=grid, mlp=mlp))
+        self.blocks = nnx.List(blocks)
 
 
 class ViT(nnx.Module):
@@ -276,8 +318,8 @@ class ViT(nnx.Module):
         self.image_hw = config.image_hw
         self.channels = config.channels
         self.hierarchical = bool(config.stages)
-        self.patch_embed = PatchEmbed(config.patch_size, config.channels, config.width, rngs=rngs,
-                                      param_dtype=dtype)
+        self.patch_embed = EMBEDDINGS[config.embed](config.patch_size, config.channels, config.width, rngs=rngs,
+                                                    param_dtype=dtype)
         with_cls = config.pooling == "cls"
         # timm and big_vision start the class token at (almost) zero; it learns its content from the blocks.
         self.cls_token_d = nnx.Param(jnp.zeros((config.width,), dtype)) if with_cls else None
@@ -297,10 +339,7 @@ class ViT(nnx.Module):
             else:
                 shape = dict(width=config.width, depth=config.depth, num_heads=config.num_heads,
                              mlp_width=config.mlp_width)
-            attention, attention_kwargs = config.stage_attention(index)
-            stages.append(Stage(grid=grid, in_width=width, **shape, attention=attention,
-                                attention_kwargs=attention_kwargs, qk_norm=config.qk_norm, norm_eps=config.norm_eps,
-                                rngs=rngs, param_dtype=dtype))
+            stages.append(Stage(config, index, grid=grid, in_width=width, **shape, rngs=rngs, param_dtype=dtype))
             width = shape["width"]
         self.stages = nnx.List(stages)
         self.final_norm = LayerNorm(config.final_width, eps=config.norm_eps, param_dtype=dtype)
@@ -361,7 +400,7 @@ def attention_maps(model: ViT, images: jax.Array) -> dict[str, jax.Array]:
     """
     _, intermediates = model(images, return_intermediates=True)
     return {name: block.attention.attention_probabilities(intermediates[f"{name}/attention_input"])
-            for name, block in model.named_blocks()}
+            for name, block in model.named_blocks() if block.attention is not None}
 
 
 def count_parameters(model: nnx.Module) -> int:

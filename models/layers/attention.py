@@ -60,6 +60,25 @@ def resolve_decode(kind: str) -> Callable[..., jax.Array]:
     return spec.decode
 
 
+def layer_entry(owner: str, entries: tuple, layer: int, attention: str,
+                attention_kwargs: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    """(name, kwargs) of block `layer` under a per-block pattern `entries`, repeated over the depth (block l takes
+    entry l % len; an empty pattern gives every block `attention`). An entry is None (the default attention and
+    kwargs), a mechanism name (no kwargs), or (name, kwargs dict)."""
+    if not entries:
+        return attention, attention_kwargs
+    entry = entries[layer % len(entries)]
+    if entry is None:
+        return attention, attention_kwargs
+    if isinstance(entry, str):
+        return entry, {}
+    if isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str) \
+            and isinstance(entry[1], Mapping):
+        return entry[0], entry[1]
+    raise ValueError(f"{owner} entry {entry!r}: expected None (the config's attention), a mechanism name, or "
+                     f"(name, kwargs dict)")
+
+
 def token_mixer(width: int, num_heads: int, *, attention: str, attention_kwargs: Mapping[str, Any],
                 grid: tuple[int, ...], qk_norm: bool = False, rngs: nnx.Rngs, param_dtype=jnp.float32) -> nnx.Module:
     """The token mixer of a ViT or DiT block: non-causal self attention over tokens laid out on `grid`.

@@ -13,7 +13,8 @@ from flax import nnx
 import attnx
 from attnx import registry
 from models.layers.patch import sincos_2d
-from models.vit import PRESETS, PatchMerging, ViT, ViTConfig, ViTStage, attention_maps, count_parameters, vit_config
+from models.layers.vision import PatchMerging
+from models.vit import PRESETS, ViT, ViTConfig, ViTStage, attention_maps, count_parameters, vit_config
 from train import gin_config
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
@@ -215,6 +216,26 @@ def test_stages_inherit_the_model_attention_unless_they_name_their_own():
     assert own.stages[0].resolved_mlp_width == 4 * 28
 
 
+def test_layer_attention_alternates_blocks_and_stages_can_drop_attention():
+    """CrossFormer alternates SDA/LDA blocks, DiNAT dilations: per-block entries repeat over a stage's blocks.
+    LITv2's first stages have no attention: use_attention=False leaves MLP-only blocks."""
+    window = ("sliding_window", {"window": 1})
+    config = vit_config("tiny_hierarchical", layer_attention=(None, window), use_attention=True, stages=(
+        ViTStage(width=64, depth=3, num_heads=4, mlp_width=128, layer_attention=[window, "softmax"]),))
+    assert config.stages[0].layer_attention == (window, "softmax")
+    model = nnx.eval_shape(lambda: ViT(config, rngs=nnx.Rngs(0)))
+    kinds = [(block.attention.kind, dict(block.attention.kind_kwargs)) for _, block in model.named_blocks()]
+    assert kinds == [("softmax", {}), ("sliding_window", {"window": 1}),
+                     ("sliding_window", {"window": 1}), ("softmax", {}), ("sliding_window", {"window": 1})]
+    mlp_only = vit_config("tiny_hierarchical", use_attention=False)
+    model = ViT(mlp_only, rngs=nnx.Rngs(0))
+    assert [block.attention for block in model.stages[0].blocks] == [None, None]
+    assert model.stages[1].blocks[0].attention is not None
+    logits, intermediates = model(jnp.ones((1, 8, 8, 1)), return_intermediates=True)
+    assert logits.shape == (1, 10) and "stage_0/block_0/attention_input" not in intermediates
+    assert set(attention_maps(model, jnp.ones((1, 8, 8, 1)))) == {"stage_1/block_0", "stage_1/block_1"}
+
+
 # ---- Validation ----
 
 @pytest.mark.parametrize("overrides, message", [
@@ -235,6 +256,12 @@ def test_stages_inherit_the_model_attention_unless_they_name_their_own():
      r"ViTConfig.stages\[0\].width=30 is not divisible by num_heads=4"),
     (dict(pooling="mean", stages=(ViTStage(width=32, depth=1, num_heads=4, attention="nope"),)),
      r"ViTConfig.stages\[0\].attention='nope'.*known: .*sliding_window"),
+    (dict(embed="conv7"), r"ViTConfig.embed='conv7': unknown; known embeddings: \['patch'"),
+    (dict(mlp="swiglu"), r"ViTConfig.mlp='swiglu': unknown; known MLPs: \['gelu'"),
+    (dict(pooling="mean", stages=(ViTStage(64, 1, 4, merge="pool"),)), r"stages\[0\].merge='pool': unknown"),
+    (dict(layer_attention=(None, 7)), r"ViTConfig.layer_attention entry 7: expected None"),
+    (dict(layer_attention=(None, "nope")), r"ViTConfig.layer_attention\[1\].attention='nope'"),
+    (dict(use_attention="no"), r"ViTConfig.use_attention must be a bool"),
 ])
 def test_bad_config_values_are_clear_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
