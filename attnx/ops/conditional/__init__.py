@@ -1,0 +1,1 @@
+"""Conditional family: condition tokens that query image tokens (Conditional Cross-Attention Network)."""
