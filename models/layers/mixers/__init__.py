@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.layers.mixers.abc import ABCMemory
+from models.layers.mixers.dependency import DependencyGates
 from models.layers.mixers.longshort import LongShortProjection
 from models.layers.mixers.gaam import GAAMGaussians
 from models.layers.mixers.moa_experts import MoAExpertsRouter
@@ -18,7 +19,7 @@ from models.layers.mixers.seer import SeerGate
 # before rotary positions ([B, T, N, H], [B, S, K, H]); it returns the extra keyword arguments of the attention
 # function (MoH: {"gates": [B, T, N]}).
 ROUTERS = {"moh": MoHRouter, "seer": SeerGate, "abc": ABCMemory, "longshort": LongShortProjection, "gaam": GAAMGaussians,
-           "moa_experts": MoAExpertsRouter}
+           "moa_experts": MoAExpertsRouter, "reversed": DependencyGates}
 
 # Registry name -> NNX module that replaces the whole attention layer of a ViT or DiT block, for vision mechanisms
 # whose weights the shared query/key/value/output projections cannot express. Built by
