@@ -11,6 +11,7 @@ from models.layers.mixers.longshort import LongShortProjection
 from models.layers.mixers.gaam import GAAMGaussians
 from models.layers.mixers.moa_experts import MoAExpertsRouter
 from models.layers.mixers.moh import MoHRouter
+from models.layers.mixers.relative_bias import HaloRelativeEmbedding, NeighborhoodBias
 from models.layers.mixers.seer import SeerGate
 
 # Registry name -> NNX module that owns the mechanism's own weights (beside the layer's projections). The attention
@@ -19,7 +20,8 @@ from models.layers.mixers.seer import SeerGate
 # before rotary positions ([B, T, N, H], [B, S, K, H]); it returns the extra keyword arguments of the attention
 # function (MoH: {"gates": [B, T, N]}).
 ROUTERS = {"moh": MoHRouter, "seer": SeerGate, "abc": ABCMemory, "longshort": LongShortProjection, "gaam": GAAMGaussians,
-           "moa_experts": MoAExpertsRouter, "reversed": DependencyGates}
+           "moa_experts": MoAExpertsRouter, "reversed": DependencyGates,
+           "neighborhood": NeighborhoodBias, "halo": HaloRelativeEmbedding}
 
 # Registry name -> NNX module that replaces the whole attention layer of a ViT or DiT block, for vision mechanisms
 # whose weights the shared query/key/value/output projections cannot express. Built by
