@@ -1,0 +1,216 @@
+"""Neighbourhood attention (spec vision_mechanisms.md §3 (e)): (1) gather path == dense masked reference, forward and
+gradients (1-D/2-D/3-D, dilation, stride, even kernels, causal axes, RPB, GQA); (2) prod(k) distinct keys per row;
+(3) k = L is full attention; (4) k = 1 returns v; (5) dilated NA == NA on each dilation sub-grid; (6) causal 1-D
+with k >= L is causal attention; (7) the mask is asymmetric only near borders; (8) windows and RPB indices equal a
+loop over NATTEN v0.15.1's get_window_start / get_pb_start; plus stride = k is blocked attention, the block mask,
+the decode rule, and argument errors."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attnx
+from attnx.ops.local.neighborhood import (na_block_mask, na_mask, na_tables, neighborhood_attention,
+                                          neighborhood_decode)
+from attnx.ops.local.tables import coordinates
+from attnx.testing.tolerances import assert_close
+
+B, N, K, H, V = 2, 4, 2, 8, 6
+
+
+def inputs(T, seed=0, heads=(N, K)):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, T, heads[0], H))
+    k = rng.standard_normal((B, T, heads[1], H))
+    v = rng.standard_normal((B, T, heads[1], V))
+    return tuple(jnp.asarray(x, jnp.float32) for x in (q, k, v))
+
+
+def rpb_table(kernel, seed=1):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((N, *(2 * k - 1 for k in kernel))), jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("options",))
+def both_paths(q, k, v, rpb, cotangent, options):
+    """Forward and input gradients of the gather path and of the reference, in one compiled function."""
+    options = dict(options)
+
+    def loss(impl, q, k, v, rpb):
+        out = neighborhood_attention(q, k, v, rpb=rpb, implementation=impl, **options)
+        return jnp.sum(out * cotangent), out
+
+    results = {}
+    for impl in ("gather", "reference"):
+        (_, out), grads = jax.value_and_grad(functools.partial(loss, impl), argnums=(0, 1, 2, 3), has_aux=True)(
+            q, k, v, rpb)
+        results[impl] = (out, grads)
+    return results
+
+
+CASES = {
+    "1d-causal-dilated": dict(grid=(11,), kernel_size=3, dilation=2, causal=True),
+    "2d-even-kernel": dict(grid=(5, 6), kernel_size=(3, 2)),
+    "2d-dilated-strided": dict(grid=(6, 7), kernel_size=3, dilation=(2, 1), stride=(1, 3)),
+    "3d-causal-axis": dict(grid=(3, 4, 5), kernel_size=(2, 3, 3), causal_axes=(True, False, False)),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_gather_equals_dense_reference(case):
+    options = CASES[case]
+    grid = options["grid"]
+    kernel = options["kernel_size"]
+    kernel = (kernel,) * len(grid) if isinstance(kernel, int) else kernel
+    q, k, v = inputs(math.prod(grid))
+    cotangent = jnp.asarray(np.random.default_rng(2).standard_normal((B, math.prod(grid), N, V)), jnp.float32)
+    results = both_paths(q, k, v, rpb_table(kernel), cotangent, tuple(sorted(options.items())))
+    (out, grads), (want, want_grads) = results["gather"], results["reference"]
+    assert_close(out, want, jnp.float32, what=f"{case} forward")
+    for name, got, expected in zip(("query", "key", "value", "rpb"), grads, want_grads):
+        assert_close(got, expected, jnp.float32, kind="gradient", what=f"{case} d{name}")
+
+
+@pytest.mark.parametrize("grid, kernel, dilation, stride", [
+    ((9,), (4,), (2,), (1,)), ((6, 7), (3, 5), (2, 1), (1, 1)), ((4, 5, 6), (3, 2, 3), (1, 2, 2), (2, 1, 3))])
+def test_every_row_has_prod_k_distinct_keys(grid, kernel, dilation, stride):
+    causal = (False,) * len(grid)
+    mask = na_mask(grid, kernel, dilation, stride, causal)
+    assert np.all(mask.sum(axis=1) == math.prod(kernel))
+    index, valid, _ = na_tables(grid, kernel, dilation, stride, causal)
+    assert valid.all()
+    assert all(len(set(row)) == math.prod(kernel) for row in index)
+    rows = np.repeat(np.arange(len(index)), index.shape[1])
+    assert np.array_equal(np.argwhere(mask), np.unique(np.stack([rows, index.ravel()], 1), axis=0))
+
+
+@jax.jit
+def small_cases(q, k, v):
+    """(3) k = L on every axis, (4) k = 1, (6) causal 1-D with k >= L, each beside its expected value."""
+    q2, k2, v2 = q[:, :12], k[:, :12], v[:, :12]
+    return {
+        "full": (neighborhood_attention(q2, k2, v2, grid=(3, 4), kernel_size=(3, 4)),
+                 attnx.dot_product_attention(q2, k2, v2, implementation="reference")),
+        "k1": (neighborhood_attention(q2, k2, v2, grid=(3, 4), kernel_size=1), jnp.repeat(v2, N // K, axis=2)),
+        "causal": (neighborhood_attention(q, k, v, causal=True, kernel_size=q.shape[1] + 3),
+                   attnx.dot_product_attention(q, k, v, mask=attnx.Mask(causal=True), implementation="reference")),
+    }
+
+
+def test_limits_full_identity_and_causal():
+    for name, (got, want) in small_cases(*inputs(13)).items():
+        assert_close(got, want, jnp.float32, what=name)
+
+
+def test_dilated_mask_is_undilated_mask_on_each_sub_grid():
+    grid, kernel, dilation = (7, 8), (3, 2), (2, 3)
+    coords = coordinates(grid)
+    mask = na_mask(grid, kernel, dilation, (1, 1), (False, False))
+    groups = [tuple(g) for g in np.ndindex(*dilation)]
+    seen = np.zeros_like(mask)
+    for group in groups:
+        members = np.flatnonzero(np.all(coords % dilation == group, axis=1))  # row-major within the sub-grid too
+        sub_grid = tuple(-(-(L - g) // d) for L, g, d in zip(grid, group, dilation))
+        sub = na_mask(sub_grid, kernel, (1, 1), (1, 1), (False, False))
+        assert np.array_equal(mask[np.ix_(members, members)], sub), group
+        seen[np.ix_(members, members)] = True
+    assert not mask[~seen].any()  # no key from another dilation group
+
+
+def test_mask_is_symmetric_away_from_borders():
+    grid, kernel = (9, 10), (3, 5)
+    mask = na_mask(grid, kernel, (1, 1), (1, 1), (False, False))
+    coords = coordinates(grid)
+    radius = np.asarray(kernel) // 2
+    interior = np.all((coords >= radius) & (coords < np.asarray(grid) - radius), axis=1)
+    both = interior[:, None] & interior[None, :]
+    assert np.array_equal(mask[both], mask.T[both])
+    assert not np.array_equal(mask, mask.T)  # border windows shift inward: not symmetric there
+
+
+def natten_v015_window(index, length, kernel, dilation):
+    """NATTEN v0.15.1 natten_cpu_commons.h, get_window_start and get_pb_start (odd kernels), rewritten."""
+    radius = kernel // 2
+    if dilation <= 1:
+        start = max(index - radius, 0) + (index + radius >= length) * (length - index - radius - 1)
+        pb = radius + (index < radius) * (radius - index) + (index + radius >= length) * (length - index - 1 - radius)
+        return start, pb
+    if index - radius * dilation < 0:
+        start = index % dilation
+    elif index + radius * dilation >= length:
+        imodd, a = index % dilation, (length // dilation) * dilation
+        b = length - a
+        start = length - b + imodd - 2 * radius * dilation if imodd < b else a + imodd - kernel * dilation
+    else:
+        start = index - radius * dilation
+    if index - radius * dilation < 0:
+        pb = kernel - 1 - index // dilation
+    elif index + radius * dilation >= length:
+        pb = (length - index - 1) // dilation
+    else:
+        pb = radius
+    return start, pb
+
+
+@pytest.mark.parametrize("kernel, dilation", [(3, 1), (5, 1), (3, 2), (5, 3), (7, 2)])
+def test_windows_and_rpb_match_natten_v015(kernel, dilation):
+    for length in range(kernel * dilation, kernel * dilation + 7):
+        index, valid, rel = na_tables((length,), (kernel,), (dilation,), (1,), (False,))
+        for i in range(length):
+            start, pb = natten_v015_window(i, length, kernel, dilation)
+            assert list(index[i]) == [start + t * dilation for t in range(kernel)], (length, i)
+            assert list(rel[i]) == [pb + t for t in range(kernel)], (length, i)
+
+
+def test_stride_equal_to_kernel_is_blocked_attention():
+    grid, kernel = (6, 6), (3, 2)
+    coords = coordinates(grid)
+    same_block = np.all((coords[:, None] // kernel) == (coords[None] // kernel), axis=-1)
+    assert np.array_equal(na_mask(grid, kernel, (1, 1), kernel, (False, False)), same_block)
+
+
+def test_block_mask_covers_exactly_the_blocks_with_neighbours():
+    grid, kernel = (8, 8), 3
+    dense = na_mask(grid, (3, 3), (1, 1), (1, 1), (False, False))
+    blocks = na_block_mask(grid, kernel, block_size=(16, 8))
+    assert blocks.shape == (4, 8)
+    expected = dense.reshape(4, 16, 8, 8).any(axis=(1, 3))
+    assert np.array_equal(blocks, expected) and not blocks.all()
+
+
+@jax.jit
+def decode_case(q, k, v, rpb):
+    options = dict(kernel_size=3, dilation=2)
+    full = neighborhood_attention(q, k, v, causal=True, rpb=rpb, **options)
+    positions = jnp.arange(q.shape[1] - 4, q.shape[1] - 1)  # later cache slots hold future keys: must be masked
+    return full[:, positions], neighborhood_decode(q[:, positions], k, v, query_positions=positions, rpb=rpb, **options)
+
+
+def test_decode_equals_last_rows_of_causal_forward():
+    full, decoded = decode_case(*inputs(12), rpb_table((3,)))
+    assert_close(decoded, full, jnp.float32)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(grid=(3, 3)), "class token"),
+    (dict(grid=(2, 5), kernel_size=3), "kernel_size x dilation"),
+    (dict(kernel_size=2, stride=3), "stride"),
+    (dict(kernel_size=3, rpb=jnp.zeros((N, 3))), "rpb"),
+    (dict(kernel_size=3, use_rpb=True), "use_rpb"),
+    (dict(grid=(2, 5), kernel_size=1, causal=True, causal_axes=(True, False)), "causal_axes"),
+    (dict(kernel_size=3, implementation="dense"), "implementation"),
+    (dict(kernel_size=(3, 3)), "kernel_size"),
+])
+def test_errors_name_the_argument(kwargs, message):
+    q, k, v = inputs(10)
+    with pytest.raises(ValueError, match=message):
+        neighborhood_attention(q, k, v, **kwargs)
+
+
+def test_cross_attention_is_refused():
+    q, k, v = inputs(10)
+    with pytest.raises(ValueError, match="self attention"):
+        neighborhood_attention(q, k[:, :7], v[:, :7], kernel_size=3)
