@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.layers.mixers.crossformer import CrossScaleEmbedding, CrossScaleMerging
 from models.layers.mlp import GeluMlp
 from models.layers.norm import LayerNorm
 from models.layers.patch import PatchEmbed
@@ -50,8 +51,8 @@ class TokenMlp(GeluMlp):
         super().__init__(width, mlp_width, rngs=rngs, param_dtype=param_dtype)
 
 
-EMBEDDINGS: dict[str, type] = {"patch": PatchEmbed}
-MERGES: dict[str, type] = {"swin": PatchMerging}
+EMBEDDINGS: dict[str, type] = {"patch": PatchEmbed, "cel": CrossScaleEmbedding}
+MERGES: dict[str, type] = {"swin": PatchMerging, "cel": CrossScaleMerging}
 MLPS: dict[str, type] = {"gelu": TokenMlp}
 
 
