@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.layers.mixers.crossformer import CrossScaleEmbedding, CrossScaleMerging
+from models.layers.conv_embed import ConvDownsample, ConvTokenizer, OverlapDownsample, OverlapEmbedding
 from models.layers.mlp import GeluMlp
 from models.layers.norm import LayerNorm
 from models.layers.patch import PatchEmbed
@@ -51,9 +52,21 @@ class TokenMlp(GeluMlp):
         super().__init__(width, mlp_width, rngs=rngs, param_dtype=param_dtype)
 
 
-EMBEDDINGS: dict[str, type] = {"patch": PatchEmbed, "cel": CrossScaleEmbedding}
-MERGES: dict[str, type] = {"swin": PatchMerging, "cel": CrossScaleMerging}
-MLPS: dict[str, type] = {"gelu": TokenMlp}
+EMBEDDINGS: dict[str, type] = {
+    "patch": PatchEmbed,
+    "conv_tokenizer": ConvTokenizer,
+    "overlap": OverlapEmbedding,
+    "cel": CrossScaleEmbedding,
+}
+MERGES: dict[str, type] = {
+    "swin": PatchMerging,
+    "conv": ConvDownsample,
+    "overlap": OverlapDownsample,
+    "cel": CrossScaleMerging,
+}
+MLPS: dict[str, type] = {
+    "gelu": TokenMlp,
+}
 
 
 def check_part(owner: str, table: dict[str, type], table_name: str, value: object) -> None:
