@@ -78,7 +78,8 @@ def dense_halo_oracle(q, k, v, rel, grid, block, halo):
         rows = np.clip(c[None, :, a] - c[:, a][:, None] + h + (b + 2 * h) - 1, 0, 2 * (b + 2 * h) - 2)
         gathered = rel[a][rows]  # [T, S, H]
         bias = bias + jnp.einsum("btnh,tsh->bnts", q, gathered, precision="highest")
-    return attnx.dot_product_attention(q, k, v, bias, attnx.Mask(dense=jnp.asarray(allowed)), implementation="reference")
+    mask = attnx.Mask(dense=jnp.asarray(allowed))
+    return attnx.dot_product_attention(q, k, v, bias, mask, implementation="reference")
 
 
 @jax.jit

@@ -66,7 +66,8 @@ def test_neighborhood_without_rpb_owns_no_weights():
 
 def test_tiny_dit_runs_with_local_attention():
     config = dit_config("tiny", patch_size=2, width=16, depth=2, num_heads=2,
-                        layer_attention=(("neighborhood", {"kernel_size": 3, "use_rpb": True}), ("halo", LOCAL["halo"])))
+                        layer_attention=(("neighborhood", {"kernel_size": 3, "use_rpb": True}),
+                                         ("halo", LOCAL["halo"])))
     graphdef, state = random_parameters(lambda: DiT(config, rngs=nnx.Rngs(0)), seed=3, scale=0.3)
     model = nnx.merge(graphdef, state)
     assert [type(block.attention.router).__name__ for block in model.blocks] == ["NeighborhoodBias",

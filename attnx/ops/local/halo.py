@@ -2,8 +2,9 @@
 (b + 2h) x (b + 2h) "halo" window, with factorised relative position embeddings.
 
 Vaswani et al., 2021, "Scaling Local Self-Attention for Parameter Efficient Visual Backbones", CVPR 2021,
-arXiv 2103.12731, §2.2 (blocked local attention, haloing) and §2.1 (relative embeddings as in Ramachandran et al.,
-2019, arXiv 1906.05909). No official code was released; this follows timm's port (huggingface/pytorch-image-models
+arXiv 2103.12731, §2 ("blocked local self-attention" with haloing; the subsection number was not checked against
+the paper), relative embeddings as in Ramachandran et al., 2019, "Stand-Alone Self-Attention in Vision Models",
+arXiv 1906.05909, §3. No official code was released; this follows timm's port (huggingface/pytorch-image-models
 timm/layers/halo_attn.py: `HaloAttn`, `PosEmbedRel`, `rel_logits_1d`), including its details:
     - keys and values are zero-padded by h on every side of the (projected) feature map and each block's window is
       cut from the padded map, so border windows contain zero keys with zero values; timm does **not** mask them
@@ -26,7 +27,6 @@ bias (the oracle).
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp

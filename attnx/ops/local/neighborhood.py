@@ -223,8 +223,8 @@ def neighborhood_attention(query, key, value, *, causal: bool = False, grid=None
         raise ValueError(f"neighborhood.implementation: {implementation!r}; allowed: {IMPLEMENTATIONS} or None")
     if implementation == "reference":
         dense_bias = None if bias is None else _dense_bias(bias, grid, options[0], options[1])[None]
-        out = dot_product_attention(args.q, args.k, args.v, dense_bias, Mask(dense=jnp.asarray(na_mask(grid, *options))),
-                                    scale=scale, implementation="reference")
+        mask = Mask(dense=jnp.asarray(na_mask(grid, *options)))
+        out = dot_product_attention(args.q, args.k, args.v, dense_bias, mask, scale=scale, implementation="reference")
     else:
         out = _gather(args.q, args.k, args.v, bias, na_tables(grid, *options), scale)
     out = out.astype(args.q.dtype)

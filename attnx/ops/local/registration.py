@@ -34,7 +34,8 @@ register_attention(AttentionSpec(
     reference=halo_reference,
     patterns=frozenset({"NS"}),
     paper="Vaswani et al., 2021, Scaling Local Self-Attention for Parameter Efficient Visual Backbones, arXiv "
-          "2103.12731, §2.2 (blocked local attention with haloing; details of timm's port, timm/layers/halo_attn.py)",
+          "2103.12731, §2 (blocked local self-attention with haloing); details of timm's port, "
+          "timm/layers/halo_attn.py",
     implementations=HALO_IMPLEMENTATIONS,
     aliases=("halonet",),
     defaults={"block_size": 2, "halo_size": 1},
