@@ -9,6 +9,16 @@ adaLN and linear layer map tokens back to patches.
 `DiTConfig` is a frozen dataclass validated on construction; `DiT(config, rngs=...)` builds the NNX module. The
 attention mixer is chosen by name (`DiTConfig.attention`, default "softmax"): any registered mechanism that supports
 non-causal self attention drops in with one gin line (ARCHITECTURE §5).
+
+Image prompts (`DiTConfig.image_prompt_tokens` > 0): IP-Adapter's decoupled cross-attention (Ye et al., 2023,
+arXiv 2308.06721, §3.2; models/layers/ip_adapter.py) becomes a sub-layer of every block, between self-attention
+and the MLP (where PixArt-α puts its text cross-attention): queries from the normalised tokens, one stream of keys
+and values from the label embedding (a one-token "text" context, the null class when labels are dropped) and one
+from M image tokens (`ImageProjModel` of an image embedding [B, image_prompt_dim], e.g. a frozen encoder's
+features of a reference image), added with weight λ = `image_prompt_scale`. Its output projection starts at zero,
+so every block is still the identity at initialisation; with the option off the blocks and the parameter count are
+exactly DiT's. The model is then called with `image_embeds=` (zeros: no image prompt, IP-Adapter's unconditional
+`proj(zeros)`), and `image_prompt_scale=` overrides λ per call (0 removes the image stream exactly).
 """
 
 import dataclasses
@@ -24,6 +34,7 @@ from models.diffusion import classifier_free_guidance
 from models.layers.adaln import AdaLNModulation, LabelEmbedder, TimestepEmbedder, modulate
 from models.layers import PARAM_DTYPES, check_param_dtype
 from models.layers.attention import Attention, check_attention_choice, layer_entry, token_mixer
+from models.layers.ip_adapter import DecoupledCrossAttention, ImageProjModel
 from models.layers.mlp import GeluMlp
 from models.layers.norm import LayerNorm
 from models.layers.patch import PatchEmbed, sincos_2d, unpatchify
@@ -46,6 +57,9 @@ class DiTConfig:
     layer_attention: per-block attention, a tuple of entries repeated over the depth (block l takes entry
         l % len); each None (the config's `attention` and `attention_kwargs`), a mechanism name, or (name, kwargs).
         MoH-DiT's published head plans differ per block (diffusion spec §5), e.g. 8 routed blocks then 4 all-shared.
+    image_prompt_tokens: M > 0 adds IP-Adapter image-prompt cross-attention to every block (module docstring);
+        0 (default) leaves DiT unchanged. image_prompt_dim: width of the image embedding given to the model.
+        image_prompt_scale: λ, the weight of the image stream (1.0 in the IP-Adapter code).
     """
 
     input_size: int = 8
@@ -62,6 +76,9 @@ class DiTConfig:
     attention_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     layer_attention: tuple[Any, ...] = ()
     param_dtype: str = "float32"
+    image_prompt_tokens: int = 0
+    image_prompt_dim: int = 64
+    image_prompt_scale: float = 1.0
 
     def __post_init__(self):
         if isinstance(self.layer_attention, list):  # gin gives lists; a tuple keeps the config hashable
@@ -84,6 +101,15 @@ class DiTConfig:
         if not 0 <= self.class_dropout_prob < 1:
             raise ValueError(f"DiTConfig.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob!r}")
         check_param_dtype("DiTConfig", self.param_dtype)
+        if not isinstance(self.image_prompt_tokens, int) or isinstance(self.image_prompt_tokens, bool) \
+                or self.image_prompt_tokens < 0:
+            raise ValueError(f"DiTConfig.image_prompt_tokens must be an int >= 0 (0: no image prompt), got "
+                             f"{self.image_prompt_tokens!r}")
+        if not isinstance(self.image_prompt_dim, int) or isinstance(self.image_prompt_dim, bool) \
+                or self.image_prompt_dim <= 0:
+            raise ValueError(f"DiTConfig.image_prompt_dim must be a positive int, got {self.image_prompt_dim!r}")
+        if isinstance(self.image_prompt_scale, bool) or not isinstance(self.image_prompt_scale, (int, float)):
+            raise ValueError(f"DiTConfig.image_prompt_scale must be a number (λ), got {self.image_prompt_scale!r}")
         check_attention_choice("DiTConfig", self.attention, self.attention_kwargs, causal=False)
         if not isinstance(self.layer_attention, tuple):
             raise ValueError(f"DiTConfig.layer_attention must be a tuple of entries, got {self.layer_attention!r}")
@@ -166,11 +192,23 @@ class DiTBlock(nnx.Module):
         self.mlp_norm = norm()
         self.mlp = GeluMlp(width, config.mlp_width, approximate=True, rngs=rngs, param_dtype=dtype)
         self.modulation = AdaLNModulation(width, 6, rngs=rngs, param_dtype=dtype)
+        # Built last, so that DiT's own weights draw the same numbers with the option on or off.
+        if config.image_prompt_tokens:
+            self.image_attention_norm = norm()
+            self.image_attention = DecoupledCrossAttention(width, heads, scale=config.image_prompt_scale,
+                                                           zero_out=True, rngs=rngs, param_dtype=dtype)
+        else:
+            self.image_attention_norm = self.image_attention = None
 
-    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
-        """x [B, T, D], c [B, D] -> [B, T, D]."""
+    def __call__(self, x: jax.Array, c: jax.Array, context: jax.Array | None = None,
+                 image_tokens: jax.Array | None = None, image_prompt_scale=None) -> jax.Array:
+        """x [B, T, D], c [B, D] -> [B, T, D]; with image prompts also the text context [B, S, D] and the image
+        tokens [B, M, D] (λ = image_prompt_scale, default the config's)."""
         shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
         x = x + gate_attn[:, None, :] * self.attention(modulate(self.attention_norm(x), shift_attn, scale_attn))
+        if self.image_attention is not None:
+            x = x + self.image_attention(self.image_attention_norm(x), context, image_tokens,
+                                         scale=image_prompt_scale)
         return x + gate_mlp[:, None, :] * self.mlp(modulate(self.mlp_norm(x), shift_mlp, scale_mlp))
 
 
@@ -212,6 +250,8 @@ class DiT(nnx.Module):
                                             rngs=rngs, param_dtype=dtype)
         self.blocks = nnx.List([DiTBlock(config, rngs=rngs, layer=index) for index in range(config.depth)])
         self.final_layer = FinalLayer(config, rngs=rngs)
+        self.image_proj = (ImageProjModel(config.image_prompt_dim, config.width, config.image_prompt_tokens,
+                                          rngs=rngs, param_dtype=dtype) if config.image_prompt_tokens else None)
 
     def position_embedding(self) -> np.ndarray:
         """The fixed 2-D sin-cos positions [T, D] (MAE/DiT order), a constant rather than a parameter."""
@@ -224,21 +264,38 @@ class DiT(nnx.Module):
         if train and self.class_dropout_prob > 0 and rng is None and force_drop_ids is None:
             raise ValueError("DiT: train=True drops labels at random (class_dropout_prob="
                              f"{self.class_dropout_prob}), so it needs an rng")
-        drop_rng = rng if train else None
-        return self.timestep_embedder(t) + self.label_embedder(y, rng=drop_rng, force_drop_ids=force_drop_ids)
+        return self.timestep_embedder(t) + self._label_embedding(y, train=train, rng=rng,
+                                                                 force_drop_ids=force_drop_ids)
+
+    def _label_embedding(self, y, *, train, rng, force_drop_ids):
+        return self.label_embedder(y, rng=rng if train else None, force_drop_ids=force_drop_ids)
 
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *, train: bool = False,
                  rng: jax.Array | None = None, force_drop_ids: jax.Array | None = None,
-                 return_intermediates: bool = False):
+                 return_intermediates: bool = False, image_embeds: jax.Array | None = None,
+                 image_prompt_scale=None):
         """Returns the output [B, H, W, out_channels]; with return_intermediates, (output, dict) where the dict
-        holds "conditioning" [B, D], "tokens" (after the position embedding) and "block_{i}" [B, T, D]."""
+        holds "conditioning" [B, D], "tokens" (after the position embedding) and "block_{i}" [B, T, D].
+
+        image_embeds [B, image_prompt_dim]: required when the config has image prompts (zeros: none), refused
+        otherwise. image_prompt_scale: λ for this call (a number or a traced scalar), default the config's."""
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(f"DiT expects images [B, H, W, {self.in_channels}], got {x.shape}")
+        if (self.image_proj is None) != (image_embeds is None):
+            raise ValueError("DiT: image_embeds given, but the model has no image prompt (DiTConfig."
+                             "image_prompt_tokens=0)" if image_embeds is not None else
+                             "DiT: this model has image prompts (DiTConfig.image_prompt_tokens > 0); pass "
+                             "image_embeds [B, image_prompt_dim] (zeros for no image prompt)")
         c = self.conditioning(t, y, train=train, rng=rng, force_drop_ids=force_drop_ids)
+        context = image_tokens = None
+        if self.image_proj is not None:  # the same rng drops the same labels as in c
+            context = self._label_embedding(y, train=train, rng=rng, force_drop_ids=force_drop_ids)[:, None, :]
+            image_tokens = self.image_proj(image_embeds)
         tokens = self.patch_embed(x) + self.position_embedding().astype(x.dtype)
         intermediates = {"conditioning": c, "tokens": tokens}
         for index, block in enumerate(self.blocks):
-            tokens = block(tokens, c)
+            tokens = block(tokens, c) if self.image_proj is None else block(tokens, c, context, image_tokens,
+                                                                              image_prompt_scale)
             intermediates[f"block_{index}"] = tokens
         patches = self.final_layer(tokens, c)
         grid = (self.grid_size, self.grid_size)
@@ -246,16 +303,23 @@ class DiT(nnx.Module):
         return (out, intermediates) if return_intermediates else out
 
     def forward_with_cfg(self, x: jax.Array, t: jax.Array, y: jax.Array, cfg_scale, *,
-                         all_channels: bool = True) -> jax.Array:
+                         all_channels: bool = True, image_embeds: jax.Array | None = None,
+                         image_prompt_scale=None) -> jax.Array:
         """Classifier-free guided output [B, H, W, out_channels] from one forward pass over 2B examples.
 
         The batch is run with its labels and with the null class; ε_u + s (ε_c - ε_u) replaces the ε channels (all
         in_channels of them), and the variance channels come from the conditional half. all_channels=False
-        reproduces DiT's `forward_with_cfg`, which guides only the first three output channels.
+        reproduces DiT's `forward_with_cfg`, which guides only the first three output channels. With image
+        prompts, the unconditional half also gets a zero image embedding (IP-Adapter's uncond `proj(zeros)`).
         """
         batch = x.shape[0]
+        image = {}
+        if image_embeds is not None:
+            image = dict(image_embeds=jnp.concatenate([image_embeds, jnp.zeros_like(image_embeds)]),
+                         image_prompt_scale=image_prompt_scale)
         out = self(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([y, y]),
-                   force_drop_ids=jnp.concatenate([jnp.zeros(batch, jnp.int32), jnp.ones(batch, jnp.int32)]))
+                   force_drop_ids=jnp.concatenate([jnp.zeros(batch, jnp.int32), jnp.ones(batch, jnp.int32)]),
+                   **image)
         guided = self.in_channels if all_channels else min(DIT_REFERENCE_GUIDED_CHANNELS, self.out_channels)
         return classifier_free_guidance(out[:batch], out[batch:], cfg_scale, guided_channels=guided)
 
