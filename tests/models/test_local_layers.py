@@ -93,3 +93,25 @@ def test_class_token_is_refused_with_the_pooling_hint():
                         attention="neighborhood", attention_kwargs={"kernel_size": 3})
     with pytest.raises(ValueError, match="pooling='mean'"):
         jax.eval_shape(lambda x: ViT(config, rngs=nnx.Rngs(0))(x), jnp.zeros((1, 8, 8, 1)))
+
+
+def test_causal_1d_neighborhood_decodes_like_the_full_forward():
+    """In an LLM layer (rotary positions, RPB from the router): prefill then single steps == the full forward."""
+    graphdef, state = random_parameters(
+        lambda: Attention(16, 4, 2, 4, kind="neighborhood", causal=True, rngs=nnx.Rngs(0),
+                          kind_kwargs={"kernel_size": 3, "dilation": 2, "use_rpb": True}), seed=4, scale=0.5)
+    x = jax.random.normal(jax.random.key(5), (2, 7, 16))
+
+    @jax.jit
+    def full_and_steps(state):
+        layer = nnx.merge(graphdef, state)
+        cache = layer.init_cache(2, 9)  # longer than the sequence: unwritten slots must not be attended
+        prefill, cache = layer.decode(x[:, :5], cache, jnp.int32(0))
+        steps = [prefill]
+        for position in (5, 6):
+            step, cache = layer.decode(x[:, position:position + 1], cache, jnp.int32(position))
+            steps.append(step)
+        return layer(x), jnp.concatenate(steps, axis=1)
+
+    full, decoded = full_and_steps(state)
+    assert_close(decoded, full, jnp.float32)
