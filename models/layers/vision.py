@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.layers.mixers.transnext import ConvGLU
 from models.layers.mixers.crossformer import CrossScaleEmbedding, CrossScaleMerging
 from models.layers.conv_embed import ConvDownsample, ConvTokenizer, OverlapDownsample, OverlapEmbedding
 from models.layers.mlp import GeluMlp
@@ -66,6 +67,7 @@ MERGES: dict[str, type] = {
 }
 MLPS: dict[str, type] = {
     "gelu": TokenMlp,
+    "convglu": ConvGLU,
 }
 
 

@@ -98,15 +98,18 @@ def test_logits_are_bounded_by_the_scaled_cosine():
 
 @jax.jit
 def _ones_out(inputs, weights):
-    inputs = inputs | dict(value=jnp.ones_like(inputs["value"]))
-    weights = weights | dict(pooled_value=jnp.ones_like(weights["pooled_value"]), learnable_tokens=None,
+    # unit values everywhere, learnable tokens off: every output is the sum of the softmax weights; one extra
+    # leading batch axis checks that batch axes are flattened and restored
+    inputs = {name: x[None] for name, x in inputs.items()} | dict(value=jnp.ones((1, *inputs["value"].shape)))
+    weights = weights | dict(pooled_key=weights["pooled_key"][None],
+                             pooled_value=jnp.ones((1, *weights["pooled_value"].shape)), learnable_tokens=None,
                              learnable_bias=None)
     return aggregated_attention(**inputs, **weights, grid=GRID, pooled_grid=POOLED)
 
 
 def test_weights_over_both_branches_sum_to_one():
     inputs, weights = _arrays(3)
-    assert_close(_ones_out(inputs, weights), jnp.ones((B, T, N, V)), jnp.float32)
+    assert_close(_ones_out(inputs, weights), jnp.ones((1, B, T, N, V)), jnp.float32)
 
 
 def test_length_scale_counts_in_grid_neighbours_and_pooled_tokens():
@@ -143,8 +146,8 @@ def test_cpb_bias_equals_the_unique_table_construction():
 def test_full_attention_stage_matches_a_direct_formula():
     inputs, weights = _arrays(5)
     q, k, v = inputs["query"], inputs["key"], inputs["value"]
-    out = aggregated_attention(q, k, v, grid=GRID, window=None, temperature=weights["temperature"],
-                               query_embedding=weights["query_embedding"], cpb=weights["cpb"])
+    full = jax.jit(lambda q, k, v, w: aggregated_attention(q, k, v, grid=GRID, window=None, **w))
+    out = full(q, k, v, {name: weights[name] for name in ("temperature", "query_embedding", "cpb")})
     qn = np.asarray(q) / np.linalg.norm(np.asarray(q), axis=-1, keepdims=True)
     kn = np.repeat(np.asarray(k) / np.linalg.norm(np.asarray(k), axis=-1, keepdims=True), N // K, axis=2)
     tau = np.log1p(np.exp(np.asarray(weights["temperature"])))
@@ -162,8 +165,10 @@ def test_pooled_tokens_are_layer_normed_adaptive_means_of_gelu_features():
     x = jnp.asarray(rng.standard_normal((2, 15, D)), jnp.float32)
     W, b = jnp.asarray(rng.standard_normal((D, D)), jnp.float32), jnp.asarray(rng.standard_normal(D), jnp.float32)
     scale, shift = jnp.asarray(rng.standard_normal(D), jnp.float32), jnp.asarray(rng.standard_normal(D), jnp.float32)
-    out = pooled_tokens(x, grid=grid, pooled_grid=(2, 2), sr_kernel=W, sr_bias=b, norm_scale=scale, norm_bias=shift)
-    hidden = np.asarray(jax.nn.gelu(x @ W + b, approximate=False)).reshape(2, 3, 5, D)
+    out = jax.jit(pooled_tokens, static_argnames=("grid", "pooled_grid"))(
+        x, grid=grid, pooled_grid=(2, 2), sr_kernel=W, sr_bias=b, norm_scale=scale, norm_bias=shift)
+    pre = np.asarray(x, np.float64) @ np.asarray(W, np.float64) + np.asarray(b, np.float64)
+    hidden = (0.5 * pre * (1 + np.vectorize(math.erf)(pre / math.sqrt(2)))).reshape(2, 3, 5, D)
     rows, cols = [(0, 2), (1, 3)], [(0, 3), (2, 5)]  # torch's adaptive bins of 3 -> 2 and 5 -> 2
     pooled = np.stack([hidden[:, r0:r1, c0:c1].mean((1, 2)) for r0, r1 in rows for c0, c1 in cols], axis=1)
     normed = (pooled - pooled.mean(-1, keepdims=True)) / np.sqrt(pooled.var(-1, keepdims=True) + 1e-5)
@@ -171,12 +176,10 @@ def test_pooled_tokens_are_layer_normed_adaptive_means_of_gelu_features():
 
 
 def test_one_dimensional_sequence_is_a_single_row_grid():
-    inputs, _ = _arrays(7)
-    q, k, v = inputs["query"], inputs["key"], inputs["value"]
-    assert_close(aggregated_attention(q, k, v), aggregated_attention(q, k, v, grid=(1, T)), jnp.float32)
-    # batch axes beyond one are flattened and restored
-    stacked = aggregated_attention(q[None], k[None], v[None])
-    assert stacked.shape == (1, B, T, N, V)
+    assert tables.resolve_grid(None, 7) == (1, 7)
+    index, valid = tables.local_neighbours((1, 4), 3)
+    np.testing.assert_array_equal(valid.sum(-1), [2, 3, 3, 2])  # a window of 3 along the sequence
+    np.testing.assert_array_equal(index[1][valid[1]], [0, 1, 2])
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -14,6 +14,7 @@ from models.layers.mixers.moa_experts import MoAExpertsRouter
 from models.layers.mixers.moh import MoHRouter
 from models.layers.mixers.relative_bias import HaloRelativeEmbedding, NeighborhoodBias
 from models.layers.mixers.seer import SeerGate
+from models.layers.mixers.transnext import AggregatedAttention
 
 # Registry name -> NNX module that owns the mechanism's own weights (beside the layer's projections). The attention
 # layer builds it as `module(width, num_heads, num_kv_heads=, head_dim=, qk_head_dim=, rngs=, param_dtype=,
@@ -29,7 +30,7 @@ ROUTERS = {"moh": MoHRouter, "seer": SeerGate, "abc": ABCMemory, "longshort": Lo
 # whose weights the shared query/key/value/output projections cannot express. Built by
 # `models.layers.attention.token_mixer` as `module(width, num_heads, *, grid, use_bias, rngs, param_dtype,
 # **attention_kwargs)` with the block's token grid (h, w) and called as `module(x [B, T, D]) -> [B, T, D]`.
-SPATIAL_MIXERS: dict[str, type] = {}
+SPATIAL_MIXERS: dict[str, type] = {"aggregated": AggregatedAttention}
 
 
 def call_with_auxiliary_loss(model: nnx.Module, *args, **kwargs) -> tuple[object, jax.Array | None]:
