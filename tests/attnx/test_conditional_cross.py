@@ -41,14 +41,15 @@ def test_batched_conditions_equal_the_loop_the_formula_and_are_permutation_invar
     tokens = jax.random.normal(jax.random.key(1), (B, P, D))
     ids = jnp.asarray([[0, 3, 4], [2, 2, 1]])
     perm = np.random.default_rng(0).permutation(P)
-    embed = jax.jit(lambda tokens, ids: conditional_cross_attention(tokens, ids, **w))
-    batched = np.asarray(embed(tokens, ids))
-    permuted = np.asarray(embed(tokens[:, perm], ids))
+    embed = lambda tokens, ids: conditional_cross_attention(tokens, ids, **w)
+    # ids [B]: one condition per image -> [B, D], one call per condition.
+    run = jax.jit(lambda tokens, ids: (embed(tokens, ids), embed(tokens[:, perm], ids),
+                                       [embed(tokens, ids[:, c]) for c in range(C)]))
+    batched, permuted, loop = run(tokens, ids)
+    batched, permuted = np.asarray(batched), np.asarray(permuted)
     assert batched.shape == (B, C, D)
-    single = jax.jit(lambda tokens, ids: conditional_cross_attention(tokens, ids, **w))
     for c in range(C):
-        one = np.asarray(single(tokens, ids[:, c]))  # ids [B]: one condition per image -> [B, D]
-        np.testing.assert_allclose(batched[:, c], one, atol=2e-5, rtol=2e-5)
+        np.testing.assert_allclose(batched[:, c], np.asarray(loop[c]), atol=2e-5, rtol=2e-5)
         for b in range(B):
             want = numpy_embedding(np.asarray(tokens[b], np.float64), int(ids[b, c]), w)
             np.testing.assert_allclose(batched[b, c], want, atol=2e-5, rtol=2e-5)

@@ -25,13 +25,14 @@ def qkv(seed=0):
 def test_rollout_of_identities_is_identity_and_equals_the_product_loop():
     eye = jnp.broadcast_to(jnp.eye(T), (3, B, N, T, T))
     maps = jax.nn.softmax(jax.random.normal(jax.random.key(1), (3, B, N, T, T)), axis=-1)
-    run = jax.jit(attention_rollout)
-    np.testing.assert_allclose(np.asarray(run(eye)), np.broadcast_to(np.eye(T), (B, T, T)), atol=1e-6)
-    rollout = np.asarray(run(maps))
-    np.testing.assert_allclose(rollout, np.asarray(rollout_reference(list(maps))), atol=1e-6)
+    run = jax.jit(lambda eye, maps: (attention_rollout(eye), attention_rollout(maps),
+                                     rollout_reference(list(maps)), attention_rollout(list(maps[:2]))))
+    identity, rollout, loop, two = map(np.asarray, run(eye, maps))
+    np.testing.assert_allclose(identity, np.broadcast_to(np.eye(T), (B, T, T)), atol=1e-6)
+    np.testing.assert_allclose(rollout, loop, atol=1e-6)
     # Later blocks multiply on the left: two blocks are S̄_2 S̄_1, not S̄_1 S̄_2.
     bar = [0.5 * np.asarray(m).mean(1) + 0.5 * np.eye(T) for m in maps[:2]]
-    np.testing.assert_allclose(np.asarray(attention_rollout(list(maps[:2]))), bar[1] @ bar[0], atol=1e-6)
+    np.testing.assert_allclose(two, bar[1] @ bar[0], atol=1e-6)
     np.testing.assert_allclose(rollout.sum(-1), 1.0, atol=1e-5)  # products of row-stochastic maps stay so
     scores = np.asarray(rollout_scores(jnp.asarray(rollout)))
     assert np.all(np.isneginf(scores[:, 0])) and np.allclose(scores[:, 1:], rollout[:, 0, 1:])

@@ -89,9 +89,15 @@ def num_selected(length: int, ratio: float) -> int:
     return max(1, math.ceil(ratio * length - 1e-9))  # the epsilon keeps e.g. 0.3 * 10 from rounding up to 4
 
 
-def glca_select(scores, ratio: float):
-    """Indices [*B, R] of the R highest scores (highest first; ties to the lower index, as lax.top_k does)."""
-    _, chosen = jax.lax.top_k(scores, num_selected(scores.shape[-1], ratio))
+def glca_select(scores, ratio: float, count: int | None = None):
+    """Indices [*B, R] of the R highest scores (highest first; ties to the lower index, as lax.top_k does);
+    R = ceil(ratio * T), or `count` when given."""
+    T = scores.shape[-1]
+    if count is None:
+        count = num_selected(T, ratio)
+    elif not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= T:
+        raise ValueError(f"glca.count: expected an int in [1, {T}] (query rows to select), got {count!r}")
+    _, chosen = jax.lax.top_k(scores, count)
     return chosen
 
 
@@ -101,16 +107,16 @@ def _check_scores(query, scores):
                          f"{tuple(query.shape[:-2])}, got {tuple(scores.shape)}")
 
 
-def glca(query, key, value, scores, *, ratio: float, **kwargs):
+def glca(query, key, value, scores, *, ratio: float = 1.0, count: int | None = None, **kwargs):
     """(out [*B, R, N, V], indices [*B, R]): the R query rows of highest score attend over all keys and values.
 
-    query [*B, T, N, H], key [*B, S, K, H], value [*B, S, K, V], scores [*B, T] (e.g. `rollout_scores`); kwargs go
-    to softmax attention (scale, implementation, mask over the keys, ...).
+    query [*B, T, N, H], key [*B, S, K, H], value [*B, S, K, V], scores [*B, T] (e.g. `rollout_scores`); R =
+    ceil(ratio * T) or `count`; kwargs go to softmax attention (scale, implementation, mask over the keys, ...).
     """
     _check_scores(query, scores)
     if scores is None:
         raise ValueError("glca.scores: the selection needs one score per query row (the class token's rollout row)")
-    chosen = glca_select(scores, ratio)
+    chosen = glca_select(scores, ratio, count)
     local = jnp.take_along_axis(query, chosen[..., None, None], axis=-3)
     return softmax_attention(local, key, value, **kwargs), chosen
 
