@@ -6,6 +6,8 @@ from attnx.ops.linear.performer import IMPLEMENTATIONS as PERFORMER_IMPLEMENTATI
 from attnx.ops.linear.performer import performer_attention, performer_decode, performer_reference
 from attnx.ops.linear.cosformer import IMPLEMENTATIONS as COSFORMER_IMPLEMENTATIONS
 from attnx.ops.linear.cosformer import cosformer_attention, cosformer_reference
+from attnx.ops.linear.inline import IMPLEMENTATIONS as INLINE_IMPLEMENTATIONS
+from attnx.ops.linear.inline import inline_attention, inline_reference
 from attnx.ops.linear.lightning import IMPLEMENTATIONS, lightning_attention, lightning_decode, lightning_reference_fn
 from attnx.registry import AttentionSpec, register_attention
 
@@ -57,4 +59,19 @@ register_attention(AttentionSpec(
           "(arXiv 2210.07661) patterns NS, NC",
     implementations=COSFORMER_IMPLEMENTATIONS,
     description="ReLU linear attention with cos(pi (i - j) / 2M) re-weighting (cosFormer)",
+))
+
+
+register_attention(AttentionSpec(
+    name="inline",
+    fn=inline_attention,
+    reference=inline_reference,
+    patterns=frozenset({"NS", "NC"}),
+    paper="Han et al., 2024, Bridging the Divide: Reconsidering Softmax and Linear Attention, arXiv 2412.06590, "
+          "§4 (injective linear attention, eq. 5) and §5 (local residual); LeapLabTHU/InLine "
+          "models/inline_deit.py, inline_swin.py",
+    implementations=INLINE_IMPLEMENTATIONS,
+    description="injective linear attention: weights c (q.k_j - mean_s q.k_s) + 1/S sum to 1, plus a per-image "
+                "dynamic 3x3 depth-wise residual on V (InLine)",
+    spatial=True,
 ))
