@@ -1,7 +1,8 @@
-"""HaloNet attention (spec vision_mechanisms.md §4 (e)): blocked path == dense reference (forward and gradients, both
-padding modes, 1-D and 2-D, GQA, relative embeddings); mask_padding=True == dense masked attention over the unpadded
-map with an explicit r[delta] bias; h = 0 is window attention; one block with h = 0 is full attention; parity with
-a numpy port of timm's HaloAttn core (zero-padded unfold, rel_logits_1d's pad-and-reshape indexing); errors."""
+"""HaloNet attention (spec vision_mechanisms.md §4 (e)): blocked path == dense reference (forward and gradients on a
+2-D grid with rectangular blocks, GQA and relative embeddings; forward for 1-D and bfloat16); mask_padding=True ==
+dense masked attention over the unpadded map with an explicit r[delta] bias; h = 0 is window attention; one block
+with h = 0 is full attention; parity with a numpy port of timm's HaloAttn core (zero-padded unfold, rel_logits_1d's
+pad-and-reshape indexing); errors."""
 
 import functools
 import math
@@ -87,7 +88,11 @@ def limit_cases(q, k, v, rel, rel_1d):
     grid, block, halo = (4, 6), (2, 3), (1, 1)
     same_block = np.all(coordinates(grid)[:, None] // block == coordinates(grid)[None] // block, -1)
     one_d = dict(block_size=4, halo_size=2, rel=rel_1d)
+    low = [x.astype(jnp.bfloat16) for x in (q, k, v)]
     return {
+        "bfloat16": (halo_attention(*low, grid=grid, block_size=block, halo_size=halo, rel=rel),
+                     halo_attention(*(x.astype(jnp.float32) for x in low), grid=grid, block_size=block,
+                                    halo_size=halo, rel=rel, implementation="reference")),
         "1-D": (halo_attention(q, k, v, **one_d), halo_attention(q, k, v, implementation="reference", **one_d)),
         "masked == dense": (halo_attention(q, k, v, grid=grid, block_size=block, halo_size=halo, rel=rel,
                                            mask_padding=True),
@@ -103,7 +108,8 @@ def limit_cases(q, k, v, rel, rel_1d):
 def test_masked_windows_and_full_limits():
     q, k, v = inputs(24, seed=3)
     for name, (got, want) in limit_cases(q, k, v, tables((2, 3), (1, 1)), tables((4,), (2,))).items():
-        assert_close(got, want, jnp.float32, what=name)
+        assert got.dtype == (jnp.bfloat16 if name == "bfloat16" else jnp.float32)
+        assert_close(got, want, got.dtype, what=name)
 
 
 def rel_logits_1d_timm(q, rel):

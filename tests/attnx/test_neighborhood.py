@@ -90,9 +90,14 @@ def test_every_row_has_prod_k_distinct_keys(grid, kernel, dilation, stride):
 
 @jax.jit
 def small_cases(q, k, v):
-    """(3) k = L on every axis, (4) k = 1, (6) causal 1-D with k >= L, each beside its expected value."""
+    """(3) k = L on every axis, (4) k = 1, (6) causal 1-D with k >= L, each beside its expected value; bfloat16
+    inputs on the gather path beside the float32 reference."""
     q2, k2, v2 = q[:, :12], k[:, :12], v[:, :12]
+    low = [x.astype(jnp.bfloat16) for x in (q2, k2, v2)]
     return {
+        "bfloat16": (neighborhood_attention(*low, grid=(3, 4), kernel_size=(2, 3)),
+                     neighborhood_attention(*(x.astype(jnp.float32) for x in low), grid=(3, 4), kernel_size=(2, 3),
+                                            implementation="reference")),
         "full": (neighborhood_attention(q2, k2, v2, grid=(3, 4), kernel_size=(3, 4)),
                  attnx.dot_product_attention(q2, k2, v2, implementation="reference")),
         "k1": (neighborhood_attention(q2, k2, v2, grid=(3, 4), kernel_size=1), jnp.repeat(v2, N // K, axis=2)),
@@ -103,7 +108,8 @@ def small_cases(q, k, v):
 
 def test_limits_full_identity_and_causal():
     for name, (got, want) in small_cases(*inputs(13)).items():
-        assert_close(got, want, jnp.float32, what=name)
+        assert got.dtype == (jnp.bfloat16 if name == "bfloat16" else jnp.float32)
+        assert_close(got, want, got.dtype, what=name)
 
 
 def test_dilated_mask_is_undilated_mask_on_each_sub_grid():
