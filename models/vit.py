@@ -29,7 +29,7 @@ from models.layers.patch import sincos_2d
 from models.layers.vision import EMBEDDINGS, MERGES, MLPS, check_part
 
 POOLINGS = ("cls", "mean")
-POSITIONS = ("learned", "sincos")
+POSITIONS = ("learned", "sincos", "none")
 
 
 def _check_positive_ints(owner: str, obj: Any, names: tuple[str, ...]) -> None:
@@ -75,7 +75,8 @@ class ViTConfig:
     image_size: an int for square images or (height, width). pooling: "cls" (a learned class token, read out after
     the final norm) or "mean" (the average of all tokens; required when `stages` is non-empty, as no class token
     survives patch merging). position: "learned" (one vector per token, the CLS token included, as in timm) or
-    "sincos" (the fixed 2-D embedding of MAE; the CLS token gets none). qk_norm: see `Attention`. stages: extra
+    "sincos" (the fixed 2-D embedding of MAE; the CLS token gets none) or "none" (the convolutional hierarchical
+    models, NAT, CrossFormer and TransNeXt, whose positions come from their stems and relative biases). qk_norm: see `Attention`. stages: extra
     stages of a hierarchical model (see `ViTStage`); empty for the plain ViT.
     layer_attention: per-block attention of the first stage, entries repeated over its blocks (block l takes entry
         l % len), each None (`attention` / `attention_kwargs`), a name, or (name, kwargs): CrossFormer alternates
@@ -93,7 +94,7 @@ class ViTConfig:
     num_heads: int = 4
     mlp_width: int = 128
     pooling: Literal["cls", "mean"] = "cls"
-    position: Literal["learned", "sincos"] = "learned"
+    position: Literal["learned", "sincos", "none"] = "learned"
     attention: str = "softmax"
     attention_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     layer_attention: tuple[Any, ...] = ()
@@ -237,6 +238,54 @@ PRESETS: dict[str, ViTConfig] = {
     "tiny_hierarchical": ViTConfig(patch_size=1, width=32, depth=2, num_heads=2, mlp_width=64, pooling="mean",
                                    stages=(ViTStage(width=64, depth=2, num_heads=4, mlp_width=128),)),
 }
+
+# ---- The small models of the vision-mechanism papers (ImageNet, 224 px, 4x4 stems, four stages) ----
+_HIERARCHICAL = dict(image_size=224, patch_size=4, channels=3, num_classes=1000, pooling="mean", position="none")
+
+
+def _stages(widths, depths, heads, mlp_ratios, **per_stage) -> tuple[ViTStage, ...]:
+    """Stages 2-4 from per-stage lists (index 0, the first stage, is the config's top level); `per_stage` values
+    are lists too, or a constant."""
+    pick = lambda value, i: value[i] if isinstance(value, list) else value  # noqa: E731
+    return tuple(ViTStage(width=widths[i], depth=depths[i], num_heads=heads[i], mlp_width=mlp_ratios[i] * widths[i],
+                          **{name: pick(value, i) for name, value in per_stage.items()}) for i in (1, 2, 3))
+
+
+def _nat_mini() -> ViTConfig:
+    """NAT-Mini (Hassani et al., 2023, arXiv 2204.07143, Table 1): conv tokenizer and downsamplers, 7x7
+    neighbourhoods with relative position biases, depths 3-4-6-5, heads 2-4-8-16, width 64, MLP ratio 3 (20M)."""
+    widths, depths, heads = [64, 128, 256, 512], [3, 4, 6, 5], [2, 4, 8, 16]
+    return ViTConfig(**_HIERARCHICAL, embed="conv_tokenizer", width=64, depth=3, num_heads=2, mlp_width=192,
+                     attention="neighborhood", attention_kwargs={"kernel_size": 7, "use_rpb": True}, norm_eps=1e-5,
+                     stages=_stages(widths, depths, heads, [3] * 4, merge="conv"))
+
+
+def _crossformer_t() -> ViTConfig:
+    """CrossFormer-T (Wang et al., 2022, arXiv 2108.00154, Table 1; code configs/crossformer/tiny_patch4_group7):
+    cross-scale embedding and merging, blocks alternating SDA and LDA (group 7, intervals 8-4-2-1) with the dynamic
+    position bias, depths 1-1-8-6, heads 2-4-8-16, width 64 (27.8M). The last stage's 7x7 grid is one group."""
+    def alternate(interval: int) -> tuple:
+        return (("lsda", {"mode": "sda", "group_size": 7}),
+                ("lsda", {"mode": "lda", "group_size": 7, "interval": interval}))
+    widths, depths, heads, intervals = [64, 128, 256, 512], [1, 1, 8, 6], [2, 4, 8, 16], [8, 4, 2, 1]
+    return ViTConfig(**_HIERARCHICAL, embed="cel", width=64, depth=1, num_heads=2, mlp_width=256, attention="lsda",
+                     attention_kwargs={"mode": "sda", "group_size": 7}, layer_attention=alternate(8), norm_eps=1e-5,
+                     stages=_stages(widths, depths, heads, [4] * 4, merge="cel",
+                                    layer_attention=[alternate(i) for i in intervals]))
+
+
+def _transnext_micro() -> ViTConfig:
+    """TransNeXt-Micro (Shi, 2024, arXiv 2311.17132, Table; code transnext_micro): overlapping 7x7 stem and 3x3
+    downsamplers, aggregated attention (3x3 window, pooling ratios 8-4-2, full attention in the last stage),
+    ConvGLU with MLP ratios 8-8-4-4, depths 2-2-15-2, heads 2-4-8-16, widths 48-96-192-384 (12.8M)."""
+    widths, depths, heads, ratios, pools = [48, 96, 192, 384], [2, 2, 15, 2], [2, 4, 8, 16], [8, 8, 4, 4], [8, 4, 2, 1]
+    return ViTConfig(**_HIERARCHICAL, embed="overlap", width=48, depth=2, num_heads=2, mlp_width=8 * 48,
+                     mlp="convglu", attention="aggregated", attention_kwargs={"window": 3, "sr_ratio": 8},
+                     stages=_stages(widths, depths, heads, ratios, merge="overlap", attention="aggregated",
+                                    attention_kwargs=[{"window": 3, "sr_ratio": r} for r in pools]))
+
+
+PRESETS.update({"nat_mini": _nat_mini(), "crossformer_t": _crossformer_t(), "transnext_micro": _transnext_micro()})
 
 
 def vit_config(preset: str = "tiny", **overrides: Any) -> ViTConfig:
