@@ -1,19 +1,22 @@
 """Task-quality benchmarks. `mqar`: Zoology's multi-query associative recall over a grid of sequence lengths,
 key-value pairs, model widths and attention mechanisms (Arora et al., 2023, arXiv 2312.04927, §3-4, Fig. 2).
 
-    python -m bench.tasks mqar [--quick] [--mechanisms softmax based ...] [--widths 64 128] [--out bench/out/mqar]
+    python -m bench.tasks mqar [--quick] [--mechanisms softmax based ...] [--widths 64 128] [--cells 64x4 128x8]
 
-Model: the project's LLM with 2 layers, no MLP, vocabulary 8,192 (`--vocab-size`), rotary positions (Zoology uses learned absolute
-positions), one head for the exact mechanisms. Per mechanism: sliding_window sees 16 keys; based projects queries
-and keys to 16 features (the Based paper's feature dimension); performer uses 64 random features; moh routes 2 of 3
+Model: the project's LLM with 2 layers, no MLP, one head for the exact mechanisms, re-initialised the way Zoology's
+`_init_weights` does (`zoology_init`: normal(0, 0.02) matrices, output projections 0.02 / sqrt(2 L)), tied
+embeddings (as Zoology). Departures from Zoology's Fig. 2 model: rotary positions instead of learned absolute ones,
+RMSNorm instead of LayerNorm, no attention/embedding dropout (0.1 there), and the tied output projection is scaled
+by 1/sqrt(d_model) (models/layers/embed.py). Per mechanism: sliding_window sees 16 keys; based projects queries and
+keys to 16 features (the Based paper's feature dimension); performer uses 64 random features; moh routes 2 of 3
 heads around 1 shared head (4 heads); lightning uses ALiBi decay for one head (lambda = exp(-1/256)).
-Training: AdamW (lr 1e-3, wd 0.1, warmup then cosine), cross-entropy on the query positions only; accuracy = share
-of query positions whose argmax is the paired value, on held-out examples of another seed, checked every
-`steps_per_call` steps (250 optimizer steps run as one compiled lax.scan); a cell stops once it reaches 99%, as
-Zoology's early stopping does. Zoology trains 100k
-examples for 64 epochs with a learning-rate sweep. The default budget here (20k examples, 4 epochs) is far smaller,
-and it does NOT reproduce the paper's softmax result (see bench/RESULTS.md): the grid has not been run to a
-conclusion yet.
+Training: AdamW (lr 3e-3, wd 0.1, 10% linear warmup then cosine to 0; Zoology: no warmup, cosine over 64 epochs,
+lr swept over logspace(-4, -2, 4)), cross-entropy on the query positions only (Zoology's -100 labels); accuracy =
+share of query positions whose argmax is the paired value, on held-out examples of another seed, checked every
+`steps_per_call` steps (that many optimizer steps run as one compiled lax.scan); a cell stops once it reaches 99%,
+as Zoology's early stopping does. Budget (CPU): vocabulary 512 (Zoology 8,192: with 20k examples each value token
+is then seen too rarely to learn its embedding), 20k training examples (Zoology 100k), batch 64 (Zoology 512 / 256
+/ 128 for T = 64 / 128 / 256), `--epochs` passes (default 5). See bench/RESULTS.md for measured results.
 """
 
 import argparse
@@ -52,11 +55,13 @@ class Budget:
     train_examples: int = 20_000
     test_examples: int = 1_000
     batch_size: int = 64
-    epochs: int = 4
-    learning_rate: float = 1e-3
-    vocab_size: int = 8192  # Zoology's; must exceed the longest sequence
+    epochs: int = 5
+    learning_rate: float = 3e-3
+    vocab_size: int = 512  # Zoology uses 8,192; must exceed the longest sequence
     steps_per_call: int = 250
     stop_accuracy: float = 0.99
+    init: str = "zoology"  # "zoology": GPT-2 style normal(0.02) weights as Zoology's _init_weights; "model": ours
+    warmup: float = 0.1  # share of the steps with a linear warmup before the cosine decay
 
 
 def model_config(mechanism: str, width: int, vocab_size: int) -> LLMConfig:
@@ -66,6 +71,26 @@ def model_config(mechanism: str, width: int, vocab_size: int) -> LLMConfig:
         "num_kv_heads", heads), use_mlp=False, attention=mechanism, **options)
 
 
+def zoology_init(model: LLM, key: jax.Array, depth: int = 2, std: float = 0.02) -> None:
+    """Re-draws the model's weights as Zoology's `_init_weights` does (zoology/model.py): every matrix (embedding,
+    projections, routers) from normal(0, 0.02), the output projections from normal(0, 0.02 / sqrt(2 * n_layers));
+    norm scales stay 1. Why: the LLM's own init (unit-variance embeddings, fan-in projections) makes each AdamW step a
+    much smaller *relative* change of the weights (lr / std: 6x smaller for d_model 64 projections, 50x for the
+    embedding), which is what made MQAR learn ~10x slower here than in Zoology (bench/RESULTS.md)."""
+    params = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(key, len(leaves))
+    fresh = []
+    for (path, leaf), leaf_key in zip(leaves, keys):
+        name = jax.tree_util.keystr(path)
+        if leaf.ndim < 2:
+            fresh.append(leaf)
+            continue
+        scale = std / (2 * depth) ** 0.5 if "out_nhd" in name else std
+        fresh.append(scale * jax.random.normal(leaf_key, leaf.shape, leaf.dtype))
+    nnx.update(model, jax.tree_util.tree_unflatten(treedef, fresh))
+
+
 def _query_rows(model, inputs, labels, num_pairs):
     """Logits [B, D, V] and labels [B, D] at the D query positions (the only scored ones)."""
     positions = jnp.argsort(labels == IGNORE, axis=1, stable=True)[:, :num_pairs]  # query positions first
@@ -73,15 +98,19 @@ def _query_rows(model, inputs, labels, num_pairs):
     return model.logits(features), jnp.take_along_axis(labels, positions, axis=1)
 
 
-def run_cell(mechanism: str, width: int, seq_len: int, num_pairs: int, budget: Budget, seed: int = 0) -> dict:
+def run_cell(mechanism: str, width: int, seq_len: int, num_pairs: int, budget: Budget, seed: int = 0,
+             verbose: bool = False) -> dict:
     train_x, train_y = (jnp.asarray(a) for a in mqar(budget.train_examples, seq_len, num_pairs, budget.vocab_size,
                                                       seed=seed))
     test_x, test_y = (jnp.asarray(a) for a in mqar(budget.test_examples, seq_len, num_pairs, budget.vocab_size,
                                                     seed=seed + 1))
     model = LLM(model_config(mechanism, width, budget.vocab_size), rngs=nnx.Rngs(seed))
+    if budget.init == "zoology":
+        zoology_init(model, jax.random.key(seed))
     steps_per_epoch = budget.train_examples // budget.batch_size
     steps = budget.epochs * steps_per_epoch
-    schedule = optax.warmup_cosine_decay_schedule(0.0, budget.learning_rate, max(1, steps // 10), steps)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, budget.learning_rate, max(1, int(steps * budget.warmup)),
+                                                  steps)
     optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=0.1), wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
 
@@ -122,6 +151,9 @@ def run_cell(mechanism: str, width: int, seq_len: int, num_pairs: int, budget: B
         state, losses = train_steps(state, train_x, train_y, jnp.asarray(chunk))
         done += len(chunk)
         loss, score = float(losses[-1]), accuracy(state)
+        if verbose:
+            print(f"  step {done:6d}  loss {loss:.3f}  accuracy {100 * score:5.1f}%  "
+                  f"{time.perf_counter() - began:.0f} s", flush=True)
         if score >= budget.stop_accuracy:
             break
     return {"mechanism": mechanism, "width": width, "seq_len": seq_len, "num_pairs": num_pairs,
@@ -175,10 +207,13 @@ def main(argv=None) -> None:
     parser.add_argument("--learning-rate", type=float, default=Budget.learning_rate)
     parser.add_argument("--vocab-size", type=int, default=Budget.vocab_size)
     parser.add_argument("--batch-size", type=int, default=Budget.batch_size)
+    parser.add_argument("--init", choices=["zoology", "model"], default=Budget.init,
+                        help="zoology: Zoology's normal(0.02) weights (default); model: the LLM's own init")
+    parser.add_argument("--verbose", action="store_true", help="print loss and accuracy every steps_per_call steps")
     parser.add_argument("--out", default="bench/out/mqar")
     args = parser.parse_args(argv)
     budget = Budget(train_examples=args.train_examples, epochs=args.epochs, learning_rate=args.learning_rate,
-                    vocab_size=args.vocab_size, batch_size=args.batch_size)
+                    vocab_size=args.vocab_size, batch_size=args.batch_size, init=args.init)
     try:
         cells = tuple(tuple(int(part) for part in cell.split("x")) for cell in args.cells)
     except ValueError:
@@ -195,8 +230,11 @@ def main(argv=None) -> None:
     for seq_len, num_pairs in cells:
         for width in args.widths:
             for mechanism in args.mechanisms:
-                result = run_cell(mechanism, width, seq_len, num_pairs, budget)
+                result = run_cell(mechanism, width, seq_len, num_pairs, budget, verbose=args.verbose)
                 results.append(result)
+                # Written after every cell, so that a run stopped early keeps what it measured.
+                (out / "mqar.json").write_text(json.dumps({"budget": dataclasses.asdict(budget), "results": results,
+                                                            "wall_seconds": time.perf_counter() - began}, indent=1))
                 print(f"T={seq_len:4d} D={num_pairs:3d} d={width:4d} {mechanism:15s} "
                       f"accuracy {100 * result['accuracy']:5.1f}%  loss {result['final_loss']:.3f}  "
                       f"{result['steps']} steps  {result['seconds']:.0f} s", flush=True)
