@@ -106,7 +106,7 @@ def _image(v, grid, extra):
     return v[:, extra:].reshape(v.shape[0], *grid, *v.shape[2:]).astype(jnp.float32)
 
 
-def local_residual(v, weights, grid, extra):
+def residual_shifted(v, weights, grid, extra):
     """[B, T, N, V] -> [B, T, N, V]: each channel of V's image cross-correlated with its own 3x3 kernel of
     `weights` [B, N, V, 3, 3] (zero padding 1) by nine shifted slices; class tokens get zero."""
     h, w = grid
@@ -117,8 +117,8 @@ def local_residual(v, weights, grid, extra):
     return jnp.pad(out, ((0, 0), (extra, 0), (0, 0), (0, 0)))
 
 
-def local_residual_conv(v, weights, grid, extra):
-    """The same as `local_residual` through lax.conv_general_dilated (depth-wise, one image at a time), as the
+def residual_conv(v, weights, grid, extra):
+    """The same as `residual_shifted` through lax.conv_general_dilated (depth-wise, one image at a time), as the
     code's grouped F.conv2d: the oracle of the shifted-slice form."""
     B, _, N, V = v.shape
     h, w = grid
@@ -135,18 +135,24 @@ def local_residual_conv(v, weights, grid, extra):
 
 
 def inline_attention(query, key, value, *, causal: bool = False, grid=None, residual_weights=None,
-                     kernel: str = "identity", scale: float | None = None, implementation: str | None = None):
+                     kernel: str = "identity", scale: float | None = None, local_residual: bool = True,
+                     implementation: str | None = None):
     """query [*B, T, N, H], key [*B, S, K, H], value [*B, S, K, V] -> [*B, T, N, V]; K divides N.
 
     residual_weights: [*B, N, V, 3, 3], the per-image depth-wise kernels of the local residual (from
     models/layers/mixers/inline.py), or None for the attention alone. It needs self attention (S == T) with K == N;
     the last prod(grid) tokens lie row-major on grid (h, w) (None or (L,): a 1 x L row), any before them are class
-    tokens. kernel: one of KERNELS. scale: H^-1/2 by default (c = scale / S). implementation: "linear" (default,
-    O(S H V)) or "reference" (the explicit weight matrix, and the residual through lax.conv).
+    tokens. kernel: one of KERNELS. scale: H^-1/2 by default (c = scale / S). local_residual: read by the model's
+    kernel generator (False builds none: the paper's ablation without the residual); accepted here so that one
+    attention_kwargs dict serves the layer and the function, and False with residual_weights is an error.
+    implementation: "linear" (default, O(S H V)) or "reference" (the explicit weight matrix, and the residual
+    through lax.conv).
     """
     if causal:
         raise ValueError("inline: InLine attention is non-causal (patterns NS, NC): the mean-centring term uses "
                          "every key; got causal=True")
+    if not local_residual and residual_weights is not None:
+        raise ValueError("inline: residual_weights given with local_residual=False")
     if kernel not in KERNELS:
         raise ValueError(f"inline.kernel: {kernel!r}; allowed: {KERNELS}")
     args = canonicalize(query, key, value)
@@ -166,7 +172,7 @@ def inline_attention(query, key, value, *, causal: bool = False, grid=None, resi
             raise ValueError(f"inline.residual_weights: expected shape {expected} ([*B, N, V, 3, 3]), got "
                              f"{residual_weights.shape}")
         layout, extra = inline_grid(grid, T)
-        residual = local_residual_conv if reference else local_residual
+        residual = residual_conv if reference else residual_shifted
         out = out + residual(args.v, residual_weights.reshape(B, N, V, 3, 3), layout, extra)
     elif grid is not None:
         inline_grid(grid, T)  # validated even when unused, so a bad layout fails the same way with or without
