@@ -1,6 +1,6 @@
 """Conditional cross attention (spec vision_mechanisms.md §9(e)): batched conditions equal a per-condition loop, the
-embedding is invariant to permuting the image tokens, the formula against numpy, the core against its reference
-(forward and gradients), and the refusals."""
+embedding is invariant to permuting the image tokens, the formula against numpy, the core against its reference,
+and the refusals."""
 
 import jax
 import jax.numpy as jnp
@@ -38,45 +38,35 @@ def numpy_embedding(tokens, condition, w):
 
 def test_batched_conditions_equal_the_loop_the_formula_and_are_permutation_invariant():
     w = weights()
-    tokens = jax.random.normal(jax.random.key(1), (B, P, D))
-    ids = jnp.asarray([[0, 3, 4], [2, 2, 1]])
+    tokens = np.random.default_rng(1).standard_normal((B, P, D)).astype(np.float32)
+    ids = np.asarray([[0, 3, 4], [2, 2, 1]])
     perm = np.random.default_rng(0).permutation(P)
-    embed = lambda tokens, ids: conditional_cross_attention(tokens, ids, **w)
-    # ids [B]: one condition per image -> [B, D], one call per condition.
-    run = jax.jit(lambda tokens, ids: (embed(tokens, ids), embed(tokens[:, perm], ids),
-                                       [embed(tokens, ids[:, c]) for c in range(C)]))
-    batched, permuted, loop = run(tokens, ids)
-    batched, permuted = np.asarray(batched), np.asarray(permuted)
+    embed = jax.jit(lambda tokens, ids: conditional_cross_attention(tokens, ids, **w))
+    # The permuted images ride in the same batch: one compiled call for both (numpy inputs: no eager ops).
+    both = np.asarray(embed(np.concatenate([tokens, tokens[:, perm]]), np.concatenate([ids, ids])))
+    batched, permuted = both[:B], both[B:]
     assert batched.shape == (B, C, D)
-    for c in range(C):
-        np.testing.assert_allclose(batched[:, c], np.asarray(loop[c]), atol=2e-5, rtol=2e-5)
+    for c in range(C):  # ids [2B]: one condition per image -> [2B, D], one call per condition (one compile)
+        one = np.asarray(embed(np.concatenate([tokens, tokens]), np.concatenate([ids[:, c], ids[:, c]])))[:B]
+        np.testing.assert_allclose(batched[:, c], one, atol=2e-5, rtol=2e-5)
         for b in range(B):
-            want = numpy_embedding(np.asarray(tokens[b], np.float64), int(ids[b, c]), w)
+            want = numpy_embedding(tokens[b].astype(np.float64), int(ids[b, c]), w)
             np.testing.assert_allclose(batched[b, c], want, atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(permuted, batched, atol=2e-5, rtol=2e-5)
     # The same condition twice gives the same embedding; different conditions differ.
     np.testing.assert_allclose(batched[1, 0], batched[1, 1], atol=1e-6)
     assert np.abs(batched[0, 0] - batched[0, 1]).max() > 1e-3
-    np.testing.assert_array_equal(np.asarray(condition_tokens(ids, w["condition_table"])),
-                                  np.asarray(w["condition_table"])[np.asarray(ids)])
+    np.testing.assert_array_equal(np.asarray(condition_tokens(jnp.asarray(ids), w["condition_table"])),
+                                  np.asarray(w["condition_table"])[ids])
 
 
-def test_core_matches_its_reference_forward_and_gradients():
+def test_core_matches_its_reference():
+    # The core is softmax attention's fast path (its gradients are the softmax conformance suite's to test).
     ks = jax.random.split(jax.random.key(2), 3)
     q, k, v = (jax.random.normal(ks[0], (B, C, 4, H)), jax.random.normal(ks[1], (B, P, 2, H)),
                jax.random.normal(ks[2], (B, P, 2, V)))
-
-    @jax.jit
-    def run(q, k, v):
-        loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
-        return (conditional_cross(q, k, v), conditional_cross_reference(q, k, v),
-                jax.grad(loss(conditional_cross), (0, 1, 2))(q, k, v),
-                jax.grad(loss(conditional_cross_reference), (0, 1, 2))(q, k, v))
-
-    out, reference, grads, want = run(q, k, v)
+    out, reference = jax.jit(lambda *a: (conditional_cross(*a), conditional_cross_reference(*a)))(q, k, v)
     assert_close(out, reference, jnp.float32)
-    for g, r in zip(grads, want):
-        assert_close(g, r, jnp.float32, kind="gradient")
 
 
 def test_refusals_name_the_argument():

@@ -50,19 +50,19 @@ def test_chunked_fast_path_matches_the_reference_forward_and_gradients():
         assert_close(g, w, jnp.float32, kind="gradient")
 
 
+# One compiled forward for the property tests below: values of width T, so one-hot "child name" values fit it.
+FORWARD = jax.jit(lambda q, k, v, p, m: reversed_attention(q, k, v, head_gates=p, messages=m, block_size=4))
+
+
 def test_unit_gates_give_the_transposed_forward_attention_and_each_child_sends_its_gate_mass():
-    q, k, v, p, m = inputs(1)
+    q, k, _, p, m = inputs(1)
     # Values that name their child: v_j = e_j (one-hot over positions), so out[i, h, j] is the weight child j sends
-    # to parent i in head h.
+    # to parent i in head h; the output is linear in v, so this map is the whole mechanism for these q, k, p, m.
     onehot = jnp.broadcast_to(jnp.eye(T)[None, :, None, :], (B, T, K, T))
-    run = jax.jit(lambda q, k, v, onehot, p, m: (reversed_attention(q, k, v), reversed_attention(q, k, onehot),
-                                                 reversed_attention(q, k, onehot, head_gates=p, messages=m,
-                                                                    block_size=4)))
-    plain, weights, gated = map(np.asarray, run(q, k, v, onehot, p, m))
+    weights = np.asarray(FORWARD(q, k, onehot, jnp.ones((B, T, N)), jnp.ones((B, T))))
+    gated = np.asarray(FORWARD(q, k, onehot, p, m))
     A = forward_map(q, k)
-    want = np.einsum("bnji,bjnv->binv", A, np.repeat(np.asarray(v), N // K, axis=2))
-    np.testing.assert_allclose(plain, want, atol=2e-5, rtol=2e-5)
-    np.testing.assert_allclose(weights, np.transpose(A, (0, 3, 1, 2)), atol=2e-6)  # [B, i, N, j]
+    np.testing.assert_allclose(weights, np.transpose(A, (0, 3, 1, 2)), atol=2e-6)  # out = A^F^T V: [B, i, N, j]
     np.testing.assert_allclose(weights.sum(1), 1.0, atol=1e-5)  # each child's weights over parents sum to 1
     # Gated: child j sends p_{h,j} m_j in all; over heads (p is a softmax over heads) that is m_j.
     np.testing.assert_allclose(gated.sum(1), np.swapaxes(np.asarray(p * m[..., None]), 1, 2), atol=1e-5)
@@ -70,11 +70,11 @@ def test_unit_gates_give_the_transposed_forward_attention_and_each_child_sends_i
 
 
 def test_permuting_the_tokens_permutes_the_output():
-    q, k, v, p, m = inputs(2)
+    q, k, _, p, m = inputs(2)
+    v = jax.random.normal(jax.random.key(7), (B, T, K, T))
     perm = np.random.default_rng(0).permutation(T)
-    fn = jax.jit(lambda q, k, v, p, m: reversed_attention(q, k, v, head_gates=p, messages=m, block_size=4))
-    out = fn(q, k, v, p, m)
-    permuted = fn(q[:, perm], k[:, perm], v[:, perm], p[:, perm], m[:, perm])
+    out = FORWARD(q, k, v, p, m)
+    permuted = FORWARD(q[:, perm], k[:, perm], v[:, perm], p[:, perm], m[:, perm])
     assert_close(permuted, out[:, perm], jnp.float32)
 
 

@@ -1,6 +1,6 @@
 """DCAL around a tiny ViT (models/dcal.py): the SA branch is the plain ViT, GLCA's selection is the class token plus
-the top-R patches by rollout and its output equals the dense block's rows there, PWCA with the image as its own
-distractor is the SA branch; slow: inference averages the two branches' probabilities and the weighted loss trains
+the top-R patches by rollout and its output equals the dense block's rows there (slow), PWCA with the image as its
+own distractor is the SA branch (slow), inference averages the two branches' probabilities and the weighted loss trains
 the loss weights, GLCA's own and the shared weights."""
 
 import jax
@@ -24,6 +24,19 @@ def model_with_random_heads():
     return model
 
 
+def test_branch_shapes_without_compiling():
+    """Traced only (jax.eval_shape): the default suite checks the wrapper's wiring; the numbers are the slow tests'."""
+    model = nnx.eval_shape(lambda: DCAL(CONFIG, ratio=0.25, rngs=nnx.Rngs(0)))  # abstract weights: no init work
+    images = jax.ShapeDtypeStruct((2, 8, 8, 1), jnp.float32)
+    out = jax.eval_shape(lambda m, x: m.branches(x), model, images)
+    assert out["sa"].shape == out["glca"].shape == (2, 10) and out["selected"].shape == (2, 5)
+    assert out["rollout"].shape == (2, 17, 17)
+    assert jax.eval_shape(lambda m, x: m.pwca_logits(x, x), model, images).shape == (2, 10)
+    loss, parts = jax.eval_shape(lambda m, x: m.loss(x, jnp.zeros((2,), jnp.int32), x), model, images)
+    assert loss.shape == () and set(parts) == {"sa_loss", "glca_loss", "pwca_loss"}
+
+
+@pytest.mark.slow
 def test_glca_branch_and_pwca_pair_forward():
     model = model_with_random_heads()
     ks = jax.random.split(jax.random.key(1), 2)
