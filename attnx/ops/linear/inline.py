@@ -160,9 +160,7 @@ def inline_attention(query, key, value, *, causal: bool = False, grid=None, resi
     S, K, V = args.k.shape[1], args.k.shape[2], args.v.shape[3]
     scale = H**-0.5 if scale is None else float(scale)
     reference = resolve_implementation("inline", implementation, IMPLEMENTATIONS) == "reference"
-    core = _reference_core if reference else _linear_core
-    out = core(args.q, args.k, args.v, kernel, scale)
-    if residual_weights is not None:
+    if residual_weights is not None:  # validated before any computation
         if S != T or K != N:
             raise ValueError(f"inline.residual_weights: the local residual convolves V on the queries' grid and "
                              f"needs self attention with K == N; got T={T}, S={S}, N={N}, K={K}")
@@ -171,11 +169,12 @@ def inline_attention(query, key, value, *, causal: bool = False, grid=None, resi
         if residual_weights.shape != expected:
             raise ValueError(f"inline.residual_weights: expected shape {expected} ([*B, N, V, 3, 3]), got "
                              f"{residual_weights.shape}")
-        layout, extra = inline_grid(grid, T)
+    layout, extra = inline_grid(grid, T)  # validated even when unused, so a bad layout fails the same way
+    core = _reference_core if reference else _linear_core
+    out = core(args.q, args.k, args.v, kernel, scale)
+    if residual_weights is not None:
         residual = residual_conv if reference else residual_shifted
         out = out + residual(args.v, residual_weights.reshape(B, N, V, 3, 3), layout, extra)
-    elif grid is not None:
-        inline_grid(grid, T)  # validated even when unused, so a bad layout fails the same way with or without
     out = out.astype(args.q.dtype)
     return out.reshape(args.batch_shape + out.shape[1:])
 
