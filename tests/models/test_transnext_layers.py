@@ -20,19 +20,15 @@ from models.vit import ViT, ViTConfig, ViTStage
 WIDTH, HEADS, GRID = 8, 2, (4, 4)
 
 
-@jax.jit
-def _random_like(leaves, seed):
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return [0.3 * jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
-
-
-def _randomise(module, seed):
-    """Every parameter random (biases, learnable tokens and the learnable bias start at zero), in one compiled
-    call (eager per-shape random draws each compile)."""
-    state = nnx.state(module, nnx.Param)
+def _random(make, seed):
+    """The module `make()` builds with every parameter drawn from numpy (biases, learnable tokens and the learnable
+    bias start at zero), without running its initialisers: eager jax draws compile once per shape (~1 s of CPU
+    each), so the module is traced abstractly and filled from numpy."""
+    graphdef, state = nnx.split(nnx.eval_shape(make))
     leaves, treedef = jax.tree_util.tree_flatten(state)
-    nnx.update(module, jax.tree_util.tree_unflatten(treedef, _random_like(leaves, seed)))
-    return module
+    rng = np.random.default_rng(seed)
+    values = [jnp.asarray(0.3 * rng.standard_normal(leaf.shape), leaf.dtype) for leaf in leaves]
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, values))
 
 
 @nnx.jit
@@ -40,13 +36,17 @@ def _apply(module, x):
     return module(x)
 
 
+def _layer(**kwargs):
+    return AggregatedAttention(WIDTH, HEADS, grid=GRID, cpb_hidden=16, rngs=nnx.Rngs(0), **kwargs)
+
+
 @pytest.fixture(scope="module")
-def fresh_layer():
-    return AggregatedAttention(WIDTH, HEADS, grid=GRID, sr_ratio=2, cpb_hidden=16, rngs=nnx.Rngs(0))
+def random_layer():
+    return _random(lambda: _layer(sr_ratio=2), 1)
 
 
-def test_layer_is_the_pure_function_on_its_projections_with_shared_pooled_key_value_weights(fresh_layer):
-    layer = _randomise(nnx.clone(fresh_layer), 1)
+def test_layer_is_the_pure_function_on_its_projections_with_shared_pooled_key_value_weights(random_layer):
+    layer = random_layer
     assert SPATIAL_MIXERS["aggregated"] is AggregatedAttention and layer.kind == "aggregated"
     x = jax.random.normal(jax.random.key(2), (2, 16, WIDTH))
     p = lambda name: np.asarray(getattr(layer, name)[...])
@@ -67,17 +67,17 @@ def test_layer_is_the_pure_function_on_its_projections_with_shared_pooled_key_va
     assert_close(_apply(layer, x), expected, jnp.float32)
 
 
-def test_initial_values_follow_the_code(fresh_layer):
-    layer = fresh_layer
-    np.testing.assert_allclose(jax.nn.softplus(layer.temperature_n[...]), 1 / 0.24, rtol=1e-5)
-    assert not np.any(layer.learnable_bias_nt[...]) and layer.learnable_tokens_nht.shape == (HEADS, WIDTH // HEADS, 9)
-    assert float(jnp.std(layer.local_bias_nt[...])) < 1e-3 and layer.pooled_grid == (2, 2)
-    default = nnx.eval_shape(lambda: AggregatedAttention(WIDTH, HEADS, grid=GRID, pool_size=3, rngs=nnx.Rngs(0)))
-    assert default.pooled_grid == (3, 3) and default.cpb_fc1_2c.shape == (2, 512)
+def test_weight_shapes_and_pooled_grid():
+    layer = nnx.eval_shape(lambda: AggregatedAttention(WIDTH, HEADS, grid=GRID, sr_ratio=2, rngs=nnx.Rngs(0)))
+    assert layer.pooled_grid == (2, 2) and layer.cpb_fc1_2c.shape == (2, 512)
+    assert layer.learnable_tokens_nht.shape == (HEADS, WIDTH // HEADS, 9) and layer.local_bias_nt.shape == (HEADS, 9)
+    assert nnx.eval_shape(lambda: _layer(pool_size=3)).pooled_grid == (3, 3)
+    assert nnx.eval_shape(lambda: _layer(sr_ratio=1)).learnable_tokens_nht is None
 
 
 def test_sr_ratio_one_is_the_full_attention_stage_without_local_or_pooled_weights():
-    layer = AggregatedAttention(WIDTH, HEADS, grid=(2, 3), sr_ratio=1, cpb_hidden=8, rngs=nnx.Rngs(0))
+    layer = _random(lambda: AggregatedAttention(WIDTH, HEADS, grid=(2, 3), sr_ratio=1, cpb_hidden=8,
+                                                rngs=nnx.Rngs(0)), 2)
     assert layer.window is None and layer.sr_dd is None and layer.learnable_tokens_nht is None
     x = jax.random.normal(jax.random.key(3), (1, 6, WIDTH))
     out = _apply(layer, x)
@@ -90,8 +90,8 @@ def test_sr_ratio_one_is_the_full_attention_stage_without_local_or_pooled_weight
     assert out.shape == (1, 6, WIDTH)
 
 
-def test_class_tokens_and_bad_options_are_refused(fresh_layer):
-    layer = fresh_layer
+def test_class_tokens_and_bad_options_are_refused(random_layer):
+    layer = random_layer
     with pytest.raises(ValueError, match="pooling='mean'"):
         layer(jnp.zeros((1, 17, WIDTH)))
     with pytest.raises(ValueError, match="sr_ratio"):
@@ -100,8 +100,22 @@ def test_class_tokens_and_bad_options_are_refused(fresh_layer):
         AggregatedAttention(WIDTH, HEADS, grid=GRID, window=4, rngs=nnx.Rngs(0))
 
 
+def test_moh_vit_gates_scale_heads_before_the_output_projection():
+    # MoH-ViT (vision spec §10): one shared head (gate 2 w0) and one routed head (top-1 of 1: gate 2 w1), w =
+    # softmax(x W0). Silencing head 1 in the output projection leaves gated = w0-scaled plain, token by token.
+    gated = _random(lambda: _layer(sr_ratio=2, n_shared=1, top_k=1), 3)
+    plain = nnx.clone(gated)
+    plain.router = None
+    for layer in (gated, plain):
+        layer.out_nhd[...] = layer.out_nhd[...].at[1].set(0.0)
+        layer.out_bias_d[...] = jnp.zeros(WIDTH)
+    x = jax.random.normal(jax.random.key(8), (2, 16, WIDTH))
+    w0 = 2 * jax.nn.softmax(x @ gated.router.mix_d2[...], axis=-1)[..., :1]
+    assert_close(_apply(gated, x), w0 * _apply(plain, x), jnp.float32)
+
+
 def test_conv_glu_matches_an_explicit_depthwise_convolution():
-    glu = _randomise(ConvGLU(WIDTH, 12, grid=(3, 4), rngs=nnx.Rngs(0)), 4)
+    glu = _random(lambda: ConvGLU(WIDTH, 12, grid=(3, 4), rngs=nnx.Rngs(0)), 4)
     assert MLPS["convglu"] is ConvGLU and glu.fc1_df.shape == (WIDTH, 2 * 8)  # hidden int(2 * 12 / 3) = 8
     x = jax.random.normal(jax.random.key(5), (2, 1 + 12, WIDTH))  # one class token in front
     p = lambda name: np.asarray(getattr(glu, name)[...])
@@ -126,7 +140,14 @@ def test_tiny_transnext_style_vit_trains_a_step():
                        attention="aggregated", attention_kwargs={"sr_ratio": 2}, mlp="convglu",
                        stages=(ViTStage(width=16, depth=1, num_heads=2, mlp_width=24,
                                         attention_kwargs={"sr_ratio": 1}),))
-    model = _randomise(ViT(config, rngs=nnx.Rngs(0)), 7)  # the zero-initialised head would zero every gradient
+    model = ViT(config, rngs=nnx.Rngs(0))
+    for _, layer in nnx.iter_graph(model):  # the code's initial values
+        if isinstance(layer, AggregatedAttention):
+            np.testing.assert_allclose(jax.nn.softplus(layer.temperature_n[...]), 1 / 0.24, rtol=1e-5)
+            assert float(jnp.std(layer.query_embedding_nh[...])) < 0.05
+            assert layer.window is None or (not np.any(layer.learnable_bias_nt[...])
+                                            and float(jnp.std(layer.local_bias_nt[...])) < 1e-3)
+    model = _random(lambda: ViT(config, rngs=nnx.Rngs(0)), 7)  # a zero-initialised head would zero every gradient
     kinds = {m.kind for _, m in nnx.iter_graph(model) if hasattr(m, "kind")}
     assert kinds == {"aggregated"}
     images = jax.random.normal(jax.random.key(6), (2, 8, 8, 1))

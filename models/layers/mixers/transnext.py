@@ -6,6 +6,10 @@ Perception for Vision Transformers", CVPR 2024, arXiv 2311.17132; official code 
 branch feeds LN(AdaptiveAvgPool(GELU(Conv1x1(x)))) through the *same* key/value projection as the tokens, which the
 shared layer's projections of x alone cannot express. The math is `attnx.ops.aggregated.aggregated_attention`.
 
+With `n_shared` / `top_k` the layer is MoH-ViT's (Jin et al., 2024, "MoH: Multi-Head Attention as
+Mixture-of-Head Attention", arXiv 2410.11842; SkyworkAI/MoH `MoH-ViT/attention_native.py`): TransNeXt with per-token
+head gates from a router on the layer input, applied to the heads before the output projection.
+
 `ConvGLU` is the paper's convolutional GLU (§3.3), registered as the ViT MLP "convglu" (models/layers/vision.py).
 """
 
@@ -17,6 +21,8 @@ from flax import nnx
 
 from attnx.ops.aggregated import aggregated_attention, pooled_tokens
 from attnx.ops.aggregated import tables
+from attnx.ops.heads.moh import apply_head_gates
+from models.layers.mixers.moh import MoHRouter
 
 # The code initialises every nn.Linear with trunc_normal_(std=.02) (and zero bias), query embedding and learnable
 # tokens the same way; torch truncates at +-2 absolute, jax at +-2 std (indistinguishable at std .02).
@@ -40,13 +46,17 @@ class AggregatedAttention(nnx.Module):
         pool_size: a fixed pooled side instead of grid // sr_ratio (the code's fixed_pool_size).
         pretrain_grid: the grid the CPB offsets are normalised by (default the layer's grid).
         cpb_hidden: hidden width of the position-bias MLP (512).
+        n_shared, top_k, balance_weight: MoH-ViT head gates (both None: none). The router is MoH's (owned here,
+            models/layers/mixers/moh.py), so the same gates and balance loss (sown under nnx.capture and added by
+            the task's loss) as MoH on any other mechanism; the gates scale heads before the output projection.
     use_bias: biases on the query/key/value projections (the code's qkv_bias); the output projection always has one.
     Class tokens are refused (TransNeXt has none): use pooling='mean'.
     """
 
     def __init__(self, width: int, num_heads: int, *, grid: tuple[int, ...], use_bias: bool = True,
                  rngs: nnx.Rngs, param_dtype=jnp.float32, window: int = 3, sr_ratio: int = 2,
-                 pool_size: int | None = None, pretrain_grid: tuple[int, int] | None = None, cpb_hidden: int = 512):
+                 pool_size: int | None = None, pretrain_grid: tuple[int, int] | None = None, cpb_hidden: int = 512,
+                 n_shared: int | None = None, top_k: int | None = None, balance_weight: float = 0.01):
         self.kind = "aggregated"
         if not isinstance(grid, (tuple, list)) or len(grid) != 2 or not all(
                 isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid):
@@ -97,15 +107,20 @@ class AggregatedAttention(nnx.Module):
         if self.window is None:
             self.local_bias_nt = self.learnable_tokens_nht = self.learnable_bias_nt = None
             self.sr_dd = self.sr_bias_d = self.norm_scale_d = self.norm_bias_d = None
-            return
-        taps = window * window
-        self.local_bias_nt = params(nnx.initializers.truncated_normal(stddev=4e-4), num_heads, taps)
-        self.learnable_tokens_nht = params(_LINEAR, num_heads, head_dim, taps)
-        self.learnable_bias_nt = zeros(num_heads, taps)
-        self.sr_dd = params(_conv_init(width), width, width)  # the 1x1 conv `sr`, [in, out]
-        self.sr_bias_d = zeros(width)
-        self.norm_scale_d = nnx.Param(jnp.ones((width,), param_dtype))
-        self.norm_bias_d = zeros(width)
+        else:
+            taps = window * window
+            self.local_bias_nt = params(nnx.initializers.truncated_normal(stddev=4e-4), num_heads, taps)
+            self.learnable_tokens_nht = params(_LINEAR, num_heads, head_dim, taps)
+            self.learnable_bias_nt = zeros(num_heads, taps)
+            self.sr_dd = params(_conv_init(width), width, width)  # the 1x1 conv `sr`, [in, out]
+            self.sr_bias_d = zeros(width)
+            self.norm_scale_d = nnx.Param(jnp.ones((width,), param_dtype))
+            self.norm_bias_d = zeros(width)
+        # MoH-ViT's router, drawn last so that a gated layer shares every attention weight with a plain one built
+        # from the same seed
+        self.router = None if n_shared is None and top_k is None else MoHRouter(
+            width, num_heads, n_shared=n_shared, top_k=top_k, balance_weight=balance_weight, rngs=rngs,
+            param_dtype=param_dtype)
 
     def _project(self, x: jax.Array, weight: nnx.Param, bias: nnx.Param | None) -> jax.Array:
         out = jnp.einsum("btd,dnh->btnh", x, weight[...])
@@ -131,6 +146,8 @@ class AggregatedAttention(nnx.Module):
             learnable_tokens=get(self.learnable_tokens_nht), learnable_bias=get(self.learnable_bias_nt),
             cpb=(self.cpb_fc1_2c[...], self.cpb_fc1_bias_c[...], self.cpb_fc2_cn[...], self.cpb_fc2_bias_n[...]),
             pretrain_grid=self.pretrain_grid, **pooled)
+        if self.router is not None:
+            mixed = apply_head_gates(mixed, self.router.gates(x, query))
         return jnp.einsum("btnh,nhd->btd", mixed, self.out_nhd[...]) + self.out_bias_d[...]
 
 
