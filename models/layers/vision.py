@@ -19,6 +19,7 @@ from flax import nnx
 
 from models.layers.mixers.transnext import ConvGLU
 from models.layers.mixers.crossformer import CrossScaleEmbedding, CrossScaleMerging
+from models.layers.mixers.hilo import DWConvMlp
 from models.layers.conv_embed import ConvDownsample, ConvTokenizer, OverlapDownsample, OverlapEmbedding
 from models.layers.mlp import GeluMlp
 from models.layers.norm import LayerNorm
@@ -68,6 +69,7 @@ MERGES: dict[str, type] = {
 MLPS: dict[str, type] = {
     "gelu": TokenMlp,
     "convglu": ConvGLU,
+    "dwconv": DWConvMlp,
 }
 
 

@@ -10,6 +10,8 @@ from models.layers.mixers.crossformer import DynamicPositionBias
 from models.layers.mixers.dependency import DependencyGates
 from models.layers.mixers.longshort import LongShortProjection
 from models.layers.mixers.gaam import GAAMGaussians
+from models.layers.mixers.hilo import HiLo
+from models.layers.mixers.inline import InLineResidual
 from models.layers.mixers.moa_experts import MoAExpertsRouter
 from models.layers.mixers.moh import MoHRouter
 from models.layers.mixers.relative_bias import HaloRelativeEmbedding, NeighborhoodBias
@@ -24,13 +26,13 @@ from models.layers.mixers.transnext import AggregatedAttention
 ROUTERS = {"moh": MoHRouter, "seer": SeerGate, "abc": ABCMemory, "longshort": LongShortProjection, "gaam": GAAMGaussians,
            "moa_experts": MoAExpertsRouter, "reversed": DependencyGates,
            "neighborhood": NeighborhoodBias, "halo": HaloRelativeEmbedding,
-           "lsda": DynamicPositionBias}
+           "lsda": DynamicPositionBias, "inline": InLineResidual}
 
 # Registry name -> NNX module that replaces the whole attention layer of a ViT or DiT block, for vision mechanisms
 # whose weights the shared query/key/value/output projections cannot express. Built by
 # `models.layers.attention.token_mixer` as `module(width, num_heads, *, grid, use_bias, rngs, param_dtype,
 # **attention_kwargs)` with the block's token grid (h, w) and called as `module(x [B, T, D]) -> [B, T, D]`.
-SPATIAL_MIXERS: dict[str, type] = {"aggregated": AggregatedAttention}
+SPATIAL_MIXERS: dict[str, type] = {"aggregated": AggregatedAttention, "hilo": HiLo}
 
 
 def call_with_auxiliary_loss(model: nnx.Module, *args, **kwargs) -> tuple[object, jax.Array | None]:
