@@ -40,9 +40,12 @@ CELLS = ((64, 4), (128, 8), (256, 16))
 MECHANISMS = {
     "softmax": dict(),
     "sliding_window": dict(attention_kwargs={"window": 16}),
-    "based": dict(qk_head_dim=16),
-    "lightning": dict(),
-    "performer": dict(attention_kwargs={"num_features": 64}),
+    # The linear-attention mechanisms train through their quadratic view ("reference"; tested equal to the chunked
+    # one): at T <= 256 it is several times faster on CPU, and Zoology trains Based the same way (train_view
+    # "quadratic").
+    "based": dict(qk_head_dim=16, attention_kwargs={"implementation": "reference"}),
+    "lightning": dict(attention_kwargs={"implementation": "reference"}),
+    "performer": dict(attention_kwargs={"num_features": 64, "implementation": "reference"}),
     "moh": dict(num_heads=4, num_kv_heads=4, attention_kwargs={"n_shared": 1, "top_k": 2}),
 }
 
