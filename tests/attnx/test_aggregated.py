@@ -191,6 +191,7 @@ def test_one_dimensional_sequence_is_a_single_row_grid():
     (dict(cpb=(jnp.zeros((2, 4)), jnp.zeros(4), jnp.zeros((4, N)), jnp.zeros(N))), "pooled"),
     (dict(local_bias=jnp.zeros((N, 8))), "local_bias"),
     (dict(implementation="pallas"), "implementation"),
+    (dict(pretrain_grid=(0, 3)), "pretrain_grid"),
 ])
 def test_invalid_arguments_are_refused_with_the_argument_named(kwargs, match):
     inputs, _ = _arrays()

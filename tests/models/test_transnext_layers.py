@@ -59,9 +59,10 @@ def test_layer_is_the_pure_function_on_its_projections_with_shared_pooled_key_va
     mixed = jax.jit(aggregated_reference, static_argnames=("grid", "window", "pooled_grid"))(
         project(x, "query_dnh", "query_bias_nh"), project(x, "key_dnh", "key_bias_nh"),
         project(x, "value_dnh", "value_bias_nh"), grid=GRID, window=3,
-        pooled_key=project(pooled, "key_dnh", "key_bias_nh"), pooled_value=project(pooled, "value_dnh", "value_bias_nh"),
-        pooled_grid=(2, 2), temperature=p("temperature_n"), query_embedding=p("query_embedding_nh"),
-        local_bias=p("local_bias_nt"), learnable_tokens=p("learnable_tokens_nht"), learnable_bias=p("learnable_bias_nt"),
+        pooled_key=project(pooled, "key_dnh", "key_bias_nh"),
+        pooled_value=project(pooled, "value_dnh", "value_bias_nh"), pooled_grid=(2, 2),
+        temperature=p("temperature_n"), query_embedding=p("query_embedding_nh"), local_bias=p("local_bias_nt"),
+        learnable_tokens=p("learnable_tokens_nht"), learnable_bias=p("learnable_bias_nt"),
         cpb=(p("cpb_fc1_2c"), p("cpb_fc1_bias_c"), p("cpb_fc2_cn"), p("cpb_fc2_bias_n")))
     expected = np.einsum("btnh,nhd->btd", mixed, p("out_nhd")) + p("out_bias_d")
     assert_close(_apply(layer, x), expected, jnp.float32)

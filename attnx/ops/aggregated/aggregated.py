@@ -15,7 +15,9 @@ projections of token i and of the pooled tokens p:
 
 n_i counts the in-grid neighbours of i, P the pooled tokens, CPB is an MLP (2 -> C, ReLU, C -> heads) on
 log-spaced relative coordinates (attnx/ops/aggregated/tables.py). The learnable-token weights use the *unscaled*
-q_hat and are added after the softmax (unnormalised), as in the code. `window=None` is the stage-4 form: softmax
+q_hat and are added after the softmax (unnormalised). Where the paper's equations leave details open (which query
+the learnable tokens see, zero-padded and masked border keys, the CPB coordinate scaling, softplus on tau), this
+follows the code. `window=None` is the stage-4 form: softmax
 over all tokens with the same cosine logits, query embedding and CPB, scale log(T); no local bias, no learnable
 tokens, no pooled branch.
 
@@ -85,8 +87,13 @@ def _check_shape(name: str, x, shape: tuple[int, ...]) -> None:
 
 
 def _validate(query, key, value, causal, grid, window, pooled_key, pooled_value, pooled_grid, temperature,
-              query_embedding, local_bias, learnable_tokens, learnable_bias, cpb, implementation):
+              query_embedding, local_bias, learnable_tokens, learnable_bias, cpb, pretrain_grid, implementation):
     """Checks every argument once; returns (grid, pooled_grid or None, implementation)."""
+    if pretrain_grid is not None and (
+            not isinstance(pretrain_grid, (tuple, list)) or len(pretrain_grid) != 2
+            or not all(isinstance(g, (int, np.integer)) and not isinstance(g, bool) and g > 0 for g in pretrain_grid)):
+        raise ValueError(f"aggregated.pretrain_grid: expected None or (h, w), two positive ints, got "
+                         f"{pretrain_grid!r}")
     if causal:
         raise ValueError("aggregated: causal=True is not supported; TransNeXt's windows and pooled tokens are "
                          "non-causal (CAB pattern NS only)")
@@ -166,7 +173,8 @@ def aggregated_attention(query, key, value, *, causal: bool = False, grid=None, 
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
     grid, pooled_grid, implementation = _validate(
         query, key, value, causal, grid, window, pooled_key, pooled_value, pooled_grid, temperature,
-        query_embedding, local_bias, learnable_tokens, learnable_bias, cpb, implementation)
+        query_embedding, local_bias, learnable_tokens, learnable_bias, cpb, pretrain_grid, implementation)
+    pretrain_grid = None if pretrain_grid is None else tuple(int(g) for g in pretrain_grid)
     *batch, T, N, H = query.shape
     K, V = key.shape[-2], value.shape[-1]
     flat = lambda x, *tail: None if x is None else jnp.asarray(x).reshape(-1, *tail)
