@@ -197,23 +197,22 @@ def test_small_grids_form_one_global_group():
     assert resolve_grouping((4, 4), 7, "lda", 8) == ("sda", 4, 1)
     assert resolve_grouping((4, 6), 4, "lda") == ("sda", 4, 1)
     assert resolve_grouping((8, 8), 4, "lda") == ("lda", 4, 2)
-    q, k, v = _qkv(16)
-    table = _table((4, 4), 4)
-    c = _coords((4, 4))
-    delta = c[:, None] - c[None, :] + 3
-    bias = np.asarray(table)[delta[..., 0] * 7 + delta[..., 1]].transpose(2, 0, 1)
-    everything = np.ones((16, 16), bool)
-    out = _lsda(q, k, v, grid=(4, 4), group_size=6, mode="lda", position_bias=table)
+    q, k, v = _qkv(64)  # 64 tokens throughout: the dense oracle compiles once for these tests
+    table = _table((8, 8), 10)
+    c = _coords((8, 8))
+    delta = c[:, None] - c[None, :] + 7
+    bias = np.asarray(table)[delta[..., 0] * 15 + delta[..., 1]].transpose(2, 0, 1)
+    everything = np.ones((64, 64), bool)
+    out = _lsda(q, k, v, grid=(8, 8), group_size=10, mode="lda", position_bias=table)
     assert_close(out, _dense(q, k, v, everything, bias), jnp.float32)
 
 
 def test_one_dimensional_sequences_without_grid():
-    q, k, v = _qkv(6)
-    t = np.arange(6)
-    assert_close(_lsda(q, k, v, group_size=4), _dense(q, k, v, t[:, None] // 4 == t[None] // 4),
-                 jnp.float32)
-    assert_close(_lsda(q, k, v, group_size=2, mode="lda"),  # I = ceil(6 / 2) = 3
-                 _dense(q, k, v, t[:, None] % 3 == t[None] % 3), jnp.float32)
+    q, k, v = _qkv(64)
+    t = np.arange(64)
+    assert_close(_lsda(q, k, v, group_size=5), _dense(q, k, v, t[:, None] // 5 == t[None] // 5), jnp.float32)
+    assert_close(_lsda(q, k, v, group_size=4, mode="lda"),  # I = ceil(64 / 4) = 16
+                 _dense(q, k, v, t[:, None] % 16 == t[None] % 16), jnp.float32)
 
 
 def test_errors_name_the_argument():

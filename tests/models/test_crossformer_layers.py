@@ -2,7 +2,6 @@
 convolutions, the DPB router inside the shared attention layer, and a hierarchical ViT with CEL + alternating
 SDA/LDA blocks."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -86,8 +85,8 @@ def test_cel_arguments_are_checked():
 
 def test_dpb_router_feeds_the_bias_table_to_lsda_in_the_attention_layer():
     kwargs = {"group_size": 2, "mode": "lda", "dpb_dim": 4}
-    layer = Attention(WIDTH, HEADS, HEADS, WIDTH // HEADS, kind="lsda", kind_kwargs=kwargs, causal=False, use_rope=False, use_bias=True,
-                      grid=(4, 4), rngs=nnx.Rngs(0))
+    layer = Attention(WIDTH, HEADS, HEADS, WIDTH // HEADS, kind="lsda", kind_kwargs=kwargs, causal=False,
+                      use_rope=False, use_bias=True, grid=(4, 4), rngs=nnx.Rngs(0))
     assert isinstance(layer.router, DynamicPositionBias) and layer.router.fc3_w.shape == (4, 2)
     x = jnp.asarray(RNG.standard_normal((2, 16, WIDTH)), jnp.float32)
 

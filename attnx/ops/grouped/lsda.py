@@ -11,9 +11,12 @@ Tokens on an (h, w) grid are split into groups of G x G tokens and attend only i
         region of G*I x G*I tokens. The code pads to a multiple of G*I and reshapes (B, Rh, G, I, Rw, G, I, C)
         (CrossFormer++ HEAD); the ICLR code's (B, G, h/G, G, w/G, C) is the same partition when I = h / G.
 
-Padding tokens are keys nobody may attend to (the code adds -1e6 to their logits; here they are excluded with a
-`where`, which is the same to float32 precision) and their outputs are dropped. As in `CrossFormerBlock`, a grid with
-min(h, w) <= G is not partitioned: the block runs SDA with G = min(h, w), i.e. one global group on a square grid.
+Padding tokens are keys nobody may attend to (the HEAD code adds -1e6 to their logits; here they are excluded with
+a `where`, which is the same to float32 precision) and their outputs are dropped. The ICLR code has no padding (it
+needs h and w divisible by G); the padding follows CrossFormer++ HEAD (`pad_type=0`: bottom and right).
+
+As in `CrossFormerBlock`, a grid with min(h, w) <= G is not partitioned: the block runs SDA with G = min(h, w), i.e.
+one global group on a square grid.
 
 Each group adds a relative position bias B[n, u, v] = table[idx(u - v), n] between its members u, v, where the
 member coordinates are the (row, column) inside the G x G group (for LDA too: offsets count group members, not
@@ -123,8 +126,9 @@ def group_layout(grid: tuple[int, ...], mode: str, group_size: int, interval: in
     inverse = np.zeros(num_tokens, np.int32)
     inverse[token[real]] = (group * G ** len(grid) + member)[real]
     member_coords = np.stack(np.unravel_index(np.arange(G ** len(grid)), (G,) * len(grid)), axis=-1)
-    return GroupLayout(grid, mode, G, I, token_index, inverse, group[real][np.argsort(token[real])],
-                       member_coords[member[real][np.argsort(token[real])]], member_coords)
+    # The real cells of the padded grid, in its row-major order, are the tokens in their row-major order.
+    return GroupLayout(grid, mode, G, I, token_index, inverse, group[real], member_coords[member[real]],
+                       member_coords)
 
 
 def relative_position_index(group_size: int, ndim: int = 2) -> np.ndarray:
