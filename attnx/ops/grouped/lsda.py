@@ -182,7 +182,7 @@ def _layer_norm_relu_linear(x, scale, bias, weight, weight_bias):
 
 
 def _check_call(query, key, value, causal, grid, position_bias, scale, group_size, mode, interval):
-    """Validates the public arguments once; returns (layout, grid)."""
+    """Validates the public arguments once; returns the group layout of the grid."""
     if causal:
         raise ValueError("lsda: causal=True is not supported; LSDA partitions one token grid into groups that "
                          "attend in both directions (CAB pattern NS only)")
