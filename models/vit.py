@@ -285,7 +285,30 @@ def _transnext_micro() -> ViTConfig:
                                     attention_kwargs=[{"window": 3, "sr_ratio": r} for r in pools]))
 
 
-PRESETS.update({"nat_mini": _nat_mini(), "crossformer_t": _crossformer_t(), "transnext_micro": _transnext_micro()})
+def _litv2_s() -> ViTConfig:
+    """LITv2-S (Pan et al., 2022, "Fast Vision Transformers with HiLo Attention", arXiv 2205.13213; code
+    configs/litv2-s.yaml): depths 2-2-6-2, heads 3-6-12-24, width 96, DW-conv FFNs everywhere, no attention in the
+    first two stages, HiLo (alpha 0.9) with 2x2 windows in stage 3 and 1x1 (plain MHSA) in stage 4 (28M).
+    Departure: Swin 2x2 merging stands in for LITv2's deformable token merging (DTM), whose learned sampling offsets
+    attnx does not implement; the count stays within 1% of the paper's."""
+    widths, depths, heads = [96, 192, 384, 768], [2, 2, 6, 2], [3, 6, 12, 24]
+    hilo = [None, None, {"alpha": 0.9, "window": 2}, {"alpha": 0.9, "window": 1}]
+    return ViTConfig(**_HIERARCHICAL, width=96, depth=2, num_heads=3, mlp_width=384, mlp="dwconv", use_attention=False,
+                     attention="hilo", attention_kwargs=hilo[2],
+                     stages=_stages(widths, depths, heads, [4] * 4, use_attention=[None, False, True, True],
+                                    attention_kwargs=hilo))
+
+
+def _inline_deit_t() -> ViTConfig:
+    """InLine-DeiT-T (Han et al., 2024, "Bridging the Divide: Reconsidering Softmax and Linear Attention",
+    arXiv 2412.06590; code cfgs/inline_deit_t.yaml): DeiT-T with 6 heads and InLine attention in every block, the
+    dynamic depth-wise residual included (6.5M). Departure: the code's qkv projection has no bias; the shared layer
+    has one (6,912 parameters)."""
+    return ViTConfig(**_IMAGENET, width=192, depth=12, num_heads=6, mlp_width=768, attention="inline")
+
+
+PRESETS.update({"nat_mini": _nat_mini(), "crossformer_t": _crossformer_t(), "transnext_micro": _transnext_micro(),
+                "litv2_s": _litv2_s(), "inline_deit_t": _inline_deit_t()})
 
 
 def vit_config(preset: str = "tiny", **overrides: Any) -> ViTConfig:

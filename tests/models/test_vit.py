@@ -30,10 +30,11 @@ HIERARCHICAL = ViTConfig(image_size=(8, 12), patch_size=2, channels=2, num_class
 # Published totals: timm vit_{tiny,small,base,large}_patch16_224 with the 1000-class head (timm's param counts).
 PUBLISHED_PARAMETERS = {"Ti/16": 5_717_416, "S/16": 22_050_664, "B/16": 86_567_656, "L/16": 304_326_632,
                         # the mechanism papers' small models, as their tables round them (0.1M)
-                        "nat_mini": 20.0e6, "crossformer_t": 27.8e6, "transnext_micro": 12.8e6}
+                        "nat_mini": 20.0e6, "crossformer_t": 27.8e6, "transnext_micro": 12.8e6, "litv2_s": 28.0e6,
+                        "inline_deit_t": 6.5e6}
 # The four-stage paper models trace for 10-30 s each: their forward shapes run with `-m slow` (their parameter
 # counts, which build them abstractly, stay in the default suite).
-PAPER_MODELS = ("nat_mini", "crossformer_t", "transnext_micro")
+PAPER_MODELS = ("nat_mini", "crossformer_t", "transnext_micro", "litv2_s", "inline_deit_t")
 
 
 def images(config: ViTConfig, batch: int = 3, seed: int = 0) -> jax.Array:
