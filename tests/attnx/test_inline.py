@@ -14,6 +14,7 @@ F32 = jnp.float32
 _attn = jax.jit(inline_attention, static_argnames=("grid", "kernel", "implementation"))
 _shifted = jax.jit(residual_shifted, static_argnums=(2, 3))
 _conv = jax.jit(residual_conv, static_argnums=(2, 3))
+_weights = jax.jit(inline_weights)
 
 
 def _arrays(*shapes, seed=0):
@@ -65,7 +66,7 @@ def test_linear_form_equals_explicit_weights(kernel):
 
 def test_rows_sum_to_one_and_constant_values_pass_through():
     q, k = _arrays((2, 7, 2, 8), (2, 11, 2, 8))
-    w = inline_weights(q, k)
+    w = _weights(q, k)
     np.testing.assert_allclose(jnp.sum(w, -1), 1.0, atol=1e-5)
     _, expected = _np_inline(q, k, k)
     np.testing.assert_allclose(w, expected, rtol=1e-5, atol=1e-6)
@@ -80,23 +81,32 @@ def test_injective_unlike_normalised_relu_linear_attention():
     relu = lambda q: np.einsum("bth,bsh->bts", np.maximum(q[:, :, 0], 0), np.maximum(k[:, :, 0], 0))
     normalised = lambda q: relu(q) / relu(q).sum(-1, keepdims=True)
     np.testing.assert_allclose(normalised(np.asarray(q)), normalised(2 * np.asarray(q)), rtol=1e-6)
-    gap = jnp.max(jnp.abs(inline_weights(q, k) - inline_weights(2 * q, k)))
+    gap = jnp.max(jnp.abs(_weights(q, k) - _weights(2 * q, k)))
     assert float(gap) > 1e-3
 
 
-@pytest.mark.parametrize("grid,extra", [((3, 4), 1), ((6,), 0)])
-def test_residual_equals_per_sample_loop(grid, extra):
-    T = int(np.prod(grid)) + extra
-    (v,) = _arrays((2, T, 2, 4))
+def test_residual_equals_per_sample_loop():
+    grid, extra = (3, 4), 1  # a class token in front of a 3x4 grid
+    (v,) = _arrays((2, 13, 2, 4))
     (weights,) = _arrays((2, 2, 4, 3, 3), seed=5)
-    layout = grid if len(grid) == 2 else (1, grid[0])
-    expected = _np_depthwise(v, weights, layout, extra)
-    np.testing.assert_allclose(_shifted(v, weights, layout, extra), expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(_conv(v, weights, layout, extra), expected, rtol=1e-5, atol=1e-5)
-    # through the public function: the residual is what is added, class tokens get none
-    q, k = _arrays((2, T, 2, 8), (2, T, 2, 8), seed=6)
+    expected = _np_depthwise(v, weights, grid, extra)
+    np.testing.assert_allclose(_shifted(v, weights, grid, extra), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_conv(v, weights, grid, extra), expected, rtol=1e-5, atol=1e-5)
+    # through the public function: the residual is what is added, the class token gets none
+    q, k = _arrays((2, 13, 2, 8), (2, 13, 2, 8), seed=6)
     added = _attn(q, k, v, grid=grid, residual_weights=weights) - _attn(q, k, v, grid=grid)
     np.testing.assert_allclose(added, expected, rtol=1e-4, atol=1e-5)
+    assert not np.any(np.asarray(added[:, 0]))
+
+
+def test_residual_on_a_sequence_is_a_one_row_image():
+    """grid=None or (L,): a 1 x L image, only the kernel's middle row reaches other tokens."""
+    (v,) = _arrays((2, 6, 2, 4))
+    (weights,) = _arrays((2, 2, 4, 3, 3), seed=5)
+    np.testing.assert_allclose(_shifted(v, weights, (1, 6), 0), _np_depthwise(v, weights, (1, 6), 0), rtol=1e-5,
+                               atol=1e-5)
+    rows_zeroed = weights.at[..., 0, :].set(0.0).at[..., 2, :].set(0.0)
+    np.testing.assert_allclose(_shifted(v, weights, (1, 6), 0), _shifted(v, rows_zeroed, (1, 6), 0), atol=1e-6)
 
 
 @jax.jit

@@ -82,7 +82,6 @@ def _weights(q, k, kernel, scale):
 
 def _reference_core(q, k, v, kernel, scale):
     B, T, N, _ = q.shape
-    K = k.shape[2]
     out = jnp.einsum("bkgts,bskv->btkgv", _weights(q, k, kernel, scale), v.astype(jnp.float32), precision=HIGHEST)
     return out.reshape(B, T, N, v.shape[-1])
 
