@@ -12,7 +12,6 @@ register_attention(AttentionSpec(
     paper="Pan, Cai & Zhuang, 2022, Fast Vision Transformers with HiLo Attention, arXiv 2205.13213, §3.2 (class "
           "HiLo of ziplab/LITv2 classification/models/attentions.py)",
     implementations=IMPLEMENTATIONS,
-    aliases=("litv2",),
     defaults={"alpha": 0.9, "window": 2},
     description="heads split into Hi-Fi (s x s window attention) and Lo-Fi (queries against s x s average-pooled "
                 "keys/values) groups, concatenated (LITv2)",
