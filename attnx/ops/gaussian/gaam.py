@@ -129,6 +129,20 @@ def _check_gaam(x, delta, c, axis, num_heads, eps, mask):
         raise ValueError(f"gaam.mask: expected the shape of x {x.shape}, got {jnp.shape(mask)}")
 
 
+def _split_heads(x, delta, c, axis, num_heads, eps, mask):
+    """The checked inputs of a multi-head GAAM with `axis` moved last: (x, xs, ms, delta, c, chunks), where xs/ms
+    are x and the mask (or None) with `axis` last and chunks[h] the slice of head h (the code's contiguous chunks of
+    n // num_heads; the last one also takes the remainder)."""
+    delta, c = _check_params(delta, c, "gaam")
+    x = jnp.asarray(x)
+    _check_gaam(x, delta, c, axis, num_heads, eps, mask)
+    xs = jnp.moveaxis(x, axis, -1)
+    ms = None if mask is None else jnp.moveaxis(jnp.asarray(mask, bool), axis, -1)
+    n, size = xs.shape[-1], xs.shape[-1] // num_heads
+    chunks = [slice(h * size, n if h == num_heads - 1 else (h + 1) * size) for h in range(num_heads)]
+    return x, xs, ms, delta, c, chunks
+
+
 def gaam(x, delta, c, *, axis: int, num_heads: int, eps: float = EPS, mask=None, causal: bool = False,
          return_weights: bool = False):
     """Multi-head GAAM of x along `axis` (code-exact, module docstring).
@@ -137,16 +151,9 @@ def gaam(x, delta, c, *, axis: int, num_heads: int, eps: float = EPS, mask=None,
     (True = real entry; the code's `x != padding_value`) or None. Returns y like x, and with return_weights the
     weights W [like x] (the code's `return_attention_details`).
     """
-    delta, c = _check_params(delta, c, "gaam")
-    x = jnp.asarray(x)
-    _check_gaam(x, delta, c, axis, num_heads, eps, mask)
-    xs = jnp.moveaxis(x, axis, -1)
-    ms = None if mask is None else jnp.moveaxis(jnp.asarray(mask, bool), axis, -1)
-    n, size = xs.shape[-1], xs.shape[-1] // num_heads
+    x, xs, ms, delta, c, chunks = _split_heads(x, delta, c, axis, num_heads, eps, mask)
     ys, ws = [], []
-    for h in range(num_heads):  # chunk h; the last one takes the remainder, as in the code
-        stop = n if h == num_heads - 1 else (h + 1) * size
-        part = slice(h * size, stop)
+    for h, part in enumerate(chunks):
         y, w = gaussian_weights(xs[..., part], delta[h], c[h], eps=eps, mask=None if ms is None else ms[..., part],
                                 causal=causal)
         ys.append(y)
@@ -160,15 +167,10 @@ def gaam_reference(x, delta, c, *, axis: int, num_heads: int, eps: float = EPS, 
     non-causal GAAM of every prefix."""
     if not causal:
         return gaam(x, delta, c, axis=axis, num_heads=num_heads, eps=eps, mask=mask)
-    delta, c = _check_params(delta, c, "gaam")
-    x = jnp.asarray(x)
-    _check_gaam(x, delta, c, axis, num_heads, eps, mask)
-    xs = jnp.moveaxis(x, axis, -1)
-    ms = None if mask is None else jnp.moveaxis(jnp.asarray(mask, bool), axis, -1)
-    n, size = xs.shape[-1], xs.shape[-1] // num_heads
+    x, xs, ms, delta, c, chunks = _split_heads(x, delta, c, axis, num_heads, eps, mask)
     out = []
-    for h in range(num_heads):
-        start, stop = h * size, n if h == num_heads - 1 else (h + 1) * size
+    for h, part in enumerate(chunks):
+        start, stop = part.start, part.stop
         for t in range(start, stop):
             prefix = xs[..., start:t + 1]
             if t == start:  # a prefix of one: variance taken as 0 (torch: nan), mean = the (masked) element
