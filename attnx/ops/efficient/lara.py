@@ -25,9 +25,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnx.ops.efficient.common import (HIGHEST, check_int, group, refuse_pattern, resolve_implementation,
-                                        segment_matrix)
-from attnx.validation import canonicalize
+from attnx.ops.efficient.common import HIGHEST, group, segment_matrix
+from attnx.ops.efficient.sampling import sampled_self_attention_setup
 
 IMPLEMENTATIONS = ("linear", "reference")
 
@@ -45,12 +44,9 @@ def lara_attention(query, key, value, *, causal: bool = False, num_landmarks: in
     """query [*B, T, N, H], key [*B, T, K, H], value [*B, T, K, V] -> [*B, T, N, V] (non-causal self only).
 
     rng: None for the code's deterministic evaluation mode (w = mu), or a PRNG key for w = mu + N(0, I)."""
-    args = canonicalize(query, key, value)
-    B, T, N, H = args.q.shape
-    S, K = args.k.shape[1], args.k.shape[2]
-    refuse_pattern("lara", causal=causal, T=T, S=S, patterns="NS")
-    check_int("lara.num_landmarks", num_landmarks)
-    implementation = resolve_implementation("lara", implementation, IMPLEMENTATIONS)
+    args, (B, T, N, H, S, K), implementation = sampled_self_attention_setup(
+        "lara", query, key, value, causal=causal, option="num_landmarks", option_value=num_landmarks,
+        implementation=implementation, implementations=IMPLEMENTATIONS)
     G = N // K
     q = group(args.q.astype(jnp.float32), K)  # [B, T, K, G, H]
     # Keys are shared by the G query heads of a group; the proposals mix both, so they are per query head.

@@ -23,8 +23,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from attnx.ops.efficient.common import HIGHEST, check_int, group, refuse_pattern, resolve_implementation
-from attnx.validation import canonicalize
+from attnx.ops.efficient.common import HIGHEST, group
+from attnx.ops.efficient.sampling import sampled_self_attention_setup
 
 IMPLEMENTATIONS = ("sparse", "reference")
 
@@ -39,12 +39,9 @@ def sample_sizes(T: int, S: int, factor: int) -> tuple[int, int]:
 def probsparse_attention(query, key, value, *, causal: bool = False, factor: int = 5, rng=None, seed: int = 0,
                          implementation: str | None = None):
     """query [*B, T, N, H], key [*B, T, K, H], value [*B, T, K, V] -> [*B, T, N, V] (non-causal self only)."""
-    args = canonicalize(query, key, value)
-    B, T, N, H = args.q.shape
-    S, K = args.k.shape[1], args.k.shape[2]
-    refuse_pattern("probsparse", causal=causal, T=T, S=S, patterns="NS")
-    check_int("probsparse.factor", factor)
-    implementation = resolve_implementation("probsparse", implementation, IMPLEMENTATIONS)
+    args, (B, T, N, H, S, K), implementation = sampled_self_attention_setup(
+        "probsparse", query, key, value, causal=causal, option="factor", option_value=factor,
+        implementation=implementation, implementations=IMPLEMENTATIONS)
     sampled, active = sample_sizes(T, S, factor)
     rng = jax.random.key(seed) if rng is None else rng
     index = jax.random.randint(rng, (T, sampled), 0, S)  # [T, U], with replacement, as torch.randint
