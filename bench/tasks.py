@@ -8,8 +8,9 @@ Model: the project's LLM with 2 layers, no MLP, one head for the exact mechanism
 embeddings (as Zoology). Departures from Zoology's Fig. 2 model: rotary positions instead of learned absolute ones,
 RMSNorm instead of LayerNorm, no attention/embedding dropout (0.1 there), and the tied output projection is scaled
 by 1/sqrt(d_model) (models/layers/embed.py). Per mechanism: sliding_window sees 16 keys; based projects queries and
-keys to 16 features (the Based paper's feature dimension); performer uses 64 random features; moh routes 2 of 3
-heads around 1 shared head (4 heads); lightning uses ALiBi decay for one head (lambda = exp(-1/256)).
+keys to 16 features (the Based paper's feature dimension; Zoology's Fig. 2 config uses 8) in layer 2, after a
+BaseConv layer (short convolution k = 3), as Zoology's Hybrid[BaseConv, Based]; performer uses 64 random features;
+moh routes 2 of 3 heads around 1 shared head (4 heads); lightning uses ALiBi decay for one head (lambda = exp(-1/256)).
 Training: AdamW (lr 3e-3, wd 0.1, 10% linear warmup then cosine to 0; Zoology: no warmup, cosine over 64 epochs,
 lr swept over logspace(-4, -2, 4)), cross-entropy on the query positions only (Zoology's -100 labels); accuracy =
 share of query positions whose argmax is the paired value, on held-out examples of another seed, checked every
@@ -43,7 +44,10 @@ MECHANISMS = {
     # The linear-attention mechanisms train through their quadratic view ("reference"; tested equal to the chunked
     # one): at T <= 256 it is several times faster on CPU, and Zoology trains Based the same way (train_view
     # "quadratic").
-    "based": dict(qk_head_dim=16, attention_kwargs={"implementation": "reference"}),
+    # Zoology's Fig. 2 "based" model is Hybrid[BaseConv, Based]: layer 0 a gated short convolution (k = 3), layer 1
+    # Taylor linear attention; the convolution is what moves a key next to its value.
+    "based": dict(qk_head_dim=16, attention_kwargs={"implementation": "reference"},
+                  layer_attention=(("base_conv", {"kernel_size": 3}), None)),
     "lightning": dict(attention_kwargs={"implementation": "reference"}),
     "performer": dict(attention_kwargs={"num_features": 64, "implementation": "reference"}),
     "moh": dict(num_heads=4, num_kv_heads=4, attention_kwargs={"n_shared": 1, "top_k": 2}),
@@ -76,17 +80,17 @@ def model_config(mechanism: str, width: int, vocab_size: int) -> LLMConfig:
 
 def zoology_init(model: LLM, key: jax.Array, depth: int = 2, std: float = 0.02) -> None:
     """Re-draws the model's weights as Zoology's `_init_weights` does (zoology/model.py): every matrix (embedding,
-    projections, routers) from normal(0, 0.02), the output projections from normal(0, 0.02 / sqrt(2 * n_layers));
-    norm scales stay 1. Why: the LLM's own init (unit-variance embeddings, fan-in projections) makes each AdamW step a
-    much smaller *relative* change of the weights (lr / std: 6x smaller for d_model 64 projections, 50x for the
-    embedding), which is what made MQAR learn ~10x slower here than in Zoology (bench/RESULTS.md)."""
+    projections, routers; not BaseConv's convolution, a torch Conv1d there) from normal(0, 0.02), the attention
+    output projections from normal(0, 0.02 / sqrt(2 * n_layers)); norm scales and biases stay as they are.
+    Why: the LLM's own init (unit-variance embeddings, fan-in projections) makes each AdamW step a much smaller
+    *relative* change of the weights (lr / std: 6x smaller for d_model 64 projections, 50x for the embedding), which is what made MQAR learn ~10x slower here than in Zoology (bench/RESULTS.md)."""
     params = nnx.state(model, nnx.Param)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     keys = jax.random.split(key, len(leaves))
     fresh = []
     for (path, leaf), leaf_key in zip(leaves, keys):
         name = jax.tree_util.keystr(path)
-        if leaf.ndim < 2:
+        if leaf.ndim < 2 or "conv_kd" in name or "filter" in name:  # norms, biases; Conv1d keeps torch's init
             fresh.append(leaf)
             continue
         scale = std / (2 * depth) ** 0.5 if "out_nhd" in name else std
