@@ -83,7 +83,8 @@ def zoology_init(model: LLM, key: jax.Array, depth: int = 2, std: float = 0.02) 
     projections, routers; not BaseConv's convolution, a torch Conv1d there) from normal(0, 0.02), the attention
     output projections from normal(0, 0.02 / sqrt(2 * n_layers)); norm scales and biases stay as they are.
     Why: the LLM's own init (unit-variance embeddings, fan-in projections) makes each AdamW step a much smaller
-    *relative* change of the weights (lr / std: 6x smaller for d_model 64 projections, 50x for the embedding), which is what made MQAR learn ~10x slower here than in Zoology (bench/RESULTS.md)."""
+    *relative* change of the weights (lr / std: 6x smaller for d_model 64 projections, 50x for the embedding), which
+    is what made MQAR learn ~10x slower here than in Zoology (bench/RESULTS.md)."""
     params = nnx.state(model, nnx.Param)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     keys = jax.random.split(key, len(leaves))
