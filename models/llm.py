@@ -31,6 +31,16 @@ the function's: `qk_head_dim` in a layer entry sizes that layer's query/key head
 sliding-window heads), and `slopes='tnl'` on a lightning or tnl layer becomes TransNormerLLM's per-layer decay
 s_h (1 - l / (L - 1) + 1e-5) (arXiv 2307.14995, §3.1), 'alibi' the same ALiBi slopes in every layer. The Based LM
 (arXiv 2402.18668) is configs/experiments/based_lm.gin.
+
+Two block options, both off by default (off, the model and its parameters are exactly the plain Llama block's):
+`representation_embeddings` gives every attention layer DARE's decoupled representation table (Feng et al., 2024,
+"Long-Sequence Recommendation Models Need Decoupled Embeddings", arXiv 2410.02604, §4; thuml/DARE
+`model/din_pytorch.py` keeps separate attention and representation embedding tables): queries and keys still come
+from the residual stream (whose input is the token embedding, the attention table), but the values are rows of a
+per-layer token-id table [vocab, value heads, head_dim] (what some LMs call value embeddings), so a layer's
+attention map does not depend on its representation table. `parallel_block` is the parallel attention + FFN block
+of BAM (Zhang et al., 2024, "BAM! Just Like That: Simple and Efficient Parameter Upcycling for Mixture of Experts",
+arXiv 2408.08274, §3): y = x + Attn(LN x) + FFN(LN x), one norm feeding both branches.
 """
 
 import dataclasses
@@ -111,6 +121,8 @@ class LLMConfig:
     2501.13629 §2, attention 'diffqkv'): value heads counted apart from key heads, and the augmented Q projection.
     layer_attention chooses the token mixer per layer: registered mechanisms or the LLM's `MIXERS` ('tnl',
     'base_conv'), which only it can name (see the module docstring).
+    representation_embeddings: DARE's per-layer token-id value tables; parallel_block: BAM's parallel attention +
+    FFN block (both in the module docstring).
     """
 
     vocab_size: int = 256
@@ -132,6 +144,8 @@ class LLMConfig:
     attention_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     layer_attention: tuple[Any, ...] = ()  # per-layer mixers, repeated over the depth; () = `attention` everywhere
     param_dtype: str = "float32"
+    representation_embeddings: bool = False
+    parallel_block: bool = False
 
     def __post_init__(self):
         if not isinstance(self.qk_head_dim, int) or self.qk_head_dim < 0:
@@ -160,6 +174,21 @@ class LLMConfig:
         check_param_dtype("LLMConfig", self.param_dtype)
         _check_mixer("LLMConfig", self.attention, self.attention_kwargs, self.num_heads, layer_entry=False)
         self._check_layer_attention()
+        self._check_block_options()
+
+    def _check_block_options(self) -> None:
+        for name in ("representation_embeddings", "parallel_block"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LLMConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.parallel_block and not self.use_mlp:
+            raise ValueError("LLMConfig.parallel_block=True runs attention and the MLP side by side: it needs "
+                             "use_mlp=True")
+        if self.representation_embeddings:
+            mixers = sorted({kind for layer in range(self.depth) if (kind := self.layer_mixer(layer)[0]) in MIXERS})
+            if mixers:
+                raise ValueError(f"LLMConfig.representation_embeddings=True feeds the values of attention layers; "
+                                 f"layer_attention also has the LLM's own mixers {mixers}, which have no value "
+                                 f"table: use registered attention mechanisms only")
 
     def _check_layer_attention(self) -> None:
         entries = self.layer_attention
@@ -233,7 +262,8 @@ def llm_config(preset: str = "tiny", **overrides: Any) -> LLMConfig:
 
 
 class DecoderBlock(nnx.Module):
-    """Pre-norm residual block: x + attention(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm residual block: x + attention(norm(x)), then + mlp(norm(x)); with config.parallel_block
+    x + attention(norm(x)) + mlp(norm(x)) from the one norm (BAM)."""
 
     def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs, mixer: nnx.Module | None = None):
         dtype = PARAM_DTYPES[config.param_dtype]
@@ -251,21 +281,37 @@ class DecoderBlock(nnx.Module):
             qk_head_dim=config.qk_head_dim or None,
             num_value_heads=config.num_value_heads or None,
             query_hidden_dim=config.query_hidden_dim or None,
+            value_vocab=config.vocab_size if config.representation_embeddings else None,
             rngs=rngs,
             param_dtype=dtype,
         )
-        self.mlp_norm = RMSNorm(config.width, eps=config.norm_eps, param_dtype=dtype) if config.use_mlp else None
+        self.parallel = config.parallel_block
+        self.mlp_norm = RMSNorm(config.width, eps=config.norm_eps, param_dtype=dtype) \
+            if config.use_mlp and not config.parallel_block else None
         self.mlp = SwiGLU(config.width, config.resolved_mlp_width, rngs=rngs, param_dtype=dtype) \
             if config.use_mlp else None
 
-    def __call__(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        x = x + self.attention(self.attention_norm(x), positions)
-        return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
+    def __call__(self, x: jax.Array, positions: jax.Array | None = None,
+                 token_ids: jax.Array | None = None) -> jax.Array:
+        """token_ids [B, T]: for the representation tables only (mixers keep their two-argument call)."""
+        normed = self.attention_norm(x)
+        ids = {} if token_ids is None else {"token_ids": token_ids}
+        return self._add_mlp(x, normed, self.attention(normed, positions, **ids))
 
-    def decode(self, x: jax.Array, cache: KVCache, cache_index: jax.Array) -> tuple[jax.Array, KVCache]:
-        mixed, cache = self.attention.decode(self.attention_norm(x), cache, cache_index)
+    def decode(self, x: jax.Array, cache: KVCache, cache_index: jax.Array,
+               token_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        normed = self.attention_norm(x)
+        ids = {} if token_ids is None else {"token_ids": token_ids}
+        mixed, cache = self.attention.decode(normed, cache, cache_index, **ids)
+        return self._add_mlp(x, normed, mixed), cache
+
+    def _add_mlp(self, x: jax.Array, normed: jax.Array, mixed: jax.Array) -> jax.Array:
+        if self.mlp is None:
+            return x + mixed
+        if self.parallel:  # BAM: both branches read the same normalised input
+            return x + mixed + self.mlp(normed)
         x = x + mixed
-        return (x if self.mlp is None else x + self.mlp(self.mlp_norm(x))), cache
+        return x + self.mlp(self.mlp_norm(x))
 
 
 def _block(config: LLMConfig, layer: int, rngs: nnx.Rngs) -> DecoderBlock:
@@ -286,6 +332,7 @@ class LLM(nnx.Module):
 
     def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs):
         self.tie_embeddings = config.tie_embeddings  # not the config itself: its dict field is unhashable
+        self.representation_embeddings = config.representation_embeddings
         dtype = PARAM_DTYPES[config.param_dtype]
         self.embed = Embed(config.vocab_size, config.width, rngs=rngs, param_dtype=dtype)
         self.blocks = nnx.List([_block(config, layer, rngs) for layer in range(config.depth)])
@@ -301,8 +348,9 @@ class LLM(nnx.Module):
         """The last block's output [B, T, D] before the final norm: `logits(features(t)) == model(t)`. Tasks that
         score a few positions (MQAR) gather those rows first and skip the vocabulary projection of the rest."""
         x = self.embed(token_ids)
+        ids = {"token_ids": token_ids} if self.representation_embeddings else {}
         for block in self.blocks:
-            x = block(x, positions)
+            x = block(x, positions, **ids)
         return x
 
     def init_cache(self, batch_size: int, length: int) -> list[KVCache]:
@@ -316,9 +364,10 @@ class LLM(nnx.Module):
         everything before them; returns the cache with these tokens added. Equal to the matching rows of
         `__call__` on the whole sequence (tested)."""
         x = self.embed(token_ids)
+        ids = {"token_ids": token_ids} if self.representation_embeddings else {}
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache):
-            x, layer_cache = block.decode(x, layer_cache, cache_index)
+            x, layer_cache = block.decode(x, layer_cache, cache_index, **ids)
             new_cache.append(layer_cache)
         return self.logits(x), new_cache
 

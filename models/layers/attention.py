@@ -110,6 +110,12 @@ class Attention(nnx.Module):
         2501.13629 §2; kind 'diffqkv'); default num_kv_heads. query_hidden_dim: Sigma's augmented Q, the query
         projection factored through a wider hidden width, q = (x W_Q1) W_Q2 with W_Q1: D -> query_hidden_dim (the
         paper gives no nonlinearity between them, so none is used).
+    value_vocab: DARE's decoupled representation embeddings (Feng et al., 2024, "Long-Sequence Recommendation
+        Models Need Decoupled Embeddings", arXiv 2410.02604, §4; thuml/DARE `model/din_pytorch.py`): the values
+        are rows of a token-id table [value_vocab, value heads, head_dim] instead of a projection of x, so that
+        queries and keys (the attention stream, from x) and values (the representation stream) come from separate
+        embeddings; the layer is then called with `token_ids`. As in the code, the table's rows are the values
+        themselves (no projection after the lookup). None (default): the usual value projection.
     """
 
     def __init__(
@@ -130,6 +136,7 @@ class Attention(nnx.Module):
         num_value_heads: int | None = None,
         query_hidden_dim: int | None = None,
         grid: tuple[int, ...] | None = None,
+        value_vocab: int | None = None,
         rngs: nnx.Rngs,
         param_dtype=jnp.float32,
     ):
@@ -142,6 +149,9 @@ class Attention(nnx.Module):
                              f"attention 'diffqkv' reads separate key and value head counts, got {kind!r}")
         if num_value_heads < 1 or num_heads % num_value_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_value_heads={num_value_heads}")
+        if value_vocab is not None and (not isinstance(value_vocab, int) or isinstance(value_vocab, bool)
+                                        or value_vocab < 1):
+            raise ValueError(f"value_vocab must be a positive vocabulary size or None, got {value_vocab!r}")
         if query_hidden_dim is not None and query_hidden_dim < 1:
             raise ValueError(f"query_hidden_dim must be a positive width or None, got {query_hidden_dim!r}")
         kind_kwargs = dict(kind_kwargs or {})
@@ -173,7 +183,13 @@ class Attention(nnx.Module):
             self.query_hidden_da = nnx.Param(hidden_init(rngs.params(), (width, query_hidden_dim), param_dtype))
             self.query_dnh = nnx.Param(in_init(rngs.params(), (query_hidden_dim, num_heads, qk_dim), param_dtype))
         self.key_dkh = nnx.Param(in_init(rngs.params(), (width, num_kv_heads, qk_dim), param_dtype))
-        self.value_dkh = nnx.Param(in_init(rngs.params(), (width, num_value_heads, head_dim), param_dtype))
+        if value_vocab is None:
+            self.value_dkh = nnx.Param(in_init(rngs.params(), (width, num_value_heads, head_dim), param_dtype))
+            self.value_table_vkh = None
+        else:  # unit-variance rows: the scale a fan-in projection of the normalised x gives the values
+            self.value_dkh = None
+            self.value_table_vkh = nnx.Param(nnx.initializers.normal(1.0)(
+                rngs.params(), (value_vocab, num_value_heads, head_dim), param_dtype))
         self.out_nhd = nnx.Param(out_init(rngs.params(), (num_heads, head_dim, width), param_dtype))
         zeros = lambda *shape: nnx.Param(jnp.zeros(shape, param_dtype))
         self.query_bias_nh = zeros(num_heads, qk_dim) if use_bias else None
@@ -188,16 +204,25 @@ class Attention(nnx.Module):
         self.router = router(width, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, qk_head_dim=qk_dim,
                              rngs=rngs, param_dtype=param_dtype, **layout, **kind_kwargs) if router else None
 
-    def project(self, x: jax.Array, positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def project(self, x: jax.Array, positions: jax.Array | None = None,
+                token_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [B, T, D] -> query [B, T, N, H], key [B, T, K, H], value [B, T, K, V], biased, normalised, rotated."""
-        return self.rotate(*self.project_heads(x), positions)
+        return self.rotate(*self.project_heads(x, token_ids), positions)
 
-    def project_heads(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x [B, T, D] -> query, key, value heads, biased and normalised but not yet rotated."""
+    def project_heads(self, x: jax.Array, token_ids: jax.Array | None = None
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, T, D] -> query, key, value heads, biased and normalised but not yet rotated. With a
+        representation table (value_vocab) the values are its rows of `token_ids` [B, T]."""
         hidden = x if self.query_hidden_da is None else x @ self.query_hidden_da[...]
         query = jnp.einsum("btd,dnh->btnh", hidden, self.query_dnh[...])
         key = jnp.einsum("bsd,dkh->bskh", x, self.key_dkh[...])
-        value = jnp.einsum("bsd,dkh->bskh", x, self.value_dkh[...])
+        if self.value_table_vkh is None:
+            value = jnp.einsum("bsd,dkh->bskh", x, self.value_dkh[...])
+        elif token_ids is None or tuple(jnp.shape(token_ids)) != x.shape[:2]:
+            raise ValueError(f"Attention with a representation table (value_vocab) needs token_ids [B, T] = "
+                             f"{x.shape[:2]} for its values, got {None if token_ids is None else jnp.shape(token_ids)}")
+        else:
+            value = jnp.take(self.value_table_vkh[...], token_ids, axis=0)
         if self.query_bias_nh is not None:
             query = query + self.query_bias_nh[...]
             key = key + self.key_bias_kh[...]
@@ -223,9 +248,11 @@ class Attention(nnx.Module):
         out = jnp.einsum("btnh,nhd->btd", mixed, self.out_nhd[...])
         return out if self.out_bias_d is None else out + self.out_bias_d[...]
 
-    def __call__(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        """x [B, T, D] -> [B, T, D]; `positions` [B, T] or [T] (rotary only) default to 0..T-1."""
-        heads = self.project_heads(x)
+    def __call__(self, x: jax.Array, positions: jax.Array | None = None,
+                 token_ids: jax.Array | None = None) -> jax.Array:
+        """x [B, T, D] -> [B, T, D]; `positions` [B, T] or [T] (rotary only) default to 0..T-1; token_ids [B, T]
+        index the representation table (value_vocab layers only)."""
+        heads = self.project_heads(x, token_ids)
         query, key, value = self.rotate(*heads, positions)
         attention_fn = resolve_attention(self.kind, causal=self.causal)  # by name: keeps the graph def hashable
         return self.output(attention_fn(query, key, value, **self._call_kwargs(x, *heads[:2])))
@@ -245,7 +272,8 @@ class Attention(nnx.Module):
     def init_cache(self, batch_size: int, length: int, dtype=jnp.float32) -> KVCache:
         """An empty cache for `length` positions (or the mechanism's own, e.g. StreamingLLM's bounded one)."""
         _, num_kv_heads, qk_dim = self.key_dkh.shape
-        _, num_value_heads, value_dim = self.value_dkh.shape  # DiffQKV: the two caches differ in heads too
+        values = self.value_dkh if self.value_table_vkh is None else self.value_table_vkh
+        _, num_value_heads, value_dim = values.shape  # DiffQKV: the two caches differ in heads too
         rule = attnx.get_attention(self.kind).cache
         if rule is not None:
             return rule.init(batch_size, length, (num_kv_heads, qk_dim), (num_value_heads, value_dim), dtype,
@@ -253,7 +281,8 @@ class Attention(nnx.Module):
         return {"key": jnp.zeros((batch_size, length, num_kv_heads, qk_dim), dtype),
                 "value": jnp.zeros((batch_size, length, num_value_heads, value_dim), dtype)}
 
-    def decode(self, x: jax.Array, cache: KVCache, cache_index: jax.Array) -> tuple[jax.Array, KVCache]:
+    def decode(self, x: jax.Array, cache: KVCache, cache_index: jax.Array,
+               token_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         """x [B, T, D] holds the tokens at positions cache_index .. cache_index + T - 1 (a traced int32 scalar).
 
         Their keys and values are written into the cache; each query attends to every cached position up to its
@@ -262,7 +291,7 @@ class Attention(nnx.Module):
         if not self.causal:
             raise ValueError("decode: a KV cache serves causal attention only")
         positions = cache_index + jnp.arange(x.shape[1], dtype=jnp.int32)
-        heads = self.project_heads(x)
+        heads = self.project_heads(x, token_ids)
         rule = attnx.get_attention(self.kind).cache
         if rule is not None:  # the mechanism keeps its own cache and places rotary positions itself
             mixed, cache = rule.decode(*heads, cache, cache_index, rope_theta=self.rope_theta if self.use_rope else None,
@@ -279,7 +308,8 @@ class Attention(nnx.Module):
 
     # ---- Probing ----
 
-    def attention_probabilities(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    def attention_probabilities(self, x: jax.Array, positions: jax.Array | None = None,
+                                token_ids: jax.Array | None = None) -> jax.Array:
         """The softmax attention map [B, N, T, T] of this layer's input, for probing (softmax mixers only).
 
         Other mechanisms do not form a single softmax map (or form it differently), so they raise rather than
@@ -288,7 +318,7 @@ class Attention(nnx.Module):
         if attnx.get_attention(self.kind).name != "softmax" or self.kind_kwargs:
             raise NotImplementedError(f"attention_probabilities: only plain 'softmax' layers have a softmax map to "
                                       f"show; this layer is {self.kind!r} with {dict(self.kind_kwargs)}")
-        query, key, _ = self.project(x, positions)
+        query, key, _ = self.project(x, positions, token_ids)
         num_heads, num_kv_heads = query.shape[2], key.shape[2]
         key = jnp.repeat(key, num_heads // num_kv_heads, axis=2)  # probing only: clarity over memory
         logits = jnp.einsum("btnh,bsnh->bnts", query, key).astype(jnp.float32) * query.shape[-1] ** -0.5

@@ -27,11 +27,15 @@ future when a row has fewer than top_k visible keys.
 
 In the LLM. DARE decouples *embedding tables* of the same ids. An attention layer's keys and values are already
 separate linear maps of one hidden state, which is the "projection" variant the paper reports as ineffective for
-recommenders; a separate value projection owned by a mixer would add nothing beyond the layer's own. The faithful
-translation is a representation table indexed by the token ids feeding each layer's values (what some LMs call value
-embeddings), passed as kv_source=(None, values); the layer interface (models/layers/mixers ROUTERS: module(x, query,
-key)) does not see token ids, so that path needs a model change and is not wired here. In the LLM, `dare` therefore
-runs with the layer's own keys and values: the split score and the top-k search.
+recommenders. The faithful translation is a representation table indexed by the token ids feeding each layer's
+values (what some LMs call value embeddings): `LLMConfig.representation_embeddings=True` (models/llm.py,
+models/layers/attention.py `value_vocab`) gives every attention layer its own table [vocab, value heads, head_dim]
+whose rows are the values, as `V = E_rep[history]` is in the code (no projection after the lookup), while queries
+and keys come from the residual stream, which starts at the token embedding (the attention table). This works with
+any mechanism, `dare` (split score, top-k search) included; a layer's attention map does not depend on its table.
+Departures: one table per layer rather than one for the model (each layer has its own values, as each of the
+recommender's one attention has); deeper layers' queries and keys see earlier layers' outputs, so only within a
+layer are the two streams fully separate.
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ n // N_e. Two variants (the abstract's 1) and 2)):
                (N_e % K == 0). The heads are regrouped so that the core's GQA grouping does the sharing (no copies).
 
 gates=None mixes the experts uniformly (r_e = 1/E), the router of a fresh upcycled model being random. The router
-W_A lives in models/layers/mixers/moa_experts.py. BAM's parallel attention+FFN block and its top-k FFN experts are
-block-level, not part of this attention function.
+W_A lives in models/layers/mixers/moa_experts.py. BAM's parallel attention+FFN block, y = x + Attn(LN x) +
+FFN(LN x) from one norm, is block-level: `LLMConfig.parallel_block=True` (models/llm.py). Its top-k FFN experts
+with their balance loss and the upcycling initialisation are not implemented.
 """
 
 from __future__ import annotations

@@ -1,0 +1,67 @@
+"""BAM's parallel attention + FFN block (LLMConfig.parallel_block): y = x + Attn(LN x) + FFN(LN x) from one norm,
+written out against the block's own submodules; it differs from the sequential block with the same weights; with
+BAM's soft attention experts, cached decode == full forward."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models.llm import LLM, LLMConfig
+
+# B=2, T=6, vocab 31, width 24, N=4 heads of H=6 over K=2 kv heads, F=40: distinct sizes per axis.
+BASE = LLMConfig(vocab_size=31, width=24, depth=2, num_heads=4, num_kv_heads=2, mlp_width=40)
+PARALLEL = dataclasses.replace(BASE, parallel_block=True, attention="moa_experts",
+                               attention_kwargs={"num_experts": 2, "kv_shared": True})
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 31, (2, 6)), jnp.int32)
+
+_forward = nnx.jit(lambda model, tokens: model(tokens))
+_decode = nnx.jit(lambda model, tokens, cache, index: model.decode(tokens, cache, index))
+
+
+@functools.partial(nnx.jit, static_argnums=2)
+def _by_hand(model, tokens, parallel: bool):
+    """The block formula from the submodules; the sequential one reuses the parallel model's single norm for both
+    branches, so that the two differ only in where the MLP reads its input."""
+    x = model.embed(tokens)
+    for block in model.blocks:
+        normed = block.attention_norm(x)
+        if parallel:
+            x = x + block.attention(normed) + block.mlp(normed)
+        else:
+            x = x + block.attention(normed)
+            x = x + block.mlp(block.attention_norm(x))
+    return model.logits(x)
+
+
+def test_parallel_block_is_attention_plus_mlp_of_one_norm():
+    model = LLM(PARALLEL, rngs=nnx.Rngs(0))
+    plain = LLM(dataclasses.replace(PARALLEL, parallel_block=False), rngs=nnx.Rngs(0))
+    assert all(block.mlp_norm is None for block in model.blocks)  # one norm per block
+    count = lambda m: sum(leaf.size for leaf in jax.tree.leaves(nnx.state(m, nnx.Param)))
+    assert count(plain) - count(model) == BASE.depth * BASE.width  # the dropped MLP norms only
+    out = _forward(model, TOKENS)
+    np.testing.assert_allclose(out, _by_hand(model, TOKENS, True), rtol=2e-5, atol=2e-5)
+    assert np.abs(np.asarray(out) - np.asarray(_by_hand(model, TOKENS, False))).max() > 1e-3
+
+
+def test_decode_equals_the_full_forward():
+    model = LLM(PARALLEL, rngs=nnx.Rngs(1))
+    full = _forward(model, TOKENS)
+    cache = model.init_cache(2, 8)
+    prefill, cache = _decode(model, TOKENS[:, :4], cache, jnp.int32(0))
+    np.testing.assert_allclose(prefill, full[:, :4], rtol=1e-5, atol=1e-5)
+    for position in (4, 5):
+        step, cache = _decode(model, TOKENS[:, position:position + 1], cache, jnp.int32(position))
+        np.testing.assert_allclose(step[:, 0], full[:, position], rtol=1e-5, atol=1e-5)
+
+
+def test_errors_name_the_option():
+    with pytest.raises(ValueError, match="parallel_block=True .* needs use_mlp=True"):
+        dataclasses.replace(BASE, parallel_block=True, use_mlp=False)
+    with pytest.raises(ValueError, match="parallel_block must be a bool"):
+        dataclasses.replace(BASE, parallel_block="yes")
