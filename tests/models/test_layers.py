@@ -142,3 +142,21 @@ def test_spatial_mechanisms_and_their_weight_modules_get_the_token_grid(monkeypa
     mixer = token_mixer(16, 2, attention="probe_spatial", attention_kwargs={"window": 2}, grid=(2, 3),
                         rngs=nnx.Rngs(0))
     assert isinstance(mixer, WholeLayer) and mixer.grid == (2, 3) and mixer.options == {"window": 2}
+
+
+def test_moh_around_a_spatial_core_passes_the_grid_on():
+    """MoH gates around neighbourhood attention in a ViT block: the core sees the layer's grid (a different grid
+    gives a different neighbourhood, so a different output), and the layer is gates x core, projected."""
+    import attnx
+    from attnx.ops.heads.moh import apply_head_gates
+    from models.layers.attention import token_mixer
+
+    kwargs = {"core": "neighborhood", "core_kwargs": {"kernel_size": 2}, "n_shared": 1, "top_k": 1}
+    x = jax.random.normal(jax.random.key(0), (1, 16, 16))
+    square, wide = (token_mixer(16, 2, attention="moh", attention_kwargs=kwargs, grid=grid, rngs=nnx.Rngs(0))
+                    for grid in ((4, 4), (2, 8)))
+    query, key, value = square.project_heads(x)
+    gates = square._call_kwargs(x, query, key)["gates"]
+    core = attnx.get_attention("neighborhood").reference(query, key, value, grid=(4, 4), kernel_size=2)
+    np.testing.assert_allclose(square(x), square.output(apply_head_gates(core, gates)), atol=1e-5)
+    assert not np.allclose(square(x), wide(x), atol=1e-3)

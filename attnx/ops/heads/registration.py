@@ -24,19 +24,29 @@ def _gates(query, gates, n_shared, top_k, param_free):
     return gates
 
 
+def _layout(spec, grid) -> dict:
+    """`grid=` for a spatial core; a layout given to a core that has none is an error, not silently dropped."""
+    if grid is None:
+        return {}
+    if not spec.spatial:
+        raise ValueError(f"moh: grid={grid!r} was given but the core {spec.name!r} does not read a token layout")
+    return {"grid": grid}
+
+
 def moh_attention(query, key, value, *, causal: bool = False, gates=None, n_shared: int = 0, top_k: int = 0,
                   param_free: bool = False, balance_weight: float = 0.01, core: str = "softmax",
-                  core_kwargs=None, reference: bool = False):
+                  core_kwargs=None, reference: bool = False, grid=None):
     """The `core` mechanism's output [*B, T, N, V] scaled per head by `gates` [*B, T, N] (MoH, arXiv 2410.11842).
 
     gates: from a router (models/layers/mixers/moh.py); None with param_free=True derives binary gates from the
     queries; None otherwise leaves every head on (plain `core`). n_shared, top_k and balance_weight configure the
-    router and are accepted here so that one attention_kwargs dict serves the layer and the function.
+    router and are accepted here so that one attention_kwargs dict serves the layer and the function. grid: the
+    token layout, passed on to a spatial core (e.g. neighbourhood attention in a ViT).
     """
     del balance_weight
     spec = _core(core)
     fn = spec.reference if reference else spec.fn
-    out = fn(query, key, value, causal=causal, **dict(core_kwargs or {}))
+    out = fn(query, key, value, causal=causal, **_layout(spec, grid), **dict(core_kwargs or {}))
     gates = _gates(query, gates, n_shared, top_k, param_free)
     return out if gates is None else apply_head_gates(out, gates)
 
@@ -46,13 +56,15 @@ def moh_reference(query, key, value, **kwargs):
 
 
 def moh_decode(query, key_cache, value_cache, *, query_positions, gates=None, n_shared: int = 0, top_k: int = 0,
-               param_free: bool = False, balance_weight: float = 0.01, core: str = "softmax", core_kwargs=None):
+               param_free: bool = False, balance_weight: float = 0.01, core: str = "softmax", core_kwargs=None,
+               grid=None):
     """The core's decode rule, then the gates of the decoded tokens."""
     del balance_weight
     spec = _core(core)
     if spec.decode is None:
         raise NotImplementedError(f"moh: core {core!r} has no KV-cache decode rule")
-    out = spec.decode(query, key_cache, value_cache, query_positions=query_positions, **dict(core_kwargs or {}))
+    out = spec.decode(query, key_cache, value_cache, query_positions=query_positions, **_layout(spec, grid),
+                      **dict(core_kwargs or {}))
     gates = _gates(query, gates, n_shared, top_k, param_free)
     return out if gates is None else apply_head_gates(out, gates)
 
