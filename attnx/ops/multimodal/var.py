@@ -132,3 +132,25 @@ def var_softmax(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, si
         probs = var_redistribute(probs, sink, image_span, p=p, rho=rho, summ=summ, query_positions=query_positions)
     out = jnp.einsum("bkgts,bskv->btkgv", probs, v.astype(jnp.float32), precision=HIGHEST)
     return out.reshape(B, T, N, v.shape[-1]).astype(q.dtype)
+
+
+def var_layer_schedule(num_layers: int, first: int = 2, skip_last: bool = True) -> tuple[bool, ...]:
+    """Which layers VAR acts in (the code's schedule): sinks are detected, and attention redistributed, from layer
+    `first` (2) on, and the last layer is skipped. Returns one bool per layer."""
+    if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
+        raise ValueError(f"var.num_layers: expected an int >= 1, got {num_layers!r}")
+    if isinstance(first, bool) or not isinstance(first, (int, np.integer)) or first < 0:
+        raise ValueError(f"var.first: expected an int >= 0 (the first layer with VAR), got {first!r}")
+    last = num_layers - 1 if skip_last else num_layers
+    return tuple(first <= layer < last for layer in range(num_layers))
+
+
+def var_layer_attention(num_layers: int, image_span, sinks, *, first: int = 2, skip_last: bool = True,
+                        p: float = 0.6, rho: float = 0.5, summ: float = 0.2) -> tuple[tuple[str, dict], ...]:
+    """An `LLMConfig.layer_attention` tuple applying VAR on `var_layer_schedule`: ('var', kwargs) in every layer,
+    with no sinks (plain causal softmax: without a visual sink no row qualifies) in the layers VAR skips."""
+    _check_fractions(p, rho, summ)
+    on = dict(image_span=tuple(image_span), sinks=tuple(sinks) if isinstance(sinks, (tuple, list)) else sinks,
+              p=p, rho=rho, summ=summ)
+    return tuple(("var", dict(on) if active else dict(on, sinks=()))
+                 for active in var_layer_schedule(num_layers, first, skip_last))
