@@ -23,9 +23,11 @@ the sequence is cut into chunks of `chunk_size`, each compressed to r vectors by
 (P^T applied to the raw keys/values, then LN_p, as the code does), and query t sees only the chunks that end before
 its own chunk starts, so nothing of the future leaks; r = 1 by default (CAB's chunk_rank).
 
-Departures from the code, all because attnx's pure functions see per-head q/k/v rather than the layer input: the
-projection logits are K W_P from the keys of each key/value head (the code's `dconv_fc`/`dconv_1` read the layer
-input x, i.e. X W_P in the paper); CausalLS's Transformer-XL relative positions (r_net, r_w_bias, r_r_bias) and its
+Projection logits: the code's `dconv_fc` / `dconv_1` read the layer input x (X W_P + b in the paper); a pure
+function sees only per-head q/k/v, so the caller passes those logits as `projection_scores` [*B, S, K, r] (what
+models/layers/mixers/longshort.py does by default). Without them the logits fall back to K W_P from the keys of each
+key/value head (a departure, kept because a KV-cache decode step has no layer input for the cached positions).
+Other departures: CausalLS's Transformer-XL relative positions (r_net, r_w_bias, r_r_bias) and its
 zero memory cache are dropped (the model supplies positions; zero-cache slots, which the code attends to, are
 masked instead). Weights: `projection` [K, H, r], `window_norm` and `projection_norm` (scale [K, H], bias [K, H])
 pairs; None draws W_P from the fixed `seed` (U(-1/sqrt(H), 1/sqrt(H)), torch Linear's init) and uses identity
@@ -63,12 +65,16 @@ def _norm_pair(name: str, pair, K: int, H: int):
 
 
 def longshort_attention(query, key, value, *, causal: bool = False, window: int = 16, rank: int | None = None,
-                        chunk_size: int = 16, projection=None, window_norm=None, projection_norm=None,
-                        seed: int = 0, implementation: str | None = None):
+                        chunk_size: int = 16, projection=None, projection_scores=None, window_norm=None,
+                        projection_norm=None, projection_from: str | None = None, seed: int = 0,
+                        implementation: str | None = None):
     """query [*B, T, N, H], key [*B, T, K, H], value [*B, T, K, H] -> [*B, T, N, H]; patterns NS and CS.
 
     window: w (block width non-causal, look-back causal); rank: r (None: the projection's, else 16 non-causal and
-    1 causal); chunk_size: the causal projection's segment length."""
+    1 causal); chunk_size: the causal projection's segment length. projection_scores: [*B, S, K, r] projection
+    logits computed by the caller from the layer input (X W_P + b, the official code's `dconv_fc` / `dconv_1`); when
+    given, `projection` must be None and the keys no longer feed the logits. projection_from: the weight module's
+    option ("input" / "keys"), passed through by the attention layer; when set it must match what was given."""
     args = canonicalize(query, key, value)
     B, T, N, H = args.q.shape
     S, K, V = args.k.shape[1], args.k.shape[2], args.v.shape[3]
@@ -79,21 +85,45 @@ def longshort_attention(query, key, value, *, causal: bool = False, window: int 
     check_int("longshort.window", window)
     check_int("longshort.chunk_size", chunk_size)
     implementation = resolve_implementation("longshort", implementation, IMPLEMENTATIONS)
-    if projection is None:
-        rank = (1 if causal else 16) if rank is None else rank
-        check_int("longshort.rank", rank)
-        projection = projection_weights(jax.random.key(seed), K, H, rank)
-    projection = jnp.asarray(projection, jnp.float32)
-    if projection.ndim != 3 or projection.shape[:2] != (K, H) or (rank is not None and projection.shape[2] != rank):
-        raise ValueError(f"longshort.projection: expected [K, H, r] = [{K}, {H}, {rank or 'r'}], got "
-                         f"{projection.shape}")
+    k, v = args.k.astype(jnp.float32), args.v.astype(jnp.float32)
+    if projection_from not in (None, "input", "keys"):
+        raise ValueError(f"longshort.projection_from: expected 'input' or 'keys', got {projection_from!r}")
+    if (projection_from == "input") != (projection_scores is not None) and projection_from is not None:
+        raise ValueError(f"longshort: projection_from={projection_from!r} but projection_scores was "
+                         f"{'not ' if projection_scores is None else ''}given")
+    if projection_scores is not None:
+        logits = _input_scores(projection_scores, projection, rank, args.batch_shape, B, S, K)
+    else:
+        if projection is None:
+            rank = (1 if causal else 16) if rank is None else rank
+            check_int("longshort.rank", rank)
+            projection = projection_weights(jax.random.key(seed), K, H, rank)
+        projection = jnp.asarray(projection, jnp.float32)
+        if (projection.ndim != 3 or projection.shape[:2] != (K, H)
+                or (rank is not None and projection.shape[2] != rank)):
+            raise ValueError(f"longshort.projection: expected [K, H, r] = [{K}, {H}, {rank or 'r'}], got "
+                             f"{projection.shape}")
+        logits = jnp.einsum("bskh,khr->bskr", k, projection, precision=HIGHEST)
     norms = (*_norm_pair("window_norm", window_norm, K, H), *_norm_pair("projection_norm", projection_norm, K, H))
     q = group(args.q.astype(jnp.float32) * H ** -0.5, K)  # [B, T, K, G, H]
-    k, v = args.k.astype(jnp.float32), args.v.astype(jnp.float32)
     branch = _causal if causal else _non_causal
-    out = branch(q, k, v, projection, norms, window, chunk_size, implementation == "reference")
+    out = branch(q, k, v, logits, norms, window, chunk_size, implementation == "reference")
     out = out.reshape(B, T, N, H).astype(args.q.dtype)
     return out.reshape(args.batch_shape + out.shape[1:])
+
+
+def _input_scores(scores, projection, rank, batch_shape, B: int, S: int, K: int):
+    """The caller's projection logits [*B, S, K, r] (from the layer input) as [B, S, K, r]."""
+    if projection is not None:
+        raise ValueError("longshort: pass either projection (logits K W_P from the keys) or projection_scores "
+                         "(logits from the layer input), not both")
+    scores = jnp.asarray(scores, jnp.float32)
+    want = (*batch_shape, S, K)
+    if scores.ndim != len(want) + 1 or scores.shape[:-1] != want or (rank is not None and scores.shape[-1] != rank):
+        raise ValueError(f"longshort.projection_scores: expected [*B, S, K, r] = [{', '.join(map(str, want))}, "
+                         f"{rank or 'r'}] (one row per key position; a KV-cache decode step sees only the new "
+                         f"tokens' inputs, so decoding needs the key-side projection), got {scores.shape}")
+    return scores.reshape(B, S, K, scores.shape[-1])
 
 
 def _mix(score_parts, value_parts):
@@ -107,12 +137,12 @@ def _mix(score_parts, value_parts):
     return out
 
 
-def _non_causal(q, k, v, projection, norms, w, chunk_size, dense):
+def _non_causal(q, k, v, logits, norms, w, chunk_size, dense):
     del chunk_size
     wn_scale, wn_bias, pn_scale, pn_bias = norms
     B, T = q.shape[:2]
     k_win, v_win = layer_norm(k, wn_scale, wn_bias), layer_norm(v, wn_scale, wn_bias)
-    p = jax.nn.softmax(jnp.einsum("bskh,khr->bskr", k, projection, precision=HIGHEST), axis=1)
+    p = jax.nn.softmax(logits, axis=1)
     k_bar = layer_norm(jnp.einsum("bskr,bskh->brkh", p, k_win, precision=HIGHEST), pn_scale, pn_bias)
     v_bar = layer_norm(jnp.einsum("bskr,bskh->brkh", p, v_win, precision=HIGHEST), pn_scale, pn_bias)
     long_scores = jnp.einsum("btkgh,brkh->btkgr", q, k_bar, precision=HIGHEST)
@@ -140,7 +170,7 @@ def _non_causal(q, k, v, projection, norms, w, chunk_size, dense):
     return out.reshape(B, nb * w, *out.shape[3:])[:, :T]
 
 
-def _causal(q, k, v, projection, norms, w, c, dense):
+def _causal(q, k, v, logits, norms, w, c, dense):
     wn_scale, wn_bias, pn_scale, pn_bias = norms
     B, T = q.shape[:2]
     k_win, v_win = layer_norm(k, wn_scale, wn_bias), layer_norm(v, wn_scale, wn_bias)
@@ -148,13 +178,12 @@ def _causal(q, k, v, projection, norms, w, c, dense):
     # padded positions get -inf logits; only queries after a chunk's end see it, so they see whole chunks).
     nc = -(-T // c)
     pad = ((0, 0), (0, nc * c - T), (0, 0), (0, 0))
-    logits = jnp.einsum("bskh,khr->bskr", k, projection, precision=HIGHEST)
     logits = jnp.where((jnp.arange(nc * c) < T)[None, :, None, None], jnp.pad(logits, pad), -jnp.inf)
     p = jax.nn.softmax(logits.reshape(B, nc, c, *logits.shape[2:]), axis=2)  # [B, nc, c, K, r]
     chunks = lambda x: jnp.pad(x, pad).reshape(B, nc, c, *x.shape[2:])
     k_bar = layer_norm(jnp.einsum("bjckr,bjckh->bjrkh", p, chunks(k), precision=HIGHEST), pn_scale, pn_bias)
     v_bar = layer_norm(jnp.einsum("bjckr,bjckh->bjrkh", p, chunks(v), precision=HIGHEST), pn_scale, pn_bias)
-    r = projection.shape[-1]
+    r = logits.shape[-1]
     k_bar, v_bar = k_bar.reshape(B, nc * r, *k.shape[2:]), v_bar.reshape(B, nc * r, *v.shape[2:])
     long_scores = jnp.einsum("btkgh,bjkh->btkgj", q, k_bar, precision=HIGHEST)
     chunk_of = jnp.repeat(jnp.arange(nc), r)  # [nc r]

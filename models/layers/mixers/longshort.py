@@ -7,16 +7,23 @@ from flax import nnx
 
 from attnx.ops.efficient.longshort import projection_weights
 
+PROJECTION_SOURCES = ("input", "keys")
+
 
 class LongShortProjection(nnx.Module):
-    """Owns projection [K, H, r] (U(-1/sqrt(H), 1/sqrt(H))) and the window / projection LayerNorms' scale and bias
-    [K, H] (1 and 0 at init). rank: r, default 16 (CAB's non-causal num_landmarks; set rank=1 for CAB's causal
-    chunk_rank, as configs/attention/longshort.gin does). The norms are shared by keys and values, so the value
-    head size must equal the key head size."""
+    """Owns the projection W_P and the window / projection LayerNorms' scale and bias [K, H] (1 and 0 at init).
+
+    projection_from: "input" (default, as the official code: logits X W_P + b from the layer input x [B, T, D],
+    projection [D, K, r] and bias [K, r] with torch Linear's U(-1/sqrt(D), 1/sqrt(D)) init, passed to the attention
+    function as `projection_scores`) or "keys" (logits K W_P from each key head, projection [K, H, r]; the only form
+    a KV-cache decode step can evaluate, since it sees the layer input of the new tokens only). rank: r, default 16
+    (CAB's non-causal num_landmarks; set rank=1 for CAB's causal chunk_rank). The norms are shared by keys and
+    values, so the value head size must equal the key head size."""
 
     def __init__(self, width: int, num_heads: int, *, num_kv_heads: int, head_dim: int, qk_head_dim: int | None = None,
-                 rank: int | None = None, rngs: nnx.Rngs, param_dtype=jnp.float32, **options):
-        del width, num_heads, options
+                 rank: int | None = None, projection_from: str = "input", rngs: nnx.Rngs, param_dtype=jnp.float32,
+                 **options):
+        del num_heads, options
         qk_dim = qk_head_dim or head_dim
         if qk_dim != head_dim:
             raise ValueError(f"longshort: DualLN is shared by keys and values, so qk_head_dim ({qk_dim}) must equal "
@@ -24,15 +31,30 @@ class LongShortProjection(nnx.Module):
         r = 16 if rank is None else rank
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise ValueError(f"longshort.rank: expected an int >= 1, got {rank!r}")
-        self.projection = nnx.Param(projection_weights(rngs.params(), num_kv_heads, head_dim, r, param_dtype))
+        if projection_from not in PROJECTION_SOURCES:
+            raise ValueError(f"longshort.projection_from: expected one of {PROJECTION_SOURCES}, got "
+                             f"{projection_from!r}")
+        self.projection_from = projection_from
+        if projection_from == "input":
+            bound = width ** -0.5  # torch nn.Linear(D, K r) init, weight and bias alike
+            w_rng, b_rng = rngs.params(), rngs.params()
+            self.projection = nnx.Param(jax.random.uniform(w_rng, (width, num_kv_heads, r), param_dtype, -bound, bound))
+            self.projection_bias = nnx.Param(jax.random.uniform(b_rng, (num_kv_heads, r), param_dtype, -bound, bound))
+        else:
+            self.projection = nnx.Param(projection_weights(rngs.params(), num_kv_heads, head_dim, r, param_dtype))
         shape = (num_kv_heads, head_dim)
         self.window_scale = nnx.Param(jnp.ones(shape, param_dtype))
         self.window_bias = nnx.Param(jnp.zeros(shape, param_dtype))
-        self.projection_scale = nnx.Param(jnp.ones(shape, param_dtype))
-        self.projection_bias = nnx.Param(jnp.zeros(shape, param_dtype))
+        self.projection_norm_scale = nnx.Param(jnp.ones(shape, param_dtype))
+        self.projection_norm_bias = nnx.Param(jnp.zeros(shape, param_dtype))
 
     def __call__(self, x: jax.Array, query: jax.Array, key: jax.Array | None = None) -> dict[str, object]:
-        del x, query, key
-        return {"projection": self.projection[...],
-                "window_norm": (self.window_scale[...], self.window_bias[...]),
-                "projection_norm": (self.projection_scale[...], self.projection_bias[...])}
+        del query, key
+        out = {"window_norm": (self.window_scale[...], self.window_bias[...]),
+               "projection_norm": (self.projection_norm_scale[...], self.projection_norm_bias[...])}
+        if self.projection_from == "input":
+            out["projection_scores"] = (jnp.einsum("btd,dkr->btkr", x.astype(jnp.float32), self.projection[...])
+                                        + self.projection_bias[...])
+        else:
+            out["projection"] = self.projection[...]
+        return out
