@@ -294,8 +294,7 @@ class DiT(nnx.Module):
         tokens = self.patch_embed(x) + self.position_embedding().astype(x.dtype)
         intermediates = {"conditioning": c, "tokens": tokens}
         for index, block in enumerate(self.blocks):
-            tokens = block(tokens, c) if self.image_proj is None else block(tokens, c, context, image_tokens,
-                                                                              image_prompt_scale)
+            tokens = block(tokens, c, context, image_tokens, image_prompt_scale)
             intermediates[f"block_{index}"] = tokens
         patches = self.final_layer(tokens, c)
         grid = (self.grid_size, self.grid_size)

@@ -119,7 +119,7 @@ def multi_stream_cross_attention(query, streams, *, scale: float | None = None, 
 def _naive_attention(q, k, v, scale):
     """Materialised softmax attention in float32 at the highest precision; GQA by grouping query heads."""
     *batch, T, N, H = q.shape
-    S, K = k.shape[-3], k.shape[-2]
+    K = k.shape[-2]
     qg = q.astype(jnp.float32).reshape(*batch, T, K, N // K, H)
     logits = jnp.einsum("...tkgh,...skh->...kgts", qg, k.astype(jnp.float32),
                         precision=jax.lax.Precision.HIGHEST) * scale
