@@ -45,6 +45,16 @@ def expected_shapes(width, heads, shared, top_k):
             (width, 2) if shared and top_k else None)
 
 
+def test_vit_plans_match_the_spec_table():
+    # S-75: stage 3 keeps 9 of 12 heads per token, stage 4 16 of 24
+    heads, shared, routed = VIT_PLANS["S-75"]
+    assert [s + k for s, k in zip(shared, routed)][2:] == [9, 16]
+    for heads, shared, routed in VIT_PLANS.values():
+        assert all(s + k <= h and (k == 0 or s < h) for h, s, k in zip(heads, shared, routed))
+    # B-50's first stage routes top-2 of its 2 non-shared heads: all 4 on, weighted (as published)
+    assert VIT_PLANS["B-50"][1][0] + VIT_PLANS["B-50"][2][0] == VIT_PLANS["B-50"][0][0]
+
+
 def test_dit_plans_match_the_spec_tables():
     # S/2-90: blocks 0-7 are 3 shared + top-2 of 3, blocks 8-11 all 6 shared; B/2-90: 6-7 shared + top-4, then 2
     # all-12 blocks; the -75 variants keep fewer heads on. Active fraction ~ the name.
@@ -57,11 +67,26 @@ def test_dit_plans_match_the_spec_tables():
     assert DIT_PLANS["S/2-90"][1][:8] == [3] * 8 and DIT_PLANS["S/2-90"][2][8:] == [0] * 4
 
 
-@pytest.mark.parametrize("name", sorted(DIT_PLANS))
-def test_dit_builds_the_planned_router_in_every_block(name):
+def _plan_config(name):
     preset, shared, routed = DIT_PLANS[name]
-    config = dit_config(preset, input_size=8, in_channels=1, num_classes=10, attention="moh",
-                        layer_attention=dit_plan(shared, routed))
+    heads = dit_config(preset).num_heads  # the preset's heads and depth, a narrow width (shapes only)
+    return dit_config(preset, input_size=8, patch_size=4, in_channels=1, num_classes=10, width=4 * heads,
+                      attention="moh", layer_attention=dit_plan(shared, routed))
+
+
+@pytest.mark.parametrize("name", sorted(DIT_PLANS))
+def test_dit_config_gives_every_block_its_plan_entry(name):
+    _, shared, routed = DIT_PLANS[name]
+    config = _plan_config(name)
+    for index in range(config.depth):
+        attention, kwargs = config.layer_choice(index)
+        assert attention == "moh" and (kwargs["n_shared"], kwargs["top_k"]) == (shared[index], routed[index])
+
+
+@pytest.mark.parametrize("name", ["S/2-90", "B/2-75"])  # (the other two differ only in the numbers above)
+def test_dit_builds_the_planned_router_in_every_block(name):
+    _, shared, routed = DIT_PLANS[name]
+    config = _plan_config(name)
     model = nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0)))
     for index, block in enumerate(model.blocks):
         router = block.attention.router
@@ -70,7 +95,7 @@ def test_dit_builds_the_planned_router_in_every_block(name):
                                                                       routed[index]), (name, index)
 
 
-@pytest.mark.parametrize("name", sorted(VIT_PLANS))
+@pytest.mark.parametrize("name", ["S-75", "B-50"])  # B-50 routes in every stage; S-80 / B-75 differ in numbers
 def test_hierarchical_vit_takes_the_stage_plans(name):
     # The published per-stage plan through ViTStage.attention_kwargs on a 4-stage ViT with the plan's heads (head
     # dim 2, one block per stage, 8x8 grid -> 1x1) so that it stays tiny; the TransNeXt-S/B widths are not needed
@@ -94,8 +119,16 @@ def test_hierarchical_vit_takes_the_stage_plans(name):
 TINY = dict(input_size=8, patch_size=4, in_channels=1, num_classes=10, width=24, num_heads=6)
 
 
-def _tiny_dit(plan, zero_routers=False):
-    model = DiT(dit_config("tiny", depth=len(plan), attention="moh", layer_attention=plan, **TINY), rngs=nnx.Rngs(0))
+def _tiny_dit(plan=None, zero_routers=False):
+    """A tiny DiT (MoH with `plan`, or softmax without) with small random weights drawn in numpy: DiT's own
+    initialisation costs seconds of compile on the shared CI cores (eager or jitted), and zero-initialises the
+    adaLN and output layers, which would hide the attention from the output."""
+    extra = {} if plan is None else dict(attention="moh", layer_attention=plan)
+    config = dit_config("tiny", depth=len(plan or [None]), **TINY, **extra)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype), state)
+    model = nnx.merge(graphdef, state)
     if zero_routers:  # uniform router probabilities: the balance loss is k exactly (any tie-break), spec §10(e)
         for block in model.blocks:
             router = block.attention.router
@@ -107,41 +140,39 @@ def _tiny_dit(plan, zero_routers=False):
 INPUTS = (jax.random.normal(jax.random.key(1), (2, 8, 8, 1)), jnp.array([3, 700]), jnp.array([1, 4]))
 
 
-@nnx.jit
-def _aux_and_grad(model):
-    def loss(model):
-        out, aux = call_with_auxiliary_loss(model, *INPUTS)
-        return jnp.mean(out**2) + aux, aux
-    (_, aux), grads = nnx.value_and_grad(loss, has_aux=True)(model)
-    return aux, grads
+@pytest.fixture(scope="module")
+def balance_loss():
+    """The auxiliary loss of a DiT with S/2-90's block 0 twice (routed: 3 shared + top-2 of 3) then its block 8
+    (all 6 shared), uniform routers: each routed block's balance loss is k = 2 exactly. One forward compile."""
+    model = _tiny_dit(dit_plan([3, 3, 6], [2, 2, 0]), zero_routers=True)
+    graphdef, state = nnx.split(model)
+    return float(jax.jit(lambda state: call_with_auxiliary_loss(nnx.merge(graphdef, state), *INPUTS)[1])(state))
 
 
-def test_balance_loss_reaches_the_dit_loss_with_weight_and_gradient():
-    # two routed blocks (S/2-90's plan) with uniform routers: each sows 0.01 * k, k = 2
-    model = _tiny_dit(dit_plan([3, 3], [2, 2]), zero_routers=True)
-    aux, grads = _aux_and_grad(model)
-    np.testing.assert_allclose(float(aux), 0.01 * 2, rtol=1e-6)
-    # the loss reaches the routers (the balance term's gradient through the router probabilities)
-    assert float(jnp.max(jnp.abs(grads.blocks[0].attention.router.routed_dr[...]))) > 0.0
+def test_balance_loss_reaches_the_dit_loss(balance_loss):
+    # what train/image_diffusion.py adds to the diffusion loss: the weighted balance losses averaged over the
+    # blocks that sow one (today every MoH block, the all-shared one sowing 0; see the xfail below)
+    np.testing.assert_allclose(balance_loss, 0.01 * (2 + 2 + 0) / 3, rtol=1e-6)
 
 
 @pytest.mark.xfail(strict=True, reason="models/layers/mixers/moh.py sows a zero balance loss in all-shared blocks "
                    "(top_k=0), so call_with_auxiliary_loss averages over every MoH block; MoH-DiT/train.py averages "
                    "over the routed blocks only (only they append to LOAD_BALANCING_LOSSES). Fix: sow only when "
                    "top_k > 0.")
-def test_balance_loss_averages_over_routed_blocks_only_as_official():
-    model = _tiny_dit(dit_plan([3, 6], [2, 0]), zero_routers=True)  # S/2-90's block 0 and block 8
-    aux, _ = _aux_and_grad(model)
-    np.testing.assert_allclose(float(aux), 0.01 * 2, rtol=1e-6)
+def test_balance_loss_averages_over_routed_blocks_only_as_official(balance_loss):
+    np.testing.assert_allclose(balance_loss, 0.01 * 2, rtol=1e-6)
 
 
 def test_all_shared_plan_with_zero_shared_router_is_plain_dit():
     # §5(e): all heads shared with W_s = 0 gives gates h_s * softmax(0) = 1 per head: exactly the softmax DiT
     model = _tiny_dit(dit_plan([6], [0]))
-    plain = DiT(dit_config("tiny", depth=1, **TINY), rngs=nnx.Rngs(0))
     router = model.blocks[0].attention.router
     router.shared_ds = nnx.Param(jnp.zeros_like(router.shared_ds[...]))
-    nnx.update(plain, nnx.state(model, nnx.Param).filter(lambda path, _: "router" not in path))
-    run = jax.jit(lambda graphdef, state: nnx.merge(graphdef, state)(*INPUTS))
-    out_moh, out_plain = run(*nnx.split(model)), run(*nnx.split(plain))
+    # the plain DiT with the same weights: its graph, the MoH model's state less the router
+    plain_graphdef, _ = nnx.split(nnx.eval_shape(lambda: DiT(dit_config("tiny", depth=1, **TINY), rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(model)
+    plain_state = nnx.filter_state(state, lambda path, _: "router" not in path)
+    both = jax.jit(lambda state, plain_state: (nnx.merge(graphdef, state)(*INPUTS),
+                                               nnx.merge(plain_graphdef, plain_state)(*INPUTS)))
+    out_moh, out_plain = both(state, plain_state)
     np.testing.assert_allclose(np.asarray(out_moh), np.asarray(out_plain), rtol=1e-5, atol=1e-6)
