@@ -40,7 +40,10 @@ from the residual stream (whose input is the token embedding, the attention tabl
 per-layer token-id table [vocab, value heads, head_dim] (what some LMs call value embeddings), so a layer's
 attention map does not depend on its representation table. `parallel_block` is the parallel attention + FFN block
 of BAM (Zhang et al., 2024, "BAM! Just Like That: Simple and Efficient Parameter Upcycling for Mixture of Experts",
-arXiv 2408.08274, §3): y = x + Attn(LN x) + FFN(LN x), one norm feeding both branches.
+arXiv 2408.08274, §3): y = x + Attn(LN x) + FFN(LN x), one norm feeding both branches. `ffn_experts` replaces
+each SwiGLU by BAM's top-k SwiGLU experts with a sown balance loss (models/layers/mixers/moa_experts.py
+`ExpertSwiGLU`); BAM's full block is parallel_block with attention 'moa_experts' and ffn_experts
+(configs/attention/moa_experts.gin).
 """
 
 import dataclasses
@@ -55,6 +58,7 @@ from models.layers import PARAM_DTYPES, check_param_dtype
 from models.layers.attention import Attention, KVCache, check_attention_choice
 from models.layers.embed import Embed
 from models.layers.mixers.base_conv import BaseConv
+from models.layers.mixers.moa_experts import ExpertSwiGLU, check_ffn_experts
 from models.layers.mixers.tnl import TNLMixer, check_slopes, resolve_slopes
 from models.layers.mlp import SwiGLU
 from models.layers.norm import RMSNorm
@@ -122,7 +126,8 @@ class LLMConfig:
     layer_attention chooses the token mixer per layer: registered mechanisms or the LLM's `MIXERS` ('tnl',
     'base_conv'), which only it can name (see the module docstring).
     representation_embeddings: DARE's per-layer token-id value tables; parallel_block: BAM's parallel attention +
-    FFN block (both in the module docstring).
+    FFN block; ffn_experts: {} (dense SwiGLU) or BAM's top-k FFN experts {'num_experts', 'top_k' (2),
+    'balance_weight' (0.01)} (all in the module docstring).
     """
 
     vocab_size: int = 256
@@ -146,6 +151,7 @@ class LLMConfig:
     param_dtype: str = "float32"
     representation_embeddings: bool = False
     parallel_block: bool = False
+    ffn_experts: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.qk_head_dim, int) or self.qk_head_dim < 0:
@@ -180,6 +186,12 @@ class LLMConfig:
         for name in ("representation_embeddings", "parallel_block"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LLMConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        try:
+            check_ffn_experts(self.ffn_experts)
+        except ValueError as error:
+            raise ValueError(f"LLMConfig.{error}") from error
+        if self.ffn_experts and not self.use_mlp:
+            raise ValueError("LLMConfig.ffn_experts replaces the MLP: it needs use_mlp=True")
         if self.parallel_block and not self.use_mlp:
             raise ValueError("LLMConfig.parallel_block=True runs attention and the MLP side by side: it needs "
                              "use_mlp=True")
@@ -288,8 +300,13 @@ class DecoderBlock(nnx.Module):
         self.parallel = config.parallel_block
         self.mlp_norm = RMSNorm(config.width, eps=config.norm_eps, param_dtype=dtype) \
             if config.use_mlp and not config.parallel_block else None
-        self.mlp = SwiGLU(config.width, config.resolved_mlp_width, rngs=rngs, param_dtype=dtype) \
-            if config.use_mlp else None
+        if not config.use_mlp:
+            self.mlp = None
+        elif config.ffn_experts:
+            self.mlp = ExpertSwiGLU(config.width, config.resolved_mlp_width, rngs=rngs, param_dtype=dtype,
+                                    **config.ffn_experts)
+        else:
+            self.mlp = SwiGLU(config.width, config.resolved_mlp_width, rngs=rngs, param_dtype=dtype)
 
     def __call__(self, x: jax.Array, positions: jax.Array | None = None,
                  token_ids: jax.Array | None = None) -> jax.Array:

@@ -94,3 +94,51 @@ def test_bad_arguments_are_named():
                 num_experts=2, kv_shared=True)
     with pytest.raises(ValueError, match=r"moa_experts.gates: expected shape"):
         SPEC.fn(q, k, v, num_experts=2, gates=jnp.ones((B, T, 3)))
+
+
+# ---- BAM's top-k FFN experts (attnx.ops.experts.ffn) ----
+
+
+def test_top_k_routing_gates_and_balance_loss_by_hand():
+    import numpy as np
+
+    from attnx.ops.experts.ffn import top_k_routing
+
+    logits = np.array([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 1.0, 2.0], [1.0, 0.0, 2.0, 0.5]], np.float32)
+    gates, balance = top_k_routing(jnp.asarray(logits), 2)
+    expected = np.zeros_like(logits)
+    probability = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    share = np.zeros(4)
+    for row, chosen in enumerate([(0, 1), (1, 3), (2, 0)]):
+        top = np.exp(logits[row, list(chosen)])
+        expected[row, list(chosen)] = top / top.sum()
+        share[list(chosen)] += 1 / (3 * 2)
+    assert_close(gates, expected, jnp.float32)
+    assert_close(balance, 4 * np.sum(share * probability.mean(0)), jnp.float32)
+    full, _ = top_k_routing(jnp.asarray(logits), 4)  # k = E: the plain softmax
+    assert_close(full, probability, jnp.float32)
+    with pytest.raises(ValueError, match="top_k: expected an int in \\[1, 4\\].*got 5"):
+        top_k_routing(jnp.asarray(logits), 5)
+
+
+def test_expert_ffn_equals_the_loop_over_experts_forward_and_gradients():
+    from attnx.ops.experts.ffn import expert_ffn, expert_ffn_reference, top_k_routing
+
+    keys = jax.random.split(jax.random.key(7), 4)
+    x = jax.random.normal(keys[0], (2, 3, 8))
+    gate_up = jax.random.normal(keys[1], (3, 8, 2, 6)) * 0.3
+    down = jax.random.normal(keys[2], (3, 6, 8)) * 0.3
+    router = jax.random.normal(keys[3], (8, 3))
+
+    def loss(fn, x, gate_up, down, router):
+        gates, _ = top_k_routing(x @ router, 2)
+        return jnp.sum(jnp.sin(fn(x, gate_up, down, gates)))
+
+    fast = jax.jit(jax.value_and_grad(lambda *a: loss(expert_ffn, *a), argnums=(0, 1, 2, 3)))(x, gate_up, down, router)
+    ref = jax.jit(jax.value_and_grad(lambda *a: loss(expert_ffn_reference, *a), argnums=(0, 1, 2, 3)))(
+        x, gate_up, down, router)
+    assert_close(fast[0], ref[0], jnp.float32)
+    for got, want in zip(fast[1], ref[1]):
+        assert_close(got, want, jnp.float32, kind="gradient")
+    with pytest.raises(ValueError, match="expert_ffn: expected"):
+        expert_ffn(x, gate_up, down[:, :, :4], jnp.ones((2, 3, 3)))

@@ -41,3 +41,21 @@ def test_kv_shared_experts_own_only_queries_and_outputs():
     assert before.shape == X.shape
     layer.router.router_de[...] = 5.0 * jax.random.normal(jax.random.key(5), (24, 2))
     np.testing.assert_allclose(layer(X), before, rtol=1e-5, atol=1e-6)
+
+
+def test_one_ffn_expert_is_the_dense_swiglu_and_the_balance_loss_is_sown():
+    from models.layers.mixers import call_with_auxiliary_loss
+    from models.layers.mixers.moa_experts import ExpertSwiGLU
+    from models.layers.mlp import SwiGLU
+
+    one = ExpertSwiGLU(24, 16, num_experts=1, top_k=1, rngs=nnx.Rngs(5))
+    dense = SwiGLU(24, 16, rngs=nnx.Rngs(6))
+    one.gate_up_ed2f[...] = dense.gate_up_d2f[...][None]
+    one.down_efd[...] = dense.down_fd[...][None]
+    np.testing.assert_allclose(one(X), dense(X), rtol=1e-5, atol=1e-6)
+    experts = ExpertSwiGLU(24, 16, num_experts=3, top_k=2, balance_weight=0.5, rngs=nnx.Rngs(5))
+    assert experts.gate_up_ed2f.shape == (3, 24, 2, 16) and experts.down_efd.shape == (3, 16, 24)
+    out, loss = call_with_auxiliary_loss(experts, X)
+    np.testing.assert_allclose(out, experts(X), rtol=1e-6)
+    from attnx.ops.experts.ffn import top_k_routing
+    np.testing.assert_allclose(loss, 0.5 * top_k_routing(X @ experts.router_de[...], 2)[1], rtol=1e-6)

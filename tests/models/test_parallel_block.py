@@ -1,6 +1,6 @@
 """BAM's parallel attention + FFN block (LLMConfig.parallel_block): y = x + Attn(LN x) + FFN(LN x) from one norm,
-written out against the block's own submodules; it differs from the sequential block with the same weights; with
-BAM's soft attention experts, cached decode == full forward."""
+written out against the block's own submodules; it differs from the sequential block with the same weights. The
+full BAM block (soft attention experts, top-k FFN experts): cached decode == full forward, balance loss sown."""
 
 import dataclasses
 import functools
@@ -16,7 +16,8 @@ from models.llm import LLM, LLMConfig
 # B=2, T=6, vocab 31, width 24, N=4 heads of H=6 over K=2 kv heads, F=40: distinct sizes per axis.
 BASE = LLMConfig(vocab_size=31, width=24, depth=2, num_heads=4, num_kv_heads=2, mlp_width=40)
 PARALLEL = dataclasses.replace(BASE, parallel_block=True, attention="moa_experts",
-                               attention_kwargs={"num_experts": 2, "kv_shared": True})
+                               attention_kwargs={"num_experts": 2, "kv_shared": True},
+                               ffn_experts={"num_experts": 3, "top_k": 2})
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 31, (2, 6)), jnp.int32)
 
 _forward = nnx.jit(lambda model, tokens: model(tokens))
@@ -60,7 +61,26 @@ def test_decode_equals_the_full_forward():
         np.testing.assert_allclose(step[:, 0], full[:, position], rtol=1e-5, atol=1e-5)
 
 
+def test_ffn_experts_sow_their_weighted_balance_loss_per_layer():
+    from attnx.ops.experts.ffn import top_k_routing
+    from models.layers.mixers import call_with_auxiliary_loss
+
+    model = LLM(PARALLEL, rngs=nnx.Rngs(2))
+    assert model.blocks[0].mlp.gate_up_ed2f.shape == (3, 24, 2, 40)
+    _, loss = nnx.jit(call_with_auxiliary_loss)(model, TOKENS)
+    x, expected = model.embed(TOKENS), []
+    for block in model.blocks:  # each layer's loss from its own router on its normalised input
+        normed = block.attention_norm(x)
+        expected.append(0.01 * top_k_routing(normed @ block.mlp.router_de[...], 2)[1])
+        x = x + block.attention(normed) + block.mlp(normed)
+    np.testing.assert_allclose(loss, np.mean(expected), rtol=1e-5)
+
+
 def test_errors_name_the_option():
+    with pytest.raises(ValueError, match=r"LLMConfig.ffn_experts.top_k: expected an int in \[1, num_experts=2\]"):
+        dataclasses.replace(BASE, ffn_experts={"num_experts": 2, "top_k": 3})
+    with pytest.raises(ValueError, match="unknown keys \\['k'\\]"):
+        dataclasses.replace(BASE, ffn_experts={"num_experts": 2, "k": 1})
     with pytest.raises(ValueError, match="parallel_block=True .* needs use_mlp=True"):
         dataclasses.replace(BASE, parallel_block=True, use_mlp=False)
     with pytest.raises(ValueError, match="parallel_block must be a bool"):
