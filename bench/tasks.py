@@ -162,7 +162,7 @@ def run_cell(mechanism: str, width: int, seq_len: int, num_pairs: int, budget: B
         if verbose:
             print(f"  step {done:6d}  loss {loss:.3f}  accuracy {100 * score:5.1f}%  "
                   f"{time.perf_counter() - began:.0f} s", flush=True)
-        if score >= budget.stop_accuracy:
+        if score >= budget.stop_accuracy or not np.isfinite(loss):  # a diverged run cannot recover
             break
     return {"mechanism": mechanism, "width": width, "seq_len": seq_len, "num_pairs": num_pairs,
             "accuracy": score, "final_loss": loss, "steps": done, "seconds": time.perf_counter() - began}
