@@ -115,3 +115,10 @@ def test_var_layer_schedule_and_layer_attention():
         var_ops.var_layer_schedule(0)
     with pytest.raises(ValueError, match="var.p"):
         var_ops.var_layer_attention(4, (1, 4), (0,), p=2.0)
+
+
+def test_vhr_layer_attention_entries():
+    entries = heads.vhr_layer_attention(((0,), (1, 3)), alpha=2.0)
+    assert entries == (("vhr", {"heads": (0,), "alpha": 2.0}), ("vhr", {"heads": (1, 3), "alpha": 2.0}))
+    with pytest.raises(ValueError, match="vhr.layer_heads"):
+        heads.vhr_layer_attention((0, 1))

@@ -212,3 +212,13 @@ def paint_modulate_logits(logits: jax.Array, local: jax.Array, summary: jax.Arra
     finite = jnp.isfinite(logits)
     safe = jnp.where(finite, logits, 0.0)
     return jnp.where(finite, safe + factor * jnp.abs(safe), logits)
+
+
+def vhr_layer_attention(layer_heads, alpha: float = 2.0) -> tuple[tuple[str, dict], ...]:
+    """An `LLMConfig.layer_attention` tuple with one static VHR head selection per layer (layer_heads: a tuple of
+    head-index tuples, entry l for layer l, repeated over the depth by the LLM like any layer_attention pattern), e.g.
+    the per-layer selections `vhr_layer_selection` made on measured VHD."""
+    if not isinstance(layer_heads, (tuple, list)) or not layer_heads or not all(
+            isinstance(h, (tuple, list)) for h in layer_heads):
+        raise ValueError(f"vhr.layer_heads: expected a non-empty tuple of per-layer head tuples, got {layer_heads!r}")
+    return tuple(("vhr", {"heads": tuple(int(h) for h in heads), "alpha": float(alpha)}) for heads in layer_heads)
