@@ -16,7 +16,7 @@ register_attention(AttentionSpec(
     reference=structured_cross_reference,
     patterns=frozenset({"NC"}),
     paper="Feng et al., 2023, Training-Free Structured Diffusion Guidance for Compositional Text-to-Image "
-          "Synthesis, arXiv 2212.05032, §3.3 (pairing rule of the official multi_qkv, "
+          "Synthesis, arXiv 2212.05032, §3 (pairing rule of the official multi_qkv, "
           "weixi-feng/Structured-Diffusion-Guidance)",
     implementations=implementation_names(),
     defaults={"mode": "default"},

@@ -1,7 +1,7 @@
 """Structured cross attention (Feng, He, Fu, Jampani, Akula, Narayana, Basu, Wang, Wang, 2023, "Training-Free
-Structured Diffusion Guidance for Compositional Text-to-Image Synthesis", ICLR 2023, arXiv 2212.05032, §3.2-§3.3;
-official code weixi-feng/Structured-Diffusion-Guidance, structured_stable_diffusion/modules/attention.py
-`CrossAttention.multi_qkv`).
+Structured Diffusion Guidance for Compositional Text-to-Image Synthesis", ICLR 2023, arXiv 2212.05032, §3 (section
+numbers not checked); official code weixi-feng/Structured-Diffusion-Guidance,
+structured_stable_diffusion/modules/attention.py `CrossAttention.multi_qkv`).
 
 Every noun phrase of the prompt is encoded on its own and spliced back into a copy of the prompt's embedding at the
 phrase's span (`align_seq`), so all encodings have the prompt's length S. Projected by the layer's W_K / W_V they
@@ -105,7 +105,8 @@ def structured_cross(query, key, value, *, causal: bool = False, mode: str = "de
     """Registry form: `key` / `value` are the full prompt's (K_p, V_p); mode='default' adds the noun-phrase value
     sets `extra_values` [k, *B, S, K, V] (O = mean over {V_p, V_1..V_k} under the prompt's map); mode='conjunction'
     adds the separately encoded prompts' key sets `extra_keys` [k, *B, S, K, H] (O = mean over maps of
-    {K_p, K_1..K_k} applied to `value`, which the official code builds with every phrase spliced in). With no extras both modes are plain softmax cross attention."""
+    {K_p, K_1..K_k} applied to `value`, which the official code builds with every phrase spliced in). With no
+    extras both modes are plain softmax cross attention."""
     keys, values = _stack(query, key, value, causal, mode, extra_keys, extra_values)
     return structured_cross_attention(query, keys, values, **kwargs)
 
