@@ -1,6 +1,8 @@
 """GAAM (spec llm_mechanisms.md §10 (e)): weights sum to 1 per chunk, c -> inf gives x / n, parity with the
 official code's formula written out in numpy on fixed tensors, the causal (prefix) form against its loop oracle,
-and the attention entry (values re-weighted, softmax after) with gradients and the cached decode."""
+and the attention entry (queries, keys and values re-weighted by stacked GaussianBlocks, padding from the mask's
+lengths in the statistics, softmax after) against the formula and an explicit per-head composition, with gradients
+and the cached decode."""
 
 import math
 
@@ -88,35 +90,6 @@ def qkv(s=T):
             jax.random.normal(keys[2], (B, s, K, H)))
 
 
-def per_head_gaam(v, delta, c, causal):
-    """v [B, S, K, V]: the code's single-chunk GAAM of each key/value head along the positions."""
-    return jnp.stack([gaam(v[:, :, i], delta[i:i + 1], c[i:i + 1], axis=1, num_heads=1, causal=causal)
-                      for i in range(v.shape[2])], 2)
-
-
-def test_attention_entry_is_softmax_over_reweighted_values_with_gradients():
-    q, k, v = qkv()
-    delta, c = params(K)
-
-    def fn(q, k, v, d, c, causal):
-        return gaam_attention(q, k, v, causal=causal, delta=d, c=c)
-
-    def ref(q, k, v, d, c, causal):
-        return attnx.dot_product_attention(q, k, v + per_head_gaam(v, d, c, causal), mask=attnx.Mask(causal=causal),
-                                           implementation="reference")
-
-    @jax.jit
-    def both(q, k, v, d, c):
-        loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a, True)))
-        return ([f(q, k, v, d, c, False) for f in (fn, ref)],
-                [jax.grad(loss(f), argnums=(0, 2, 3, 4))(q, k, v, d, c) for f in (fn, ref)])
-
-    (got, want), (grads, want_grads) = both(q, k, v, delta, c)
-    assert_close(got, want, jnp.float32)
-    for g, w in zip(grads, want_grads):
-        assert_close(g, w, jnp.float32, kind="gradient")
-
-
 def test_residual_off_and_the_feature_axis():
     _, _, v = qkv()
     delta, c = params(K)
@@ -149,3 +122,119 @@ def test_bad_arguments_are_named():
         gaam(x, delta[:1], c[:1], axis=1, num_heads=2)
     with pytest.raises(ValueError, match="gaam.axis"):
         reweight_values(jnp.zeros((1, 3, K, 4)), axis="time")
+
+
+# ---- GAAM on queries and keys, stacked GaussianBlocks, padding from the attention mask ----
+
+def layer_params(heads, layers=2, g=3, seed=7):
+    delta, c = params(layers * heads, g, seed)
+    return delta.reshape(layers, heads, g), c.reshape(layers, heads, g)
+
+
+def numpy_block(x, delta, c, valid=None):
+    """The code's GaussianBlock (x = GAAM_l(x) + x) per head of x [B, S, heads, D] along the positions, in float64
+    with the numpy transcription above; valid [B, S] marks the real rows."""
+    x = np.asarray(x, np.float64)
+    delta, c = np.asarray(delta), np.asarray(c)
+    for layer in range(delta.shape[0]):
+        x = x + np.stack([numpy_code_formula(
+            x[:, :, i], delta[layer, i:i + 1], c[layer, i:i + 1], 1, 1,
+            valid=None if valid is None else np.broadcast_to(valid[..., None], x[:, :, i].shape))
+            for i in range(x.shape[2])], 2)
+    return jnp.asarray(x, jnp.float32)
+
+
+def jax_block(x, delta, c, causal):
+    """The same stack written with the single-head `gaam` per head (the causal form has no numpy transcription)."""
+    for layer in range(delta.shape[0]):
+        x = x + jax.vmap(lambda xh, d, c: gaam(xh, d[None], c[None], axis=1, num_heads=1, causal=causal),
+                         (2, 0, 0), 2)(x, delta[layer], c[layer])
+    return x
+
+
+def qkv_params():
+    (dq, cq), (dk, ck), (dv, cv) = layer_params(N, seed=8), layer_params(K, seed=9), layer_params(K, seed=10)
+    return dict(query_delta=dq, query_c=cq, key_delta=dk, key_c=ck, delta=dv, c=cv)
+
+
+ALL = ("query", "key", "value")
+
+
+def test_queries_keys_values_stacked_and_padded_follow_the_code_formula():
+    """Cross attention with right padding of queries and keys: each projection goes through a two-layer
+    GaussianBlock whose statistics treat the padded rows as the code treats padding_value entries."""
+    q, k, v = qkv(S)
+    p = qkv_params()
+    q_len, kv_len = jnp.array([5, T]), jnp.array([6, S])
+    mask = attnx.Mask(q_lengths=q_len, kv_lengths=kv_len)
+    got = jax.jit(lambda q, k, v, m: gaam_attention(q, k, v, mask=m, apply_to=ALL, num_layers=2, num_gaussians=3,
+                                                    **p))(q, k, v, mask)
+    q_valid, kv_valid = np.arange(T) < np.asarray(q_len)[:, None], np.arange(S) < np.asarray(kv_len)[:, None]
+    want = attnx.dot_product_attention(numpy_block(q, p["query_delta"], p["query_c"], q_valid),
+                                       numpy_block(k, p["key_delta"], p["key_c"], kv_valid),
+                                       numpy_block(v, p["delta"], p["c"], kv_valid), mask=mask,
+                                       implementation="reference")
+    assert_close(got, want, jnp.float32)
+    # the lengths matter at these shapes (so the comparison above can tell): without them the real rows differ
+    unpadded = numpy_block(v, p["delta"], p["c"])
+    assert not np.allclose(np.asarray(unpadded)[0, :6], np.asarray(numpy_block(v, p["delta"], p["c"], kv_valid))[0, :6])
+
+
+def test_causal_queries_and_keys_with_gradients():
+    """Queries (per query head) and keys re-weighted by one causal GAAM layer, against the per-head composition,
+    with gradients. One layer on two projections keeps the compile small: values and stacking run the same
+    reweight_values code, checked forward above and through the decode below."""
+    q, k, v = qkv()
+    p = {name: a[0] for name, a in qkv_params().items() if name.startswith(("query", "key"))}  # [heads, G]
+
+    def fn(q, k, v, p):
+        return gaam_attention(q, k, v, causal=True, apply_to=("query", "key"), num_gaussians=3, **p)
+
+    def ref(q, k, v, p):
+        return attnx.dot_product_attention(jax_block(q, p["query_delta"][None], p["query_c"][None], True),
+                                           jax_block(k, p["key_delta"][None], p["key_c"][None], True), v,
+                                           mask=attnx.Mask(causal=True), implementation="reference")
+
+    @jax.jit
+    def both(q, k, v, p):
+        loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+        return [f(q, k, v, p) for f in (fn, ref)], [jax.grad(loss(f), argnums=(0, 1, 2, 3))(q, k, v, p)
+                                                     for f in (fn, ref)]
+
+    (got, want), (grads, want_grads) = both(q, k, v, p)
+    assert_close(got, want, jnp.float32)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        assert_close(g, w, jnp.float32, kind="gradient")
+
+
+def test_decode_with_gaam_on_keys_and_per_token_queries_equals_the_last_rows():
+    q, k, v = qkv()
+    p = qkv_params()
+    cache_k = jnp.zeros((B, T + 2, K, H)).at[:, :T].set(k)
+    cache_v = jnp.zeros((B, T + 2, K, H)).at[:, :T].set(v)
+    kv_only = {name: p[name] for name in ("key_delta", "key_c", "delta", "c")}
+    cases = ((dict(apply_to=("key", "value"), **kv_only), "sequence"), (dict(apply_to=ALL, **p), "feature"))
+
+    @jax.jit
+    def run(q, k, v, ck, cv):
+        options = lambda extra, axis: dict(num_layers=2, num_gaussians=3, axis=axis, **extra)
+        return [(gaam_attention(q, k, v, causal=True, **options(*case))[:, T - 2:],
+                 gaam_decode(q[:, T - 2:], ck, cv, query_positions=jnp.arange(T - 2, T), **options(*case)))
+                for case in cases]
+
+    for full, rows in run(q, k, v, cache_k, cache_v):
+        assert_close(rows, full, jnp.float32)
+    with pytest.raises(NotImplementedError, match="axis='feature'"):
+        gaam_decode(q[:, T - 1:], cache_k, cache_v, query_positions=jnp.arange(T - 1, T), apply_to=ALL)
+
+
+def test_bad_targets_layers_and_stray_gaussians_are_named():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="gaam.apply_to"):
+        gaam_attention(q, k, v, apply_to=("keys",))
+    with pytest.raises(ValueError, match="gaam.num_layers"):
+        gaam_attention(q, k, v, num_layers=0)
+    with pytest.raises(ValueError, match="the query but apply_to"):
+        gaam_attention(q, k, v, query_delta=jnp.zeros((N, 2)), query_c=jnp.ones((N, 2)))
+    with pytest.raises(ValueError, match=r"gaam.key_delta/key_c: expected shape \[2, G\] or \[num_layers=2"):
+        gaam_attention(q, k, v, apply_to="key", num_layers=2, key_delta=jnp.zeros((K, 2)), key_c=jnp.ones((K, 2)))

@@ -36,3 +36,18 @@ def test_layer_decode_equals_the_full_forward():
     first, cache = decode(layer, X[:, :3], cache, jnp.int32(0))
     rest, _ = decode(layer, X[:, 3:], cache, jnp.int32(3))
     np.testing.assert_allclose(jnp.concatenate([first, rest], 1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_owns_stacked_query_and_key_gaussians_that_reach_the_function():
+    options = {"num_gaussians": 3, "num_layers": 2, "apply_to": ["query", "key", "value"], "axis": "feature"}
+    layer = Attention(24, 4, 2, 6, kind="gaam", kind_kwargs=options, causal=True, rngs=nnx.Rngs(1))
+    router = layer.router
+    assert router.query_delta_lng.shape == (2, 4, 3) and router.key_c_lkg.shape == (2, 2, 3)
+    assert router.delta_lkg.shape == (2, 2, 3)
+    forward = nnx.jit(lambda layer, x: layer(x))
+    before = forward(layer, X)
+    for name in ("query_delta_lng", "key_delta_lkg"):  # each set moves the output on its own
+        getattr(router, name)[...] = jnp.full(getattr(router, name).shape, 0.5)
+        after = forward(layer, X)
+        assert after.shape == X.shape and not np.allclose(after, before, atol=1e-4)
+        before = after

@@ -14,7 +14,7 @@ follows the code where it and the paper differ (the spec, llm_mechanisms.md §10
 * The code's multi-head wrapper passes its `eps` into an unused constructor argument, so its heads always run with
   eps = 1e-8; here `eps` is honoured and its default 1e-8 reproduces the code.
 * `GaussianBlock` stacks layers residually (x <- x + GAAM(x)); the registry entry (attention.py, `gaam`) uses one such
-  residual layer on the values by default.
+  residual layer on the values by default, and `num_layers` / `apply_to` stack more and reach queries and keys.
 
 Causal form (an attnx addition; the code is bidirectional): with causal=True the output at position t is the
 non-causal GAAM of the prefix 0..t, read at its last row, i.e. statistics *and* normaliser over the prefix:

@@ -1,5 +1,5 @@
-"""Registry entry of GAAM (Gaussian re-weighting of the values around softmax attention). The per-head Gaussians
-delta, c live in the model (models/layers/mixers/gaam.py)."""
+"""Registry entry of GAAM (Gaussian re-weighting of the values, optionally queries and keys, around softmax
+attention). The per-head Gaussians delta, c live in the model (models/layers/mixers/gaam.py)."""
 
 from attnx.ops.gaussian.attention import gaam_attention, gaam_attention_reference, gaam_decode
 from attnx.registry import AttentionSpec, register_attention
@@ -14,7 +14,7 @@ register_attention(AttentionSpec(
           "gioannides/Gaussian-Adaptive-Attention GaussianBlock.py)",
     implementations=("softmax's",),
     defaults={"num_gaussians": 4},
-    description="values re-weighted by a product of learned Gaussians over their normalised statistics (GAAM), "
-                "then softmax attention",
+    description="values (and, with apply_to, queries and keys) re-weighted by stacked GaussianBlocks: products of "
+                "learned Gaussians over their normalised statistics (GAAM), then softmax attention",
     decode=gaam_decode,
 ))
