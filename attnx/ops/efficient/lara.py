@@ -16,8 +16,10 @@ scaling inside the features, its segment split when C does not divide T, and C =
 
 Randomness: the code samples w_c = mu_c + eps in training and uses w_c = mu_c (no noise) in evaluation. Here
 `rng=None` (the default) is the code's evaluation mode, deterministic; pass a PRNG key `rng` for the training-mode
-sample w_c = mu_c + eps, eps ~ N(0, I) (antithetic sampling and the "optimal approximation" variant, both off by
-default in CAB, are not implemented). Self attention only (CAB: no causal, no cross).
+sample w_c = mu_c + eps, eps ~ N(0, I). The code's three options, all off in CAB, are here too: `antithetic`
+(2C proposals mu_c +- eps_c), `optimal_approximation` (log |v_t| added to the log ratio of query t, indexed by the
+query position exactly as the code does) and `segment_projections` (the adaptive segment
+means, linear maps of q~ and k~; the caller owns the weights). Self attention only (CAB: no causal, no cross).
 """
 
 from __future__ import annotations
@@ -40,13 +42,21 @@ def _features(x, w, H: int):
 
 
 def lara_attention(query, key, value, *, causal: bool = False, num_landmarks: int = 16, rng=None,
+                   antithetic: bool = False, optimal_approximation: bool = False, segment_projections=None,
                    implementation: str | None = None):
     """query [*B, T, N, H], key [*B, T, K, H], value [*B, T, K, V] -> [*B, T, N, V] (non-causal self only).
 
-    rng: None for the code's deterministic evaluation mode (w = mu), or a PRNG key for w = mu + N(0, I)."""
+    rng: None for the code's deterministic evaluation mode (w = mu), or a PRNG key for w = mu + N(0, I).
+    antithetic: with rng, 2C proposals: w = mu + eps and mu - eps (the code's use_antithetics; no effect without rng).
+    optimal_approximation: add log(|v_t|_2 + 1e-10) to the log importance ratio of query t (the code's
+    use_opt_approx). segment_projections: (q_weight [H, H], q_bias [H], k_weight [H, H], k_bias [H]) applied to the
+    segment means as x W + b before mu = q~ + k~ (the code's 'adaptive-seg-means' q_bar_proj / k_bar_proj)."""
     args, (B, T, N, H, S, K), implementation = sampled_self_attention_setup(
         "lara", query, key, value, causal=causal, option="num_landmarks", option_value=num_landmarks,
         implementation=implementation, implementations=IMPLEMENTATIONS)
+    for name, flag in (("antithetic", antithetic), ("optimal_approximation", optimal_approximation)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"lara.{name}: expected a bool, got {flag!r}")
     G = N // K
     q = group(args.q.astype(jnp.float32), K)  # [B, T, K, G, H]
     # Keys are shared by the G query heads of a group; the proposals mix both, so they are per query head.
@@ -54,10 +64,18 @@ def lara_attention(query, key, value, *, causal: bool = False, num_landmarks: in
     v = args.v.astype(jnp.float32)
     C = min(num_landmarks, T)  # the code: fewer positions than landmarks -> every position is its own mean
     means = segment_matrix(T, C)
-    mu = (jnp.einsum("ct,btkgh->bckgh", means, q, precision=HIGHEST)
-          + jnp.einsum("ct,btkgh->bckgh", means, k, precision=HIGHEST))  # [B, C, K, G, H]
+    q_bar = jnp.einsum("ct,btkgh->bckgh", means, q, precision=HIGHEST)
+    k_bar = jnp.einsum("ct,btkgh->bckgh", means, k, precision=HIGHEST)
+    if segment_projections is not None:
+        qw, qb, kw, kb = _segment_projections(segment_projections, H)
+        q_bar = jnp.einsum("bckgh,hj->bckgj", q_bar, qw, precision=HIGHEST) + qb
+        k_bar = jnp.einsum("bckgh,hj->bckgj", k_bar, kw, precision=HIGHEST) + kb
+    mu = q_bar + k_bar  # [B, C, K, G, H]
     if rng is None:
         w = mu
+    elif antithetic:  # one draw per proposal, used with both signs (the proposals are repeated to 2C)
+        noise = jax.random.normal(rng, mu.shape, jnp.float32)
+        mu, w = jnp.concatenate([mu, mu], axis=1), jnp.concatenate([mu + noise, mu - noise], axis=1)
     else:
         w = mu + jax.random.normal(rng, mu.shape, jnp.float32)
     log_q = _features(q, w, H)  # [B, K, G, C, T]
@@ -65,6 +83,9 @@ def lara_attention(query, key, value, *, causal: bool = False, num_landmarks: in
     log_mu = (jnp.einsum("bckgh,bckgh->bkgc", w, mu, precision=HIGHEST) * H ** -0.5
               - jnp.transpose(jnp.sum(jnp.square(mu), -1), (0, 2, 3, 1)) * H ** -0.5 / 2)  # [B, K, G, C]
     stratum = jnp.einsum("bckgh,btkgh->bkgct", mu, q, precision=HIGHEST) * H ** -0.5
+    if optimal_approximation:  # the code adds the value norm at the QUERY's index t (self attention, S = T)
+        log_v_norm = jnp.log(jnp.linalg.norm(v, axis=-1) + 1e-10)  # [B, T, K]
+        stratum = stratum + jnp.transpose(log_v_norm, (0, 2, 1))[:, :, None, None, :]
     log_ratio = stratum + log_q + jax.nn.logsumexp(log_k, -1, keepdims=True) - log_mu[..., None]
     importance = jax.nn.softmax(log_ratio, axis=3)  # [B, K, G, C, T]: self-normalised over proposals
     key_probs = jax.nn.softmax(log_k, axis=-1)  # [B, K, G, C, S]
@@ -76,6 +97,17 @@ def lara_attention(query, key, value, *, causal: bool = False, num_landmarks: in
         out = jnp.einsum("bkgct,bkgcv->btkgv", importance, summaries, precision=HIGHEST)
     out = out.reshape(B, T, N, -1).astype(args.q.dtype)
     return out.reshape(args.batch_shape + out.shape[1:])
+
+
+def _segment_projections(weights, H: int):
+    if not isinstance(weights, (tuple, list)) or len(weights) != 4:
+        raise ValueError(f"lara.segment_projections: expected (q_weight [H, H], q_bias [H], k_weight [H, H], "
+                         f"k_bias [H]), got {type(weights)}")
+    qw, qb, kw, kb = (jnp.asarray(x, jnp.float32) for x in weights)
+    if qw.shape != (H, H) or kw.shape != (H, H) or qb.shape != (H,) or kb.shape != (H,):
+        raise ValueError(f"lara.segment_projections: expected weights [{H}, {H}] and biases [{H}], got "
+                         f"{qw.shape}, {qb.shape}, {kw.shape}, {kb.shape}")
+    return qw, qb, kw, kb
 
 
 def lara_reference(query, key, value, **kwargs):

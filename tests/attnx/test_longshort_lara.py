@@ -1,0 +1,190 @@
+"""Transformer-LS projection logits from the layer input (`projection_scores`, the official code's dconv_fc /
+dconv_1) and LARA's antithetic sampling, optimal-approximation ratio and adaptive segment means: fast paths against
+their references (forward and gradients), LARA against an independent float64 numpy port of the code's formulas,
+and the weight module's input-side projection in the attention layer (including the refused KV-cache decode)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from attnx.ops.efficient.lara import lara_attention
+from attnx.ops.efficient.longshort import longshort_attention
+from attnx.testing.tolerances import assert_close
+
+B, T, N, K, H = 1, 13, 4, 2, 8
+
+
+def inputs(value_dim=H, seed=0):
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(kq, (B, T, N, H)), jax.random.normal(kk, (B, T, K, H)),
+            jax.random.normal(kv, (B, T, K, value_dim)))
+
+
+def fast_and_reference(fn, fast, cases):
+    """For each (arrays, kwargs) case: (out, gradients of sum(sin(out)) w.r.t. the arrays) for `fast` and
+    "reference", all in one jitted computation. arrays = (q, k, v, *extra), extra passed as kwargs named in
+    kwargs["_extra"]."""
+    def one(arrays, kwargs):
+        kwargs = dict(kwargs)
+        names = kwargs.pop("_extra", ())
+        results = []
+        for impl in (fast, "reference"):
+            def f(q, k, v, *extra):
+                return fn(q, k, v, implementation=impl, **kwargs, **dict(zip(names, extra)))
+            out, pullback = jax.vjp(f, *arrays)
+            results.append((out, pullback(jnp.cos(out))))
+        return results
+
+    return jax.jit(lambda arrays: [one(a, kw) for a, (_, kw) in zip(arrays, cases)])([a for a, _ in cases])
+
+
+def check_against_reference(fn, fast, cases):
+    for (got, want), (_, kwargs) in zip(fast_and_reference(fn, fast, cases), cases):
+        what = f"{fn.__name__}({kwargs})"
+        assert_close(got[0], want[0], jnp.float32, what=what)
+        for i, (g, w) in enumerate(zip(got[1], want[1])):
+            assert bool(jnp.all(jnp.isfinite(g))), f"{what} gradient {i}"
+            assert_close(g, w, jnp.float32, "gradient", what=f"{what} gradient {i}")
+
+
+# ---- LongShort: projection logits from the layer input ----
+
+def test_longshort_input_scores_match_reference_and_equal_the_key_form_when_they_coincide():
+    q, k, v = inputs()
+    W = jax.random.normal(jax.random.key(5), (K, H, 2))
+    scores = 0.5 * jax.random.normal(jax.random.key(6), (B, T, K, 2))  # arbitrary logits, not a function of k
+    options = [dict(causal=causal, window=3, chunk_size=4, rank=2) for causal in (False, True)]
+    cases = [((q, k, v, scores), dict(kw, _extra=("projection_scores",))) for kw in options]
+    check_against_reference(longshort_attention, "blocked", cases)  # gradients reach the logits too
+
+    # The logits enter exactly where K W_P did: passing K W_P as scores reproduces the key form.
+    key_logits = jnp.einsum("bskh,khr->bskr", k, W)
+    pairs = jax.jit(lambda q, k, v: [(longshort_attention(q, k, v, projection=W, **kw),
+                                      longshort_attention(q, k, v, projection_scores=key_logits,
+                                                          projection_from="input", **kw)) for kw in options])(q, k, v)
+    for (by_key, by_scores), kw in zip(pairs, options):
+        assert_close(by_scores, by_key, jnp.float32, what=str(kw))
+
+
+def test_longshort_input_scores_are_validated():
+    q, k, v = inputs()
+    scores = jnp.zeros((B, T, K, 2))
+    with pytest.raises(ValueError, match="not both"):
+        longshort_attention(q, k, v, projection_scores=scores, projection=jnp.zeros((K, H, 2)))
+    with pytest.raises(ValueError, match=r"projection_scores: expected \[\*B, S, K, r\]"):
+        longshort_attention(q, k, v, projection_scores=scores[:, :3])  # a decode step's rows only
+    with pytest.raises(ValueError, match="projection_from='input' but projection_scores was not given"):
+        longshort_attention(q, k, v, projection_from="input")
+    with pytest.raises(ValueError, match="projection_from"):
+        longshort_attention(q, k, v, projection_from="x")
+
+
+def test_longshort_layer_projects_the_layer_input_and_refuses_kv_cache_decode():
+    from models.layers.attention import Attention
+    from models.layers.mixers.longshort import LongShortProjection
+
+    x = jax.random.normal(jax.random.key(0), (1, 7, 16))
+    kwargs = {"rank": 1, "window": 2, "chunk_size": 2}
+    layer = Attention(16, 2, 1, 8, kind="longshort", kind_kwargs=kwargs, rngs=nnx.Rngs(0))
+    router = layer.router
+    assert isinstance(router, LongShortProjection) and router.projection_from == "input"
+    assert router.projection[...].shape == (16, 1, 1)
+    extra = router(x, None)
+    want = np.einsum("btd,dkr->btkr", np.asarray(x), np.asarray(router.projection[...])) + np.asarray(
+        router.projection_bias[...])
+    assert_close(extra["projection_scores"], want, jnp.float32)
+
+    forward = nnx.jit(lambda layer: layer(x))
+    before = forward(layer)
+    router.projection[...] = 3.0 * router.projection[...]  # the input-side W_P reaches the output
+    after = forward(layer)
+    assert bool(jnp.all(jnp.isfinite(after))) and float(jnp.max(jnp.abs(after - before))) > 1e-4
+
+    cache = layer.init_cache(1, 8)
+    with pytest.raises(ValueError, match="projection_scores"):
+        layer.decode(x[:, :1], cache, jnp.asarray(0, jnp.int32))
+    with pytest.raises(ValueError, match="projection_from"):
+        LongShortProjection(16, 2, num_kv_heads=1, head_dim=8, projection_from="values", rngs=nnx.Rngs(0))
+
+
+# ---- LARA: antithetic sampling, optimal-approximation ratio, adaptive segment means ----
+
+def lara_numpy(q, k, v, *, num_landmarks, noise=None, antithetic=False, optimal_approximation=False,
+               segment_projections=None):
+    """float64 port of CAB's LinearRA (per query head; kv heads repeated). noise [B, C, N, H] or None (w = mu)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    g = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    n, d = q.shape[1], q.shape[-1]
+    c = min(num_landmarks, n)
+    segs = n // c
+    n_short = (segs + 1) * c - n if n % c else c  # the code's split: first n_short segments of segs positions
+    bounds = np.cumsum([0] + [segs] * n_short + [segs + 1] * (c - n_short))
+    seg_mean = lambda x: np.stack([x[:, a:b].mean(1) for a, b in zip(bounds[:-1], bounds[1:])], 1)  # [B, C, N, H]
+    q_bar, k_bar = seg_mean(q), seg_mean(k)
+    if segment_projections is not None:
+        qw, qb, kw, kb = (np.asarray(x, np.float64) for x in segment_projections)
+        q_bar, k_bar = q_bar @ qw + qb, k_bar @ kw + kb
+    mu = q_bar + k_bar
+    if noise is None:
+        w = mu
+    elif antithetic:
+        noise = np.asarray(noise, np.float64)
+        mu, w = np.concatenate([mu, mu], 1), np.concatenate([mu + noise, mu - noise], 1)
+    else:
+        w = mu + np.asarray(noise, np.float64)
+    s = d ** -0.5
+
+    def feats(x):  # [B, N, C, L]
+        return np.einsum("bcnh,blnh->bncl", w, s * x) - s * np.einsum("blnh->bnl", x ** 2)[:, :, None] / 2
+
+    log_q, log_k = feats(q), feats(k)
+    log_mu = np.einsum("bcnh,bcnh->bnc", w, s * mu) - s * np.einsum("bcnh->bnc", mu ** 2) / 2
+    stratum = np.einsum("bcnh,btnh->bnct", s * mu, q)
+    if optimal_approximation:
+        stratum = stratum + np.log(np.linalg.norm(v, axis=-1) + 1e-10).transpose(0, 2, 1)[:, :, None]
+    lse = lambda x, axis: np.log(np.exp(x - x.max(axis, keepdims=True)).sum(axis, keepdims=True)) + x.max(
+        axis, keepdims=True)
+    softmax = lambda x, axis: np.exp(x - lse(x, axis))
+    ratio = stratum + log_q + lse(log_k, -1) - log_mu[..., None]
+    kv = np.einsum("bncs,bsnv->bncv", softmax(log_k, -1), v)
+    return np.einsum("bnct,bncv->btnv", softmax(ratio, 2), kv)
+
+
+def test_lara_variants_match_the_numpy_port_and_their_fast_paths_the_reference():
+    q, k, v = inputs(value_dim=5)
+    C = 4  # 13 positions: segments of 3, 3, 3, 4 (the code's uneven split)
+    rng = jax.random.key(7)
+    noise = jax.random.normal(rng, (B, C, K, N // K, H)).reshape(B, C, N, H)  # what lara_attention draws from rng
+    pk = jax.random.split(jax.random.key(8), 4)
+    projections = (jnp.eye(H) + 0.3 * jax.random.normal(pk[0], (H, H)), 0.1 * jax.random.normal(pk[1], (H,)),
+                   jnp.eye(H) + 0.3 * jax.random.normal(pk[2], (H, H)), 0.1 * jax.random.normal(pk[3], (H,)))
+    options = [dict(rng=rng, antithetic=True), dict(rng=rng, antithetic=True, optimal_approximation=True),
+               dict(optimal_approximation=True, segment_projections=projections),
+               dict(rng=rng, segment_projections=projections)]
+    cases = [((q, k, v), dict(num_landmarks=C, **kw)) for kw in options]
+    results = fast_and_reference(lara_attention, "linear", cases)
+    for (got, want), (_, kwargs) in zip(results, cases):
+        port = {key: value for key, value in kwargs.items() if key != "rng"}
+        expected = lara_numpy(q, k, v, noise=noise if "rng" in kwargs else None, **port)
+        what = f"lara({sorted(port)}, rng={'rng' in kwargs})"
+        assert_close(got[0], expected, jnp.float32, what=what)
+        assert_close(want[0], expected, jnp.float32, what=what + " reference")
+        for name, g, w in zip("qkv", got[1], want[1]):
+            assert bool(jnp.all(jnp.isfinite(g))), name
+            assert_close(g, w, jnp.float32, "gradient", what=f"{what} d/d{name}")
+    # Antithetic pairs differ from one-sided sampling with the same draw (2C proposals, not C).
+    one_sided = jax.jit(lambda q, k, v: lara_attention(q, k, v, num_landmarks=C, rng=rng))(q, k, v)
+    assert float(jnp.max(jnp.abs(results[0][0][0] - one_sided))) > 1e-4
+
+
+def test_lara_variant_options_are_validated():
+    q, k, v = inputs()
+    with pytest.raises(ValueError, match="lara.antithetic"):
+        lara_attention(q, k, v, antithetic=1)
+    with pytest.raises(ValueError, match="lara.segment_projections"):
+        lara_attention(q, k, v, segment_projections=(jnp.eye(H), jnp.zeros(H), jnp.eye(H)))
+    with pytest.raises(ValueError, match="lara.segment_projections"):
+        lara_attention(q, k, v, segment_projections=(jnp.eye(4), jnp.zeros(4), jnp.eye(4), jnp.zeros(4)))
