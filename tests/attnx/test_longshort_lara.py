@@ -188,3 +188,70 @@ def test_lara_variant_options_are_validated():
         lara_attention(q, k, v, segment_projections=(jnp.eye(H), jnp.zeros(H), jnp.eye(H)))
     with pytest.raises(ValueError, match="lara.segment_projections"):
         lara_attention(q, k, v, segment_projections=(jnp.eye(4), jnp.zeros(4), jnp.eye(4), jnp.zeros(4)))
+
+
+# ---- LongShort: CausalLS's Transformer-XL relative positions ----
+
+def causal_ls_numpy(q, k, v, W, rel, *, window, chunk_size):
+    """float64 loop over queries and heads of CausalLS's `attn` with its relative terms (identity DualLN, logits
+    K W_P, zero-memory slots masked): window scores (q + u) . k_s + (q + v_r) . R_w(t - s); chunk scores
+    q . k_bar + q . R_c((a - c) r - 1 - rho) for the chunks c ended before the query's chunk a."""
+    q, k, v, W = (np.asarray(x, np.float64) for x in (q, k, v, W))
+    window_net, chunk_net, chunk_bias, u, v_r = (np.asarray(x, np.float64) for x in rel)
+    b_, t_, n_, h_ = q.shape
+    g, r, P = n_ // k.shape[2], W.shape[-1], window_net.shape[0]
+    inv_freq = 1.0 / 10000.0 ** (np.arange(0, P, 2) / P)
+    pe = lambda d: np.concatenate([np.sin(d * inv_freq), np.cos(d * inv_freq)])
+
+    def ln(x):
+        x = x - x.mean((-2, -1), keepdims=True)
+        return x / np.sqrt((x ** 2).mean((-2, -1), keepdims=True) + 1e-5)
+
+    kw, vw = ln(k), ln(v)
+    out = np.zeros(q.shape[:3] + (v.shape[-1],))
+    for b in range(b_):
+        k_bar, v_bar = {}, {}
+        for c in range(t_ // chunk_size):
+            sl = slice(c * chunk_size, (c + 1) * chunk_size)
+            logits = np.einsum("skh,khr->skr", k[b, sl], W)
+            p = np.exp(logits - logits.max(0)) / np.exp(logits - logits.max(0)).sum(0)
+            k_bar[c], v_bar[c] = ln(np.einsum("skr,skh->rkh", p, k[b, sl])), ln(np.einsum("skr,skh->rkh", p, v[b, sl]))
+        for t in range(t_):
+            a = t // chunk_size
+            for n in range(n_):
+                kv, qt = n // g, q[b, t, n] / np.sqrt(h_)
+                scores, values = [], []
+                for c in range(a):
+                    for rho in range(r):
+                        rc = pe((a - c) * r - 1 - rho) @ chunk_net[:, n] + chunk_bias[n]
+                        scores.append(qt @ k_bar[c][rho, kv] + qt @ rc)
+                        values.append(v_bar[c][rho, kv])
+                for s in range(max(0, t - window + 1), t + 1):
+                    scores.append((qt + u[n]) @ kw[b, s, kv] + (qt + v_r[n]) @ (pe(t - s) @ window_net[:, n]))
+                    values.append(vw[b, s, kv])
+                p = np.exp(np.array(scores) - max(scores))
+                out[b, t, n] = (p / p.sum()) @ np.array(values)
+    return out
+
+
+def test_causal_ls_relative_positions_match_the_numpy_port_and_the_reference():
+    q, k, v = inputs(seed=1)
+    W = jax.random.normal(jax.random.key(5), (K, H, 2))
+    rk = jax.random.split(jax.random.key(9), 5)
+    P = 6
+    rel = (0.5 * jax.random.normal(rk[0], (P, N, H)), 0.5 * jax.random.normal(rk[1], (P, N, H)),
+           0.3 * jax.random.normal(rk[2], (N, H)), 0.3 * jax.random.normal(rk[3], (N, H)),
+           0.3 * jax.random.normal(rk[4], (N, H)))
+    kwargs = dict(causal=True, window=3, chunk_size=4, projection=W, relative_positions=rel)
+    (fast, fast_grads), (ref, ref_grads) = fast_and_reference(longshort_attention, "blocked",
+                                                              [((q, k, v), kwargs)])[0]
+    want = causal_ls_numpy(q, k, v, W, rel, window=3, chunk_size=4)
+    assert_close(fast, want, jnp.float32, what="blocked")
+    assert_close(ref, want, jnp.float32, what="reference")
+    for name, g, w in zip("qkv", fast_grads, ref_grads):
+        assert bool(jnp.all(jnp.isfinite(g))), name
+        assert_close(g, w, jnp.float32, "gradient", what=f"d/d{name}")
+    with pytest.raises(ValueError, match="only the causal form"):
+        longshort_attention(q, k, v, relative_positions=rel)
+    with pytest.raises(ValueError, match="relative_positions: expected nets"):
+        longshort_attention(q, k, v, causal=True, relative_positions=(rel[0][:5],) + rel[1:])

@@ -66,15 +66,18 @@ def _norm_pair(name: str, pair, K: int, H: int):
 
 def longshort_attention(query, key, value, *, causal: bool = False, window: int = 16, rank: int | None = None,
                         chunk_size: int = 16, projection=None, projection_scores=None, window_norm=None,
-                        projection_norm=None, projection_from: str | None = None, seed: int = 0,
-                        implementation: str | None = None):
+                        projection_norm=None, projection_from: str | None = None, relative_positions=None,
+                        seed: int = 0, implementation: str | None = None):
     """query [*B, T, N, H], key [*B, T, K, H], value [*B, T, K, H] -> [*B, T, N, H]; patterns NS and CS.
 
     window: w (block width non-causal, look-back causal); rank: r (None: the projection's, else 16 non-causal and
     1 causal); chunk_size: the causal projection's segment length. projection_scores: [*B, S, K, r] projection
     logits computed by the caller from the layer input (X W_P + b, the official code's `dconv_fc` / `dconv_1`); when
     given, `projection` must be None and the keys no longer feed the logits. projection_from: the weight module's
-    option ("input" / "keys"), passed through by the attention layer; when set it must match what was given."""
+    option ("input" / "keys"), passed through by the attention layer; when set it must match what was given.
+    relative_positions (causal only): CausalLS's Transformer-XL terms, a tuple (window_net [P, N, H], chunk_net
+    [P, N, H], chunk_bias [N, H], content_bias [N, H], position_bias [N, H]) of r_net, r_net_chunk (weight, bias),
+    r_w_bias and r_r_bias; P is the even sinusoid width (the code's embed_dim)."""
     args = canonicalize(query, key, value)
     B, T, N, H = args.q.shape
     S, K, V = args.k.shape[1], args.k.shape[2], args.v.shape[3]
@@ -106,8 +109,16 @@ def longshort_attention(query, key, value, *, causal: bool = False, window: int 
         logits = jnp.einsum("bskh,khr->bskr", k, projection, precision=HIGHEST)
     norms = (*_norm_pair("window_norm", window_norm, K, H), *_norm_pair("projection_norm", projection_norm, K, H))
     q = group(args.q.astype(jnp.float32) * H ** -0.5, K)  # [B, T, K, G, H]
-    branch = _causal if causal else _non_causal
-    out = branch(q, k, v, logits, norms, window, chunk_size, implementation == "reference")
+    dense = implementation == "reference"
+    if relative_positions is None:
+        branch = _causal if causal else _non_causal
+        out = branch(q, k, v, logits, norms, window, chunk_size, dense)
+    elif not causal:
+        raise ValueError("longshort.relative_positions: only the causal form (CausalLS) has relative positions; "
+                         "the non-causal AttentionLS has none")
+    else:
+        rel = _relative_weights(relative_positions, N, K, H)
+        out = _causal(q, k, v, logits, norms, window, chunk_size, dense, rel)
     out = out.reshape(B, T, N, H).astype(args.q.dtype)
     return out.reshape(args.batch_shape + out.shape[1:])
 
@@ -124,6 +135,28 @@ def _input_scores(scores, projection, rank, batch_shape, B: int, S: int, K: int)
                          f"{rank or 'r'}] (one row per key position; a KV-cache decode step sees only the new "
                          f"tokens' inputs, so decoding needs the key-side projection), got {scores.shape}")
     return scores.reshape(B, S, K, scores.shape[-1])
+
+
+def _relative_weights(weights, N: int, K: int, H: int):
+    if not isinstance(weights, (tuple, list)) or len(weights) != 5:
+        raise ValueError(f"longshort.relative_positions: expected (window_net [P, N, H], chunk_net [P, N, H], "
+                         f"chunk_bias [N, H], content_bias [N, H], position_bias [N, H]), got {type(weights)}")
+    window_net, chunk_net, chunk_bias, content_bias, position_bias = (jnp.asarray(x, jnp.float32) for x in weights)
+    P = window_net.shape[0] if window_net.ndim == 3 else 0
+    if (P < 2 or P % 2 or window_net.shape != (P, N, H) or chunk_net.shape != (P, N, H)
+            or any(x.shape != (N, H) for x in (chunk_bias, content_bias, position_bias))):
+        raise ValueError(f"longshort.relative_positions: expected nets [P, {N}, {H}] with an even P and biases "
+                         f"[{N}, {H}], got {[tuple(x.shape) for x in weights]}")
+    G = N // K
+    return (window_net.reshape(P, K, G, H), chunk_net.reshape(P, K, G, H), chunk_bias.reshape(K, G, H),
+            content_bias.reshape(K, G, H), position_bias.reshape(K, G, H))
+
+
+def _sinusoid(distances, width: int):
+    """The code's PositionalEmbedding: [sin(d f), cos(d f)], f_i = 10000^(-2i / width); distances [...] -> [..., P]."""
+    inv_freq = 1.0 / (10000.0 ** (jnp.arange(0, width, 2, dtype=jnp.float32) / width))
+    angles = distances.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
 def _mix(score_parts, value_parts):
@@ -170,9 +203,18 @@ def _non_causal(q, k, v, logits, norms, w, chunk_size, dense):
     return out.reshape(B, nb * w, *out.shape[3:])[:, :T]
 
 
-def _causal(q, k, v, logits, norms, w, c, dense):
+def _causal(q, k, v, logits, norms, w, c, dense, rel=None):
+    """rel: CausalLS's relative terms (see `longshort_attention`); as in the code's `attn`, the window score is
+    (q + u) . k_s + (q + v_r) . R_w(t - s) and the chunk score q . k_bar_j + q . R_c(d_j), where chunk vector j =
+    (chunk c, slot rho) seen from query chunk a has distance d_j = (a - c) r - 1 - rho (what `_rel_shift_chunked`
+    computes: the code's memory chunks shift both indices alike, so d does not depend on mem_len)."""
     wn_scale, wn_bias, pn_scale, pn_bias = norms
     B, T = q.shape[:2]
+    if rel is not None:
+        window_net, chunk_net, chunk_bias, content_bias, position_bias = rel
+        P = window_net.shape[0]
+        r_window = jnp.einsum("dp,pkgh->dkgh", _sinusoid(jnp.arange(w), P), window_net, precision=HIGHEST)
+        q_content, q_position = q + content_bias, q + position_bias  # [B, T, K, G, H]
     k_win, v_win = layer_norm(k, wn_scale, wn_bias), layer_norm(v, wn_scale, wn_bias)
     # Segment-wise projection: chunk j's r vectors mix its own c positions only (the last chunk may be partial:
     # padded positions get -inf logits; only queries after a chunk's end see it, so they see whole chunks).
@@ -186,6 +228,16 @@ def _causal(q, k, v, logits, norms, w, c, dense):
     r = logits.shape[-1]
     k_bar, v_bar = k_bar.reshape(B, nc * r, *k.shape[2:]), v_bar.reshape(B, nc * r, *v.shape[2:])
     long_scores = jnp.einsum("btkgh,bjkh->btkgj", q, k_bar, precision=HIGHEST)
+    if rel is not None:  # distance of chunk vector j from query t: (t // c) r - 1 - j (>= 0 where visible)
+        distance = (jnp.arange(T) // c)[:, None] * r - 1 - jnp.arange(nc * r)[None, :]  # [T, nc r]
+        r_chunk = jnp.einsum("dp,pkgh->dkgh", _sinusoid(jnp.arange(nc * r), P), chunk_net,
+                             precision=HIGHEST) + chunk_bias  # [nc r distances, K, G, H]
+        index = jnp.clip(distance, 0, nc * r - 1)
+        if dense:  # the embedding of each (t, j) pair gathered explicitly
+            long_scores = long_scores + jnp.einsum("btkgh,tjkgh->btkgj", q, r_chunk[index], precision=HIGHEST)
+        else:  # q . R_c(d) for every distance, then each (t, j) reads its own
+            by_distance = jnp.einsum("btkgh,dkgh->btkgd", q, r_chunk, precision=HIGHEST)
+            long_scores = long_scores + jnp.take_along_axis(by_distance, index[None, :, None, None, :], axis=-1)
     chunk_of = jnp.repeat(jnp.arange(nc), r)  # [nc r]
     long_visible = chunk_of[None, :] < (jnp.arange(T) // c)[:, None]  # [T, nc r]: chunks ended before t's chunk
     long_scores = jnp.where(long_visible[None, :, None, None, :], long_scores, -jnp.inf)
@@ -193,7 +245,10 @@ def _causal(q, k, v, logits, norms, w, c, dense):
     if dense:
         t, s = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
         visible = (s <= t) & (s > t - w)
-        short = jnp.einsum("btkgh,bskh->btkgs", q, k_win, precision=HIGHEST)
+        short = jnp.einsum("btkgh,bskh->btkgs", q if rel is None else q_content, k_win, precision=HIGHEST)
+        if rel is not None:
+            r_ts = r_window[jnp.clip(t - s, 0, w - 1)]  # [T, S, K, G, H]
+            short = short + jnp.einsum("btkgh,tskgh->btkgs", q_position, r_ts, precision=HIGHEST)
         short = jnp.where(visible[None, :, None, None, :], short, -jnp.inf)
         return _mix([long_scores, short], [long_part, ("btkgs,bskh->btkgh", v_win)])
     # Blocked: query block b (w queries) reads keys [b w - w, b w + w); row i keeps offsets i + 1 .. i + w.
@@ -205,8 +260,12 @@ def _causal(q, k, v, logits, norms, w, c, dense):
     i, j = jnp.arange(w)[:, None], jnp.arange(2 * w)[None, :]
     visible = (j > i) & (j <= i + w) & (idx[:, None, :] >= w)  # [nb, w, 2w]
     padq = ((0, 0), (0, nb * w - T), (0, 0), (0, 0), (0, 0))
-    qb = jnp.pad(q, padq).reshape(B, nb, w, *q.shape[2:])
-    short = jnp.einsum("bnikgh,bnjkh->bnikgj", qb, k_tiles, precision=HIGHEST)
+    tiles = lambda x: jnp.pad(x, padq).reshape(B, nb, w, *x.shape[2:])
+    short = jnp.einsum("bnikgh,bnjkh->bnikgj", tiles(q if rel is None else q_content), k_tiles, precision=HIGHEST)
+    if rel is not None:  # tile column j holds s = t - (w + i - j): distance w + i - j
+        by_distance = jnp.einsum("bnikgh,dkgh->bnikgd", tiles(q_position), r_window, precision=HIGHEST)
+        index = jnp.clip(w + i - j, 0, w - 1)  # [w, 2w]
+        short = short + jnp.take_along_axis(by_distance, index[None, None, :, None, None, :], axis=-1)
     short = jnp.where(visible[None, :, :, None, None, :], short, -jnp.inf)
     long_b = jnp.pad(long_scores, padq, constant_values=-jnp.inf).reshape(B, nb, w, *long_scores.shape[2:])
     out = _mix([long_b, short], [("bnikgj,bjkh->bnikgh", v_bar), ("bnikgj,bnjkh->bnikgh", v_tiles)])
