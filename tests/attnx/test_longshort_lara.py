@@ -255,3 +255,25 @@ def test_causal_ls_relative_positions_match_the_numpy_port_and_the_reference():
         longshort_attention(q, k, v, relative_positions=rel)
     with pytest.raises(ValueError, match="relative_positions: expected nets"):
         longshort_attention(q, k, v, causal=True, relative_positions=(rel[0][:5],) + rel[1:])
+
+
+def test_longshort_layer_relative_positions_reach_the_output_and_decode_like_the_full_pass():
+    from models.layers.attention import Attention
+
+    x = jax.random.normal(jax.random.key(0), (1, 7, 16))
+    kwargs = {"rank": 1, "window": 2, "chunk_size": 2, "projection_from": "keys", "relative_positions": True}
+    layer = Attention(16, 2, 1, 8, kind="longshort", kind_kwargs=kwargs, rngs=nnx.Rngs(0))
+    assert layer.router.window_net[...].shape == (16, 2, 8) and layer.router.content_bias[...].shape == (2, 8)
+
+    def both(layer):
+        decoded, _ = layer.decode(x, layer.init_cache(1, 9), jnp.asarray(0, jnp.int32))
+        return layer(x), decoded
+
+    run = nnx.jit(both)
+    full, decoded = run(layer)
+    assert_close(decoded, full, jnp.float32, what="decode vs full pass")
+    layer.router.window_net[...] = 3.0 * layer.router.window_net[...]
+    changed, _ = run(layer)
+    assert bool(jnp.all(jnp.isfinite(changed))) and float(jnp.max(jnp.abs(changed - full))) > 1e-4
+    with pytest.raises(ValueError, match="only the causal form"):
+        Attention(16, 2, 1, 8, kind="longshort", kind_kwargs=kwargs, causal=False, rngs=nnx.Rngs(0))(x)

@@ -27,9 +27,9 @@ Projection logits: the code's `dconv_fc` / `dconv_1` read the layer input x (X W
 function sees only per-head q/k/v, so the caller passes those logits as `projection_scores` [*B, S, K, r] (what
 models/layers/mixers/longshort.py does by default). Without them the logits fall back to K W_P from the keys of each
 key/value head (a departure, kept because a KV-cache decode step has no layer input for the cached positions).
-Other departures: CausalLS's Transformer-XL relative positions (r_net, r_w_bias, r_r_bias) and its
-zero memory cache are dropped (the model supplies positions; zero-cache slots, which the code attends to, are
-masked instead). Weights: `projection` [K, H, r], `window_norm` and `projection_norm` (scale [K, H], bias [K, H])
+CausalLS's Transformer-XL relative positions (r_net, r_net_chunk, r_w_bias, r_r_bias) are the option
+`relative_positions` (explicit weights; off by default because attnx's models supply their own positions). Other
+departure: the code's zero memory cache (mem_len slots of zeros, which it attends to) is masked instead. Weights: `projection` [K, H, r], `window_norm` and `projection_norm` (scale [K, H], bias [K, H])
 pairs; None draws W_P from the fixed `seed` (U(-1/sqrt(H), 1/sqrt(H)), torch Linear's init) and uses identity
 norms (scale 1, bias 0, LayerNorm's init).
 """
@@ -77,7 +77,7 @@ def longshort_attention(query, key, value, *, causal: bool = False, window: int 
     option ("input" / "keys"), passed through by the attention layer; when set it must match what was given.
     relative_positions (causal only): CausalLS's Transformer-XL terms, a tuple (window_net [P, N, H], chunk_net
     [P, N, H], chunk_bias [N, H], content_bias [N, H], position_bias [N, H]) of r_net, r_net_chunk (weight, bias),
-    r_w_bias and r_r_bias; P is the even sinusoid width (the code's embed_dim)."""
+    r_w_bias and r_r_bias; P is the even sinusoid width (the code's embed_dim). None or False: no such terms."""
     args = canonicalize(query, key, value)
     B, T, N, H = args.q.shape
     S, K, V = args.k.shape[1], args.k.shape[2], args.v.shape[3]
@@ -110,7 +110,7 @@ def longshort_attention(query, key, value, *, causal: bool = False, window: int 
     norms = (*_norm_pair("window_norm", window_norm, K, H), *_norm_pair("projection_norm", projection_norm, K, H))
     q = group(args.q.astype(jnp.float32) * H ** -0.5, K)  # [B, T, K, G, H]
     dense = implementation == "reference"
-    if relative_positions is None:
+    if relative_positions is None or relative_positions is False:  # False: the weight module's option, off
         branch = _causal if causal else _non_causal
         out = branch(q, k, v, logits, norms, window, chunk_size, dense)
     elif not causal:

@@ -18,12 +18,15 @@ class LongShortProjection(nnx.Module):
     function as `projection_scores`) or "keys" (logits K W_P from each key head, projection [K, H, r]; the only form
     a KV-cache decode step can evaluate, since it sees the layer input of the new tokens only). rank: r, default 16
     (CAB's non-causal num_landmarks; set rank=1 for CAB's causal chunk_rank). The norms are shared by keys and
-    values, so the value head size must equal the key head size."""
+    values, so the value head size must equal the key head size. relative_positions: True adds CausalLS's
+    Transformer-XL terms (causal layers only): window_net, chunk_net [D, N, H] and chunk_bias [N, H] (r_net without
+    bias, r_net_chunk with, torch Linear's U(-1/sqrt(D), 1/sqrt(D)) init) and content_bias / position_bias [N, H]
+    (r_w_bias / r_r_bias, zeros at init), over sinusoids of width D (even), as the code does."""
 
     def __init__(self, width: int, num_heads: int, *, num_kv_heads: int, head_dim: int, qk_head_dim: int | None = None,
-                 rank: int | None = None, projection_from: str = "input", rngs: nnx.Rngs, param_dtype=jnp.float32,
-                 **options):
-        del num_heads, options
+                 rank: int | None = None, projection_from: str = "input", relative_positions: bool = False,
+                 rngs: nnx.Rngs, param_dtype=jnp.float32, **options):
+        del options
         qk_dim = qk_head_dim or head_dim
         if qk_dim != head_dim:
             raise ValueError(f"longshort: DualLN is shared by keys and values, so qk_head_dim ({qk_dim}) must equal "
@@ -42,6 +45,20 @@ class LongShortProjection(nnx.Module):
             self.projection_bias = nnx.Param(jax.random.uniform(b_rng, (num_kv_heads, r), param_dtype, -bound, bound))
         else:
             self.projection = nnx.Param(projection_weights(rngs.params(), num_kv_heads, head_dim, r, param_dtype))
+        if not isinstance(relative_positions, bool):
+            raise ValueError(f"longshort.relative_positions: expected a bool, got {relative_positions!r}")
+        self.relative_positions = relative_positions
+        if relative_positions:
+            if width % 2:
+                raise ValueError(f"longshort.relative_positions: the sinusoid width is the layer width, which must be "
+                                 f"even, got {width}")
+            bound, heads = width ** -0.5, (num_heads, head_dim)
+            uniform = lambda shape: jax.random.uniform(rngs.params(), shape, param_dtype, -bound, bound)
+            self.window_net = nnx.Param(uniform((width, *heads)))
+            self.chunk_net = nnx.Param(uniform((width, *heads)))
+            self.chunk_bias = nnx.Param(uniform(heads))
+            self.content_bias = nnx.Param(jnp.zeros(heads, param_dtype))
+            self.position_bias = nnx.Param(jnp.zeros(heads, param_dtype))
         shape = (num_kv_heads, head_dim)
         self.window_scale = nnx.Param(jnp.ones(shape, param_dtype))
         self.window_bias = nnx.Param(jnp.zeros(shape, param_dtype))
@@ -57,4 +74,7 @@ class LongShortProjection(nnx.Module):
                                         + self.projection_bias[...])
         else:
             out["projection"] = self.projection[...]
+        if self.relative_positions:  # replaces the layer's relative_positions=True option with the weights
+            out["relative_positions"] = (self.window_net[...], self.chunk_net[...], self.chunk_bias[...],
+                                         self.content_bias[...], self.position_bias[...])
         return out
