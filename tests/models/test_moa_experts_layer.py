@@ -4,6 +4,7 @@ layer, identical experts (Q, K, V and O copied between experts) = router-invaria
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from models.layers.attention import Attention
@@ -59,3 +60,34 @@ def test_one_ffn_expert_is_the_dense_swiglu_and_the_balance_loss_is_sown():
     np.testing.assert_allclose(out, experts(X), rtol=1e-6)
     from attnx.ops.experts.ffn import top_k_routing
     np.testing.assert_allclose(loss, 0.5 * top_k_routing(X @ experts.router_de[...], 2)[1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kv_shared", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_upcycling_copies_experts_averages_the_rest_and_copies_of_one_seed_give_the_seed(kv_shared):
+    import dataclasses
+
+    from models.layers.mixers.moa_experts import upcycle
+    from models.llm import LLM, LLMConfig
+
+    seed_config = LLMConfig(vocab_size=31, width=24, depth=1, num_heads=2, num_kv_heads=1, head_dim=6,
+                            mlp_width=16, parallel_block=True)
+    moe_config = dataclasses.replace(seed_config, num_heads=4, num_kv_heads=1 if kv_shared else 2,
+                                     attention="moa_experts",
+                                     attention_kwargs={"num_experts": 2, "kv_shared": kv_shared},
+                                     ffn_experts={"num_experts": 2, "top_k": 1})
+    seeds = [LLM(seed_config, rngs=nnx.Rngs(i)) for i in (1, 2)]
+    moe = upcycle(seeds, moe_config, rngs=nnx.Rngs(3))
+    block, first, second = moe.blocks[0], seeds[0].blocks[0], seeds[1].blocks[0]
+    np.testing.assert_array_equal(block.mlp.gate_up_ed2f[...][1], second.mlp.gate_up_d2f[...])
+    np.testing.assert_array_equal(block.attention.query_dnh[...][:, 2:], second.attention.query_dnh[...])
+    np.testing.assert_array_equal(block.attention.out_nhd[...][:2], first.attention.out_nhd[...])
+    mean = lambda get: (get(seeds[0]) + get(seeds[1])) / 2
+    np.testing.assert_allclose(moe.embed.embedding_vd[...], mean(lambda s: s.embed.embedding_vd[...]), rtol=1e-6)
+    key = (mean(lambda s: s.blocks[0].attention.key_dkh[...]) if kv_shared
+           else jnp.concatenate([first.attention.key_dkh[...], second.attention.key_dkh[...]], 1))
+    np.testing.assert_allclose(block.attention.key_dkh[...], key, rtol=1e-6)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 31, (2, 5)), jnp.int32)
+    copies = upcycle([seeds[0], seeds[0]], moe_config, rngs=nnx.Rngs(4))
+    np.testing.assert_allclose(copies(tokens), seeds[0](tokens), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="num_experts=3"):
+        upcycle(seeds + seeds[:1], moe_config, rngs=nnx.Rngs(5))

@@ -19,8 +19,9 @@ n // N_e. Two variants (the abstract's 1) and 2)):
 
 gates=None mixes the experts uniformly (r_e = 1/E), the router of a fresh upcycled model being random. The router
 W_A lives in models/layers/mixers/moa_experts.py. BAM's parallel attention+FFN block, y = x + Attn(LN x) +
-FFN(LN x) from one norm, is block-level: `LLMConfig.parallel_block=True` (models/llm.py). Its top-k FFN experts
-with their balance loss and the upcycling initialisation are not implemented.
+FFN(LN x) from one norm, is block-level: `LLMConfig.parallel_block=True` (models/llm.py); its top-k FFN experts
+with their balance loss are attnx.ops.experts.ffn (`LLMConfig.ffn_experts`), and the upcycling initialisation from
+E dense seeds is models/layers/mixers/moa_experts.py `upcycle`.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ and the load-balancing loss of Switch Transformer (Fedus et al., 2021, arXiv 210
 (1 for a uniform router; the caller weights it). Each expert is a SwiGLU (the LLM's MLP), so experts can be
 upcycled from dense FFNs; ties in the top-k go to the lower expert index (jax.lax.top_k). `expert_ffn` computes
 every expert densely and masks by the gates: numerically the sparse dispatch, without capacity limits or token
-dropping (fine for the small models here, E times the FFN compute). Not implemented: BAM's upcycling
-initialisation from separately trained dense models.
+dropping (fine for the small models here, E times the FFN compute). BAM's upcycling initialisation from dense
+seed models is models/layers/mixers/moa_experts.py `upcycle`.
 """
 
 from __future__ import annotations

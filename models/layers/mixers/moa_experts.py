@@ -76,3 +76,50 @@ def check_ffn_experts(options) -> None:
     weight = options.get("balance_weight", 0.01)
     if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
         raise ValueError(f"ffn_experts.balance_weight: expected a number >= 0, got {weight!r}")
+
+
+def upcycle(seeds, config, *, rngs: nnx.Rngs):
+    """BAM's upcycling (arXiv 2408.08274, §3; Figure 1): an `LLM` of `config` (attention 'moa_experts' with E
+    experts, ffn_experts with E experts) initialised from E dense seed LLMs of the per-expert shape. Expert e's
+    query/output heads (and, with full experts, key/value heads) are seed e's, in the expert-major head order of
+    attnx.ops.experts.bam; FFN expert e is seed e's SwiGLU; the routers keep their random initialisation; every
+    other weight (embeddings, norms, KV-shared keys/values) is the seeds' mean. E copies of one seed therefore give
+    that seed's function (tested). The seeds are not trained here (BAM continues pretraining each on its domain)."""
+    from models.llm import LLM  # models.llm imports this module
+
+    kwargs = dict(config.attention_kwargs)
+    num_experts = len(seeds)
+    if config.attention != "moa_experts" or kwargs.get("num_experts", 2) != num_experts:
+        raise ValueError(f"upcycle: config.attention must be 'moa_experts' with num_experts={num_experts} (one "
+                         f"expert per seed), got {config.attention!r} with {kwargs}")
+    if dict(config.ffn_experts).get("num_experts") != num_experts:
+        raise ValueError(f"upcycle: config.ffn_experts must have num_experts={num_experts} (one FFN expert per "
+                         f"seed), got {dict(config.ffn_experts)}")
+    kv_shared = kwargs.get("kv_shared", False)
+    model = LLM(config, rngs=rngs)
+    seed_states = [{path: v[...] for path, v in nnx.to_flat_state(nnx.state(seed, nnx.Param))} for seed in seeds]
+    stack = lambda path: jnp.stack([state[path] for state in seed_states])
+    new = {}
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = path[-1]
+        if name == "router_de":
+            continue
+        if name in ("gate_up_ed2f", "down_efd"):
+            value = stack((*path[:-1], {"gate_up_ed2f": "gate_up_d2f", "down_efd": "down_fd"}[name]))
+        elif name in ("query_dnh", "out_nhd") or (name in ("key_dkh", "value_dkh") and not kv_shared):
+            axis = 0 if name == "out_nhd" else 1  # the head axis; experts concatenated expert-major
+            value = jnp.concatenate(list(stack(path)), axis=axis)
+        else:
+            value = jnp.mean(stack(path), axis=0)
+        if value.shape != variable[...].shape:
+            raise ValueError(f"upcycle: {'/'.join(map(str, path))} from the seeds has shape {value.shape}, the MoE "
+                             f"model needs {variable[...].shape}: seeds must have the per-expert head counts")
+        new[path] = value.astype(variable[...].dtype)
+    params = nnx.state(model, nnx.Param)
+    for path, value in new.items():
+        node = params
+        for part in path:
+            node = node[part]
+        node.set_value(value)
+    nnx.update(model, params)
+    return model
