@@ -29,9 +29,10 @@ models/layers/mixers/longshort.py does by default). Without them the logits fall
 key/value head (a departure, kept because a KV-cache decode step has no layer input for the cached positions).
 CausalLS's Transformer-XL relative positions (r_net, r_net_chunk, r_w_bias, r_r_bias) are the option
 `relative_positions` (explicit weights; off by default because attnx's models supply their own positions). Other
-departure: the code's zero memory cache (mem_len slots of zeros, which it attends to) is masked instead. Weights: `projection` [K, H, r], `window_norm` and `projection_norm` (scale [K, H], bias [K, H])
-pairs; None draws W_P from the fixed `seed` (U(-1/sqrt(H), 1/sqrt(H)), torch Linear's init) and uses identity
-norms (scale 1, bias 0, LayerNorm's init).
+departure: the code's zero memory cache (mem_len slots of zeros, which it attends to) is masked instead.
+Weights: `projection` [K, H, r], `window_norm` and `projection_norm` (scale [K, H], bias [K, H]) pairs; None
+draws W_P from the fixed `seed` (U(-1/sqrt(H), 1/sqrt(H)), torch Linear's init) and uses identity norms (scale 1,
+bias 0, LayerNorm's init).
 """
 
 from __future__ import annotations
