@@ -122,3 +122,56 @@ def test_vhr_layer_attention_entries():
     assert entries == (("vhr", {"heads": (0,), "alpha": 2.0}), ("vhr", {"heads": (1, 3), "alpha": 2.0}))
     with pytest.raises(ValueError, match="vhr.layer_heads"):
         heads.vhr_layer_attention((0, 1))
+
+
+# ---- head_modulation mode='code' (the registered entry) ------------------------------------------------------------
+
+import jax  # noqa: E402
+
+from attnx.ops.multimodal import modulation  # noqa: E402
+from attnx.testing.tolerances import assert_close  # noqa: E402
+
+TC = 7
+CODE = dict(mode="code", local_tokens=(1, 3), summary_tokens=(2,), alpha=0.7, beta=0.3, from_position=4)
+
+
+def code_oracle(q, k, v, from_position=4):
+    """Written-out oracle: per-head logits, the code's in-place updates on rows >= from_position, causal softmax."""
+    G = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
+    z = jnp.einsum("btnh,bsnh->bnts", q, k, precision="highest") / np.sqrt(q.shape[-1])
+    r = slice(from_position, None)
+    z = z.at[:, :, r, [1, 3]].add(0.7 * jnp.abs(z[:, :, r, [1, 3]]))
+    z = z.at[:, :, r, [2]].add(0.3 * jnp.abs(z[:, :, r, [2]]))
+    z = jnp.where(jnp.tril(jnp.ones((q.shape[1],) * 2, bool)), z, -jnp.inf)
+    return jnp.einsum("bnts,bsnv->btnv", jax.nn.softmax(z, axis=-1), v, precision="highest")
+
+
+@jax.jit
+def code_mode_everything(q, k, v):
+    """Forward, gradients and decode of mode='code' and the oracle in one compiled function (CPU budget)."""
+    fn = lambda q, k, v: modulation.head_modulation_attention(q, k, v, causal=True, **CODE)  # noqa: E731
+    loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))  # noqa: E731
+    pad = lambda x: jnp.concatenate([x, jnp.zeros_like(x[:, :3])], axis=1)  # noqa: E731  unwritten cache slots
+    dec = modulation.head_modulation_decode(q[:, -2:], pad(k), pad(v), query_positions=jnp.arange(TC - 2, TC), **CODE)
+    return (fn(q, k, v), code_oracle(q, k, v), code_oracle(q, k, v, from_position=TC), dec,
+            jax.grad(loss(fn), argnums=(0, 1, 2))(q, k, v), jax.grad(loss(code_oracle), argnums=(0, 1, 2))(q, k, v))
+
+
+def test_head_modulation_code_mode_matches_the_oracle_forward_gradient_and_decode():
+    kq, kk, kv = jax.random.split(jax.random.key(5), 3)
+    q, k, v = (jax.random.normal(kq, (1, TC, 2, 8)), jax.random.normal(kk, (1, TC, 1, 8)),
+               jax.random.normal(kv, (1, TC, 1, 4)))
+    out, want, plain, dec, got_grads, want_grads = code_mode_everything(q, k, v)
+    assert_close(out, want, jnp.float32)
+    assert_close(out[:, :4], plain[:, :4], jnp.float32)  # rows before from_position are plain causal
+    assert not np.allclose(np.asarray(out[:, 4:]), np.asarray(plain[:, 4:]))
+    for g, w in zip(got_grads, want_grads):
+        assert_close(g, w, jnp.float32, kind="gradient")
+    assert_close(dec, out[:, -2:], jnp.float32)  # decode = the last rows of the full forward
+    with pytest.raises(NotImplementedError, match="mode='code'"):
+        modulation.head_modulation_attention(q, k, v, causal=True, implementation="chunked", **CODE)
+    with pytest.raises(ValueError, match="head_modulation.mode"):
+        modulation.head_modulation_attention(q, k, v, causal=True, mode="paint")
+    with pytest.raises(ValueError, match="head_modulation.from_position"):
+        modulation.head_modulation_attention(q, k, v, causal=True, **dict(CODE, from_position=-1))

@@ -7,6 +7,7 @@ defaults carry a small image span / selection that the CAB check exercises."""
 
 from attnx.api import implementation_names
 from attnx.ops.multimodal import attention as mm
+from attnx.ops.multimodal import modulation
 from attnx.registry import AttentionSpec, register_attention
 
 register_attention(AttentionSpec(
@@ -81,13 +82,16 @@ register_attention(AttentionSpec(
 
 register_attention(AttentionSpec(
     name="head_modulation",
-    fn=mm.head_modulation_attention,
-    reference=mm.reference_of(mm.head_modulation_attention),
+    fn=modulation.head_modulation_attention,
+    reference=mm.reference_of(modulation.head_modulation_attention),
     patterns=frozenset({"CS"}),
     paper="Arif, Dip, Hussain, Zhang, Thomas, 2025, Fixing Imbalanced Attention to Mitigate In-Context "
-          "Hallucination of Large Vision-Language Model, arXiv 2501.12206, §3 (no official code)",
+          "Hallucination of Large Vision-Language Model, arXiv 2501.12206, §3 (code hasanar1f/PAINT "
+          "modPAI/attention.py, clip_encoder.py; mode='code')",
     implementations=implementation_names(),
     defaults={"tokens": (1, 3), "heads": (0,), "head_scores": (1.0,), "alpha": 1.0},
-    description="head-specific logit boost log(1 + alpha s_h) on selected (visual) tokens",
-    decode=mm.head_modulation_decode,
+    description="head-specific logit boost log(1 + alpha s_h) on selected (visual) tokens (mode 'bias'), or the "
+                "official code's z + alpha|z| / z + beta|z| on local / summary image tokens (mode 'code', "
+                "reference path)",
+    decode=modulation.head_modulation_decode,
 ))
