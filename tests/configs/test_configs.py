@@ -39,9 +39,12 @@ TINY_MACROS = {"WIDTH": 32, "DEPTH": 1, "NUM_HEADS": 2, "NUM_KV_HEADS": 1, "MLP_
 
 
 def tiny_bindings(gin_file: pathlib.Path) -> list[str]:
+    """TINY_MACROS for the macros the file defines, plus the file's own "# Tiny binding: <binding>" header lines, for
+    files that bind a size directly (a MoH head plan fixes the head count, so it binds width and heads itself)."""
     text = gin_file.read_text()
     return [f"{name} = {value}" for name, value in TINY_MACROS.items()
-            if re.search(rf"^{name}\s*=", text, flags=re.MULTILINE)]
+            if re.search(rf"^{name}\s*=", text, flags=re.MULTILINE)] + \
+        re.findall(r"^#\s*Tiny binding:\s*(.+?)\s*$", text, flags=re.MULTILINE)
 
 
 def test_there_are_configs_to_check():
