@@ -2,7 +2,7 @@
 dconv_1) and CausalLS's Transformer-XL relative positions, and LARA's antithetic sampling, optimal-approximation
 ratio and adaptive segment means: fast paths against their references (forward and gradients), both against
 independent float64 numpy ports of the code's formulas, and the weight module (input-side projection, relative
-position weights) in the attention layer, including the refused KV-cache decode of the input-side form."""
+position weights) in the attention layer."""
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +45,9 @@ def fast_and_reference(fn, fast, cases):
 
 def causal_ls_numpy(q, k, v, scores, rel, *, window, chunk_size):
     """float64 loop over queries and heads of CausalLS's `attn` with its relative terms (identity DualLN, projection
-    logits `scores` [B, T, K, r] from the layer input, zero-memory slots masked): window scores (q + u) . k_s + (q + v_r) . R_w(t - s); chunk scores
-    q . k_bar + q . R_c((a - c) r - 1 - rho) for the chunks c ended before the query's chunk a."""
+    logits `scores` [B, T, K, r] from the layer input, zero-memory slots masked): window scores
+    (q + u) . k_s + (q + v_r) . R_w(t - s); chunk scores q . k_bar + q . R_c((a - c) r - 1 - rho) for the chunks c
+    ended before the query's chunk a."""
     q, k, v, scores = (np.asarray(x, np.float64) for x in (q, k, v, scores))
     window_net, chunk_net, chunk_bias, u, v_r = (np.asarray(x, np.float64) for x in rel)
     b_, t_, n_, h_ = q.shape
@@ -130,7 +131,7 @@ def test_longshort_input_scores_are_validated():
         longshort_attention(q, k, v, projection_from="x")
 
 
-def test_longshort_layer_owns_input_projection_and_relative_positions_and_refuses_kv_cache_decode():
+def test_longshort_layer_owns_input_projection_and_relative_positions():
     from models.layers.attention import Attention
     from models.layers.mixers.longshort import LongShortProjection
 
@@ -155,9 +156,7 @@ def test_longshort_layer_owns_input_projection_and_relative_positions_and_refuse
         weight[...] = weight[...] / 3.0
     for after in outputs:
         assert bool(jnp.all(jnp.isfinite(after))) and float(jnp.max(jnp.abs(after - before))) > 1e-4
-
-    with pytest.raises(ValueError, match="projection_scores"):
-        layer.decode(x[:, :1], layer.init_cache(1, 8), jnp.asarray(0, jnp.int32))
+    # (a decode step's scores cover only the new tokens: refused, see test_longshort_input_scores_are_validated)
     with pytest.raises(ValueError, match="projection_from"):
         LongShortProjection(16, 2, num_kv_heads=1, head_dim=8, projection_from="values", rngs=nnx.Rngs(0))
 
