@@ -39,6 +39,7 @@ def _softmax_layer_reference(layer, x, value):
     return layer.output(mixed)
 
 
+@pytest.mark.slow  # the default model itself is covered by test_llm / test_generation (exact parameter counts)
 def test_off_is_the_plain_model_with_projected_values():
     """Off (the default): no tables, the usual value projection, and the sequential pre-norm block."""
     assert not BASE.representation_embeddings
@@ -67,7 +68,8 @@ def test_on_each_layer_owns_a_table_and_its_values_are_the_table_rows():
         assert block.attention.value_table_vkh[...].shape == (31, 2, 6)
     paths = _param_paths(model)
     # The tables replace the value projections: width * K * H fewer, vocab * K * H more per layer.
-    plain = sum(v.size for v in jax.tree.leaves(nnx.state(LLM(BASE, rngs=nnx.Rngs(0)), nnx.Param)))
+    plain = sum(v.size for v in jax.tree.leaves(nnx.state(nnx.eval_shape(lambda: LLM(BASE, rngs=nnx.Rngs(0))),
+                                                               nnx.Param)))
     count = sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert count == plain + BASE.depth * (31 - 24) * 2 * 6 and sum("value_table" in p for p in paths) == 2
     layer = model.blocks[0].attention
@@ -98,7 +100,8 @@ def test_the_table_moves_outputs_but_not_the_attention_map():
     assert np.any(np.asarray(grads["query_dnh"][...]))  # the map does depend on the attention stream
 
 
-@pytest.mark.parametrize("attention, kwargs", [("softmax", {}), ("dare", {"top_k": 3, "time_dim": 2})])
+@pytest.mark.parametrize("attention, kwargs", [pytest.param("softmax", {}, marks=pytest.mark.slow),
+                                               ("dare", {"top_k": 3, "time_dim": 2})])
 def test_decode_equals_the_full_forward(attention, kwargs):
     model = LLM(dataclasses.replace(ON, attention=attention, attention_kwargs=kwargs), rngs=nnx.Rngs(1))
     full = _forward(model, TOKENS)
