@@ -149,17 +149,10 @@ def balance_loss():
     return float(jax.jit(lambda state: call_with_auxiliary_loss(nnx.merge(graphdef, state), *INPUTS)[1])(state))
 
 
-def test_balance_loss_reaches_the_dit_loss(balance_loss):
+def test_balance_loss_reaches_the_dit_loss_averaged_over_routed_blocks_only(balance_loss):
     # what train/image_diffusion.py adds to the diffusion loss: the weighted balance losses averaged over the
-    # blocks that sow one (today every MoH block, the all-shared one sowing 0; see the xfail below)
-    np.testing.assert_allclose(balance_loss, 0.01 * (2 + 2 + 0) / 3, rtol=1e-6)
-
-
-@pytest.mark.xfail(strict=True, reason="models/layers/mixers/moh.py sows a zero balance loss in all-shared blocks "
-                   "(top_k=0), so call_with_auxiliary_loss averages over every MoH block; MoH-DiT/train.py averages "
-                   "over the routed blocks only (only they append to LOAD_BALANCING_LOSSES). Fix: sow only when "
-                   "top_k > 0.")
-def test_balance_loss_averages_over_routed_blocks_only_as_official(balance_loss):
+    # routed blocks, as MoH-DiT/train.py does (only they append to LOAD_BALANCING_LOSSES; the all-shared block
+    # records none)
     np.testing.assert_allclose(balance_loss, 0.01 * 2, rtol=1e-6)
 
 

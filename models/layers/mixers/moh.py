@@ -46,8 +46,10 @@ class MoHRouter(nnx.Module):
         value = lambda p: None if p is None else p[...]
         gates, aux = moh_gates(x, value(self.routed_dr), value(self.shared_ds), value(self.mix_d2),
                                num_heads=self.num_heads, n_shared=self.n_shared, top_k=self.top_k)
-        # Recorded only under nnx.capture (the loss function's `call_with_auxiliary_loss`); inference skips it.
-        if hasattr(self, "__captures__"):
+        # Recorded only under nnx.capture (the loss function's `call_with_auxiliary_loss`); inference skips it. Only
+        # layers with routed heads record one, so the loss averages over routed layers as MoH-DiT/train.py does
+        # (an all-shared layer has no balance to keep).
+        if hasattr(self, "__captures__") and self.top_k > 0:
             self.sow(nnx.Intermediate, "auxiliary_loss", self.balance_weight * aux["balance_loss"],
                      reduce_fn=lambda _, new: new, init_fn=lambda: jnp.zeros((), jnp.float32))
         return gates
