@@ -26,6 +26,9 @@ def test_chunked_equals_quadratic(causal, kv_length):
                  performer_attention(q, k, v, causal=causal, implementation="reference"), jnp.float32)
 
 
+# Slow (~24 s): a statistical check over many feature counts; the estimator's paths are checked against the
+# reference in the default tests.
+@pytest.mark.slow
 def test_orthogonal_blocks_and_convergence_to_softmax():
     w = orthogonal_features(jax.random.key(0), 20, H)
     gram = np.asarray(w[:H] @ w[:H].T)

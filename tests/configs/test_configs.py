@@ -51,7 +51,13 @@ def test_there_are_configs_to_check():
     assert CONFIG_DIR / "quickstart.gin" in GIN_FILES
 
 
-@pytest.mark.parametrize("gin_file", GIN_FILES, ids=lambda path: str(path.relative_to(CONFIG_DIR)))
+# Files whose build repeats another file's code path at 10-12 s each on the CI machine: run with `-m slow`.
+SLOW_FILES = {"models/dit/moh_S_2_75.gin", "models/dit/moh_B_2_75.gin", "experiments/dit_image_prompt.gin"}
+
+
+@pytest.mark.parametrize("gin_file", [
+    pytest.param(path, marks=pytest.mark.slow) if str(path.relative_to(CONFIG_DIR)) in SLOW_FILES else path
+    for path in GIN_FILES], ids=lambda path: str(path.relative_to(CONFIG_DIR)))
 def test_config_parses_and_builds_its_model(gin_file):
     base = [pathlib.Path(f) for f in files_to_parse(gin_file)]
     gin_config.parse([str(f) for f in base], [b for f in base for b in tiny_bindings(f)])

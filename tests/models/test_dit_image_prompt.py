@@ -152,6 +152,9 @@ def _check_outputs(path, scales, guidance):
     assert record["num_references"] == 10
 
 
+# Slow (~35 s on the CI machine): the task, its encoder and finish() on top of the DiT checks above; the gin
+# experiment and overlay are built by the config test.
+@pytest.mark.slow
 def test_image_prompt_experiment_smoke(tmp_path):
     """2 optimizer steps on the task's loss (the adapter weights learn), then finish() writes the JSON and grid."""
     task = _tiny_task(scales=(0.0, 1.0), cfg_scale=1.0)

@@ -1,3 +1,4 @@
+import pytest
 """GAAM inside the attention layer: the Gaussians it owns, the flat-Gaussian limit against a softmax layer, and the
 cached decode through the layer."""
 
@@ -13,6 +14,8 @@ from models.layers.attention import Attention
 X = jax.random.normal(jax.random.key(0), (2, 5, 24))
 
 
+# Slow (~9 s): eager layer builds; the layer's numerics are covered by the decode and formula tests.
+@pytest.mark.slow
 def test_owns_per_kv_head_gaussians_and_keeps_shapes():
     layer = Attention(24, 4, 2, 6, kind="gaam", kind_kwargs={"num_gaussians": 3}, causal=True, rngs=nnx.Rngs(1))
     assert layer.router.delta_kg.shape == (2, 3) and layer.router.c_kg.shape == (2, 3)

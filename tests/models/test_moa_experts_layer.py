@@ -62,7 +62,9 @@ def test_one_ffn_expert_is_the_dense_swiglu_and_the_balance_loss_is_sown():
     np.testing.assert_allclose(loss, 0.5 * top_k_routing(X @ experts.router_de[...], 2)[1], rtol=1e-6)
 
 
-@pytest.mark.parametrize("kv_shared", [True, pytest.param(False, marks=pytest.mark.slow)])
+# Both slow (~11 s each): upcycling is an offline conversion; the experts it fills are tested by default.
+@pytest.mark.slow
+@pytest.mark.parametrize("kv_shared", [True, False])
 def test_upcycling_copies_experts_averages_the_rest_and_copies_of_one_seed_give_the_seed(kv_shared):
     import dataclasses
 

@@ -114,6 +114,8 @@ def test_bad_task_values_are_clear_errors(overrides, message):
         ImageClassification(**overrides)
 
 
+# Slow (~32 s): the CLI path is covered by the quickstart and LLM CLI tests, the hierarchical ViT by tests/models.
+@pytest.mark.slow
 def test_digits_experiment_with_the_hierarchical_size_file_trains_through_the_cli(tmp_path, capsys):
     bindings = ["STEPS = 2", "BATCH_SIZE = 8", "WIDTH = 8", "DEPTH = 1", "NUM_HEADS = 2", "MLP_WIDTH = 16",
                 "PATCH_SIZE = 2", "stage_1/vit.ViTStage.depth = 1", "stage_1/vit.ViTStage.width = 16",
