@@ -12,14 +12,13 @@ from flax import nnx
 
 from models.layers.attention import Attention
 from models.llm import LLM, LLMConfig
+from nnx_helpers import assert_decode_equals_full_forward, forward
 
 # B=2, T=6, vocab 31, width 24, N=4 heads of H=6 over K=2 kv heads, F=40: distinct sizes per axis.
 BASE = LLMConfig(vocab_size=31, width=24, depth=2, num_heads=4, num_kv_heads=2, mlp_width=40)
 ON = dataclasses.replace(BASE, representation_embeddings=True)
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 31, (2, 6)), jnp.int32)
 
-_forward = nnx.jit(lambda model, tokens: model(tokens))
-_decode = nnx.jit(lambda model, tokens, cache, index: model.decode(tokens, cache, index))
 
 
 def _param_paths(model):
@@ -58,7 +57,7 @@ def test_off_is_the_plain_model_with_projected_values():
             x = x + block.mlp(block.mlp_norm(x))
         return model.logits(x)
 
-    np.testing.assert_allclose(_forward(model, TOKENS), reference(model, TOKENS), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(forward(model, TOKENS), reference(model, TOKENS), rtol=2e-5, atol=2e-5)
 
 
 def test_on_each_layer_owns_a_table_and_its_values_are_the_table_rows():
@@ -86,7 +85,7 @@ def test_the_table_moves_outputs_but_not_the_attention_map():
 
     def layer_map_and_output(table):
         layer.value_table_vkh[...] = table
-        return layer.attention_probabilities(x, token_ids=TOKENS), _forward(model, TOKENS)
+        return layer.attention_probabilities(x, token_ids=TOKENS), forward(model, TOKENS)
 
     map_before, out_before = layer_map_and_output(table)
     map_after, out_after = layer_map_and_output(table + jax.random.normal(jax.random.key(1), table.shape))
@@ -102,15 +101,9 @@ def test_the_table_moves_outputs_but_not_the_attention_map():
 
 @pytest.mark.parametrize("attention, kwargs", [pytest.param("softmax", {}, marks=pytest.mark.slow),
                                                ("dare", {"top_k": 3, "time_dim": 2})])
-def test_decode_equals_the_full_forward(attention, kwargs):
+def test_decode_equals_the_fullforward(attention, kwargs):
     model = LLM(dataclasses.replace(ON, attention=attention, attention_kwargs=kwargs), rngs=nnx.Rngs(1))
-    full = _forward(model, TOKENS)
-    cache = model.init_cache(2, 8)
-    prefill, cache = _decode(model, TOKENS[:, :4], cache, jnp.int32(0))
-    np.testing.assert_allclose(prefill, full[:, :4], rtol=1e-5, atol=1e-5)
-    for position in (4, 5):
-        step, cache = _decode(model, TOKENS[:, position:position + 1], cache, jnp.int32(position))
-        np.testing.assert_allclose(step[:, 0], full[:, position], rtol=1e-5, atol=1e-5)
+    assert_decode_equals_full_forward(model, TOKENS)
 
 
 def test_errors_name_the_option():

@@ -20,23 +20,9 @@ from models.layers.mixers.hilo import DWConvMlp, HiLo
 from models.layers.mixers.inline import InLineResidual
 from models.layers.vision import MLPS
 from models.vit import ViT, ViTConfig, ViTStage
+from nnx_helpers import apply, filled_from_numpy
 
 WIDTH, HEADS = 16, 4
-
-
-def _random(make, seed):
-    """The module `make()` builds, every parameter drawn from numpy (no initialiser compiles: eager jax draws
-    compile once per shape)."""
-    graphdef, state = nnx.split(nnx.eval_shape(make))
-    leaves, treedef = jax.tree_util.tree_flatten(state)
-    rng = np.random.default_rng(seed)
-    values = [jnp.asarray(0.3 * rng.standard_normal(leaf.shape), leaf.dtype) for leaf in leaves]
-    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, values))
-
-
-@nnx.jit
-def _apply(module, x):
-    return module(x)
 
 
 @nnx.jit
@@ -59,14 +45,14 @@ def _hilo_by_heads(layer, x):
 
 def test_hilo_layer_is_the_head_function_around_its_branch_projections():
     assert SPATIAL_MIXERS["hilo"] is HiLo
-    layer = _random(lambda: token_mixer(WIDTH, HEADS, attention="hilo", attention_kwargs={"alpha": 0.5, "window": 2},
+    layer = filled_from_numpy(lambda: token_mixer(WIDTH, HEADS, attention="hilo", attention_kwargs={"alpha": 0.5, "window": 2},
                                         grid=(4, 6), rngs=nnx.Rngs(0)), 1)
     assert isinstance(layer, HiLo) and layer.kind == "hilo"
     # 2 Hi-Fi + 2 Lo-Fi heads of 4 channels; block-diagonal output: h_proj 8 -> 8, l_proj 8 -> 8
     assert layer.h_qkv.shape == (16, 24) and layer.h_proj.shape == (8, 8)
     assert layer.l_q.shape == (16, 8) and layer.l_kv.shape == (16, 16) and layer.l_proj.shape == (8, 8)
     x = jax.random.normal(jax.random.key(0), (2, 24, WIDTH))
-    assert_close(_apply(layer, x), _hilo_by_heads(layer, x), jnp.float32)
+    assert_close(apply(layer, x), _hilo_by_heads(layer, x), jnp.float32)
 
 
 def test_hilo_layer_options_and_refusals():
@@ -85,7 +71,7 @@ def test_hilo_layer_options_and_refusals():
 
 
 GRID = (3, 4)
-INLINE = _random(lambda: Attention(WIDTH, 2, 2, 8, kind="inline", kind_kwargs={}, causal=False, use_rope=False,
+INLINE = filled_from_numpy(lambda: Attention(WIDTH, 2, 2, 8, kind="inline", kind_kwargs={}, causal=False, use_rope=False,
                                    use_bias=True, grid=GRID, rngs=nnx.Rngs(0)), 2)
 
 
@@ -120,7 +106,7 @@ def test_inline_without_local_residual_and_refusals():
 
 def test_dwconv_mlp_matches_an_explicit_depthwise_convolution():
     assert MLPS["dwconv"] is DWConvMlp
-    mlp = _random(lambda: DWConvMlp(8, 6, grid=(3, 4), rngs=nnx.Rngs(0)), 3)
+    mlp = filled_from_numpy(lambda: DWConvMlp(8, 6, grid=(3, 4), rngs=nnx.Rngs(0)), 3)
     x = jax.random.normal(jax.random.key(5), (2, 12, 8))
     p = lambda name: np.asarray(getattr(mlp, name)[...], np.float64)
     h = np.asarray(x, np.float64) @ p("fc1_df") + p("fc1_bias_f")
@@ -131,7 +117,7 @@ def test_dwconv_mlp_matches_an_explicit_depthwise_convolution():
             conv[:, y, x_] = np.einsum("bijf,ijf->bf", image[:, y:y + 3, x_:x_ + 3], p("dwconv_33f"))
     conv = conv.reshape(2, 12, 6) + p("dwconv_bias_f")
     gelu = 0.5 * conv * (1 + np.vectorize(math.erf)(conv / math.sqrt(2)))
-    assert_close(_apply(mlp, x), gelu @ p("fc2_fd") + p("fc2_bias_d"), jnp.float32)
+    assert_close(apply(mlp, x), gelu @ p("fc2_fd") + p("fc2_bias_d"), jnp.float32)
 
 
 def test_tiny_vits_build_with_hilo_and_inline():
@@ -158,7 +144,7 @@ def test_litv2_style_and_inline_vits_train_a_step():
                        attention="inline")
     images = jax.random.normal(jax.random.key(6), (2, 8, 8, 1))
     for config in (litv2, inline):
-        model = _random(lambda: ViT(config, rngs=nnx.Rngs(0)), 7)
+        model = filled_from_numpy(lambda: ViT(config, rngs=nnx.Rngs(0)), 7)
         loss, grads = nnx.jit(lambda m: nnx.value_and_grad(lambda m: jnp.mean(m(images) ** 2))(m))(model)
         assert np.isfinite(float(loss))
         leaves = jax.tree_util.tree_leaves(nnx.state(grads))

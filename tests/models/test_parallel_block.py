@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from models.llm import LLM, LLMConfig
+from nnx_helpers import assert_decode_equals_full_forward, forward
 
 # B=2, T=6, vocab 31, width 24, N=4 heads of H=6 over K=2 kv heads, F=40: distinct sizes per axis.
 BASE = LLMConfig(vocab_size=31, width=24, depth=2, num_heads=4, num_kv_heads=2, mlp_width=40)
@@ -20,8 +21,6 @@ PARALLEL = dataclasses.replace(BASE, parallel_block=True, attention="moa_experts
                                ffn_experts={"num_experts": 3, "top_k": 2})
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 31, (2, 6)), jnp.int32)
 
-_forward = nnx.jit(lambda model, tokens: model(tokens))
-_decode = nnx.jit(lambda model, tokens, cache, index: model.decode(tokens, cache, index))
 
 
 @functools.partial(nnx.jit, static_argnums=2)
@@ -45,20 +44,14 @@ def test_parallel_block_is_attention_plus_mlp_of_one_norm():
     assert all(block.mlp_norm is None for block in model.blocks)  # one norm per block
     count = lambda m: sum(leaf.size for leaf in jax.tree.leaves(nnx.state(m, nnx.Param)))
     assert count(plain) - count(model) == BASE.depth * BASE.width  # the dropped MLP norms only
-    out = _forward(model, TOKENS)
+    out = forward(model, TOKENS)
     np.testing.assert_allclose(out, _by_hand(model, TOKENS, True), rtol=2e-5, atol=2e-5)
     assert np.abs(np.asarray(out) - np.asarray(_by_hand(model, TOKENS, False))).max() > 1e-3
 
 
-def test_decode_equals_the_full_forward():
+def test_decode_equals_the_fullforward():
     model = LLM(PARALLEL, rngs=nnx.Rngs(1))
-    full = _forward(model, TOKENS)
-    cache = model.init_cache(2, 8)
-    prefill, cache = _decode(model, TOKENS[:, :4], cache, jnp.int32(0))
-    np.testing.assert_allclose(prefill, full[:, :4], rtol=1e-5, atol=1e-5)
-    for position in (4, 5):
-        step, cache = _decode(model, TOKENS[:, position:position + 1], cache, jnp.int32(position))
-        np.testing.assert_allclose(step[:, 0], full[:, position], rtol=1e-5, atol=1e-5)
+    assert_decode_equals_full_forward(model, TOKENS)
 
 
 @pytest.mark.slow  # the sown loss of one ExpertSwiGLU is a default test in test_moa_experts_layer.py

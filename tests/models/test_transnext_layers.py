@@ -16,24 +16,9 @@ from models.layers.mixers import SPATIAL_MIXERS
 from models.layers.mixers.transnext import AggregatedAttention, ConvGLU
 from models.layers.vision import MLPS
 from models.vit import ViT, ViTConfig, ViTStage
+from nnx_helpers import apply, filled_from_numpy
 
 WIDTH, HEADS, GRID = 8, 2, (4, 4)
-
-
-def _random(make, seed):
-    """The module `make()` builds with every parameter drawn from numpy (biases, learnable tokens and the learnable
-    bias start at zero), without running its initialisers: eager jax draws compile once per shape (~1 s of CPU
-    each), so the module is traced abstractly and filled from numpy."""
-    graphdef, state = nnx.split(nnx.eval_shape(make))
-    leaves, treedef = jax.tree_util.tree_flatten(state)
-    rng = np.random.default_rng(seed)
-    values = [jnp.asarray(0.3 * rng.standard_normal(leaf.shape), leaf.dtype) for leaf in leaves]
-    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, values))
-
-
-@nnx.jit
-def _apply(module, x):
-    return module(x)
 
 
 def _layer(**kwargs):
@@ -42,7 +27,7 @@ def _layer(**kwargs):
 
 @pytest.fixture(scope="module")
 def random_layer():
-    return _random(lambda: _layer(sr_ratio=2), 1)
+    return filled_from_numpy(lambda: _layer(sr_ratio=2), 1)
 
 
 def test_layer_is_the_pure_function_on_its_projections_with_shared_pooled_key_value_weights(random_layer):
@@ -65,7 +50,7 @@ def test_layer_is_the_pure_function_on_its_projections_with_shared_pooled_key_va
         learnable_tokens=p("learnable_tokens_nht"), learnable_bias=p("learnable_bias_nt"),
         cpb=(p("cpb_fc1_2c"), p("cpb_fc1_bias_c"), p("cpb_fc2_cn"), p("cpb_fc2_bias_n")))
     expected = np.einsum("btnh,nhd->btd", mixed, p("out_nhd")) + p("out_bias_d")
-    assert_close(_apply(layer, x), expected, jnp.float32)
+    assert_close(apply(layer, x), expected, jnp.float32)
 
 
 def test_weight_shapes_and_pooled_grid():
@@ -77,17 +62,17 @@ def test_weight_shapes_and_pooled_grid():
 
 
 def test_sr_ratio_one_is_the_full_attention_stage_without_local_or_pooled_weights():
-    layer = _random(lambda: AggregatedAttention(WIDTH, HEADS, grid=(2, 3), sr_ratio=1, cpb_hidden=8,
+    layer = filled_from_numpy(lambda: AggregatedAttention(WIDTH, HEADS, grid=(2, 3), sr_ratio=1, cpb_hidden=8,
                                                 rngs=nnx.Rngs(0)), 2)
     assert layer.window is None and layer.sr_dd is None and layer.learnable_tokens_nht is None
     x = jax.random.normal(jax.random.key(3), (1, 6, WIDTH))
-    out = _apply(layer, x)
+    out = apply(layer, x)
     # permuting the batch of tokens' *contents* changes the output (positions matter through the CPB), but with
     # a zero CPB the full stage is permutation-equivariant like plain attention
     nnx.update(layer, {"cpb_fc2_cn": jnp.zeros_like(layer.cpb_fc2_cn[...]),
                        "cpb_fc2_bias_n": jnp.zeros_like(layer.cpb_fc2_bias_n[...])})
     perm = np.array([3, 0, 5, 1, 4, 2])
-    assert_close(_apply(layer, x[:, perm]), _apply(layer, x)[:, perm], jnp.float32)
+    assert_close(apply(layer, x[:, perm]), apply(layer, x)[:, perm], jnp.float32)
     assert out.shape == (1, 6, WIDTH)
 
 
@@ -104,7 +89,7 @@ def test_class_tokens_and_bad_options_are_refused(random_layer):
 def test_moh_vit_gates_scale_heads_before_the_output_projection():
     # MoH-ViT (vision spec §10): one shared head (gate 2 w0) and one routed head (top-1 of 1: gate 2 w1), w =
     # softmax(x W0). Silencing head 1 in the output projection leaves gated = w0-scaled plain, token by token.
-    gated = _random(lambda: _layer(sr_ratio=2, n_shared=1, top_k=1), 3)
+    gated = filled_from_numpy(lambda: _layer(sr_ratio=2, n_shared=1, top_k=1), 3)
     plain = nnx.clone(gated)
     plain.router = None
     for layer in (gated, plain):
@@ -112,11 +97,11 @@ def test_moh_vit_gates_scale_heads_before_the_output_projection():
         layer.out_bias_d[...] = jnp.zeros(WIDTH)
     x = jax.random.normal(jax.random.key(8), (2, 16, WIDTH))
     w0 = 2 * jax.nn.softmax(x @ gated.router.mix_d2[...], axis=-1)[..., :1]
-    assert_close(_apply(gated, x), w0 * _apply(plain, x), jnp.float32)
+    assert_close(apply(gated, x), w0 * apply(plain, x), jnp.float32)
 
 
 def test_conv_glu_matches_an_explicit_depthwise_convolution():
-    glu = _random(lambda: ConvGLU(WIDTH, 12, grid=(3, 4), rngs=nnx.Rngs(0)), 4)
+    glu = filled_from_numpy(lambda: ConvGLU(WIDTH, 12, grid=(3, 4), rngs=nnx.Rngs(0)), 4)
     assert MLPS["convglu"] is ConvGLU and glu.fc1_df.shape == (WIDTH, 2 * 8)  # hidden int(2 * 12 / 3) = 8
     x = jax.random.normal(jax.random.key(5), (2, 1 + 12, WIDTH))  # one class token in front
     p = lambda name: np.asarray(getattr(glu, name)[...])
@@ -131,7 +116,7 @@ def test_conv_glu_matches_an_explicit_depthwise_convolution():
     conv = np.concatenate([a[:, :1] * kernel[1, 1], conv.reshape(2, 12, 8)], axis=1) + p("dwconv_bias_f")
     gelu = 0.5 * conv * (1 + np.vectorize(math.erf)(conv / math.sqrt(2)))
     expected = (gelu * gate) @ p("fc2_fd") + p("fc2_bias_d")
-    assert_close(_apply(glu, x), expected, jnp.float32)
+    assert_close(apply(glu, x), expected, jnp.float32)
 
 
 @pytest.mark.slow  # building and compiling a two-stage ViT takes ~20 s of one CPU core
@@ -148,7 +133,7 @@ def test_tiny_transnext_style_vit_trains_a_step():
             assert float(jnp.std(layer.query_embedding_nh[...])) < 0.05
             assert layer.window is None or (not np.any(layer.learnable_bias_nt[...])
                                             and float(jnp.std(layer.local_bias_nt[...])) < 1e-3)
-    model = _random(lambda: ViT(config, rngs=nnx.Rngs(0)), 7)  # a zero-initialised head would zero every gradient
+    model = filled_from_numpy(lambda: ViT(config, rngs=nnx.Rngs(0)), 7)  # a zero-initialised head would zero every gradient
     kinds = {m.kind for _, m in nnx.iter_graph(model) if hasattr(m, "kind")}
     assert kinds == {"aggregated"}
     images = jax.random.normal(jax.random.key(6), (2, 8, 8, 1))
