@@ -13,24 +13,18 @@ import math
 
 import numpy as np
 
+from attnx.ops.local.tables import resolve_grid as local_grid
+
 
 def resolve_grid(grid, T: int) -> tuple[int, int]:
     """The (h, w) token grid of `T` tokens in row-major order; `grid=None` is a 1-D sequence, laid out as one row
     (1, T), so the k x k window becomes a window of k along the sequence (the off-row slots are dropped)."""
-    if grid is None:
-        return (1, T)
-    if not isinstance(grid, (tuple, list)) or len(grid) != 2 or not all(
-            isinstance(g, (int, np.integer)) and not isinstance(g, bool) and g > 0 for g in grid):
+    grid = local_grid("aggregated", grid, T)  # the shared layout checks, class-token hint included
+    if len(grid) == 1:
+        return (1, grid[0])
+    if len(grid) != 2:
         raise ValueError(f"aggregated.grid: expected None or (h, w), two positive ints (the token layout), got "
                          f"{grid!r}")
-    grid = (int(grid[0]), int(grid[1]))
-    size = grid[0] * grid[1]
-    if T > size:
-        raise ValueError(f"aggregated: {T} query tokens but grid {grid} holds {size}; the {T - size} extra "
-                         f"token(s) would be class tokens, which TransNeXt does not have (its models average the "
-                         f"tokens): use pooling='mean' (ViTConfig.pooling) so that every token is on the grid")
-    if T < size:
-        raise ValueError(f"aggregated: {T} query tokens cannot fill grid {grid} of {size} tokens")
     return grid
 
 

@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnx.ops.local.tables import resolve_grid
+
 Mode = Literal["sda", "lda"]
 MODES = ("sda", "lda")
 LN_EPS = 1e-5  # nn.LayerNorm's default, used by DynamicPosBias
@@ -197,18 +199,10 @@ def _check_call(query, key, value, causal, grid, position_bias, scale, group_siz
     if N % K or value.shape[-2] != K or key.shape[-1] != query.shape[-1]:
         raise ValueError(f"lsda: heads must be N={N} query heads, a divisor K of N key/value heads and equal q/k "
                          f"head dims; got query {query.shape}, key {key.shape}, value {value.shape}")
-    if grid is None:
-        grid = (T,)
-    grid = tuple(grid)
-    if not 1 <= len(grid) <= 2 or not all(isinstance(g, (int, np.integer)) and not isinstance(g, bool) and g > 0
-                                          for g in grid):
+    grid = resolve_grid("lsda", grid, T)  # the shared layout checks, class-token hint included
+    if len(grid) > 2:
         raise ValueError(f"lsda.grid: expected None (a 1-D sequence) or (h, w) / (length,) of positive ints, "
                          f"got {grid!r}")
-    grid = tuple(int(g) for g in grid)
-    if T != int(np.prod(grid)):
-        extra = (f"; the {T - int(np.prod(grid))} extra token(s) would be class tokens, which CrossFormer does not "
-                 f"have: use pooling='mean'") if T > np.prod(grid) else ""
-        raise ValueError(f"lsda: T={T} tokens do not fill grid {grid} ({int(np.prod(grid))} tokens){extra}")
     if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"lsda.scale: expected a positive number or None, got {scale!r}")
     mode, G, I = resolve_grouping(grid, group_size, mode, interval)
