@@ -70,6 +70,14 @@ def _check_mode(mode, implementation):
                                   f"the materialised 'reference' path does, got implementation={implementation!r}")
 
 
+def _bias_kwargs(kwargs: dict, implementation, scale) -> dict:
+    """Mode 'bias' forwards to the multimodal boost: only the options the caller set, so its defaults apply."""
+    extra = dict(kwargs, implementation=implementation) if implementation is not None else dict(kwargs)
+    if scale is not None:
+        extra["scale"] = scale
+    return extra
+
+
 def head_modulation_attention(query, key, value, *, causal: bool = False, mode: str = "bias", alpha=None,
                               local_tokens=(), summary_tokens=(), beta: float = 0.3, from_position: int = 0,
                               scale: float | None = None, implementation=None, **kwargs):
@@ -77,9 +85,7 @@ def head_modulation_attention(query, key, value, *, causal: bool = False, mode: 
     or mode 'code' (local_tokens, summary_tokens, alpha = 0.7, beta, from_position); see the module docstring."""
     _check_mode(mode, implementation)
     if mode == "bias":
-        extra = dict(kwargs, implementation=implementation) if implementation is not None else kwargs
-        if scale is not None:
-            extra["scale"] = scale
+        extra = _bias_kwargs(kwargs, implementation, scale)
         return mm.head_modulation_attention(query, key, value, causal=causal,
                                             alpha=1.0 if alpha is None else alpha, **extra)
     mm._check_self_causal("head_modulation", query, key, causal)
@@ -97,9 +103,7 @@ def head_modulation_decode(query, key_cache, value_cache, *, query_positions, mo
                            scale: float | None = None, implementation=None, **kwargs):
     _check_mode(mode, implementation)
     if mode == "bias":
-        extra = dict(kwargs, implementation=implementation) if implementation is not None else kwargs
-        if scale is not None:
-            extra["scale"] = scale
+        extra = _bias_kwargs(kwargs, implementation, scale)
         return mm.head_modulation_decode(query, key_cache, value_cache, query_positions=query_positions,
                                          alpha=1.0 if alpha is None else alpha, **extra)
     if kwargs:
