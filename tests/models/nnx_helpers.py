@@ -36,3 +36,21 @@ def assert_decode_equals_full_forward(model, tokens, *, prefill: int = 4, steps:
     for position in steps:
         step, cache = _decode(model, tokens[:, position:position + 1], cache, jnp.int32(position))
         np.testing.assert_allclose(step[:, 0], full[:, position], rtol=1e-5, atol=1e-5)
+
+
+def conv_numpy(x, weight, bias, stride, padding):
+    """Direct convolution in numpy float64: x [B, H, W, C], weight [k, k, C, D], padding (low, high) per axis."""
+    x = np.pad(np.asarray(x, np.float64), ((0, 0), padding, padding, (0, 0)))
+    k = weight.shape[0]
+    rows, cols = (x.shape[1] - k) // stride + 1, (x.shape[2] - k) // stride + 1
+    out = np.zeros((x.shape[0], rows, cols, weight.shape[-1]))
+    for i in range(rows):
+        for j in range(cols):
+            patch = x[:, i * stride:i * stride + k, j * stride:j * stride + k, :]
+            out[:, i, j] = np.einsum("bhwc,hwcd->bd", patch, np.asarray(weight, np.float64))
+    return out + np.asarray(bias, np.float64)
+
+
+def layer_norm_numpy(x, eps):
+    """LayerNorm without affine parameters, in numpy."""
+    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps)

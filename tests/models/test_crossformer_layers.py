@@ -13,33 +13,15 @@ from models.layers.attention import Attention
 from models.layers.mixers import ROUTERS
 from models.layers.mixers.crossformer import CrossScaleEmbedding, CrossScaleMerging, DynamicPositionBias
 from models.layers.vision import EMBEDDINGS, MERGES
+from nnx_helpers import apply, conv_numpy, layer_norm_numpy
 
 RNG = np.random.default_rng(0)
 
 
-def _conv(x, weight, bias, stride, padding):
-    """Direct convolution in numpy float64: x [B, H, W, C], weight [k, k, C, D], padding (low, high) per axis."""
-    x = np.pad(np.asarray(x, np.float64), ((0, 0), padding, padding, (0, 0)))
-    k = weight.shape[0]
-    rows, cols = (x.shape[1] - k) // stride + 1, (x.shape[2] - k) // stride + 1
-    out = np.zeros((x.shape[0], rows, cols, weight.shape[-1]))
-    for i in range(rows):
-        for j in range(cols):
-            patch = x[:, i * stride:i * stride + k, j * stride:j * stride + k, :]
-            out[:, i, j] = np.einsum("bhwc,hwcd->bd", patch, np.asarray(weight, np.float64))
-    return out + np.asarray(bias, np.float64)
-
-
-def _layer_norm(x, eps):
-    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps)
-
-
-# One compiled program per call site instead of one per eager op (each costs a compile on CPU).
-_apply = nnx.jit(lambda module, x: module(x))
 
 
 def _branches(convs, x, stride, paddings):
-    return np.concatenate([_conv(x, w[...], b[...], stride, p) for w, b, p in zip(convs.weights, convs.biases,
+    return np.concatenate([conv_numpy(x, w[...], b[...], stride, p) for w, b, p in zip(convs.weights, convs.biases,
                                                                                   paddings)], axis=-1)
 
 
@@ -54,22 +36,22 @@ def test_cel_stem_is_parallel_strided_convolutions_split_d2_d4_d8_d8():
     stem = CrossScaleEmbedding(1, 1, WIDTH, rngs=nnx.Rngs(0))
     assert stem.convs.kernels == (1, 2, 4, 8)
     assert [w.shape[-1] for w in stem.convs.weights] == [4, 2, 1, 1]
-    expected = _layer_norm(_branches(stem.convs, images, 1, [(0, 0), (0, 1), (1, 2), (3, 4)]), 1e-5)
-    out = _apply(stem, images)
+    expected = layer_norm_numpy(_branches(stem.convs, images, 1, [(0, 0), (0, 1), (1, 2), (3, 4)]), 1e-5)
+    out = apply(stem, images)
     assert out.shape == (2, 64, WIDTH)
     np.testing.assert_allclose(np.asarray(out), expected.reshape(2, 64, WIDTH), atol=1e-4, rtol=1e-4)
     # Stride 2, kernels 2 and 4: padding (k - s) / 2 on each side, as in the code.
     stem = CrossScaleEmbedding(2, 1, 4, rngs=nnx.Rngs(1), kernel_sizes=(2, 4))
-    expected = _layer_norm(_branches(stem.convs, images, 2, [(0, 0), (1, 1)]), 1e-5)
-    np.testing.assert_allclose(np.asarray(_apply(stem, images)), expected.reshape(2, 16, 4), atol=1e-4, rtol=1e-4)
+    expected = layer_norm_numpy(_branches(stem.convs, images, 2, [(0, 0), (1, 1)]), 1e-5)
+    np.testing.assert_allclose(np.asarray(apply(stem, images)), expected.reshape(2, 16, 4), atol=1e-4, rtol=1e-4)
 
 
 def test_cel_merge_normalises_then_convolves_with_kernels_2_and_4():
     grid = jnp.asarray(RNG.standard_normal((2, 4, 4, WIDTH)), jnp.float32)
     merge = CrossScaleMerging(WIDTH, STAGE_WIDTH, norm_eps=1e-6, rngs=nnx.Rngs(0))
     assert [w.shape for w in merge.convs.weights] == [(2, 2, 8, 8), (4, 4, 8, 8)]
-    expected = _branches(merge.convs, _layer_norm(np.asarray(grid, np.float64), 1e-6), 2, [(0, 0), (1, 1)])
-    out = _apply(merge, grid)
+    expected = _branches(merge.convs, layer_norm_numpy(np.asarray(grid, np.float64), 1e-6), 2, [(0, 0), (1, 1)])
+    out = apply(merge, grid)
     assert out.shape == (2, 2, 2, 16)
     np.testing.assert_allclose(np.asarray(out), expected, atol=1e-4, rtol=1e-4)
 
