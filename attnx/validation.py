@@ -20,7 +20,7 @@ import numpy as np
 
 from attnx.mask import Mask
 
-__all__ = ["AttentionArgs", "canonicalize"]
+__all__ = ["AttentionArgs", "canonicalize", "refuse_self_and_causal"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,3 +271,20 @@ def canonicalize(query, key, value, bias=None, mask=None, *, scale=None, logits_
     _check_mods(score_mod, mask_mod, Bf, N // K, K, T, S)
     return AttentionArgs(q=q, k=k, v=v, bias=bias, mask=cmask, scale=scale_f, logits_soft_cap=cap, sinks=sinks,
                          score_mod=score_mod, mask_mod=mask_mod, batch_shape=tuple(batch_shape))
+
+
+def refuse_self_and_causal(name: str, query, key, causal: bool, *, queries: str, keys: str,
+                           self_attention_hint: str = "use 'softmax'") -> None:
+    """The check of a mechanism registered for non-causal cross attention only (CAB pattern "NC"): `queries`
+    attending over all of `keys` (e.g. "image tokens" over "prompt tokens"). It refuses causal=True (the keys have
+    no order the queries could respect) and T == S (equal lengths read as self attention, which the mechanism does
+    not define: a ViT or DiT layer could otherwise pick it as a token mixer and silently run plain softmax self
+    attention). `self_attention_hint` completes "for self attention ...". Shared by structured_cross, region_mask
+    and conditional_cross so that their refusals read alike."""
+    if causal:
+        raise ValueError(f"{name}: causal=True is not supported: {queries} attend over all {keys} (non-causal "
+                         f"cross attention, pattern NC)")
+    T, S = query.shape[-3], key.shape[-3]
+    if T == S:
+        raise ValueError(f"{name}: query length T={T} equals key length S={S}: this entry is {queries} attending "
+                         f"over {keys} (cross attention only); for self attention {self_attention_hint}")

@@ -285,3 +285,20 @@ def test_reposition_moves_and_scales_the_box():
         reposition(feat, (0, 0, 2, 2), (5, 5, 7, 7))
     with pytest.raises(ValueError, match="box_src"):
         reposition(feat, (0, 0, 2.0, 2), (0, 0, 2, 2))
+
+
+# ---- the shared cross-attention-only refusal --------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["structured_cross", "region_mask", "conditional_cross"])
+def test_cross_only_entries_refuse_causal_and_self_attention_alike(name):
+    """structured_cross, region_mask and conditional_cross share attnx.validation.refuse_self_and_causal: the same
+    two refusals, each naming the entry (the registry function and its reference)."""
+    import attnx
+    spec = attnx.get_attention(name)
+    q, k, v, _, _ = _qkv(0)
+    for fn in (spec.fn, spec.reference):
+        with pytest.raises(ValueError, match=rf"^{name}: causal=True is not supported: .*pattern NC"):
+            fn(q, k, v, causal=True)
+        with pytest.raises(ValueError, match=rf"^{name}: query length T={T} equals key length S={T}: .*cross "
+                                             r"attention only.*for self attention use 'softmax'"):
+            fn(q, q[..., :K, :], q[..., :K, :])

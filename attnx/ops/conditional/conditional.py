@@ -29,18 +29,14 @@ import jax
 import jax.numpy as jnp
 
 from attnx.ops.builtin import softmax_attention
+from attnx.validation import refuse_self_and_causal
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _check_pattern(query, key, causal: bool) -> None:
-    if causal:
-        raise ValueError("conditional_cross: causal=True is not supported: condition tokens attend over all image "
-                         "tokens (non-causal cross attention, pattern NC)")
-    if query.shape[-3] == key.shape[-3]:
-        raise ValueError(f"conditional_cross: query length T={query.shape[-3]} equals key length S={key.shape[-3]}: "
-                         f"this entry is condition tokens attending over image tokens (cross attention only); for "
-                         f"self attention use 'softmax', or call conditional_cross_attention with the weights")
+    refuse_self_and_causal("conditional_cross", query, key, causal, queries="condition tokens", keys="image tokens",
+                           self_attention_hint="use 'softmax', or call conditional_cross_attention with the weights")
 
 
 def conditional_cross(query, key, value, *, causal: bool = False, **kwargs):

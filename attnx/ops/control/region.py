@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from attnx.mask import Mask
 from attnx.ops.builtin import softmax_attention
 from attnx.ops.control import naive_attention
+from attnx.validation import refuse_self_and_causal
 
 
 def region_logit_mask(foreground, subject_tokens) -> jnp.ndarray:
@@ -39,13 +40,8 @@ def region_logit_mask(foreground, subject_tokens) -> jnp.ndarray:
 
 
 def _allowed(query, key, causal, foreground, subject_tokens):
-    if causal:
-        raise ValueError("region_mask: causal=True is not supported: image queries read the whole prompt "
-                         "(non-causal cross attention, pattern NC)")
+    refuse_self_and_causal("region_mask", query, key, causal, queries="image tokens", keys="prompt tokens")
     T, S = query.shape[-3], key.shape[-3]
-    if T == S:
-        raise ValueError(f"region_mask: query length T={T} equals key length S={S}: this entry is image tokens "
-                         f"attending over prompt tokens (cross attention only); for self attention use 'softmax'")
     if (foreground is None) != (subject_tokens is None):
         raise ValueError("region_mask.foreground / region_mask.subject_tokens: give both (the mask is defined by "
                          "the pair) or neither (plain cross attention)")

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from attnx.ops.builtin import softmax_attention
 from attnx.ops.control import naive_attention
+from attnx.validation import refuse_self_and_causal
 
 MODES = ("default", "conjunction")
 
@@ -76,13 +77,7 @@ def structured_cross_attention_reference(query, keys, values, **kwargs):
 
 
 def _stack(query, key, value, causal, mode, extra_keys, extra_values):
-    if causal:
-        raise ValueError("structured_cross: causal=True is not supported: image queries read the whole prompt "
-                         "(non-causal cross attention, pattern NC)")
-    if query.shape[-3] == key.shape[-3]:
-        raise ValueError(f"structured_cross: query length T={query.shape[-3]} equals key length S="
-                         f"{key.shape[-3]}: this entry is image tokens attending over prompt tokens (cross attention "
-                         f"only); for self attention use 'softmax'")
+    refuse_self_and_causal("structured_cross", query, key, causal, queries="image tokens", keys="prompt tokens")
     if mode not in MODES:
         raise ValueError(f"structured_cross.mode: {mode!r}; allowed: {MODES}")
     if mode == "default":
