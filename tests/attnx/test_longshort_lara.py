@@ -213,11 +213,12 @@ def test_lara_variants_match_the_numpy_port_and_their_fast_paths_the_reference()
     pk = jax.random.split(jax.random.key(8), 4)
     projections = (jnp.eye(H) + 0.3 * jax.random.normal(pk[0], (H, H)), 0.1 * jax.random.normal(pk[1], (H,)),
                    jnp.eye(H) + 0.3 * jax.random.normal(pk[2], (H, H)), 0.1 * jax.random.normal(pk[3], (H,)))
-    options = [dict(rng=rng, antithetic=True), dict(optimal_approximation=True, segment_projections=projections)]
+    options = [dict(rng=rng, antithetic=True, training=True),
+               dict(optimal_approximation=True, proposal_gen="adaptive-seg-means", segment_projections=projections)]
     cases = [((q, k, v), dict(num_landmarks=C, **kw)) for kw in options]
     results = fast_and_reference(lara_attention, "linear", cases)
     for (got, want), (_, kwargs) in zip(results, cases):
-        port = {key: value for key, value in kwargs.items() if key != "rng"}
+        port = {key: value for key, value in kwargs.items() if key not in ("rng", "training", "proposal_gen")}
         expected = lara_numpy(q, k, v, noise=noise if "rng" in kwargs else None, **port)
         what = f"lara({sorted(port)}, rng={'rng' in kwargs})"
         assert_close(got[0], expected, jnp.float32, what=what)
@@ -234,7 +235,20 @@ def test_lara_variant_options_are_validated():
     q, k, v = inputs()
     with pytest.raises(ValueError, match="lara.antithetic"):
         lara_attention(q, k, v, antithetic=1)
+    adaptive = dict(proposal_gen="adaptive-seg-means")
     with pytest.raises(ValueError, match="lara.segment_projections"):
-        lara_attention(q, k, v, segment_projections=(jnp.eye(H), jnp.zeros(H), jnp.eye(H)))
+        lara_attention(q, k, v, segment_projections=(jnp.eye(H), jnp.zeros(H), jnp.eye(H)), **adaptive)
     with pytest.raises(ValueError, match="lara.segment_projections"):
-        lara_attention(q, k, v, segment_projections=(jnp.eye(4), jnp.zeros(4), jnp.eye(4), jnp.zeros(4)))
+        lara_attention(q, k, v, segment_projections=(jnp.eye(4), jnp.zeros(4), jnp.eye(4), jnp.zeros(4)), **adaptive)
+    with pytest.raises(ValueError, match="needs the weights"):
+        lara_attention(q, k, v, **adaptive)
+    with pytest.raises(ValueError, match="proposal_gen='seg-means' uses the plain segment means"):
+        lara_attention(q, k, v, segment_projections=(jnp.eye(H), jnp.zeros(H), jnp.eye(H), jnp.zeros(H)))
+    with pytest.raises(ValueError, match="lara.proposal_gen"):
+        lara_attention(q, k, v, proposal_gen="pool")
+    with pytest.raises(ValueError, match="needs a PRNG key"):
+        lara_attention(q, k, v, training=True)
+    with pytest.raises(ValueError, match="draws nothing"):
+        lara_attention(q, k, v, training=False, rng=jax.random.key(0))
+    with pytest.raises(ValueError, match="lara.training"):
+        lara_attention(q, k, v, training=1)

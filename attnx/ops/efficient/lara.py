@@ -14,12 +14,21 @@ x' = x / sqrt(H) and the code's positive random features (`prm_projection`, unno
 Linear in T: every term is [C, T] or [C, V]. Faithful to the code's formula, including its H^-1/2 (not H^-1/4)
 scaling inside the features, its segment split when C does not divide T, and C = T when T < C.
 
-Randomness: the code samples w_c = mu_c + eps in training and uses w_c = mu_c (no noise) in evaluation. Here
-`rng=None` (the default) is the code's evaluation mode, deterministic; pass a PRNG key `rng` for the training-mode
-sample w_c = mu_c + eps, eps ~ N(0, I). The code's three options, all off in CAB, are here too: `antithetic`
-(2C proposals mu_c +- eps_c), `optimal_approximation` (log |v_t| added to the log ratio of query t, indexed by the
-query position exactly as the code does) and `segment_projections` (the adaptive segment
-means, linear maps of q~ and k~; the caller owns the weights). Self attention only (CAB: no causal, no cross).
+Randomness: the code samples w_c = mu_c + eps in training (`self.training`) and uses w_c = mu_c (no noise) in
+evaluation. Here `training=None` (the default) lets `rng` decide: `rng=None` is the evaluation mode, deterministic,
+and a PRNG key `rng` draws the training-mode sample w_c = mu_c + eps, eps ~ N(0, I). `training=True` / `False`
+states the mode explicitly (True needs `rng`; False refuses one, since evaluation draws nothing); the model layer's
+weight module (models/layers/mixers/lara.py) passes both from its NNX train/eval state.
+
+The code's three options, all off in CAB, are here too: `antithetic` (2C proposals mu_c +- eps_c),
+`optimal_approximation` (log |v_t| added to the log ratio of query t, indexed by the query position exactly as the
+code does) and `proposal_gen='adaptive-seg-means'` (the code's adaptive segment means: `q_bar_proj` / `k_bar_proj`,
+two Linear(H, H) maps shared by all heads, applied to q~ and k~ after the segment mean; the caller owns the weights
+and passes them as `segment_projections`). Self attention only (CAB: no causal, no cross).
+
+The official vision LARA (HKUNLP's efficient-attention, `LinearRA` for DeiT/PVT) uses a different proposal family
+(2-D adaptive average pooling + Linear + LayerNorm, and the 'mis-opt' weights alpha); it is not implemented here:
+this module is CAB's LARA, the one the benchmark spec names.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from attnx.ops.efficient.common import HIGHEST, group, segment_matrix
 from attnx.ops.efficient.sampling import sampled_self_attention_setup
 
 IMPLEMENTATIONS = ("linear", "reference")
+PROPOSALS = ("seg-means", "adaptive-seg-means")  # the code's proposal_gen values
 
 
 def _features(x, w, H: int):
@@ -42,21 +52,25 @@ def _features(x, w, H: int):
 
 
 def lara_attention(query, key, value, *, causal: bool = False, num_landmarks: int = 16, rng=None,
-                   antithetic: bool = False, optimal_approximation: bool = False, segment_projections=None,
-                   implementation: str | None = None):
+                   training: bool | None = None, antithetic: bool = False, optimal_approximation: bool = False,
+                   proposal_gen: str = "seg-means", segment_projections=None, implementation: str | None = None):
     """query [*B, T, N, H], key [*B, T, K, H], value [*B, T, K, V] -> [*B, T, N, V] (non-causal self only).
 
     rng: None for the code's deterministic evaluation mode (w = mu), or a PRNG key for w = mu + N(0, I).
-    antithetic: with rng, 2C proposals: w = mu + eps and mu - eps (the code's use_antithetics; no effect without rng).
-    optimal_approximation: add log(|v_t|_2 + 1e-10) to the log importance ratio of query t (the code's
-    use_opt_approx). segment_projections: (q_weight [H, H], q_bias [H], k_weight [H, H], k_bias [H]) applied to the
-    segment means as x W + b before mu = q~ + k~ (the code's 'adaptive-seg-means' q_bar_proj / k_bar_proj)."""
+    training: None (rng decides), True (the code's training mode: needs rng) or False (evaluation: w = mu, rng
+    must be None). antithetic: with rng, 2C proposals: w = mu + eps and mu - eps (the code's use_antithetics; no
+    effect without rng). optimal_approximation: add log(|v_t|_2 + 1e-10) to the log importance ratio of query t
+    (the code's use_opt_approx). proposal_gen: 'seg-means' (CAB's default) or 'adaptive-seg-means', which needs
+    segment_projections = (q_weight [H, H], q_bias [H], k_weight [H, H], k_bias [H]), applied to the segment means
+    as x W + b before mu = q~ + k~ (the code's q_bar_proj / k_bar_proj; torch's x W^T + b with W transposed)."""
     args, (B, T, N, H, S, K), implementation = sampled_self_attention_setup(
         "lara", query, key, value, causal=causal, option="num_landmarks", option_value=num_landmarks,
         implementation=implementation, implementations=IMPLEMENTATIONS)
     for name, flag in (("antithetic", antithetic), ("optimal_approximation", optimal_approximation)):
         if not isinstance(flag, bool):
             raise ValueError(f"lara.{name}: expected a bool, got {flag!r}")
+    _check_mode(training, rng)
+    _check_proposals(proposal_gen, segment_projections)
     G = N // K
     q = group(args.q.astype(jnp.float32), K)  # [B, T, K, G, H]
     # Keys are shared by the G query heads of a group; the proposals mix both, so they are per query head.
@@ -97,6 +111,28 @@ def lara_attention(query, key, value, *, causal: bool = False, num_landmarks: in
         out = jnp.einsum("bkgct,bkgcv->btkgv", importance, summaries, precision=HIGHEST)
     out = out.reshape(B, T, N, -1).astype(args.q.dtype)
     return out.reshape(args.batch_shape + out.shape[1:])
+
+
+def _check_mode(training, rng) -> None:
+    if training is not None and not isinstance(training, bool):
+        raise ValueError(f"lara.training: expected None, True or False, got {training!r}")
+    if training is True and rng is None:
+        raise ValueError("lara.rng: training=True draws w = mu + eps and needs a PRNG key rng (got None)")
+    if training is False and rng is not None:
+        raise ValueError("lara.rng: training=False is the code's evaluation mode (w = mu), which draws nothing; "
+                         "pass rng=None")
+
+
+def _check_proposals(proposal_gen, segment_projections) -> None:
+    if proposal_gen not in PROPOSALS:
+        raise ValueError(f"lara.proposal_gen: expected one of {PROPOSALS}, got {proposal_gen!r}")
+    if proposal_gen == "adaptive-seg-means" and segment_projections is None:
+        raise ValueError("lara.segment_projections: proposal_gen='adaptive-seg-means' needs the weights (q_weight, "
+                         "q_bias, k_weight, k_bias); in a model the layer's weight module "
+                         "(models/layers/mixers/lara.py) passes them")
+    if proposal_gen == "seg-means" and segment_projections is not None:
+        raise ValueError("lara.segment_projections: given, but proposal_gen='seg-means' uses the plain segment means; "
+                         "set proposal_gen='adaptive-seg-means'")
 
 
 def _segment_projections(weights, H: int):
