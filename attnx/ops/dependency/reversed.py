@@ -3,7 +3,8 @@ Dependency Tree Emerges from Reversed Attention", CVPR 2023, arXiv 2304.03282, �
 message controller, dependency mask, and DependencyViT-Lite pruning).
 
 The authors' repository (dingmyu/DependencyViT) holds no code. The math follows the paper as read in the spec
-(vision_mechanisms.md §7) and the timm work-in-progress port (F. Guan, `timm/models/dependencyvit.py`, side branch);
+(vision_mechanisms.md §7) and the timm work-in-progress port (F. Guan, `timm/models/dependencyvit.py`, side branch, read at
+f63d2e80);
 where they differ the port's code is followed and said so below.
 
 Forward attention is the usual row softmax: row j (a *child*) is a distribution over the keys (its *parents*),
@@ -23,10 +24,13 @@ Each child's outgoing weights sum to p_{h,j} m_j (its row of A^F sums to 1): the
 A^M_{i,j} = sum_h A^F_{h,j,i} p_{h,j} m_j; with the head selector's softmax its column j sums to m_j.
 
 Pruning (DependencyViT-Lite): tokens are ranked by a score and the top ones kept. The paper prunes leaf nodes that
-"rarely send messages"; the port's active choice of score is the mass a token *receives*, sum_j A^M_{i,j}
-(`received_mass`), with the cumulative m as a commented-out alternative; `prune_tokens` takes any score. The port
-also multiplies m cumulatively across layers (m_l = m_l' * m_{l-1} ...); `reversed_attention` takes whatever m it
-is given, so a model that carries m across layers passes the product.
+"rarely send messages". The port at f63d2e80 scores a token by its cumulative message gate (the product of m over
+the layers so far, detached; earlier revisions used the received mass sum_j A^M_{i,j}, `received_mass`, and left the
+other candidates commented out); `prune_tokens` takes any score. The i-th pruning layer keeps
+floor(f_i * T_current) tokens with f_i = (1 - i r) / (1 - (i - 1) r), so each step removes about r of the *original*
+count (`lite_token_counts`). The port multiplies m cumulatively across layers (m_l = m_l' * m_{l-1} ...) and feeds
+that product to the attention; `reversed_attention` takes whatever m it is given, so a model that carries m across
+layers passes the product (models/dependency_vit.py does).
 
 Only non-causal self attention (CAB "NS") exists: the values are the *children's* (query positions) and the output
 rows are the *parents'* (key positions), so T must equal S; and a causal mask (children attend to parents i <= j)
@@ -170,7 +174,8 @@ def dependency_mask(query, key, *, head_gates=None, messages=None, scale: float 
 
 
 def received_mass(mask):
-    """The port's pruning score: the total message mass each parent receives, sum_j A^M_{i,j} -> [*B, T]."""
+    """The total message mass each parent receives, sum_j A^M_{i,j} -> [*B, T] (the pruning score of the port's
+    earlier revisions; f63d2e80 scores by the cumulative message gate instead)."""
     return jnp.sum(mask, axis=-1)
 
 
@@ -189,11 +194,35 @@ def message_controller(x, hidden_weight, out_weight):
     return jax.nn.sigmoid(jnp.einsum("...f,fo->...o", hidden, out_weight.astype(F32), precision=HIGHEST))[..., 0]
 
 
+def lite_keep_fraction(prune_index: int, ratio: float) -> float:
+    """The share of the current tokens the `prune_index`-th (1-based) pruning layer keeps:
+    (1 - i r) / (1 - (i - 1) r), so that after i steps about 1 - i r of the original count remains (the port's)."""
+    if not isinstance(prune_index, int) or isinstance(prune_index, bool) or prune_index < 1:
+        raise ValueError(f"lite_keep_fraction.prune_index: expected an int >= 1 (1-based), got {prune_index!r}")
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio * prune_index < 1:
+        raise ValueError(f"lite_keep_fraction.ratio: expected a number with 0 < ratio * {prune_index} < 1 (each "
+                         f"pruning step removes `ratio` of the original tokens), got {ratio!r}")
+    return (1 - prune_index * ratio) / (1 - (prune_index - 1) * ratio)
+
+
+def lite_token_counts(num_tokens: int, num_prunes: int, ratio: float) -> tuple[int, ...]:
+    """Token counts (num_tokens, after the 1st pruning, ..., after the last): each floor(fraction * current), as the
+    port computes them (e.g. 196 tokens, 4 steps of 0.16: 196, 164, 132, 100, 69)."""
+    counts = [num_tokens]
+    for index in range(1, num_prunes + 1):
+        counts.append(math.floor(lite_keep_fraction(index, ratio) * counts[-1]))
+        if counts[-1] < 1:
+            raise ValueError(f"lite_token_counts: pruning step {index} of ratio {ratio} leaves no token of "
+                             f"{num_tokens}")
+    return tuple(counts)
+
+
 def prune_tokens(tokens, score, keep: int):
     """DependencyViT-Lite pruning: the `keep` tokens of highest score, in their original order.
 
     tokens [*B, T, D], score [*B, T] -> (kept [*B, keep, D], indices [*B, keep] ascending). `keep` is static
-    (jit), e.g. the port's floor(fraction * T) with fraction (1 - i r) / (1 - (i - 1) r) at the i-th pruning layer.
+    (jit), e.g. `lite_token_counts`. The port's top-k is unsorted (any order); ascending order is chosen here so
+    the kept tokens keep their grid order (what follows is permutation equivariant, so the output is the same).
     """
     T = tokens.shape[-2]
     if score.shape != tokens.shape[:-1]:

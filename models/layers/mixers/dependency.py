@@ -12,11 +12,14 @@ from attnx.ops.dependency.reversed import TEMPERATURE, head_selector, message_co
 class DependencyGates(nnx.Module):
     """{"head_gates": p [B, T, N], "messages": m [B, T]} from the layer input x [B, T, D].
 
-    attention_kwargs it reads: temperature (the head selector's, 0.1). Weights use torch nn.Linear's default
-    initialisation, U(+-1/sqrt(fan_in)), the port's (it has no custom init for these layers).
+    attention_kwargs it reads: temperature (the head selector's, 0.1). Weights are truncated normals of std 0.02,
+    the port's: its DependencyViT subclasses timm's VisionTransformer, whose init_weights gives every nn.Linear of
+    the model, these included, trunc_normal(0.02).
 
     m is this layer's own message gate. The port multiplies m over the layers (the product reaches the final
-    features too); a layer's router sees only its own input, so that cumulative product is not formed here.
+    features too); a layer's router sees only its own input, so that cumulative product is formed by the model
+    that carries it (models/dependency_vit.py), not here. In the plain ViT (configs/attention/reversed.gin) each
+    layer's gate is its own.
     """
 
     def __init__(self, width: int, num_heads: int, *, temperature: float = TEMPERATURE, rngs: nnx.Rngs,
@@ -27,7 +30,7 @@ class DependencyGates(nnx.Module):
         if width < 2:
             raise ValueError(f"reversed: the message controller halves the width, which must be >= 2, got {width}")
         self.temperature = float(temperature)
-        init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")  # = U(+-1/sqrt(fan_in))
+        init = nnx.initializers.truncated_normal(0.02)  # timm's trunc_normal_(std=.02) (cut at +-2, not +-2 std)
         self.selector_dn = nnx.Param(init(rngs.params(), (width, num_heads), param_dtype))
         self.message_hidden_df = nnx.Param(init(rngs.params(), (width, width // 2), param_dtype))
         self.message_out_f1 = nnx.Param(init(rngs.params(), (width // 2, 1), param_dtype))
