@@ -106,10 +106,36 @@ class DCAL(nnx.Module):
     def loss(self, images: jax.Array, labels: jax.Array, distractors: jax.Array, *,
              label_smoothing: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Uncertainty-weighted sum of the SA, GLCA and PWCA cross-entropies (PWCA has the SA branch's targets)."""
-        out = self.branches(images)
+        return self._weighted_loss(self.branches(images), images, labels, distractors, label_smoothing)
+
+    def _weighted_loss(self, out, images, labels, distractors, label_smoothing):
         targets = optax.smooth_labels(jax.nn.one_hot(labels, out["sa"].shape[-1]), label_smoothing)
         logits = (out["sa"], out["glca"], self.pwca_logits(images, distractors))
         losses = jnp.stack([optax.softmax_cross_entropy(z, targets).mean() for z in logits])
         w = self.loss_weights_3[...]
         total = 0.5 * jnp.sum(jnp.exp(-w) * losses + w)
         return total, {"sa_loss": losses[0], "glca_loss": losses[1], "pwca_loss": losses[2]}
+
+    def training_loss(self, batch: dict[str, jax.Array], rng: jax.Array | None, *, label_smoothing: float = 0.0
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The task's loss hook (train.image_classification): `loss` with distractor pairs drawn from the batch.
+
+        The paper samples I_2 at random from the training set; here image b's distractor is image (b + s) mod B of
+        the (shuffled) batch, with s drawn uniformly from 1..B-1 per step (`rng`), so no image is its own
+        distractor (which would make PWCA plain self attention). Metrics: the branch losses, the uncertainty
+        weights w, and the accuracy of the inference rule (SA + GLCA probabilities)."""
+        images, labels = batch["image"], batch["label"].astype(jnp.int32)
+        batch_size = images.shape[0]
+        if batch_size < 2:
+            raise ValueError(f"DCAL.training_loss: PWCA pairs images within the batch, so it needs at least 2 "
+                             f"images, got batch size {batch_size}")
+        rng = jax.random.key(0) if rng is None else rng
+        shift = jax.random.randint(rng, (), 1, batch_size)
+        distractors = jnp.roll(images, -shift, axis=0)  # row b holds image b + shift
+        out = self.branches(images)
+        total, metrics = self._weighted_loss(out, images, labels, distractors, label_smoothing)
+        combined = jnp.logaddexp(jax.nn.log_softmax(out["sa"]), jax.nn.log_softmax(out["glca"]))
+        metrics["accuracy"] = jnp.mean(jnp.argmax(combined, axis=-1) == labels)
+        w = self.loss_weights_3[...]
+        metrics.update({"weight_sa": w[0], "weight_glca": w[1], "weight_pwca": w[2]})
+        return total, metrics

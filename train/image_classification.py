@@ -5,6 +5,7 @@ its docstring for the task interface).
 
 import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,14 @@ class ImageClassification:
     test_time_shifts: k > 0 also reports the accuracy of the probabilities averaged over all (2k + 1)^2 rolls of
     each test image by -k..k pixels per axis, the transformation the training augmentation (`DigitsData.max_shift`)
     draws from; the single-view accuracy is always reported beside it.
+    wrapper: None trains the plain `ViT(model)`. Otherwise a callable `wrapper(model, rngs=rngs) -> nnx.Module`
+    that builds a model around the ViT (in gin, a class reference without parentheses, e.g. `@dcal.DCAL`). The
+    built model may bring its own objective through two optional methods, which the task then calls instead of its
+    own (the default path is unchanged for models without them):
+        training_loss(batch, rng, *, label_smoothing) -> (loss, metrics)   traced inside jit (DCAL's three branches
+                                                                           with distractor pairs, CCA's triplets)
+        evaluation_metrics(outputs, labels) -> dict[str, float]            replaces test accuracy/loss: `outputs`
+                                                                           are model(images) of the whole test split
     """
 
     model: ViTConfig = dataclasses.field(default_factory=ViTConfig)
@@ -42,6 +51,7 @@ class ImageClassification:
     label_smoothing: float = 0.1
     eval_batch_size: int = 128
     test_time_shifts: int = 0
+    wrapper: Callable[..., nnx.Module] | None = None
 
     def __post_init__(self):
         expected = (*self.model.image_hw, self.model.channels)
@@ -59,6 +69,9 @@ class ImageClassification:
         if not isinstance(self.test_time_shifts, int) or not 0 <= self.test_time_shifts < 4:
             raise ValueError(f"ImageClassification.test_time_shifts must be an int in [0, 3], got "
                              f"{self.test_time_shifts!r}")
+        if self.wrapper is not None and not callable(self.wrapper):
+            raise ValueError(f"ImageClassification.wrapper must be None or a callable wrapper(model, rngs=) -> "
+                             f"nnx.Module (e.g. models.dcal.DCAL), got {self.wrapper!r}")
 
     # ---- Training ----
 
@@ -67,7 +80,9 @@ class ImageClassification:
         """Patch tokens per step (images x first-stage patches), for the trainer's tokens/s display."""
         return self.data.batch_size * self.model.num_patches
 
-    def build_model(self, rngs: nnx.Rngs) -> ViT:
+    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        if self.wrapper is not None:
+            return self.wrapper(self.model, rngs=rngs)
         return ViT(self.model, rngs=rngs)
 
     def train_iterator(self, process_index: int, process_count: int):
@@ -76,7 +91,10 @@ class ImageClassification:
     def loss_fn(self, model: ViT, batch: dict[str, jax.Array], rng: jax.Array | None = None
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Mean label-smoothed cross-entropy over `batch` {"image" [B, 8, 8, 1], "label" [B]}, plus any auxiliary
-        loss the model sows (MoH's balance loss); deterministic."""
+        loss the model sows (MoH's balance loss); deterministic. A model with `training_loss` computes its own
+        (class docstring)."""
+        if hasattr(model, "training_loss"):
+            return model.training_loss(batch, rng, label_smoothing=self.label_smoothing)
         logits, auxiliary = call_with_auxiliary_loss(model, batch["image"])
         labels = batch["label"].astype(jnp.int32)
         targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), self.label_smoothing)
@@ -104,10 +122,19 @@ class ImageClassification:
                                         for batch in batches])
         return probabilities[: len(labels)]  # the padding images are scored, then dropped here
 
+    def test_outputs(self, model: nnx.Module) -> np.ndarray:
+        """model(images) of every test image, [n_test, ...] (one compiled call per batch shape)."""
+        batches, labels = self._test_batches
+        graphdef, state = nnx.split(model)
+        return np.concatenate([np.asarray(_outputs(graphdef, state, batch)) for batch in batches])[: len(labels)]
+
     def evaluate(self, model: ViT) -> dict[str, float]:
         """Test accuracy and mean test cross-entropy (nats) over the whole test split, each image seen once; with
-        `test_time_shifts`, also the accuracy of the shift-averaged prediction (`test_accuracy_shift_averaged`)."""
+        `test_time_shifts`, also the accuracy of the shift-averaged prediction (`test_accuracy_shift_averaged`).
+        A model with `evaluation_metrics` scores its own outputs instead (class docstring)."""
         _, labels = self._test_batches
+        if hasattr(model, "evaluation_metrics"):
+            return model.evaluation_metrics(self.test_outputs(model), labels)
         probabilities = self.test_probabilities(model)
         nats = -np.log(np.maximum(probabilities[np.arange(len(labels)), labels], 1e-30))
         results = {"test_accuracy": float(np.mean(probabilities.argmax(-1) == labels)),
@@ -118,6 +145,8 @@ class ImageClassification:
         return results
 
     def describe_evaluation(self, step: int, results: dict[str, float]) -> str:
+        if "test_accuracy" not in results:  # a model's own evaluation_metrics
+            return f"step {step}: " + "  ".join(f"{name} {value:.4f}" for name, value in results.items())
         averaged = ""
         if "test_accuracy_shift_averaged" in results:
             averaged = (f", {100 * results['test_accuracy_shift_averaged']:.1f}% averaged over +-"
@@ -134,8 +163,11 @@ class ImageClassification:
 
     def report(self, model: ViT) -> str:
         """Final test accuracy and the confusion matrix (rows: true digit, columns: predicted digit), of the
-        shift-averaged prediction when `test_time_shifts` is set."""
+        shift-averaged prediction when `test_time_shifts` is set; a model with `evaluation_metrics`: those."""
         _, labels = self._test_batches
+        if hasattr(model, "evaluation_metrics"):
+            results = self.evaluate(model)
+            return "\nFinal test metrics: " + "  ".join(f"{name} {value:.4f}" for name, value in results.items())
         predictions = self.test_probabilities(model, self.test_time_shifts).argmax(-1)
         confusion = np.zeros((digits.NUM_CLASSES, digits.NUM_CLASSES), np.int64)
         np.add.at(confusion, (labels, predictions), 1)
@@ -146,6 +178,11 @@ class ImageClassification:
                  "     " + " ".join(f"{c:>3}" for c in range(digits.NUM_CLASSES))]
         lines += [f"  {r:>2} " + " ".join(f"{n:>3}" for n in row) for r, row in enumerate(confusion)]
         return "\n".join(lines)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _outputs(graphdef, state, images):
+    return nnx.merge(graphdef, state)(images)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
