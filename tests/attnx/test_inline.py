@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnx.ops.linear.inline import (KERNELS, inline_attention, inline_weights, residual_conv, residual_kernels,
-                                     residual_shifted)
+from attnx.ops.linear.inline import (KERNELS, inline_attention, inline_weights, inline_windows, residual_conv,
+                                     residual_kernels, residual_shifted)
 from attnx.testing.tolerances import assert_close
 
 F32 = jnp.float32
@@ -121,6 +121,51 @@ def _both(q, k, v, weights, cot):
     return results
 
 
+def _np_windowed(q, k, v, weights, grid, window, shift):
+    """inline_swin.py's layout in numpy: roll by -shift, InLine (explicit weights) + the depth-wise residual inside
+    each window x window window (row-major windows, kernels weights[:, window index]), reverse, roll back."""
+    B, T, N, _ = q.shape
+    h, w = grid
+    image = lambda x: np.roll(np.asarray(x, np.float64).reshape(B, h, w, N, -1), (-shift, -shift), axis=(1, 2))
+    qi, ki, vi = image(q), image(k), image(v)
+    out = np.zeros(vi.shape)
+    corners = [(y, x) for y in range(0, h, window) for x in range(0, w, window)]
+    for index, (y, x) in enumerate(corners):
+        cut = lambda a: a[:, y:y + window, x:x + window].reshape(B, window * window, N, -1)
+        o, _ = _np_inline(cut(qi), cut(ki), cut(vi))
+        o = o + _np_depthwise(cut(vi), weights[:, index], (window, window), 0)
+        out[:, y:y + window, x:x + window] = o.reshape(B, window, window, N, -1)
+    return np.roll(out, (shift, shift), axis=(1, 2)).reshape(B, T, N, -1)
+
+
+@jax.jit
+def _windowed(q, k, v, weights, cot):
+    """Swin layout on a 4x6 grid (2x2 windows, shift 1): (linear out, grads), (reference out, grads), and the
+    window of 8 clamped to the 4x4 subgrid (global) against no window."""
+    results = []
+    for implementation in ("linear", "reference"):
+        fn = lambda q, k, v, w: inline_attention(q, k, v, grid=(4, 6), window=2, shift=1, residual_weights=w,
+                                                 implementation=implementation)
+        out, vjp = jax.vjp(fn, q, k, v, weights)
+        results.append((out, vjp(cot)))
+    sub = lambda x: x[:, :16]
+    clamped = inline_attention(sub(q), sub(k), sub(v), grid=(4, 4), window=8, shift=4)
+    return results, clamped, inline_attention(sub(q), sub(k), sub(v), grid=(4, 4))
+
+
+def test_swin_windows_equal_a_per_window_loop_forward_and_gradients():
+    q, k, v, cot = _arrays(*[(2, 24, 2, 4)] * 4, seed=11)
+    (weights,) = _arrays((2, 6, 2, 4, 3, 3), seed=12)
+    ((fast, fast_grads), (ref, ref_grads)), clamped, global_ = _windowed(q, k, v, weights, cot)
+    np.testing.assert_allclose(fast, _np_windowed(q, k, v, weights, (4, 6), 2, 1), rtol=1e-4, atol=1e-5)
+    assert_close(fast, ref, F32)
+    for a, b in zip(fast_grads, ref_grads):
+        assert_close(a, b, F32, kind="gradient")
+    np.testing.assert_allclose(clamped, global_, rtol=1e-6, atol=1e-6)
+    assert inline_windows((56, 56), 56 * 56, 56, 28) == ((56, 56), 56, 0)  # InLine-Swin-T stage 1: global
+    assert inline_windows((14, 14), 196, 7, 3) == ((14, 14), 7, 3)
+
+
 def test_linear_matches_reference_forward_and_gradients():
     q, k, v, cot = _arrays(*[(2, 13, 2, 8)] * 4, seed=7)
     (weights,) = _arrays((2, 2, 8, 3, 3), seed=8)
@@ -176,3 +221,15 @@ def test_errors():
         inline_attention(q, k, v, residual_weights=w, local_residual=False)
     with pytest.raises(ValueError, match="implementation"):
         inline_attention(q, k, v, implementation="chunked")
+    with pytest.raises(ValueError, match="2-D grid"):
+        inline_attention(q, k, v, window=2)
+    with pytest.raises(ValueError, match="pooling='mean'"):
+        inline_attention(q, k, v, grid=(1, 3), window=1)
+    with pytest.raises(ValueError, match="not tiled"):
+        inline_windows((4, 6), 24, 4, 0)
+    with pytest.raises(ValueError, match="inline.shift"):
+        inline_attention(q, k, v, grid=(2, 2), window=2, shift=2)
+    with pytest.raises(ValueError, match="needs a window"):
+        inline_attention(q, k, v, shift=1)
+    with pytest.raises(ValueError, match=r"\[\*B, nW, N, V, 3, 3\]"):
+        inline_attention(q, k, v, grid=(2, 2), window=1, residual_weights=w)

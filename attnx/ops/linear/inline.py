@@ -70,6 +70,57 @@ def inline_grid(grid, T: int) -> tuple[tuple[int, int], int]:
     return grid, T - math.prod(grid)
 
 
+def inline_windows(grid, T: int, window, shift) -> tuple[tuple[int, int], int, int] | None:
+    """((h, w), window side, shift) of the Swin layout, or None without windows (window=None).
+
+    inline_swin.py's rule (SwinTransformerBlock): when min(h, w) <= window the window is clamped to min(h, w) and
+    the shift to 0 (InLine-Swin-T's window 56 is global at 224 px); windows tile the grid exactly (Swin's
+    window_partition) and the shift is a cyclic roll by -shift before partitioning."""
+    if window is None:
+        if shift:
+            raise ValueError(f"inline.shift={shift!r} needs a window (window=None is global attention)")
+        return None
+    if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"inline.window: expected None or a positive int (the Swin window side), got {window!r}")
+    if not isinstance(shift, (int, np.integer)) or isinstance(shift, bool) or not 0 <= shift < window:
+        raise ValueError(f"inline.shift: expected an int in [0, window={window}), got {shift!r}")
+    if grid is None or isinstance(grid, (int, np.integer)) or len(grid) != 2:
+        raise ValueError(f"inline.window: Swin windows need a 2-D grid (h, w), got grid={grid!r}")
+    layout, extra = inline_grid(grid, T)
+    if extra:
+        raise ValueError(f"inline.window: {extra} class token(s) before the {layout} grid; Swin windows have none: "
+                         f"use pooling='mean' (ViTConfig.pooling)")
+    window, shift = int(window), int(shift)
+    if min(layout) <= window:
+        window, shift = min(layout), 0
+    if layout[0] % window or layout[1] % window:
+        raise ValueError(f"inline.window={window}: the grid {layout} is not tiled by {window}x{window} windows "
+                         f"(Swin partitions the map exactly)")
+    return layout, window, shift
+
+
+def window_partition(x: jax.Array, layout, window: int, shift: int) -> jax.Array:
+    """[B, h w, ...] -> [B, nW, window^2, ...]: roll by -shift on both axes, then row-major windows of row-major
+    tokens (Swin's torch.roll + window_partition)."""
+    (h, w), rest = layout, x.shape[2:]
+    image = x.reshape(x.shape[0], h, w, *rest)
+    if shift:
+        image = jnp.roll(image, (-shift, -shift), axis=(1, 2))
+    image = image.reshape(x.shape[0], h // window, window, w // window, window, *rest)
+    image = jnp.swapaxes(image, 2, 3)
+    return image.reshape(x.shape[0], (h // window) * (w // window), window * window, *rest)
+
+
+def window_reverse(x: jax.Array, layout, window: int, shift: int) -> jax.Array:
+    """The inverse of `window_partition`: [B, nW, window^2, ...] -> [B, h w, ...]."""
+    (h, w), rest = layout, x.shape[3:]
+    image = x.reshape(x.shape[0], h // window, w // window, window, window, *rest)
+    image = jnp.swapaxes(image, 2, 3).reshape(x.shape[0], h, w, *rest)
+    if shift:
+        image = jnp.roll(image, (shift, shift), axis=(1, 2))
+    return image.reshape(x.shape[0], h * w, *rest)
+
+
 def _weights(q, k, kernel, scale):
     """The explicit [B, K, G, T, S] weight matrix (the oracle; quadratic)."""
     B, T, N, H = q.shape
@@ -135,15 +186,22 @@ def residual_conv(v, weights, grid, extra):
 
 def inline_attention(query, key, value, *, causal: bool = False, grid=None, residual_weights=None,
                      kernel: str = "identity", scale: float | None = None, local_residual: bool = True,
-                     implementation: str | None = None):
+                     window: int | None = None, shift: int = 0, implementation: str | None = None):
     """query [*B, T, N, H], key [*B, S, K, H], value [*B, S, K, V] -> [*B, T, N, V]; K divides N.
 
-    residual_weights: [*B, N, V, 3, 3], the per-image depth-wise kernels of the local residual (from
-    models/layers/mixers/inline.py), or None for the attention alone. It needs self attention (S == T) with K == N;
-    the last prod(grid) tokens lie row-major on grid (h, w) (None or (L,): a 1 x L row), any before them are class
-    tokens. kernel: one of KERNELS. scale: H^-1/2 by default (c = scale / S). local_residual: read by the model's
-    kernel generator (False builds none: the paper's ablation without the residual); accepted here so that one
-    attention_kwargs dict serves the layer and the function, and False with residual_weights is an error.
+    residual_weights: [*B, N, V, 3, 3] ([*B, nW, N, V, 3, 3] with windows: one set per window), the per-image
+    depth-wise kernels of the local residual (from models/layers/mixers/inline.py), or None for the attention
+    alone. It needs self attention (S == T) with K == N; the last prod(grid) tokens lie row-major on grid (h, w)
+    (None or (L,): a 1 x L row), any before them are class tokens. kernel: one of KERNELS. scale: H^-1/2 by default
+    (c = scale / S, S the keys of the window). local_residual: read by the model's kernel generator (False builds
+    none: the paper's ablation without the residual); accepted here so that one attention_kwargs dict serves the
+    layer and the function, and False with residual_weights is an error.
+    window, shift: InLine-Swin's layout (inline_swin.py): InLine inside each window x window window of the grid
+    after a cyclic roll by -shift (Swin's shifted windows), the window clamped to min(h, w) with the shift to 0
+    when it covers the grid (see `inline_windows`); self attention on a 2-D grid without class tokens. As the
+    code's InLineAttention, shifted windows are not masked (Swin's attention mask is passed and ignored), the
+    residual convolution zero-pads at each window's border and its kernels come from each window's mean token.
+    None (default): global attention.
     implementation: "linear" (default, O(S H V)) or "reference" (the explicit weight matrix, and the residual
     through lax.conv).
     """
@@ -159,21 +217,33 @@ def inline_attention(query, key, value, *, causal: bool = False, grid=None, resi
     S, K, V = args.k.shape[1], args.k.shape[2], args.v.shape[3]
     scale = H**-0.5 if scale is None else float(scale)
     reference = resolve_implementation("inline", implementation, IMPLEMENTATIONS) == "reference"
+    windows = inline_windows(grid, T, window, shift)
+    if windows is not None and S != T:
+        raise ValueError(f"inline.window: windows partition one token grid (self attention); got T={T}, S={S}")
     if residual_weights is not None:  # validated before any computation
         if S != T or K != N:
             raise ValueError(f"inline.residual_weights: the local residual convolves V on the queries' grid and "
                              f"needs self attention with K == N; got T={T}, S={S}, N={N}, K={K}")
         residual_weights = jnp.asarray(residual_weights)
-        expected = (*args.batch_shape, N, V, 3, 3)
+        per_window = () if windows is None else ((windows[0][0] // windows[1]) * (windows[0][1] // windows[1]),)
+        expected = (*args.batch_shape, *per_window, N, V, 3, 3)
         if residual_weights.shape != expected:
-            raise ValueError(f"inline.residual_weights: expected shape {expected} ([*B, N, V, 3, 3]), got "
-                             f"{residual_weights.shape}")
+            raise ValueError(f"inline.residual_weights: expected shape {expected} ([*B, {'nW, ' * bool(per_window)}"
+                             f"N, V, 3, 3]), got {residual_weights.shape}")
     layout, extra = inline_grid(grid, T)  # validated even when unused, so a bad layout fails the same way
+    q, k, v = args.q, args.k, args.v
+    if windows is not None:  # every window is one more batch row, on a window x window grid
+        _, side, roll = windows
+        q, k, v = (window_partition(x, layout, side, roll) for x in (q, k, v))
+        q, k, v = (x.reshape(-1, *x.shape[2:]) for x in (q, k, v))
+        layout = (side, side)
     core = _reference_core if reference else _linear_core
-    out = core(args.q, args.k, args.v, kernel, scale)
+    out = core(q, k, v, kernel, scale)
     if residual_weights is not None:
         residual = residual_conv if reference else residual_shifted
-        out = out + residual(args.v, residual_weights.reshape(B, N, V, 3, 3), layout, extra)
+        out = out + residual(v, residual_weights.reshape(-1, N, V, 3, 3), layout, extra)
+    if windows is not None:
+        out = window_reverse(out.reshape(B, -1, *out.shape[1:]), windows[0], windows[1], windows[2])
     out = out.astype(args.q.dtype)
     return out.reshape(args.batch_shape + out.shape[1:])
 

@@ -11,6 +11,10 @@ The generator: Conv1d(D -> D, 1, groups=N) -> GELU -> Conv1d(D -> 9 N V, 1, grou
 every token (CLS included, as the code). The code has D = N V; here the value width N V may differ from D. Init:
 torch's Conv1d default, uniform(+-1 / sqrt(fan_in)) for weights and biases with fan_in = D / N (timm's ViT init
 touches only Linear layers, so the code keeps it).
+
+Swin windows (attention_kwargs window / shift, inline_swin.py): the code's InLineAttention runs on each window's
+tokens, so the mean token, hence the kernels, are per window: {"residual_weights": [B, nW, N, V, 3, 3]} from the
+same partition (`attnx.ops.linear.inline.inline_windows` / `window_partition`) that the function applies to V.
 """
 
 from __future__ import annotations
@@ -19,15 +23,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnx.ops.linear.inline import residual_kernels
+from attnx.ops.linear.inline import inline_windows, residual_kernels, window_partition
 
 
 class InLineResidual(nnx.Module):
     """{"residual_weights": [B, N, V, 3, 3]}: per-image depth-wise kernels of InLine's local residual."""
 
     def __init__(self, width: int, num_heads: int, *, num_kv_heads: int | None = None, head_dim: int,
-                 grid=None, rngs: nnx.Rngs, param_dtype=jnp.float32, local_residual: bool = True, **options):
-        del grid, options  # the layout and the mechanism's other options (kernel, scale) are the function's
+                 grid=None, rngs: nnx.Rngs, param_dtype=jnp.float32, local_residual: bool = True,
+                 window: int | None = None, shift: int = 0, **options):
+        del options  # the mechanism's other options (kernel, scale) are the function's
+        # Static layout (hashable graph metadata): the Swin windows whose mean tokens make the kernels.
+        self.grid = None if grid is None else tuple(grid)
+        self.window, self.shift = window, shift
         if num_kv_heads is not None and num_kv_heads != num_heads:
             raise ValueError(f"inline: the local residual convolves each query head's values; num_kv_heads="
                              f"{num_kv_heads} must equal num_heads={num_heads}")
@@ -48,5 +56,11 @@ class InLineResidual(nnx.Module):
     def __call__(self, x: jax.Array, query: jax.Array, key: jax.Array | None = None) -> dict[str, jax.Array]:
         if not self.local_residual:
             return {}
-        kernels = residual_kernels(jnp.mean(x, axis=1), self.w1[...], self.b1[...], self.w2[...], self.b2[...])
-        return {"residual_weights": kernels}
+        windows = inline_windows(self.grid, x.shape[1], self.window, self.shift)
+        if windows is None:
+            means = jnp.mean(x, axis=1)  # [B, D]
+        else:  # each window's mean token [B, nW, D], as InLineAttention sees one window per batch row
+            means = jnp.mean(window_partition(x, *windows), axis=2)
+        kernels = residual_kernels(means.reshape(-1, x.shape[-1]), self.w1[...], self.b1[...], self.w2[...],
+                                   self.b2[...])
+        return {"residual_weights": kernels.reshape(*means.shape[:-1], *kernels.shape[1:])}
