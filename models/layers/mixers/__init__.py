@@ -12,6 +12,7 @@ from models.layers.mixers.longshort import LongShortProjection
 from models.layers.mixers.gaam import GAAMGaussians
 from models.layers.mixers.hilo import HiLo
 from models.layers.mixers.inline import InLineResidual
+from models.layers.mixers.lara import LaraProposals
 from models.layers.mixers.moa_experts import MoAExpertsRouter
 from models.layers.mixers.moh import MoHRouter
 from models.layers.mixers.relative_bias import HaloRelativeEmbedding, NeighborhoodBias
@@ -26,7 +27,7 @@ from models.layers.mixers.transnext import AggregatedAttention
 ROUTERS = {"moh": MoHRouter, "seer": SeerGate, "abc": ABCMemory, "longshort": LongShortProjection, "gaam": GAAMGaussians,
            "moa_experts": MoAExpertsRouter, "reversed": DependencyGates,
            "neighborhood": NeighborhoodBias, "halo": HaloRelativeEmbedding,
-           "lsda": DynamicPositionBias, "inline": InLineResidual}
+           "lsda": DynamicPositionBias, "inline": InLineResidual, "lara": LaraProposals}
 
 # Registry name -> NNX module that replaces the whole attention layer of a ViT or DiT block, for vision mechanisms
 # whose weights the shared query/key/value/output projections cannot express. Built by
