@@ -9,8 +9,8 @@ import pytest
 from scipy.special import erf
 
 import attnx
-from attnx.ops.dependency.reversed import (dependency_mask, head_selector, message_controller, prune_tokens,
-                                           received_mass, reversed_attention, reversed_reference)
+from attnx.ops.dependency.reversed import (dependency_mask, head_selector, lite_token_counts, message_controller,
+                                           prune_tokens, received_mass, reversed_attention, reversed_reference)
 from attnx.testing.tolerances import assert_close
 
 B, T, N, K, H, V = 2, 7, 4, 2, 8, 6
@@ -97,6 +97,14 @@ def test_pruning_gathers_exactly_the_top_scores_in_token_order():
         np.testing.assert_array_equal(np.asarray(kept[b]), np.asarray(tokens[b])[want])
     with pytest.raises(ValueError, match="prune_tokens.keep"):
         prune_tokens(tokens, score, T + 1)
+
+
+def test_lite_token_counts_follow_the_port():
+    # floor(f_i * current), f_i = (1 - i r) / (1 - (i - 1) r): about r of the original 196 tokens go each step.
+    assert lite_token_counts(196, 4, 0.16) == (196, 164, 132, 100, 69)
+    assert lite_token_counts(16, 3, 0.16) == (16, 13, 10, 7)
+    with pytest.raises(ValueError, match="lite_keep_fraction.ratio"):
+        lite_token_counts(196, 4, 0.25)  # 4 steps of 0.25 would remove every token
 
 
 def test_head_selector_and_message_controller_formulas():
