@@ -8,8 +8,16 @@ marks the pooling form as unverified (assumed: mean):
 
 alpha weighs the long branch (alpha = 1: long only, 0: short only); short_window = 1 makes the short branch plain
 self-attention with single-item queries. Pooling the projected queries equals pooling the item embeddings before the
-(linear, bias-free) query projection. The paper's transition-aware embedding distillation (an auxiliary loss) is a
-training objective, not part of this function.
+(linear, bias-free) query projection.
+
+What could be checked (2026-11): only the paper's abstract is reachable (arXiv listing, Hugging Face papers and
+three mirrors; no full text, no code). It confirms an "L-query self-attention module that employs flexible window
+sizes for attention queries" and a "multi-query self-attention" that combines "long and short-query
+self-attentions" to balance bias and variance. It does not give the pooling operator (mean is still the spec's
+assumption), the form of the combination (a fixed alpha mix is the spec's reading), or the transition-aware
+embedding distillation (TED) loss: the abstract says only that TED "distills global item-to-item transition
+patterns into item embeddings"; how the transition graph is built, what the teacher is and which divergence is
+minimised are not stated, so attnx does not implement that loss (a guessed loss would not be the paper's).
 
 The window always looks back, so pooling is causal and the mechanism keeps every CAB pattern; in cross attention the
 window runs over the query sequence. There is no KV-cache decode rule: the pooled query needs the previous queries,
