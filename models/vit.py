@@ -22,8 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import attnx
 from models.layers import PARAM_DTYPES, check_param_dtype
-from models.layers.attention import check_attention_choice, layer_entry, token_mixer
+from models.layers.attention import Attention, check_attention_choice, layer_entry, token_mixer
+from models.layers.mixers import SPATIAL_MIXERS
 from models.layers.norm import LayerNorm
 from models.layers.patch import sincos_2d
 from models.layers.vision import EMBEDDINGS, MERGES, MLPS, check_part
@@ -50,6 +52,7 @@ class ViTStage:
     merge: the downsampling into this stage, a name in `models.layers.vision.MERGES` ("swin": 2x2 patch merging).
     mlp: the blocks' feed-forward layer, a name in `MLPS`; None inherits `ViTConfig.mlp`.
     use_attention: False gives blocks without a token mixer (LITv2's first two stages are MLP blocks only).
+    qkv_bias: None inherits `ViTConfig.qkv_bias`.
     """
 
     width: int
@@ -62,6 +65,7 @@ class ViTStage:
     merge: str = "swin"
     mlp: str | None = None
     use_attention: bool = True
+    qkv_bias: bool | None = None
 
     @property
     def resolved_mlp_width(self) -> int:
@@ -83,6 +87,9 @@ class ViTConfig:
         SDA and LDA blocks, DiNAT alternates dilations.
     embed: the patch embedding, a name in `models.layers.vision.EMBEDDINGS` ("patch": a p x p convolution with
         stride p). mlp: the blocks' feed-forward layer, a name in `MLPS` ("gelu"). use_attention: see `ViTStage`.
+    qkv_bias: False builds the shared attention layer's query/key/value projections without biases (the output
+        projection keeps its bias), as timm's qkv_bias=False (InLine-DeiT); mechanisms with their own whole layer
+        (SPATIAL_MIXERS) own their projections and are refused with it.
     """
 
     image_size: int | tuple[int, int] = 8
@@ -102,6 +109,7 @@ class ViTConfig:
     mlp: str = "gelu"
     use_attention: bool = True
     qk_norm: bool = False
+    qkv_bias: bool = True
     norm_eps: float = 1e-6
     stages: tuple[ViTStage, ...] = ()
     param_dtype: str = "float32"
@@ -141,6 +149,7 @@ class ViTConfig:
         check_part("ViTConfig.embed", EMBEDDINGS, "embeddings", self.embed)
         check_part("ViTConfig.mlp", MLPS, "MLPs", self.mlp)
         self._check_blocks("ViTConfig", self.layer_attention, 0, self.depth, self.use_attention)
+        self._check_qkv_bias("ViTConfig", 0, self.qkv_bias)
         if self.stages:
             self._check_stages()
 
@@ -168,6 +177,8 @@ class ViTConfig:
             if stage.mlp is not None:
                 check_part(f"{owner}.mlp", MLPS, "MLPs", stage.mlp)
             self._check_blocks(owner, stage.layer_attention, index + 1, stage.depth, stage.use_attention)
+            if stage.qkv_bias is not None:
+                self._check_qkv_bias(owner, index + 1, stage.qkv_bias)
 
     def _check_blocks(self, owner: str, layer_attention: Any, stage: int, depth: int, use_attention: Any) -> None:
         if not isinstance(use_attention, bool):
@@ -180,6 +191,19 @@ class ViTConfig:
             attention, attention_kwargs = self.block_attention(stage, block)
             check_attention_choice(f"{owner}.layer_attention[{block}]" if layer_attention else owner, attention,
                                    attention_kwargs, causal=False)
+
+    def _check_qkv_bias(self, owner: str, stage: int, qkv_bias: Any) -> None:
+        if not isinstance(qkv_bias, bool):
+            raise ValueError(f"{owner}.qkv_bias must be a bool, got {qkv_bias!r}")
+        depth = self.depth if stage == 0 else self.stages[stage - 1].depth
+        if qkv_bias or not self.stage_parts(stage)[1]:
+            return
+        for block in range(depth):
+            name = attnx.get_attention(self.block_attention(stage, block)[0]).name
+            if name in SPATIAL_MIXERS:
+                raise ValueError(f"{owner}.qkv_bias=False: block {block} uses {name!r}, whose own layer "
+                                 f"(SPATIAL_MIXERS) owns its projections; qkv_bias=False applies to the shared "
+                                 f"attention layer only")
 
     @property
     def image_hw(self) -> tuple[int, int]:
@@ -214,6 +238,12 @@ class ViTConfig:
         entries = self.layer_attention if stage == 0 else self.stages[stage - 1].layer_attention
         owner = "ViTConfig.layer_attention" if stage == 0 else f"ViTConfig.stages[{stage - 1}].layer_attention"
         return layer_entry(owner, entries, block, attention, kwargs)
+
+    def stage_qkv_bias(self, stage: int) -> bool:
+        """Whether stage `stage`'s query/key/value projections have biases."""
+        if stage == 0 or self.stages[stage - 1].qkv_bias is None:
+            return self.qkv_bias
+        return self.stages[stage - 1].qkv_bias
 
     def stage_parts(self, stage: int) -> tuple[str, bool]:
         """(MLP name, use_attention) of stage `stage`."""
@@ -301,14 +331,35 @@ def _litv2_s() -> ViTConfig:
 
 def _inline_deit_t() -> ViTConfig:
     """InLine-DeiT-T (Han et al., 2024, "Bridging the Divide: Reconsidering Softmax and Linear Attention",
-    arXiv 2412.06590; code cfgs/inline_deit_t.yaml): DeiT-T with 6 heads and InLine attention in every block, the
-    dynamic depth-wise residual included (6.5M). Departure: the code's qkv projection has no bias; the shared layer
-    has one (6,912 parameters)."""
-    return ViTConfig(**_IMAGENET, width=192, depth=12, num_heads=6, mlp_width=768, attention="inline")
+    arXiv 2412.06590; code cfgs/inline_deit_t.yaml, models/inline_deit.py): DeiT-T with 6 heads and InLine attention
+    in every block, the dynamic depth-wise residual included, query/key/value projections without bias as the
+    code's qkv_bias=False (6.5M)."""
+    return ViTConfig(**_IMAGENET, width=192, depth=12, num_heads=6, mlp_width=768, attention="inline",
+                     qkv_bias=False)
+
+
+def _inline_swin_t() -> ViTConfig:
+    """InLine-Swin-T (arXiv 2412.06590; code cfgs/inline_swin_t.yaml, models/inline_swin.py): Swin-T (patch 4, width
+    96, depths 2-2-6-2, heads 3-6-12-24, MLP ratio 4, 2x2 patch merging, LayerNorm eps 1e-5, qkv biases, mean pool)
+    with ATTN_TYPE 'IIIS': InLine in Swin windows of WINDOW_SIZE 56 in stages 1-3, the odd blocks shifted by 28
+    (the code's rule; at 224 px the window is clamped to the 56/28/14 grids, so these stages are global and
+    unshifted), and softmax window attention with a relative position bias in stage 4, window max(7, 56 // 8) = 7
+    (30M published). Departures: stage 4 is neighbourhood attention with kernel 7 and NAT's relative bias table
+    ((2*7 - 1)^2 per head, Swin's size); on stage 4's 7x7 grid at 224 px that is Swin's single 7x7 window (every
+    query sees every key, bias by relative offset; Swin's table is indexed by query - key, NAT's by key - query, a
+    relabelling of the learned table), but at other resolutions it slides instead of partitioning. The 'patch'
+    embedding has no LayerNorm after it (Swin's patch_norm: 192 parameters)."""
+    widths, depths, heads = [96, 192, 384, 768], [2, 2, 6, 2], [3, 6, 12, 24]
+    inline = (("inline", {"window": 56}), ("inline", {"window": 56, "shift": 28}))
+    softmax_window = (("neighborhood", {"kernel_size": 7, "use_rpb": True}),)
+    return ViTConfig(**_HIERARCHICAL, width=96, depth=2, num_heads=3, mlp_width=384, norm_eps=1e-5,
+                     attention="inline", attention_kwargs={"window": 56}, layer_attention=inline,
+                     stages=_stages(widths, depths, heads, [4] * 4,
+                                    layer_attention=[inline, inline, inline, softmax_window]))
 
 
 PRESETS.update({"nat_mini": _nat_mini(), "crossformer_t": _crossformer_t(), "transnext_micro": _transnext_micro(),
-                "litv2_s": _litv2_s(), "inline_deit_t": _inline_deit_t()})
+                "litv2_s": _litv2_s(), "inline_deit_t": _inline_deit_t(), "inline_swin_t": _inline_swin_t()})
 
 
 def vit_config(preset: str = "tiny", **overrides: Any) -> ViTConfig:
@@ -318,18 +369,29 @@ def vit_config(preset: str = "tiny", **overrides: Any) -> ViTConfig:
     return dataclasses.replace(PRESETS[preset], **overrides)
 
 
+def _drop_qkv_bias(layer: nnx.Module) -> None:
+    """qkv_bias=False on a built shared layer: `token_mixer` always builds the four projection biases (ViT/DiT), so
+    the query/key/value ones are removed here (zeros without random draws: the other weights keep their values);
+    `Attention.project_heads` adds them only when present. The output projection keeps its bias (timm's proj)."""
+    if not isinstance(layer, Attention):
+        raise ValueError(f"qkv_bias=False applies to the shared attention layer, not to {type(layer).__name__}")
+    layer.query_bias_nh = layer.key_bias_kh = layer.value_bias_kh = None
+
+
 class EncoderBlock(nnx.Module):
     """Pre-norm residual block: x + attention(norm(x)), then + mlp(norm(x)). Tokens [B, T, D]."""
 
     def __init__(self, width: int, num_heads: int, mlp_width: int, *, attention: str | None,
                  attention_kwargs: Mapping[str, Any], qk_norm: bool, norm_eps: float, rngs: nnx.Rngs, param_dtype,
-                 grid: tuple[int, int], mlp: str = "gelu"):
+                 grid: tuple[int, int], mlp: str = "gelu", qkv_bias: bool = True):
         if attention is None:  # an attention-free block (LITv2's early stages): x + mlp(norm(x)) only
             self.attention_norm = self.attention = None
         else:
             self.attention_norm = LayerNorm(width, eps=norm_eps, param_dtype=param_dtype)
             self.attention = token_mixer(width, num_heads, attention=attention, attention_kwargs=attention_kwargs,
                                          grid=grid, qk_norm=qk_norm, rngs=rngs, param_dtype=param_dtype)
+            if not qkv_bias:
+                _drop_qkv_bias(self.attention)
         self.mlp_norm = LayerNorm(width, eps=norm_eps, param_dtype=param_dtype)
         self.mlp = MLPS[mlp](width, mlp_width, grid=grid, rngs=rngs, param_dtype=param_dtype)
 
@@ -365,7 +427,7 @@ class Stage(nnx.Module):
             blocks.append(EncoderBlock(
                 width, num_heads, mlp_width, attention=attention if use_attention else None,
                 attention_kwargs=attention_kwargs, qk_norm=config.qk_norm, norm_eps=config.norm_eps, rngs=rngs,
-                param_dtype=param_dtype, grid=grid, mlp=mlp))
+                param_dtype=param_dtype, grid=grid, mlp=mlp, qkv_bias=config.stage_qkv_bias(index)))
         self.blocks = nnx.List(blocks)
 
 
