@@ -53,6 +53,8 @@ class ViTStage:
     mlp: the blocks' feed-forward layer, a name in `MLPS`; None inherits `ViTConfig.mlp`.
     use_attention: False gives blocks without a token mixer (LITv2's first two stages are MLP blocks only).
     qkv_bias: None inherits `ViTConfig.qkv_bias`.
+    position: "learned" adds a learned position embedding (one vector per token of the stage's grid, truncated
+        normal std 0.02) after the merge, as PVT's per-stage pos_embed; "none" (default) adds none.
     """
 
     width: int
@@ -66,6 +68,7 @@ class ViTStage:
     mlp: str | None = None
     use_attention: bool = True
     qkv_bias: bool | None = None
+    position: Literal["learned", "none"] = "none"
 
     @property
     def resolved_mlp_width(self) -> int:
@@ -179,6 +182,8 @@ class ViTConfig:
             self._check_blocks(owner, stage.layer_attention, index + 1, stage.depth, stage.use_attention)
             if stage.qkv_bias is not None:
                 self._check_qkv_bias(owner, index + 1, stage.qkv_bias)
+            if stage.position not in ("learned", "none"):
+                raise ValueError(f"{owner}.position={stage.position!r}; allowed: ['learned', 'none']")
 
     def _check_blocks(self, owner: str, layer_attention: Any, stage: int, depth: int, use_attention: Any) -> None:
         if not isinstance(use_attention, bool):
@@ -358,8 +363,21 @@ def _inline_swin_t() -> ViTConfig:
                                     layer_attention=[inline, inline, inline, softmax_window]))
 
 
+def _inline_pvt_t() -> ViTConfig:
+    """InLine-PVT-T (arXiv 2412.06590; code cfgs/inline_pvt_t.yaml, models/inline_pvt.py inline_pvt_tiny): PVT-T
+    with InLine in every block and no spatial reduction (la_sr_ratios '1111'): widths 64-128-320-512, depths 2-2-2-2,
+    heads 2-4-10-16, MLP ratios 8-8-4-4, qkv biases, LayerNorm eps 1e-6, a learned position embedding per stage,
+    mean pooling (12.0M published). Departures: Swin 2x2 patch merging (LayerNorm then a linear map without bias)
+    stands in for PVT's 2x2 stride-2 convolution with bias then LayerNorm between stages (the same 2x2 input
+    window; attnx has no such merge yet), the 4x4 stem has no LayerNorm after it, and the ViT's final LayerNorm,
+    which the code's model lacks, is kept: 2,112 parameters more in all (the code's count is 12,032,232)."""
+    widths, depths, heads, ratios = [64, 128, 320, 512], [2, 2, 2, 2], [2, 4, 10, 16], [8, 8, 4, 4]
+    return ViTConfig(**{**_HIERARCHICAL, "position": "learned"}, width=64, depth=2, num_heads=2, mlp_width=512,
+                     attention="inline", stages=_stages(widths, depths, heads, ratios, position="learned"))
+
+
 PRESETS.update({"nat_mini": _nat_mini(), "crossformer_t": _crossformer_t(), "transnext_micro": _transnext_micro(),
-                "litv2_s": _litv2_s(), "inline_deit_t": _inline_deit_t(), "inline_swin_t": _inline_swin_t()})
+                "litv2_s": _litv2_s(), "inline_deit_t": _inline_deit_t(), "inline_swin_t": _inline_swin_t(), "inline_pvt_t": _inline_pvt_t()})
 
 
 def vit_config(preset: str = "tiny", **overrides: Any) -> ViTConfig:
@@ -429,6 +447,10 @@ class Stage(nnx.Module):
                 attention_kwargs=attention_kwargs, qk_norm=config.qk_norm, norm_eps=config.norm_eps, rngs=rngs,
                 param_dtype=param_dtype, grid=grid, mlp=mlp, qkv_bias=config.stage_qkv_bias(index)))
         self.blocks = nnx.List(blocks)
+        learned = index > 0 and config.stages[index - 1].position == "learned"
+        # Drawn after the blocks, so that stages without one draw exactly what they drew before this option.
+        self.position_td = (nnx.Param(nnx.initializers.truncated_normal(0.02)(
+            rngs.params(), (grid[0] * grid[1], width), param_dtype)) if learned else None)
 
 
 class ViT(nnx.Module):
@@ -514,6 +536,8 @@ class ViT(nnx.Module):
                 previous = self.stages[s - 1].grid
                 grid = stage.merge(x.reshape(x.shape[0], *previous, x.shape[-1]))
                 x = grid.reshape(x.shape[0], -1, grid.shape[-1])
+            if stage.position_td is not None:
+                x = x + stage.position_td[...].astype(x.dtype)
             for i, block in enumerate(stage.blocks):
                 x = block(x, intermediates, self._block_name(s, i))
             if self.hierarchical:

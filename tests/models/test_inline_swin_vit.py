@@ -89,3 +89,32 @@ def test_inline_presets_match_the_code_parameter_counts():
     assert model.stages[3].blocks[0].attention.router.rpb.shape == (24, 13, 13)  # Swin's (2*7 - 1)^2 per head
     # InLine-DeiT-T: the code's qkv_bias=False (its count, 6,470,824, within 1% of 6.5M: tests/models/test_vit.py)
     assert PRESETS["inline_deit_t"].qkv_bias is False
+
+
+def test_inline_pvt_t_count_and_per_stage_positions():
+    """InLine-PVT-T: the code's inline_pvt_tiny has 12,032,232 parameters (12.0M published); here 2,112 more (Swin
+    merges for its 2x2 stride-2 convolutions +1,216, no stem LayerNorm -128, the ViT's final LayerNorm +1,024)."""
+    model = nnx.eval_shape(lambda: ViT(PRESETS["inline_pvt_t"], rngs=nnx.Rngs(0)))
+    assert count_parameters(model) == 12_032_232 + 2_112
+    assert [None if s.position_td is None else s.position_td.shape for s in model.stages] == \
+        [None, (28 * 28, 128), (14 * 14, 320), (7 * 7, 512)]  # stage 0's is the ViT's own (56 * 56, 64)
+    with pytest.raises(ValueError, match="position"):
+        ViTConfig(pooling="mean", patch_size=1, stages=(ViTStage(width=8, depth=1, num_heads=2, position="sincos"),))
+
+
+@nnx.jit
+def _stage_input(model, images):
+    """(stage 1's first attention input, the same from stage 0's output: merge, + position, LayerNorm)."""
+    _, inter = model(images, return_intermediates=True)
+    stage = model.stages[1]
+    merged = stage.merge(inter["stage_0/output"])
+    tokens = merged.reshape(merged.shape[0], -1, merged.shape[-1]) + stage.position_td[...]
+    return inter["stage_1/block_0/attention_input"], stage.blocks[0].attention_norm(tokens)
+
+
+def test_stage_position_is_added_after_the_merge():
+    config = ViTConfig(image_size=8, patch_size=2, width=8, depth=1, num_heads=2, mlp_width=8, pooling="mean",
+                       stages=(ViTStage(width=16, depth=1, num_heads=2, mlp_width=8, position="learned"),))
+    model = filled_from_numpy(lambda: ViT(config, rngs=nnx.Rngs(0)), 4)
+    got, want = _stage_input(model, jax.random.uniform(jax.random.key(0), (2, 8, 8, 1)))
+    assert_close(got, want, jnp.float32)
