@@ -48,3 +48,18 @@ def test_random_filler_and_seeds():
 def test_bad_sizes_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         mqar(2, **kwargs)
+
+
+def test_benchmark_grid_builds_the_zoology_models():
+    """bench/tasks.py's grid entries (shapes only, no weights drawn): lightning is TransNormerLLM's normalised mixer
+    (the bare function did not learn MQAR), based is Zoology's Hybrid[BaseConv, Based]."""
+    from flax import nnx
+
+    from bench.tasks import MECHANISMS, model_config
+    from models.llm import LLM
+
+    expected = {"lightning": {"tnl"}, "based": {"base_conv", "based"}, "performer": {"performer"}}
+    for mechanism, kinds in expected.items():
+        model = nnx.eval_shape(lambda: LLM(model_config(mechanism, 16, 64), rngs=nnx.Rngs(0)))
+        assert {m.kind for _, m in nnx.iter_graph(model) if hasattr(m, "kind")} == kinds, mechanism
+    assert set(MECHANISMS) == {"softmax", "sliding_window", "based", "lightning", "performer", "moh"}
