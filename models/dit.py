@@ -19,6 +19,22 @@ features of a reference image), added with weight λ = `image_prompt_scale`. Its
 so every block is still the identity at initialisation; with the option off the blocks and the parameter count are
 exactly DiT's. The model is then called with `image_embeds=` (zeros: no image prompt, IP-Adapter's unconditional
 `proj(zeros)`), and `image_prompt_scale=` overrides λ per call (0 removes the image stream exactly).
+
+Condition ("text") cross-attention (`DiTConfig.cross_attention`, a registry name; None, the default, leaves DiT
+unchanged, parameters and outputs bit-identical): PixArt-α's sub-layer (arXiv 2310.00426, §2.3;
+models/layers/cross_attention.py) in every block, after self-attention and before the MLP, residual, queries from
+the image tokens, keys and values from a condition sequence [B, S, condition_dim] projected to the width once per
+model (PixArt's caption embedder). Any mechanism with pattern NC drops in with one gin line: 'softmax' (PixArt),
+or the attention-control entries 'structured_cross', 'region_mask', 'isolation', whose per-call inputs the caller
+passes as `cross_attention_kwargs=` (see `DiT.__call__`). The digits DiT has no text encoder: by default its
+condition sequence is `LabelTokens` of the label (condition_shared_tokens learned tokens common to all images,
+then condition_class_tokens learned tokens of the class, a null row when the label is dropped for guidance); a
+caller with real condition tokens passes `context=` instead.
+
+Per-block head plans (`DiTConfig.layer_num_heads`, `attention_head_dim`): MoH-DiT-L/XL (SkyworkAI/MoH
+MoH-DiT/models.py) vary the number of heads per block (8 -> 16 -> 24) at a fixed head size (64 / 72), so the
+attention's inner width N * H differs from the model width D in some blocks; the official DiT takes the same two
+lists (`num_heads`, `head_dim`).
 """
 
 import dataclasses
@@ -30,11 +46,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import attnx
+
 from models.diffusion import classifier_free_guidance
 from models.layers.adaln import AdaLNModulation, LabelEmbedder, TimestepEmbedder, modulate
 from models.layers import PARAM_DTYPES, check_param_dtype
 from models.layers.attention import Attention, check_attention_choice, layer_entry, token_mixer
+from models.layers.cross_attention import (CaptionProjection, ConditionCrossAttention, LabelTokens,
+                                           check_cross_attention_choice)
 from models.layers.ip_adapter import DecoupledCrossAttention, ImageProjModel
+from models.layers.mixers import SPATIAL_MIXERS
 from models.layers.mlp import GeluMlp
 from models.layers.norm import LayerNorm
 from models.layers.patch import PatchEmbed, sincos_2d, unpatchify
@@ -60,6 +81,14 @@ class DiTConfig:
     image_prompt_tokens: M > 0 adds IP-Adapter image-prompt cross-attention to every block (module docstring);
         0 (default) leaves DiT unchanged. image_prompt_dim: width of the image embedding given to the model.
         image_prompt_scale: λ, the weight of the image stream (1.0 in the IP-Adapter code).
+    layer_num_heads: per-block head counts, repeated over the depth like layer_attention (empty: num_heads in
+        every block). attention_head_dim: the head size H of every block (None: width // the block's heads), so
+        that N * H may differ from the width (MoH-DiT-L/XL: 8, 16, 24 heads of 64 / 72).
+    cross_attention: None (default): no condition cross-attention. A registry name (pattern NC) adds PixArt-α's
+        cross-attention sub-layer to every block (module docstring); cross_attention_kwargs: its fixed options.
+        condition_dim: width C of the condition tokens (None: width). condition_shared_tokens /
+        condition_class_tokens: the digits stand-in for a text encoder, S = shared + class tokens derived from
+        the label (class_tokens 0: none; the model must then be called with `context=`).
     """
 
     input_size: int = 8
@@ -79,10 +108,19 @@ class DiTConfig:
     image_prompt_tokens: int = 0
     image_prompt_dim: int = 64
     image_prompt_scale: float = 1.0
+    layer_num_heads: tuple[int, ...] = ()
+    attention_head_dim: int | None = None
+    cross_attention: str | None = None
+    cross_attention_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    condition_dim: int | None = None
+    condition_shared_tokens: int = 1
+    condition_class_tokens: int = 2
 
     def __post_init__(self):
         if isinstance(self.layer_attention, list):  # gin gives lists; a tuple keeps the config hashable
             object.__setattr__(self, "layer_attention", tuple(self.layer_attention))
+        if isinstance(self.layer_num_heads, list):
+            object.__setattr__(self, "layer_num_heads", tuple(self.layer_num_heads))
         for name in ("input_size", "patch_size", "in_channels", "num_classes", "width", "depth", "num_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -115,6 +153,65 @@ class DiTConfig:
             raise ValueError(f"DiTConfig.layer_attention must be a tuple of entries, got {self.layer_attention!r}")
         for index in range(len(self.layer_attention)):
             check_attention_choice(f"DiTConfig.layer_attention[{index}]", *self.layer_choice(index), causal=False)
+        self._check_head_plan()
+        self._check_condition()
+
+    def _check_head_plan(self) -> None:
+        if not isinstance(self.layer_num_heads, tuple) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in self.layer_num_heads):
+            raise ValueError(f"DiTConfig.layer_num_heads must be a tuple of positive ints (heads per block, "
+                             f"repeated over the depth), got {self.layer_num_heads!r}")
+        if self.attention_head_dim is not None and (not isinstance(self.attention_head_dim, int) or isinstance(
+                self.attention_head_dim, bool) or self.attention_head_dim <= 0):
+            raise ValueError(f"DiTConfig.attention_head_dim must be a positive int or None (width // heads), got "
+                             f"{self.attention_head_dim!r}")
+        for index in range(min(self.depth, len(self.layer_num_heads))):
+            heads = self.layer_num_heads[index]
+            if self.attention_head_dim is None and self.width % heads:
+                raise ValueError(f"DiTConfig.layer_num_heads[{index}]={heads} does not divide width={self.width}; "
+                                 f"set attention_head_dim for heads of a fixed size")
+            name = attnx_name(self.layer_choice(index)[0])
+            if name in SPATIAL_MIXERS and self.layer_heads(index) != (self.num_heads, self.head_dim):
+                raise ValueError(f"DiTConfig: block {index} uses {name!r}, a spatial mixer that owns its "
+                                 f"projections at num_heads / width // num_heads; layer_num_heads and "
+                                 f"attention_head_dim apply to the shared attention layer only")
+
+    def _check_condition(self) -> None:
+        for name in ("condition_shared_tokens", "condition_class_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"DiTConfig.{name} must be an int >= 0, got {value!r}")
+        if self.condition_dim is not None and (not isinstance(self.condition_dim, int) or isinstance(
+                self.condition_dim, bool) or self.condition_dim <= 0):
+            raise ValueError(f"DiTConfig.condition_dim must be a positive int or None (the width), got "
+                             f"{self.condition_dim!r}")
+        if self.cross_attention is None:
+            if self.cross_attention_kwargs:
+                raise ValueError(f"DiTConfig.cross_attention_kwargs={dict(self.cross_attention_kwargs)!r} given "
+                                 f"without a cross_attention mechanism (None: no condition cross-attention)")
+            return
+        if not isinstance(self.cross_attention, str):
+            raise ValueError(f"DiTConfig.cross_attention must be a registry name or None, got "
+                             f"{self.cross_attention!r}")
+        check_cross_attention_choice("DiTConfig", self.cross_attention, self.cross_attention_kwargs)
+        length = self.condition_tokens
+        if length and length == self.num_patches and not attnx.get_attention(self.cross_attention).supports("NS"):
+            raise ValueError(f"DiTConfig: {length} condition tokens (condition_shared_tokens + "
+                             f"condition_class_tokens) equal the {self.num_patches} image tokens, which "
+                             f"{self.cross_attention!r} (cross attention only) reads as self attention; use another "
+                             f"token count")
+
+    def layer_heads(self, layer: int) -> tuple[int, int]:
+        """(heads, head size) of block `layer`'s attention."""
+        heads = self.layer_num_heads[layer % len(self.layer_num_heads)] if self.layer_num_heads else self.num_heads
+        return heads, self.attention_head_dim or self.width // heads
+
+    @property
+    def condition_tokens(self) -> int:
+        """S of the label-derived condition sequence (0: none built in)."""
+        if self.cross_attention is None or not self.condition_class_tokens:
+            return 0
+        return self.condition_shared_tokens + self.condition_class_tokens
 
     def layer_choice(self, layer: int) -> tuple[str, Mapping[str, Any]]:
         """(mechanism name, kwargs) of block `layer`."""
@@ -162,6 +259,11 @@ def dit_config(preset: str = "tiny", **overrides: Any) -> DiTConfig:
     return dataclasses.replace(PRESETS[preset], **overrides)
 
 
+def attnx_name(kind: str) -> str:
+    """The registry's canonical name of `kind` (aliases resolved)."""
+    return attnx.get_attention(kind).name
+
+
 def _xavier_uniform(rng: jax.Array, fan_in: int, fan_out: int, shape: tuple[int, ...], dtype) -> jax.Array:
     """Uniform(±√(6 / (fan_in + fan_out))) reshaped to `shape`: Glorot & Bengio (2010) over a flat matrix."""
     return nnx.initializers.xavier_uniform()(rng, (fan_in, fan_out), dtype).reshape(shape)
@@ -173,12 +275,19 @@ class DiTBlock(nnx.Module):
 
     def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs, layer: int = 0):
         dtype = PARAM_DTYPES[config.param_dtype]
-        width, heads, head_dim = config.width, config.num_heads, config.head_dim
+        width = config.width
+        heads, head_dim = config.layer_heads(layer)
         norm = functools.partial(LayerNorm, width, eps=NORM_EPS, use_scale=False, use_bias=False, param_dtype=dtype)
         self.attention_norm = norm()
         attention, attention_kwargs = config.layer_choice(layer)
-        self.attention = token_mixer(width, heads, attention=attention, attention_kwargs=attention_kwargs,
-                                     grid=(config.grid_size, config.grid_size), rngs=rngs, param_dtype=dtype)
+        grid = (config.grid_size, config.grid_size)
+        if heads * head_dim == width:
+            self.attention = token_mixer(width, heads, attention=attention, attention_kwargs=attention_kwargs,
+                                         grid=grid, rngs=rngs, param_dtype=dtype)
+        else:  # an inner width N * H other than D (MoH-DiT-L/XL plans): the shared layer takes both sizes
+            self.attention = Attention(width, heads, heads, head_dim, kind=attention, kind_kwargs=attention_kwargs,
+                                       causal=False, use_rope=False, use_bias=True, grid=grid, rngs=rngs,
+                                       param_dtype=dtype)
         if isinstance(self.attention, Attention):
             # DiT initialises timm's fused qkv Linear(D, 3D) and the output Linear(D, D) Xavier-uniform; the shared
             # layer's own fan-in normal is redrawn here so that the bound is the fused matrix's, √(6 / 4D).
@@ -199,13 +308,27 @@ class DiTBlock(nnx.Module):
                                                            zero_out=True, rngs=rngs, param_dtype=dtype)
         else:
             self.image_attention_norm = self.image_attention = None
+        # Attached by the DiT after all its other weights (`add_cross_attention`), so that switching it on leaves
+        # every other weight's random draw unchanged. (nnx.data: the attribute holds a module once attached.)
+        self.cross_attention = nnx.data(None)
+
+    def add_cross_attention(self, config: DiTConfig, *, rngs: nnx.Rngs) -> None:
+        """Adds the condition cross-attention sub-layer (config.cross_attention) to this block."""
+        self.cross_attention = ConditionCrossAttention(
+            config.width, config.num_heads, kind=config.cross_attention, kind_kwargs=config.cross_attention_kwargs,
+            rngs=rngs, param_dtype=PARAM_DTYPES[config.param_dtype])
 
     def __call__(self, x: jax.Array, c: jax.Array, context: jax.Array | None = None,
-                 image_tokens: jax.Array | None = None, image_prompt_scale=None) -> jax.Array:
+                 image_tokens: jax.Array | None = None, image_prompt_scale=None, *,
+                 condition: jax.Array | None = None, cross_attention_kwargs: Mapping[str, Any] | None = None
+                 ) -> jax.Array:
         """x [B, T, D], c [B, D] -> [B, T, D]; with image prompts also the text context [B, S, D] and the image
-        tokens [B, M, D] (λ = image_prompt_scale, default the config's)."""
+        tokens [B, M, D] (λ = image_prompt_scale, default the config's); with condition cross-attention the
+        condition tokens [B, S, D] (projected to the width) and the mechanism's per-call inputs."""
         shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
         x = x + gate_attn[:, None, :] * self.attention(modulate(self.attention_norm(x), shift_attn, scale_attn))
+        if self.cross_attention is not None:  # PixArt-α: on x itself, no norm or gate (the output starts at 0)
+            x = x + self.cross_attention(x, condition, **dict(cross_attention_kwargs or {}))
         if self.image_attention is not None:
             x = x + self.image_attention(self.image_attention_norm(x), context, image_tokens,
                                          scale=image_prompt_scale)
@@ -252,6 +375,17 @@ class DiT(nnx.Module):
         self.final_layer = FinalLayer(config, rngs=rngs)
         self.image_proj = (ImageProjModel(config.image_prompt_dim, config.width, config.image_prompt_tokens,
                                           rngs=rngs, param_dtype=dtype) if config.image_prompt_tokens else None)
+        # Condition cross-attention, built last (every other weight draws the same numbers with it on or off):
+        # the sub-layer of every block, the digits' label tokens and PixArt's caption projection.
+        if config.cross_attention is not None:
+            for block in self.blocks:
+                block.add_cross_attention(config, rngs=rngs)
+        condition_dim = config.condition_dim or config.width
+        self.label_tokens = (LabelTokens(config.num_classes, condition_dim, shared=config.condition_shared_tokens,
+                                         per_class=config.condition_class_tokens, rngs=rngs, param_dtype=dtype)
+                             if config.condition_tokens else None)
+        self.condition_proj = (CaptionProjection(condition_dim, config.width, rngs=rngs, param_dtype=dtype)
+                               if config.cross_attention is not None else None)
 
     def position_embedding(self) -> np.ndarray:
         """The fixed 2-D sin-cos positions [T, D] (MAE/DiT order), a constant rather than a parameter."""
@@ -273,12 +407,19 @@ class DiT(nnx.Module):
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *, train: bool = False,
                  rng: jax.Array | None = None, force_drop_ids: jax.Array | None = None,
                  return_intermediates: bool = False, image_embeds: jax.Array | None = None,
-                 image_prompt_scale=None):
+                 image_prompt_scale=None, context: jax.Array | None = None,
+                 cross_attention_kwargs: Mapping[str, Any] | None = None):
         """Returns the output [B, H, W, out_channels]; with return_intermediates, (output, dict) where the dict
         holds "conditioning" [B, D], "tokens" (after the position embedding) and "block_{i}" [B, T, D].
 
         image_embeds [B, image_prompt_dim]: required when the config has image prompts (zeros: none), refused
-        otherwise. image_prompt_scale: λ for this call (a number or a traced scalar), default the config's."""
+        otherwise. image_prompt_scale: λ for this call (a number or a traced scalar), default the config's.
+        context [B, S, condition_dim]: the condition tokens of the cross-attention (default: the label tokens of
+        y, null where labels are dropped); refused without cross_attention. cross_attention_kwargs: the cross
+        mechanism's per-call inputs, the same for every block, e.g. region_mask's foreground [B, T] (bool, per
+        image token in row-major order) and subject_tokens [B, S], isolation's q_ids [B, T] / k_ids [B, S],
+        structured_cross's extra_contexts [M, B, S, condition_dim] (noun-phrase encodings, projected like
+        `context`)."""
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(f"DiT expects images [B, H, W, {self.in_channels}], got {x.shape}")
         if (self.image_proj is None) != (image_embeds is None):
@@ -287,38 +428,84 @@ class DiT(nnx.Module):
                              "DiT: this model has image prompts (DiTConfig.image_prompt_tokens > 0); pass "
                              "image_embeds [B, image_prompt_dim] (zeros for no image prompt)")
         c = self.conditioning(t, y, train=train, rng=rng, force_drop_ids=force_drop_ids)
-        context = image_tokens = None
+        ip_context = image_tokens = None
         if self.image_proj is not None:  # the same rng drops the same labels as in c
-            context = self._label_embedding(y, train=train, rng=rng, force_drop_ids=force_drop_ids)[:, None, :]
+            ip_context = self._label_embedding(y, train=train, rng=rng, force_drop_ids=force_drop_ids)[:, None, :]
             image_tokens = self.image_proj(image_embeds)
+        condition, cross_kwargs = self._condition(y, context, cross_attention_kwargs, train=train, rng=rng,
+                                                  force_drop_ids=force_drop_ids)
         tokens = self.patch_embed(x) + self.position_embedding().astype(x.dtype)
         intermediates = {"conditioning": c, "tokens": tokens}
         for index, block in enumerate(self.blocks):
-            tokens = block(tokens, c, context, image_tokens, image_prompt_scale)
+            tokens = block(tokens, c, ip_context, image_tokens, image_prompt_scale, condition=condition,
+                           cross_attention_kwargs=cross_kwargs)
             intermediates[f"block_{index}"] = tokens
         patches = self.final_layer(tokens, c)
         grid = (self.grid_size, self.grid_size)
         out = unpatchify(patches, self.patch_size, grid, self.out_channels).astype(jnp.float32)
         return (out, intermediates) if return_intermediates else out
 
+    def _condition(self, y, context, cross_attention_kwargs, *, train, rng, force_drop_ids):
+        """(condition tokens projected to the width [B, S, D] or None, per-call cross-attention kwargs)."""
+        if self.condition_proj is None:
+            if context is not None or cross_attention_kwargs:
+                raise ValueError("DiT: context / cross_attention_kwargs given, but the model has no condition "
+                                 "cross-attention (DiTConfig.cross_attention=None)")
+            return None, None
+        if context is None:
+            if self.label_tokens is None:
+                raise ValueError("DiT: this model has condition cross-attention but no label tokens "
+                                 "(DiTConfig.condition_class_tokens=0); pass context [B, S, condition_dim]")
+            # the same rng and force_drop_ids drop the same labels as in c: null tokens for guidance
+            labels = self.label_embedder.drop_labels(jnp.asarray(y, jnp.int32), rng=rng if train else None,
+                                                     force_drop_ids=force_drop_ids)
+            context = self.label_tokens(labels)
+        elif context.ndim != 3 or context.shape[0] != y.shape[0]:
+            raise ValueError(f"DiT: context must be [B, S, condition_dim] with B={y.shape[0]}, got {context.shape}")
+        kwargs = dict(cross_attention_kwargs or {})
+        if kwargs.get("extra_contexts") is not None:  # noun-phrase encodings take the context's projection too
+            kwargs["extra_contexts"] = self.condition_proj(kwargs["extra_contexts"].astype(context.dtype))
+        return self.condition_proj(context), kwargs
+
     def forward_with_cfg(self, x: jax.Array, t: jax.Array, y: jax.Array, cfg_scale, *,
                          all_channels: bool = True, image_embeds: jax.Array | None = None,
-                         image_prompt_scale=None) -> jax.Array:
+                         image_prompt_scale=None, context: jax.Array | None = None,
+                         null_context: jax.Array | None = None,
+                         cross_attention_kwargs: Mapping[str, Any] | None = None) -> jax.Array:
         """Classifier-free guided output [B, H, W, out_channels] from one forward pass over 2B examples.
 
         The batch is run with its labels and with the null class; ε_u + s (ε_c - ε_u) replaces the ε channels (all
         in_channels of them), and the variance channels come from the conditional half. all_channels=False
         reproduces DiT's `forward_with_cfg`, which guides only the first three output channels. With image
         prompts, the unconditional half also gets a zero image embedding (IP-Adapter's uncond `proj(zeros)`).
+
+        Condition cross-attention: the unconditional half reads the null class's label tokens, or `null_context`
+        when `context` is given (both or neither). Per-call `cross_attention_kwargs` apply to the conditional half
+        only, as Structured Diffusion Guidance does (the unconditional prompt has no noun phrases or subject
+        words); the two halves then run as two calls of B examples instead of one of 2B.
         """
         batch = x.shape[0]
         image = {}
         if image_embeds is not None:
             image = dict(image_embeds=jnp.concatenate([image_embeds, jnp.zeros_like(image_embeds)]),
                          image_prompt_scale=image_prompt_scale)
-        out = self(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([y, y]),
-                   force_drop_ids=jnp.concatenate([jnp.zeros(batch, jnp.int32), jnp.ones(batch, jnp.int32)]),
-                   **image)
+        if (context is None) != (null_context is None):
+            raise ValueError("DiT.forward_with_cfg: give context and null_context together (the unconditional "
+                             "half needs its own condition tokens) or neither (the label tokens)")
+        if cross_attention_kwargs:
+            null_image = None if image_embeds is None else jnp.zeros_like(image_embeds)
+            conditional = self(x, t, y, force_drop_ids=jnp.zeros(batch, jnp.int32), context=context,
+                               cross_attention_kwargs=cross_attention_kwargs, image_embeds=image_embeds,
+                               image_prompt_scale=image_prompt_scale)
+            unconditional = self(x, t, y, force_drop_ids=jnp.ones(batch, jnp.int32), context=null_context,
+                                 image_embeds=null_image, image_prompt_scale=image_prompt_scale)
+            out = jnp.concatenate([conditional, unconditional])
+        else:
+            if context is not None:
+                image["context"] = jnp.concatenate([context, null_context])
+            out = self(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([y, y]),
+                       force_drop_ids=jnp.concatenate([jnp.zeros(batch, jnp.int32), jnp.ones(batch, jnp.int32)]),
+                       **image)
         guided = self.in_channels if all_channels else min(DIT_REFERENCE_GUIDED_CHANNELS, self.out_channels)
         return classifier_free_guidance(out[:batch], out[batch:], cfg_scale, guided_channels=guided)
 
