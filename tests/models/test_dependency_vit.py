@@ -1,8 +1,12 @@
 """DependencyViT (models/dependency_vit.py): the parameter count of the port's ViT-T-like preset (abstract build),
 the Lite token counts, the model's output, dependency masks and surviving positions against a per-layer numpy
 reference on a 2-layer model with a PEG and a pruning layer, cumulative gates equal the product of the per-layer
-gates, pruning keeps exactly the top-k cumulative gates, and config refusals; slow: every block's gates and the PEG get gradients through pruning."""
+gates, pruning keeps exactly the top-k cumulative gates, the digits experiment selects the model by one gin line,
+and config refusals; slow: every block's gates and the PEG get gradients through pruning."""
 
+import pathlib
+
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,6 +124,19 @@ def test_ti_preset_parameter_count_and_lite_token_counts():
                                                       None]
     assert PRESETS["Ti/16"].token_counts() == (196,)
     assert PRESETS["tiny_lite"].token_counts() == (16, 13, 10, 7)
+
+
+def test_the_digits_experiment_selects_the_model_by_one_gin_line():
+    from train import gin_config
+    configs = pathlib.Path(__file__).resolve().parents[2] / "configs"
+    gin_config.parse([str(configs / "experiments/dependency_vit_digits.gin")], ["PRESET = 'tiny_lite'"])
+    try:
+        task = gin.query_parameter("trainer.train.task").scoped_configurable_fn()
+    finally:
+        gin.clear_config()
+    assert task.model == PRESETS["tiny_lite"] and task.tokens_per_step == 64 * 16
+    model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))  # the task's own builder, abstractly
+    assert isinstance(model, DependencyViT) and [block.keep for block in model.blocks] == [None, 13, 10, 7]
 
 
 def test_config_refusals_name_the_field():
