@@ -55,8 +55,11 @@ class DCAL(nnx.Module):
         self.vit = ViT(config, rngs=rngs)
         width, heads = config.width, config.num_heads
         self.glca_norm = LayerNorm(width, eps=config.norm_eps, param_dtype=dtype)
-        self.glca_attention = Attention(width, heads, heads, width // heads, causal=False, use_rope=False,
-                                        use_bias=True, qk_norm=config.qk_norm, rngs=rngs, param_dtype=dtype)
+        # kind 'glca' names the block's mechanism (the config test reads it); the branch calls its projections and
+        # attnx's glca itself, with the rollout scores (called plainly, the layer is GLCA at ratio 1: all rows).
+        self.glca_attention = Attention(width, heads, heads, width // heads, kind="glca", causal=False,
+                                        use_rope=False, use_bias=True, qk_norm=config.qk_norm, rngs=rngs,
+                                        param_dtype=dtype)
         self.glca_mlp_norm = LayerNorm(width, eps=config.norm_eps, param_dtype=dtype)
         self.glca_mlp = GeluMlp(width, config.mlp_width, rngs=rngs, param_dtype=dtype)
         self.glca_final_norm = LayerNorm(width, eps=config.norm_eps, param_dtype=dtype)

@@ -1,16 +1,20 @@
 """DCAL around a tiny ViT (models/dcal.py): the SA branch is the plain ViT, GLCA's selection is the class token plus
 the top-R patches by rollout and its output equals the dense block's rows there (slow), PWCA with the image as its
 own distractor is the SA branch (slow), inference averages the two branches' probabilities and the weighted loss trains
-the loss weights, GLCA's own and the shared weights."""
+the loss weights, GLCA's own and the shared weights; the task's loss hook pairs each image with another image of the
+batch (traced by default; its value and a few training steps are slow)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from models.dcal import DCAL
 from models.vit import vit_config
+from train.data.digits import DigitsData
+from train.image_classification import ImageClassification
 
 CONFIG = vit_config("tiny", width=8, depth=1, num_heads=2, mlp_width=8, patch_size=2)  # 16 patches + CLS
 
@@ -34,6 +38,12 @@ def test_branch_shapes_without_compiling():
     assert jax.eval_shape(lambda m, x: m.pwca_logits(x, x), model, images).shape == (2, 10)
     loss, parts = jax.eval_shape(lambda m, x: m.loss(x, jnp.zeros((2,), jnp.int32), x), model, images)
     assert loss.shape == () and set(parts) == {"sa_loss", "glca_loss", "pwca_loss"}
+    # The image-classification task hands its loss to the model's training_loss hook.
+    task = ImageClassification(model=CONFIG, data=DigitsData(batch_size=8), wrapper=DCAL)
+    batch = {"image": images, "label": jax.ShapeDtypeStruct((2,), jnp.int32)}
+    loss, metrics = jax.eval_shape(lambda m, b: task.loss_fn(m, b, jax.random.key(0)), model, batch)
+    assert loss.shape == () and set(metrics) == {"sa_loss", "glca_loss", "pwca_loss", "accuracy", "weight_sa",
+                                                 "weight_glca", "weight_pwca"}
 
 
 @pytest.mark.slow
@@ -94,3 +104,34 @@ def test_unsupported_backbones_are_refused():
         DCAL(vit_config("tiny", pooling="mean"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="glca.ratio"):
         DCAL(CONFIG, ratio=0.0, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.slow
+def test_training_with_in_batch_distractors_lowers_the_loss():
+    task = ImageClassification(model=CONFIG, data=DigitsData(batch_size=8), wrapper=DCAL)
+    model = model_with_random_heads()
+    x, y = task.data.arrays("train")
+    batch = {"image": jnp.asarray(x[:8]), "label": jnp.asarray(y[:8])}
+    graphdef, state = nnx.split(model)
+    tx = optax.adam(3e-3)
+
+    @jax.jit
+    def step(state, opt_state, rng):
+        (loss, metrics), grads = jax.value_and_grad(
+            lambda s: task.loss_fn(nnx.merge(graphdef, s), batch, rng), has_aux=True)(state)
+        updates, opt_state = tx.update(grads, opt_state, state)
+        return optax.apply_updates(state, updates), opt_state, loss, metrics
+
+    # The hook's distractors are the batch rolled by a shift in 1..B-1 drawn from the step's rng.
+    rng = jax.random.key(5)
+    shift = int(jax.random.randint(rng, (), 1, 8))
+    hook, _ = jax.jit(lambda s: task.loss_fn(nnx.merge(graphdef, s), batch, rng))(state)
+    want, _ = jax.jit(lambda s: nnx.merge(graphdef, s).loss(batch["image"], batch["label"], jnp.roll(
+        batch["image"], -shift, axis=0), label_smoothing=task.label_smoothing))(state)
+    np.testing.assert_allclose(hook, want, rtol=1e-5)
+    opt_state, losses = tx.init(state), []
+    for i in range(5):
+        state, opt_state, loss, metrics = step(state, opt_state, jax.random.key(i))
+        losses.append(float(loss))
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    assert 0 <= float(metrics["accuracy"]) <= 1
