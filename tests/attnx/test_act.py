@@ -173,3 +173,21 @@ def test_errors_name_the_argument():
         act_calibrate(causal_maps(), None, statistics="rows")
     with pytest.raises(NotImplementedError, match="act.implementation"):
         act_attention(q, k, v, causal=True, implementation="chunked")
+
+
+def test_per_layer_head_lists_become_layer_attention_entries():
+    from attnx.ops.spans.act import act_heads_from_pairs, act_layer_attention
+
+    layer_heads = act_heads_from_pairs([(2, 1), (0, 3), (2, 0), (2, 1)], num_layers=3)
+    assert layer_heads == ((3,), (), (0, 1))
+    entries = act_layer_attention(layer_heads, 4, beta=0.5)
+    assert [kind for kind, _ in entries] == ["act"] * 3
+    assert [kw["head_mask"] for _, kw in entries] == [(False, False, False, True), (False,) * 4,
+                                                     (True, True, False, False)]
+    assert all(kw["beta"] == 0.5 and kw["statistics"] == "prefix" for _, kw in entries)
+    with pytest.raises(ValueError, match=r"act.layer_heads\[0\]"):
+        act_layer_attention(((4,),), 4)
+    with pytest.raises(ValueError, match="act.pairs"):
+        act_heads_from_pairs([(3, 0)], num_layers=3)
+    with pytest.raises(ValueError, match="act.beta"):
+        act_layer_attention(((0,),), 4, beta=2.0)

@@ -90,3 +90,43 @@ def act_reference(query, key, value, *, causal: bool = False, head_mask=None, be
     """The explicit rewrite: `act_calibrate` on the materialised maps, then the maps times the values."""
     args, probs = _prepare(query, key, value, causal, scale)
     return _output(args, _apply(args, act_calibrate(probs, head_mask, beta=beta, tau=tau, statistics=statistics)))
+
+
+# ---- Per-layer head lists ----------------------------------------------------------------------------------------
+# ACT calibrates a searched set of (layer, head) pairs (the official scripts keep one list per model and task, over
+# layers 2-30 of Llama-2-7B-chat; `attnx.analysis.act_head_search` finds one). A model selects them with one gin line
+# through `LLMConfig.layer_attention`, one ('act', kwargs) entry per layer with that layer's head mask.
+
+def act_heads_from_pairs(pairs, num_layers: int) -> tuple[tuple[int, ...], ...]:
+    """(layer, head) pairs, the official lists' format -> per-layer head tuples (entry l for layer l)."""
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"act.num_layers: expected an int >= 1, got {num_layers!r}")
+    layers = [[] for _ in range(num_layers)]
+    for pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in pair)):
+            raise ValueError(f"act.pairs: expected (layer, head) pairs of ints >= 0, got {pair!r}")
+        if pair[0] >= num_layers:
+            raise ValueError(f"act.pairs: layer {pair[0]} of {tuple(pair)} is outside [0, {num_layers}) (the depth)")
+        layers[pair[0]].append(pair[1])
+    return tuple(tuple(sorted(set(heads))) for heads in layers)
+
+
+def act_layer_attention(layer_heads, num_heads: int, *, beta: float = 0.4, tau: float = 0.1,
+                        statistics: Literal["full", "prefix"] = "prefix") -> tuple[tuple[str, dict], ...]:
+    """An `LLMConfig.layer_attention` tuple calibrating, in layer l, the query heads layer_heads[l] (a tuple of
+    per-layer head-index tuples, repeated over the depth like any layer_attention pattern; an empty tuple leaves the
+    layer's maps as they are). Each entry is ('act', {'head_mask': N booleans, 'beta', 'tau', 'statistics'})."""
+    check_act_options(beta, tau, statistics)
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"act.num_heads: expected an int >= 1 (the query heads), got {num_heads!r}")
+    if not isinstance(layer_heads, (tuple, list)) or not layer_heads or not all(
+            isinstance(heads, (tuple, list)) for heads in layer_heads):
+        raise ValueError(f"act.layer_heads: expected a non-empty tuple of per-layer head tuples, got {layer_heads!r}")
+    entries = []
+    for layer, heads in enumerate(layer_heads):
+        if not all(isinstance(h, int) and not isinstance(h, bool) and 0 <= h < num_heads for h in heads):
+            raise ValueError(f"act.layer_heads[{layer}]: expected head indices in [0, {num_heads}), got {heads!r}")
+        mask = tuple(h in heads for h in range(num_heads))
+        entries.append(("act", {"head_mask": mask, "beta": beta, "tau": tau, "statistics": statistics}))
+    return tuple(entries)
