@@ -297,6 +297,9 @@ class DecoderBlock(nnx.Module):
             rngs=rngs,
             param_dtype=dtype,
         )
+        router = getattr(self.attention, "router", None)
+        if hasattr(router, "bind_input_norm"):  # a router that reads the residual stream h (VAR's sink detector)
+            router.bind_input_norm(self.attention_norm)
         self.parallel = config.parallel_block
         self.mlp_norm = RMSNorm(config.width, eps=config.norm_eps, param_dtype=dtype) \
             if config.use_mlp and not config.parallel_block else None

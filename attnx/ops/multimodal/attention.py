@@ -19,6 +19,7 @@ last rows of the full forward as long as the image was prefilled in one chunk (w
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -27,6 +28,7 @@ from attnx.mask import Mask
 from attnx.ops.multimodal import heads as head_ops
 from attnx.ops.multimodal import masks
 from attnx.ops.multimodal.var import sink_mask, var_softmax
+from attnx.rotary import rotary_embedding
 from attnx.validation import canonicalize
 
 
@@ -152,12 +154,28 @@ def _var(query, key, value, allowed, query_positions, image_span, sinks, p, rho,
     return out.reshape(args.batch_shape + out.shape[1:])
 
 
+def _check_detection(sinks, sink_dims, tau) -> None:
+    """sink_dims / tau are the model's sink detection (models/layers/mixers/multimodal.py reads the hidden states
+    and passes `sinks` as a bool array); the attention function itself never sees hidden states."""
+    if sink_dims is None:
+        return
+    if isinstance(sinks, (tuple, list)):
+        raise ValueError(f"var.sink_dims={sink_dims!r}: sinks are detected from the hidden states by the model's "
+                         f"router (VARSinkDetector), which passes `sinks` as a bool [*B, S] array; a direct call takes "
+                         f"sinks (token indices or that array), got sinks={sinks!r}")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or tau < 0:
+        raise ValueError(f"var.tau: expected a number >= 0 (the sink threshold on |RMSNorm(h)|), got {tau!r}")
+
+
 def var_attention(query, key, value, *, causal: bool = False, image_span=None, sinks=(), p: float = 0.6,
-                  rho: float = 0.5, summ: float = 0.2, scale: float | None = None, implementation: str | None = None):
+                  rho: float = 0.5, summ: float = 0.2, scale: float | None = None, implementation: str | None = None,
+                  sink_dims=None, tau: float = 20.0):
     """Causal softmax attention with VAR applied to the probabilities (materialised reference path only).
 
-    sinks: static tuple of sink token indices, or a bool [*B, S] array (e.g. from `var_sink_tokens`)."""
+    sinks: static tuple of sink token indices, or a bool [*B, S] array (e.g. from `var_sink_tokens`). sink_dims /
+    tau: the in-model detection options, read by the layer's router (which then passes `sinks`), not here."""
     _check_self_causal("var", query, key, causal)
+    _check_detection(sinks, sink_dims, tau)
     if implementation not in (None, "reference"):
         raise NotImplementedError(f"var: a post-softmax transform has only the materialised 'reference' path, got "
                                   f"implementation={implementation!r}")
@@ -167,11 +185,45 @@ def var_attention(query, key, value, *, causal: bool = False, image_span=None, s
 
 
 def var_decode(query, key_cache, value_cache, *, query_positions, image_span=None, sinks=(), p: float = 0.6,
-               rho: float = 0.5, summ: float = 0.2, scale: float | None = None, implementation=None):
+               rho: float = 0.5, summ: float = 0.2, scale: float | None = None, implementation=None, sink_dims=None,
+               tau: float = 20.0):
     del implementation
+    _check_detection(sinks, sink_dims, tau)
     positions = jnp.asarray(query_positions)
     allowed = jnp.arange(key_cache.shape[-3])[None, :] <= positions[:, None]
     return _var(query, key_cache, value_cache, allowed, positions, image_span, sinks, p, rho, summ, scale)
+
+
+# VAR's decoding cache (a registry CacheRule): one slot per position as usual, plus the sink flag of every cached
+# token. With in-model detection the layer's router sees only the new tokens' hidden states, so the flags of earlier
+# tokens must be kept; the code keeps its prefill sink indices the same way (class state, `indices[layer]`).
+
+def var_cache_init(batch_size: int, length: int, key_shape, value_shape, dtype, **unused):
+    del unused
+    return {"key": jnp.zeros((batch_size, length, *key_shape), dtype),
+            "value": jnp.zeros((batch_size, length, *value_shape), dtype),
+            "sink": jnp.zeros((batch_size, length), bool)}
+
+
+def var_cache_decode(query, key, value, cache, cache_index, *, rope_theta, sinks=(), **kwargs):
+    """The T new tokens (pre-rotary query/key, positions cache_index .. + T - 1) are written into the cache with their
+    sink flags (a bool [*B, T] `sinks` from the router; a static tuple or a full-length [*B, L] array is used as is)
+    and attend through `var_decode`."""
+    steps, length = query.shape[-3], cache["key"].shape[-3]
+    positions = cache_index + jnp.arange(steps, dtype=jnp.int32)
+    if rope_theta is not None:
+        query = rotary_embedding(query, positions, theta=rope_theta)
+        key = rotary_embedding(key, positions, theta=rope_theta)
+    start = (0, cache_index, 0, 0)
+    cache = dict(cache, key=jax.lax.dynamic_update_slice(cache["key"], key.astype(cache["key"].dtype), start),
+                 value=jax.lax.dynamic_update_slice(cache["value"], value.astype(cache["value"].dtype), start))
+    if not isinstance(sinks, (tuple, list)) and jnp.shape(sinks)[-1] == steps and steps != length:
+        new = jnp.broadcast_to(jnp.asarray(sinks, bool), cache["sink"].shape[:-1] + (steps,))
+        cache["sink"] = jax.lax.dynamic_update_slice(cache["sink"], new, (0, cache_index))
+        sinks = cache["sink"]
+    out = var_decode(query, cache["key"].astype(query.dtype), cache["value"].astype(query.dtype),
+                     query_positions=positions, sinks=sinks, **kwargs)
+    return out, cache
 
 
 # ---- Head transforms: vhr, head_modulation -----------------------------------------------------------------------

@@ -8,7 +8,7 @@ defaults carry a small image span / selection that the CAB check exercises."""
 from attnx.api import implementation_names
 from attnx.ops.multimodal import attention as mm
 from attnx.ops.multimodal import modulation
-from attnx.registry import AttentionSpec, register_attention
+from attnx.registry import AttentionSpec, CacheRule, register_attention
 
 register_attention(AttentionSpec(
     name="cca",
@@ -65,6 +65,8 @@ register_attention(AttentionSpec(
     description="visual attention redistribution: post-softmax, sink mass of image-centric heads moves to the "
                 "image's non-sink tokens (materialised reference path only)",
     decode=mm.var_decode,
+    # the cache keeps each token's sink flag beside its key and value (in-model detection sees new tokens only)
+    cache=CacheRule(init=mm.var_cache_init, decode=mm.var_cache_decode),
 ))
 
 register_attention(AttentionSpec(

@@ -145,12 +145,25 @@ def var_layer_schedule(num_layers: int, first: int = 2, skip_last: bool = True) 
     return tuple(first <= layer < last for layer in range(num_layers))
 
 
-def var_layer_attention(num_layers: int, image_span, sinks, *, first: int = 2, skip_last: bool = True,
-                        p: float = 0.6, rho: float = 0.5, summ: float = 0.2) -> tuple[tuple[str, dict], ...]:
+def var_layer_attention(num_layers: int, image_span, sinks=(), *, first: int = 2, skip_last: bool = True,
+                        p: float = 0.6, rho: float = 0.5, summ: float = 0.2, sink_dims=None,
+                        tau: float = 20.0) -> tuple[tuple[str, dict], ...]:
     """An `LLMConfig.layer_attention` tuple applying VAR on `var_layer_schedule`: ('var', kwargs) in every layer,
-    with no sinks (plain causal softmax: without a visual sink no row qualifies) in the layers VAR skips."""
+    with no sinks (plain causal softmax: without a visual sink no row qualifies) in the layers VAR skips.
+
+    sink_dims (None: the static `sinks` indices): detect the sinks inside the model, as the paper does, from the
+    hidden state entering each active layer (max over sink_dims of |RMSNorm(h)| > tau; the layer's router
+    models/layers/mixers/multimodal.py VARSinkDetector reads `sink_dims` and `tau` and passes the bool mask)."""
     _check_fractions(p, rho, summ)
     on = dict(image_span=tuple(image_span), sinks=tuple(sinks) if isinstance(sinks, (tuple, list)) else sinks,
               p=p, rho=rho, summ=summ)
-    return tuple(("var", dict(on) if active else dict(on, sinks=()))
+    if sink_dims is not None:
+        dims = np.asarray(sink_dims)
+        if dims.ndim != 1 or dims.size == 0 or not np.issubdtype(dims.dtype, np.integer) or dims.min() < 0:
+            raise ValueError(f"var.sink_dims: expected a non-empty tuple of hidden dims >= 0, got {sink_dims!r}")
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or tau < 0:
+            raise ValueError(f"var.tau: expected a number >= 0, got {tau!r}")
+        on.update(sinks=(), sink_dims=tuple(int(d) for d in dims), tau=float(tau))
+    off = {key: value for key, value in on.items() if key not in ("sink_dims", "tau")}
+    return tuple(("var", dict(on) if active else dict(off, sinks=()))
                  for active in var_layer_schedule(num_layers, first, skip_last))
