@@ -148,7 +148,7 @@ class _Run:
         self.on_nonfinite = on_nonfinite
         self.say = say
         tx = make_optimizer(optimizer, steps)
-        self.graphdef, self.state, self.other_state = _initialize(task, seed, tx, self.mesh)
+        self.graphdef, self.train_graphdef, self.state, self.other_state = _initialize(task, seed, tx, self.mesh)
         self.data_iterator = task.train_iterator(jax.process_index(), jax.process_count())
         self.checkpointer = checkpoint_lib.Checkpointer(
             workdir / "checkpoints", keep=keep_checkpoints, async_save=async_checkpoints)
@@ -160,12 +160,14 @@ class _Run:
             self.state, self.start_step = restored
             self.step = self.last_saved = self.start_step
             say(f"Resumed from the checkpoint at step {self.start_step} in {self.checkpointer.directory}")
-        # Non-parameter variables (if any) are closed over: constant during training.
+        # Non-parameter variables (if any) are closed over: constant during training. The step runs the model in
+        # NNX training mode (`model.train()`: deterministic=False), everything else in evaluation mode.
         self._train_step = make_train_step(
-            lambda p: nnx.merge(self.graphdef, p, self.other_state), task.loss_fn, tx,
+            lambda p: nnx.merge(self.train_graphdef, p, self.other_state), task.loss_fn, tx,
             skip_nonfinite=on_nonfinite == "skip")
 
     def model(self) -> nnx.Module:
+        """The current model in evaluation mode (`model.eval()`), for evaluation and the task's finish."""
         return nnx.merge(self.graphdef, self.state["params"], self.other_state)
 
     def train_one_step(self) -> tuple[int, dict[str, float], bool]:
@@ -194,16 +196,22 @@ def _initialize(task, seed: int, tx, mesh):
     """Builds the model and the initial train state in one compiled function, placed replicated on `mesh`.
 
     Built eagerly, every parameter initializer would be a separately compiled tiny computation (seconds of
-    start-up for a small model); under jit they are one.
+    start-up for a small model); under jit they are one. Returns the graph definitions of the model in evaluation
+    and in training mode (NNX keeps the mode flags, `deterministic` / `use_running_average`, in the graph
+    definition), the train state and the non-parameter state.
     """
-    graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(seed))), nnx.Param, ...)
+    abstract = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(seed)))
+    abstract.train()
+    train_graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
+    abstract.eval()
+    graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
 
     def initial_state():
         _, params, other_state = nnx.split(task.build_model(nnx.Rngs(seed)), nnx.Param, ...)
         return init_train_state(params, tx, seed), other_state
 
     state, other_state = jax.jit(initial_state, out_shardings=sharding.replicated(mesh))()
-    return graphdef, state, other_state
+    return graphdef, train_graphdef, state, other_state
 
 
 def _validate(*, steps, eval_every, log_every, checkpoint_every, on_nonfinite):

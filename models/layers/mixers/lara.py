@@ -30,8 +30,9 @@ class LaraProposals(nnx.Module):
     for every new batch and for every layer, and correct under train/trainer.py, which closes over non-parameter
     state (a counter there would never advance). Identical inputs give identical noise (e.g. the same batch twice).
     Option `training` (also read by the attention function, which this module's output overrides) sets the mode a
-    freshly built layer starts in; train/trainer.py never switches modes, so with training=True its evaluation
-    passes sample too.
+    freshly built layer starts in; train/trainer.py switches modes itself (its train step runs `model.train()`,
+    evaluation and the task's finish `model.eval()`), so under the trainer LARA samples in training and uses w = mu
+    in evaluation, as the code does, whatever the option says.
     """
 
     def __init__(self, width: int, num_heads: int, *, head_dim: int, qk_head_dim: int | None = None,
