@@ -3,9 +3,8 @@ Dependency Tree Emerges from Reversed Attention", CVPR 2023, arXiv 2304.03282, �
 message controller, dependency mask, and DependencyViT-Lite pruning).
 
 The authors' repository (dingmyu/DependencyViT) holds no code. The math follows the paper as read in the spec
-(vision_mechanisms.md §7) and the timm work-in-progress port (F. Guan, `timm/models/dependencyvit.py`, side branch, read at
-f63d2e80);
-where they differ the port's code is followed and said so below.
+(vision_mechanisms.md §7) and the timm work-in-progress port (F. Guan, `timm/models/dependencyvit.py`, side branch,
+read at f63d2e80); where they differ the port's code is followed and said so below.
 
 Forward attention is the usual row softmax: row j (a *child*) is a distribution over the keys (its *parents*),
 
