@@ -1,6 +1,7 @@
-"""Model-level passes of the multimodal LLM mechanisms (spec diffusion_multimodal_bench.md §7, llm_mechanisms.md §8):
-VAR's sink detection inside the LLM (router on the residual stream, decode through its sink cache). Tiny models built
-abstractly and filled from numpy; one jitted forward per model."""
+"""Model-level passes of the multimodal LLM mechanisms (spec diffusion_multimodal_bench.md §7): VAR's sink detection
+inside the LLM (router on the residual stream, decode through its sink cache), VHR's image-free pass measuring VHD
+(a hand-made model where one head reads the image), and PAINT's token sets from a ViT's CLS attention fed to the LLM
+per sequence. Tiny models built abstractly and filled from numpy; one jitted pass per model."""
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +10,10 @@ import pytest
 from flax import nnx
 
 from attnx.ops.multimodal import attention as mm
+from attnx.ops.multimodal import modulation
 from attnx.ops.multimodal import var as var_ops
-from models import llm
+from models import llm, vit
+from models import multimodal as mmodel
 from models.layers.mixers.multimodal import VARSinkDetector
 from nnx_helpers import filled_from_numpy, forward
 
@@ -84,3 +87,123 @@ def test_var_detection_options_are_validated():
     q = jnp.zeros((1, 4, 2, 8))
     with pytest.raises(ValueError, match="router"):
         mm.var_attention(q, q, q, causal=True, image_span=(0, 2), sinks=(0,), sink_dims=(1,))
+
+
+# ---- VHR: VHD from the model's image-free pass ----------------------------------------------------------------------
+
+VHR_CONFIG = llm.LLMConfig(vocab_size=8, width=8, depth=2, num_heads=2, num_kv_heads=2, use_mlp=False,
+                           rope_theta=1e12)  # head dim 4: feature 1 rotates by 1e-6 rad per position
+SPAN = (1, 4)
+VHR_TOKENS = jnp.array([[0, 4, 5, 6, 1, 2], [3, 7, 4, 5, 2, 1]])  # ids 4..7 are image tokens
+
+
+def vhr_model(image_head: int):
+    """Hand-made: layer 0 head `image_head` averages the image tokens' content (dims 0, 1); the other head reads only
+    text content (dims 2, 3) and cannot see image keys (logit -200 from the image flag, dim 6). Layer 1 is zero."""
+    model = filled_from_numpy(lambda: llm.LLM(VHR_CONFIG, rngs=nnx.Rngs(0)), seed=5)
+    rng = np.random.default_rng(0)
+    table = np.zeros((8, 8), np.float32)
+    table[:, 7] = 1.0  # constant feature: the text head's query
+    table[4:, 6] = 1.0  # image flag
+    table[4:, 0:2] = rng.standard_normal((4, 2))
+    table[:4, 2:4] = rng.standard_normal((4, 2))
+    model.embed.embedding_vd[...] = jnp.asarray(table)
+    text_head = 1 - image_head
+    q, k, v = (np.zeros((8, 2, 4), np.float32) for _ in range(3))
+    q[7, text_head, 1], k[6, text_head, 1] = 1.0, -200.0
+    v[0, image_head, 0] = v[1, image_head, 1] = 1.0
+    v[2, text_head, 0] = v[3, text_head, 1] = 1.0
+    for block, (qq, kk, vv) in zip(model.blocks, [(q, k, v), (0 * q, 0 * k, 0 * v)]):
+        attention = block.attention
+        attention.query_dnh[...], attention.key_dkh[...], attention.value_dkh[...] = map(jnp.asarray, (qq, kk, vv))
+        block.attention_norm.scale_d[...] = jnp.ones(8)
+    model.blocks[1].attention.out_nhd[...] = jnp.zeros((2, 4, 8))
+    return model
+
+
+vhd_pass = nnx.jit(lambda model, tokens: (mmodel.measure_vhd(model, tokens, SPAN), mmodel.run_llm(model, tokens)[0],
+                                          model(tokens)))
+
+
+@pytest.mark.parametrize("image_head", [0, 1])
+def test_measure_vhd_selects_the_head_that_reads_the_image(image_head):
+    model = vhr_model(image_head)
+    vhd, logits, want = vhd_pass(model, VHR_TOKENS)
+    np.testing.assert_allclose(logits, want, rtol=1e-6, atol=1e-6)  # run_llm is the model's forward
+    vhd = np.asarray(vhd)
+    assert vhd.shape == (2, 2, 2)  # [L, B, N]
+    assert (vhd[0, :, image_head] > 0.1).all() and (vhd[0, :, 1 - image_head] < 1e-4).all()
+    np.testing.assert_allclose(vhd[1], 0.0, atol=1e-6)  # a zero layer reads nothing
+    # last row by hand: the image head's output with the image is its mean content over the row's keys, 0 without
+    content = np.asarray(model.embed.embedding_vd[...])[np.asarray(VHR_TOKENS)][:, :, :2]
+    normed = content / np.sqrt(np.mean(np.asarray(model.embed.embedding_vd[...])[np.asarray(VHR_TOKENS)] ** 2,
+                                       axis=-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(vhd[0, :, image_head], np.linalg.norm(normed.mean(1), axis=-1), rtol=1e-4)
+    plan = mmodel.vhr_plan(vhd, alpha=2.0)
+    assert plan["layer_heads"] == ((image_head,), ())
+    assert plan["layer_attention"] == (("vhr", {"heads": (image_head,), "alpha": 2.0}),
+                                       ("vhr", {"heads": (), "alpha": 2.0}))
+    assert mmodel.vhr_plan(vhd, top_k=1)["layer_heads"][0] == (image_head,)
+
+
+def test_measure_vhd_validates_its_inputs():
+    with pytest.raises(ValueError, match="image_span"):
+        mmodel.measure_vhd(None, VHR_TOKENS, (2, 6))  # no text row after the image
+    with pytest.raises(ValueError, match="rows"):
+        mmodel.measure_vhd(None, VHR_TOKENS, SPAN, rows="first")
+    with pytest.raises(ValueError, match="vhr_plan.vhd"):
+        mmodel.vhr_plan(np.ones((2, 2)))
+
+
+# ---- PAINT (head_modulation, mode 'code'): token sets from a ViT's CLS attention, fed to the LLM ---------------------
+
+VIT_CONFIG = vit.ViTConfig(image_size=8, patch_size=2, width=16, depth=3, num_heads=2, mlp_width=16)  # 16 patches
+PAINT_LLM = llm.LLMConfig(vocab_size=16, width=16, depth=1, num_heads=2, num_kv_heads=1, use_mlp=False,
+                          attention="head_modulation",
+                          attention_kwargs={"mode": "code", "alpha": 0.7, "beta": 0.3, "from_position": 0})
+PAINT_TOKENS = jnp.array([[1] + list(range(16)) + [2, 3, 4], [5] + list(range(15, -1, -1)) + [6, 7, 8]])
+
+
+@nnx.jit
+def paint_pass(vision, model, images, tokens):
+    local, summary = mmodel.paint_token_masks(vision, images, image_start=1, length=tokens.shape[1])
+    cls_rows = [m[:, :, 0, 1:] for m in vit.attention_maps(vision, images).values()]
+    logits, _ = mmodel.run_llm(model, tokens, extra_kwargs={"local_tokens": local, "summary_tokens": summary},
+                               extra_for="head_modulation")
+    return local, summary, cls_rows, logits, model(tokens)
+
+
+def np_paint(first, late, ratio=0.25):
+    """The code's two sets on one image (numpy: top int(ratio V) of the first layer's head-summed CLS row; IQR
+    outliers of the penultimate one; local minus summary)."""
+    top, bottom = first.sum(0), late.sum(0)
+    q1, q3 = np.percentile(bottom, 25), np.percentile(bottom, 75)
+    summary = bottom > q3 + 1.5 * (q3 - q1)
+    local = np.zeros(top.shape, bool)
+    local[np.argsort(-top, kind="stable")[:int(len(top) * ratio)]] = True
+    return local & ~summary, summary
+
+
+def test_paint_token_sets_from_a_vit_reach_the_llm_per_sequence():
+    vision = filled_from_numpy(lambda: vit.ViT(VIT_CONFIG, rngs=nnx.Rngs(0)), seed=7, scale=0.6)
+    model = filled_from_numpy(lambda: llm.LLM(PAINT_LLM, rngs=nnx.Rngs(0)), seed=8, scale=0.6)
+    images = jnp.asarray(np.random.default_rng(1).standard_normal((2, 8, 8, 1)), jnp.float32)
+    local, summary, cls_rows, logits, unmodulated = paint_pass(vision, model, images, PAINT_TOKENS)
+    local, summary = np.asarray(local), np.asarray(summary)
+    assert local.shape == summary.shape == (2, 20) and not local[:, [0, 17, 18, 19]].any()
+    for b in range(2):
+        want_local, want_summary = np_paint(np.asarray(cls_rows[0][b]), np.asarray(cls_rows[1][b]))
+        np.testing.assert_array_equal(local[b, 1:17], want_local)
+        np.testing.assert_array_equal(summary[b, 1:17], want_summary)
+    assert local.any() and (local[0] != local[1]).any()  # two images, two sets
+    # each sequence's logits equal the layer with that sequence's sets as static index tuples (the registered path)
+    attention = model.blocks[0].attention
+    x = model.embed(PAINT_TOKENS)
+    q, k, v = attention.project(model.blocks[0].attention_norm(x))
+    for b in range(2):
+        out = modulation.head_modulation_attention(
+            q[b:b + 1], k[b:b + 1], v[b:b + 1], causal=True, mode="code", alpha=0.7, beta=0.3,
+            local_tokens=tuple(np.flatnonzero(local[b]).tolist()), summary_tokens=tuple(np.flatnonzero(summary[b])))
+        want = model.logits(x[b:b + 1] + attention.output(out))
+        np.testing.assert_allclose(logits[b:b + 1], want, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(logits - unmodulated)).max() > 1e-3  # the sets changed the model's output

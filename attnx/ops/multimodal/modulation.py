@@ -10,7 +10,8 @@ hasanar1f/PAINT) in two modes:
   generated token and to the last prompt token at prefill: from_position = prompt length - 1 reproduces that and
   keeps the rule causal (the default 0 modulates every row). The token sets come from the vision encoder's CLS
   attention (heads.paint_token_sets, placed in the sequence by heads.place_image_tokens) and are given here as
-  static index tuples. z + alpha |z| depends on z itself, so it is no additive bias: this mode materialises the
+  static index tuples, or as bool [*B, S] arrays: per-sequence sets passed at run time (models/multimodal.py
+  `paint_token_masks` computes them from a ViT's CLS attention and `run_llm` threads them to the layers). z + alpha |z| depends on z itself, so it is no additive bias: this mode materialises the
   [T, S] logits (implementation 'reference' only, O(T S) memory).
 """
 
@@ -29,12 +30,27 @@ MODES = ("bias", "code")
 
 
 def _token_mask(name: str, tokens, length: int) -> jnp.ndarray:
-    if not isinstance(tokens, (tuple, list)) or not all(
-            isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0 for i in tokens):
+    """Static index tuple -> bool [S]; a bool [*B, S] array (per-sequence sets, e.g. from a vision encoder's CLS
+    attention at run time: models/multimodal.py) passes through."""
+    if not isinstance(tokens, (tuple, list)):
+        tokens = jnp.asarray(tokens)
+        if tokens.dtype != jnp.bool_ or tokens.ndim < 1 or tokens.shape[-1] != length:
+            raise ValueError(f"head_modulation.{name}: expected a tuple of token indices or a bool [*B, S] array with "
+                             f"S = {length} (the key length), got {tokens.dtype}{list(tokens.shape)}")
+        return tokens
+    if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0 for i in tokens):
         raise ValueError(f"head_modulation.{name}: expected a tuple of token indices >= 0, got {tokens!r}")
     mask = np.zeros(length, bool)
     mask[[i for i in tokens if i < length]] = True  # tokens past the sequence (a shorter prefix) are dropped
     return jnp.asarray(mask)
+
+
+def _logit_mask(mask, batch_shape) -> jnp.ndarray:
+    """bool [S] or [*B, S] -> broadcastable to the logits [B, K, G, T, S] of the canonical single batch axis."""
+    if mask.ndim == 1:
+        return mask
+    mask = jnp.broadcast_to(mask, batch_shape + mask.shape[-1:]).reshape(-1, mask.shape[-1])
+    return mask[:, None, None, None, :]
 
 
 def _code_softmax(query, key, value, allowed, positions, local_tokens, summary_tokens, alpha, beta, from_position,
@@ -49,9 +65,10 @@ def _code_softmax(query, key, value, allowed, positions, local_tokens, summary_t
     scale = H ** -0.5 if scale is None else scale
     qg = q.astype(jnp.float32).reshape(B, T, K, N // K, H)
     logits = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(jnp.float32), precision=HIGHEST) * scale
-    logits = head_ops.paint_modulate_logits(
-        logits, _token_mask("local_tokens", local_tokens, S), _token_mask("summary_tokens", summary_tokens, S),
-        alpha=alpha, beta=beta, rows=positions >= from_position)
+    local = _logit_mask(_token_mask("local_tokens", local_tokens, S), args.batch_shape)
+    summary = _logit_mask(_token_mask("summary_tokens", summary_tokens, S), args.batch_shape)
+    logits = head_ops.paint_modulate_logits(logits, local, summary, alpha=alpha, beta=beta,
+                                            rows=positions >= from_position)
     # masked entries never become -inf (double where), so no inf * 0 reaches the gradient; the max is a constant
     m = jax.lax.stop_gradient(jnp.max(jnp.where(allowed, logits, -jnp.inf), axis=-1, keepdims=True))
     m = jnp.where(jnp.isfinite(m), m, 0.0)
