@@ -165,11 +165,12 @@ class DiTConfig:
                 self.attention_head_dim, bool) or self.attention_head_dim <= 0):
             raise ValueError(f"DiTConfig.attention_head_dim must be a positive int or None (width // heads), got "
                              f"{self.attention_head_dim!r}")
-        for index in range(min(self.depth, len(self.layer_num_heads))):
-            heads = self.layer_num_heads[index]
+        planned = bool(self.layer_num_heads) or self.attention_head_dim is not None
+        for index in range(self.depth if planned else 0):
+            heads = self.layer_heads(index)[0]
             if self.attention_head_dim is None and self.width % heads:
-                raise ValueError(f"DiTConfig.layer_num_heads[{index}]={heads} does not divide width={self.width}; "
-                                 f"set attention_head_dim for heads of a fixed size")
+                raise ValueError(f"DiTConfig.layer_num_heads[{index % len(self.layer_num_heads)}]={heads} does not "
+                                 f"divide width={self.width}; set attention_head_dim for heads of a fixed size")
             name = attnx_name(self.layer_choice(index)[0])
             if name in SPATIAL_MIXERS and self.layer_heads(index) != (self.num_heads, self.head_dim):
                 raise ValueError(f"DiTConfig: block {index} uses {name!r}, a spatial mixer that owns its "
@@ -301,10 +302,11 @@ class DiTBlock(nnx.Module):
         self.mlp_norm = norm()
         self.mlp = GeluMlp(width, config.mlp_width, approximate=True, rngs=rngs, param_dtype=dtype)
         self.modulation = AdaLNModulation(width, 6, rngs=rngs, param_dtype=dtype)
-        # Built last, so that DiT's own weights draw the same numbers with the option on or off.
+        # Built last in the block, so that the first block's DiT weights draw the same numbers with the option on or
+        # off (later blocks' draws shift; the condition cross-attention below avoids that by being attached last).
         if config.image_prompt_tokens:
             self.image_attention_norm = norm()
-            self.image_attention = DecoupledCrossAttention(width, heads, scale=config.image_prompt_scale,
+            self.image_attention = DecoupledCrossAttention(width, config.num_heads, scale=config.image_prompt_scale,
                                                            zero_out=True, rngs=rngs, param_dtype=dtype)
         else:
             self.image_attention_norm = self.image_attention = None

@@ -73,8 +73,7 @@ def dit_outputs():
             masked=on(X, STEPS, Y, force_drop_ids=keep, cross_attention_kwargs=masked),
             unconditional=on(X, STEPS, Y, force_drop_ids=drop),
             context=on(X, STEPS, Y, context=on.label_tokens(Y)),
-            cfg_1=on.forward_with_cfg(X, STEPS, Y, 1.0, cross_attention_kwargs=masked),
-            cfg_0=on.forward_with_cfg(X, STEPS, Y, 0.0, cross_attention_kwargs=masked),
+            cfg_3=on.forward_with_cfg(X, STEPS, Y, 3.0, cross_attention_kwargs=masked),
             planned=nnx.merge(graph_planned, state_planned)(X, STEPS, Y))
 
     return jax.tree.map(np.asarray, bundle(*states))
@@ -121,8 +120,10 @@ def test_per_call_inputs_reach_the_mechanism():
 
 def test_guidance_applies_per_call_inputs_to_the_conditional_half_only():
     out = dit_outputs()
-    np.testing.assert_allclose(out["cfg_1"], out["masked"], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(out["cfg_0"][..., :1], out["unconditional"][..., :1], rtol=1e-5, atol=1e-5)
+    conditional, unconditional = out["masked"], out["unconditional"]  # with the masks / the null tokens without
+    guided = unconditional[..., :1] + 3.0 * (conditional[..., :1] - unconditional[..., :1])
+    np.testing.assert_allclose(out["cfg_3"][..., :1], guided, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["cfg_3"][..., 1:], conditional[..., 1:], rtol=1e-5, atol=1e-5)  # variance
 
 
 def test_a_block_with_an_inner_width_other_than_the_model_width_runs():
