@@ -21,6 +21,13 @@ tokens (tokens before the prod(grid) grid tokens, as DeiT's CLS) are left out of
 residual, as inline_deit.py; they still count in S, mean(K) and mean(V) there, and so here. A 1-D layout (grid=None
 or rank 1) is a 1 x L image: only the kernel's middle row reaches other tokens.
 
+Swin layout (`window`, `shift`; inline_swin.py, SwinTransformerBlock + InLineAttention): the grid is rolled by
+-shift and cut into window x window windows, and each window is one InLine problem (S = window^2 keys, its own mean
+token for the residual kernels, the residual convolution zero-padded at the window border). The code clamps the
+window to min(h, w) (shift 0) when it covers the grid, so InLine-Swin-T's WINDOW_SIZE 56 is global attention at
+224 px. The paper does not describe windows; this follows the code, including that shifted windows are not masked
+(the block passes Swin's attention mask and InLineAttention ignores it), so tokens wrapped around by the roll mix.
+
 Kernels (`kernel`): "identity" (DeiT, Swin default), "relu", "leakyrelu" (slope 0.01, torch's default), "exp"
 (exp(0.2 x)), the options of inline_swin.py. Patterns: NS; NC runs too (cross attention, S != T, without the local
 residual, which needs V on the queries' grid); causal forms are not defined by the paper and are refused.
