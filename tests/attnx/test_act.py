@@ -12,6 +12,7 @@ import pytest
 
 import attnx
 from attnx.analysis import act_calibrate, act_flash_epilogue, act_head_search, act_sink_columns, act_sink_set
+from attnx.ops.spans import act as act_ops
 from attnx.ops.spans.act import act_attention, act_reference
 from attnx.testing.tolerances import assert_close
 
@@ -191,3 +192,29 @@ def test_per_layer_head_lists_become_layer_attention_entries():
         act_heads_from_pairs([(3, 0)], num_layers=3)
     with pytest.raises(ValueError, match="act.beta"):
         act_layer_attention(((0,),), 4, beta=2.0)
+
+
+_decode = jax.jit(act_ops.act_cache_decode, static_argnames=("rope_theta", "head_mask", "beta", "tau", "statistics"))
+_full = jax.jit(act_attention, static_argnames=("causal", "head_mask", "beta", "tau", "statistics"))
+
+
+def test_decode_keeps_column_sums_beside_the_cache_and_equals_the_full_forward():
+    """Chunks of 4, 1 and 4 rows through act_cache_decode (no rotary positions) equal the rows of act_attention
+    (prefix statistics) on the whole sequence; the column sums are those of the uncalibrated maps."""
+    q, k, v = inputs(seed=3)
+    opts = dict(head_mask=HEADS, beta=0.4, tau=0.1, statistics="prefix")
+    full = _full(q, k, v, causal=True, **opts)
+    cache = act_ops.act_cache_init(B, T, (K, H), (K, V), jnp.float32, **opts)
+    rows, start = [], 0
+    for steps in (4, 1, 4):
+        chunk = slice(start, start + steps)
+        out, cache = _decode(q[:, chunk], k[:, chunk], v[:, chunk], cache, jnp.int32(start), rope_theta=None, **opts)
+        rows.append(out)
+        start += steps
+    assert_close(jnp.concatenate(rows, axis=1), full, jnp.float32)
+    _, probs = act_ops._prepare(q, k, v, True, None)
+    assert_close(cache["colsum"], probs.sum(-2), jnp.float32)
+    with pytest.raises(NotImplementedError, match="head_mask"):
+        act_ops.act_cache_init(B, T, (K, H), (K, V), jnp.float32)
+    with pytest.raises(NotImplementedError, match="statistics='prefix'"):
+        act_ops.act_cache_init(B, T, (K, H), (K, V), jnp.float32, head_mask=HEADS, statistics="full")

@@ -10,8 +10,14 @@ the values. Pattern CS only: the official rule is defined on causal self-attenti
 
 statistics: "prefix" (default here) takes row i's sink statistics from rows <= i, so the mechanism is causal (CAB
 CS) and can train and run inside an LLM; "full" is the official rule (one sink set per map, from all rows), for
-evaluating whole prompts as the paper does: with it, earlier outputs change when later tokens are appended. No
-KV-cache decode rule: a row's sink set needs the attention of earlier *queries*, which a KV cache does not keep.
+evaluating whole prompts as the paper does: with it, earlier outputs change when later tokens are appended.
+
+Decoding (statistics "prefix" only; a registry CacheRule): a row's sink set needs the attention that earlier
+*queries* paid to each column, which a KV cache does not keep; with prefix statistics that is a running column sum
+per query head, sum_{r < i} A_rj, kept beside the keys and values (`act_cache_init`, `act_cache_decode`), so each new
+row costs O(L) extra state per head and equals the full forward's row. The cache is sized by `head_mask` (one bool per
+query head, what `act_layer_attention` entries carry); without it the cache cannot know the number of query heads
+and decoding is refused.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-from attnx.analysis.calibration import (act_calibrate, act_flash_epilogue, act_sink_set, check_act_options,
-                                        head_mask_array)
+from attnx.analysis.calibration import (_first_hit_removed, act_calibrate, act_flash_epilogue, act_sink_set,
+                                        check_act_options, head_mask_array)
+from attnx.rotary import rotary_embedding
 from attnx.validation import canonicalize
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -130,3 +137,63 @@ def act_layer_attention(layer_heads, num_heads: int, *, beta: float = 0.4, tau: 
         mask = tuple(h in heads for h in range(num_heads))
         entries.append(("act", {"head_mask": mask, "beta": beta, "tau": tau, "statistics": statistics}))
     return tuple(entries)
+
+
+# ---- Decoding: running column sums beside the KV cache ------------------------------------------------------------
+
+def _decode_heads(head_mask, statistics) -> int:
+    if statistics != "prefix":
+        raise NotImplementedError(f"act: decoding needs statistics='prefix' (causal); 'full' chooses the sinks from "
+                                  f"every row of the prompt, later ones included, got statistics={statistics!r}")
+    if head_mask is None:
+        raise NotImplementedError("act: decoding keeps a column sum per query head, so it needs head_mask (one bool "
+                                  "per query head; act_layer_attention entries carry it), got head_mask=None")
+    return len(head_mask)
+
+
+def act_cache_init(batch_size: int, length: int, key_shape, value_shape, dtype, *, head_mask=None,
+                   statistics: str = "prefix", **unused):
+    """KV cache of `length` positions plus colsum [B, N, length] float32: sum of the (uncalibrated) attention each
+    column has received from the rows decoded so far."""
+    del unused
+    num_heads = _decode_heads(head_mask, statistics)
+    return {"key": jnp.zeros((batch_size, length, *key_shape), dtype),
+            "value": jnp.zeros((batch_size, length, *value_shape), dtype),
+            "colsum": jnp.zeros((batch_size, num_heads, length), F32)}
+
+
+def act_cache_decode(query, key, value, cache, cache_index, *, rope_theta, head_mask=None, beta: float = 0.4,
+                     tau: float = 0.1, statistics: str = "prefix", scale: float | None = None, implementation=None):
+    """The T new rows at positions cache_index .. + T - 1 (pre-rotary query/key [B, T, N|K, H]): written into the
+    cache, attended over it with ACT's prefix sink sets (column sums from the cache plus the rows of this chunk), and
+    the column sums advanced. Equals the rows of `act_attention(..., statistics='prefix')` on the whole sequence."""
+    del implementation
+    check_act_options(beta, tau, statistics)
+    _decode_heads(head_mask, statistics)
+    B, T, N, H = query.shape
+    K, L = key.shape[2], cache["key"].shape[1]
+    positions = cache_index + jnp.arange(T, dtype=jnp.int32)
+    if rope_theta is not None:
+        query = rotary_embedding(query, positions, theta=rope_theta)
+        key = rotary_embedding(key, positions, theta=rope_theta)
+    start = (0, cache_index, 0, 0)
+    keys = jax.lax.dynamic_update_slice(cache["key"], key.astype(cache["key"].dtype), start)
+    values = jax.lax.dynamic_update_slice(cache["value"], value.astype(cache["value"].dtype), start)
+    scale = H ** -0.5 if scale is None else scale
+    qg = jnp.moveaxis(query.astype(F32).reshape(B, T, K, N // K, H), 1, 3)  # [B, K, G, T, H]
+    logits = (jnp.einsum("bkgth,bskh->bkgts", qg, keys.astype(F32), precision=HIGHEST) * scale).reshape(B, N, T, L)
+    i, j = positions[:, None], jnp.arange(L)[None, :]
+    probs = jax.nn.softmax(jnp.where(j <= i, logits, -jnp.inf), axis=-1)  # [B, N, T, L]
+    prefix = cache["colsum"][:, :, None, :] + jnp.cumsum(probs, axis=-2)  # sum over rows <= i of A_rj
+    sink = _first_hit_removed(jnp.where(j <= i, prefix / jnp.maximum(i - j + 1, 1), 0.0) > tau)
+    # act_calibrate's rewrite, row by row (row 0 keeps its S columns in the ratios and gets A[0, 0] = 1)
+    freed = (1.0 - beta) * jnp.sum(jnp.where(sink, probs, 0.0), axis=-1, keepdims=True)
+    row0 = (positions == 0)[:, None]
+    rest = jnp.where(sink & ~row0, 0.0, probs)
+    n = jnp.sum(rest, axis=-1, keepdims=True)
+    maps = jnp.where(sink, beta * probs, probs) + freed * rest / jnp.where(n > 0, n, 1.0)
+    maps = jnp.where(row0 & (j == 0), 1.0, maps)
+    maps = jnp.where(head_mask_array(head_mask, N)[:, None, None], maps, probs)
+    out = jnp.einsum("bkgts,bskv->btkgv", maps.reshape(B, K, N // K, T, L), values.astype(F32), precision=HIGHEST)
+    cache = {"key": keys, "value": values, "colsum": cache["colsum"] + jnp.sum(probs, axis=-2)}
+    return out.reshape(B, T, N, -1).astype(query.dtype), cache

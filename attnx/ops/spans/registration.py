@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from attnx.ops.spans.act import act_attention, act_reference
+from attnx.ops.spans.act import act_attention, act_cache_decode, act_cache_init, act_reference
 from attnx.ops.spans.moa import sink_window_attention, sink_window_decode, sink_window_reference
-from attnx.registry import AttentionSpec, register_attention
+from attnx.registry import AttentionSpec, CacheRule, register_attention
 from attnx.api import implementation_names
 
 register_attention(AttentionSpec(
@@ -32,4 +32,6 @@ register_attention(AttentionSpec(
     implementations=("epilogue", "reference"),
     defaults={"beta": 0.4, "tau": 0.1, "statistics": "prefix"},
     description="causal softmax attention with attention-sink calibration on selected heads (materialised)",
+    # decoding keeps a running column sum per query head beside the KV cache (prefix statistics, head_mask given)
+    cache=CacheRule(init=act_cache_init, decode=act_cache_decode),
 ))
