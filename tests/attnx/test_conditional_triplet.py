@@ -16,31 +16,40 @@ def cosine(a, b):
 
 def test_zero_when_the_margin_holds_and_the_hinge_otherwise():
     e = np.eye(4, dtype=np.float32)
-    # anchor = positive, negative orthogonal: cosine 1 vs 0, margin 0.2 holds; squared distance 0 vs 2 holds too.
-    assert float(triplet_loss(e[0], e[0], e[1])) == 0.0
-    assert float(triplet_loss(e[0], e[0], e[1], kind="euclidean", margin=1.0)) == 0.0
     rng = np.random.default_rng(0)
     a, p, n = (rng.standard_normal((5, 6)).astype(np.float32) for _ in range(3))
+    run = jax.jit(lambda e, a, p, n: (
+        # anchor = positive, negative orthogonal: cosine 1 vs 0 (margin 0.2 holds), squared distance 0 vs 2 (1 holds)
+        triplet_loss(e[0], e[0], e[1]), triplet_loss(e[0], e[0], e[1], kind="euclidean", margin=1.0),
+        triplet_loss(a, p, n, margin=0.3), triplet_loss(a, p, n, margin=0.3, kind="euclidean")))
+    held_cosine, held_euclidean, hinge, hinge_euclidean = run(e, a, p, n)
+    assert float(held_cosine) == 0.0 and float(held_euclidean) == 0.0
     want = np.maximum(0, 0.3 - cosine(a, p) + cosine(a, n))
     assert np.any(want > 0)  # active hinges, so the formula is exercised
-    np.testing.assert_allclose(triplet_loss(a, p, n, margin=0.3), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(hinge, want, rtol=1e-5, atol=1e-6)
     want_euclid = np.maximum(0, 0.3 + np.sum((a - p) ** 2, -1) - np.sum((a - n) ** 2, -1))
-    np.testing.assert_allclose(triplet_loss(a, p, n, margin=0.3, kind="euclidean"), want_euclid, rtol=1e-5)
+    np.testing.assert_allclose(hinge_euclidean, want_euclid, rtol=1e-5)
 
 
 def test_gradient_pulls_the_positive_in_and_pushes_the_negative_away():
     a = jnp.asarray([1.0, 0.0, 0.0])
     p = jnp.asarray([0.0, 1.0, 0.0])  # cosine 0 to the anchor
     n = jnp.asarray([0.6, 0.8, 0.0])  # cosine 0.6: closer than the positive, the hinge is active
-    for kind in ("cosine", "euclidean"):
-        grad_p, grad_n = jax.grad(lambda p, n: triplet_loss(a, p, n, kind=kind), (0, 1))(p, n)
-        step = 0.01
-        # A gradient-descent step moves the positive towards the anchor and the negative away from it.
-        assert similarity(a, p - step * grad_p, kind) > similarity(a, p, kind)
-        assert similarity(a, n - step * grad_n, kind) < similarity(a, n, kind)
-    # Inactive hinge: no gradient at all.
-    zero = jax.grad(lambda n: triplet_loss(a, a, n))(jnp.asarray([0.0, 0.0, 1.0]))
-    np.testing.assert_array_equal(np.asarray(zero), 0.0)
+    far = jnp.asarray([0.0, 0.0, 1.0])
+
+    @jax.jit
+    def run(a, p, n, far):
+        out = {}
+        for kind in ("cosine", "euclidean"):
+            grad_p, grad_n = jax.grad(lambda p, n: triplet_loss(a, p, n, kind=kind), (0, 1))(p, n)
+            # similarities before and after a gradient-descent step of 0.01
+            out[kind] = [similarity(a, x, kind) for x in (p, p - 0.01 * grad_p, n, n - 0.01 * grad_n)]
+        return out, jax.grad(lambda n: triplet_loss(a, a, n))(far)
+
+    moved, inactive = run(a, p, n, far)
+    for kind, (p_before, p_after, n_before, n_after) in moved.items():
+        assert p_after > p_before and n_after < n_before, kind  # positive pulled in, negative pushed away
+    np.testing.assert_array_equal(np.asarray(inactive), 0.0)  # inactive hinge: no gradient at all
 
 
 def test_in_batch_triplets_respect_the_attributes_and_the_loss_is_per_condition():
