@@ -337,10 +337,11 @@ def _litv2_s() -> ViTConfig:
 def _inline_deit_t() -> ViTConfig:
     """InLine-DeiT-T (Han et al., 2024, "Bridging the Divide: Reconsidering Softmax and Linear Attention",
     arXiv 2412.06590; code cfgs/inline_deit_t.yaml, models/inline_deit.py): DeiT-T with 6 heads and InLine attention
-    in every block, the dynamic depth-wise residual included, query/key/value projections without bias as the
-    code's qkv_bias=False (6.5M)."""
-    return ViTConfig(**_IMAGENET, width=192, depth=12, num_heads=6, mlp_width=768, attention="inline",
-                     qkv_bias=False)
+    in every block, the dynamic depth-wise residual included (6,477,736 parameters, the code's count; 6.5M).
+    The q/k/v projections keep their biases: InLineAttention's signature defaults to qkv_bias=False, but the code's
+    VisionTransformer (qkv_bias=True by default, not overridden by inline_deit_tiny) passes True to every block
+    (so does InLine-PVT, and InLine-Swin's QKV_BIAS is True); `ViTConfig.qkv_bias=False` builds the other form."""
+    return ViTConfig(**_IMAGENET, width=192, depth=12, num_heads=6, mlp_width=768, attention="inline")
 
 
 def _inline_swin_t() -> ViTConfig:

@@ -1,4 +1,4 @@
-"""InLine's Swin and DeiT layouts in the ViT (arXiv 2412.06590; LeapLabTHU/InLine models/inline_swin.py,
+"""InLine's Swin and PVT layouts in the ViT (arXiv 2412.06590; LeapLabTHU/InLine models/inline_swin.py,
 inline_deit.py): the shared layer with qkv_bias=False and Swin windows (per-window residual kernels from each
 window's mean token) against a written-out computation, the qkv_bias option of ViTConfig/ViTStage, and the
 InLine-Swin-T preset's parameter count (abstract)."""
@@ -87,8 +87,8 @@ def test_inline_presets_match_the_code_parameter_counts():
     assert kinds[1] == ("stage_0", "inline", {"window": 56, "shift": 28})
     assert kinds[-1] == ("stage_3", "neighborhood", {"kernel_size": 7, "use_rpb": True})
     assert model.stages[3].blocks[0].attention.router.rpb.shape == (24, 13, 13)  # Swin's (2*7 - 1)^2 per head
-    # InLine-DeiT-T: the code's qkv_bias=False (its count, 6,470,824, within 1% of 6.5M: tests/models/test_vit.py)
-    assert PRESETS["inline_deit_t"].qkv_bias is False
+    # InLine-DeiT-T keeps the q/k/v biases the code's VisionTransformer passes (qkv_bias=True)
+    assert PRESETS["inline_deit_t"].qkv_bias is True
 
 
 def test_inline_pvt_t_count_and_per_stage_positions():
