@@ -34,7 +34,8 @@ PUBLISHED_PARAMETERS = {"Ti/16": 5_717_416, "S/16": 22_050_664, "B/16": 86_567_6
                         "inline_deit_t": 6.5e6}
 # The four-stage paper models trace for 10-30 s each: their forward shapes run with `-m slow` (their parameter
 # counts, which build them abstractly, stay in the default suite).
-PAPER_MODELS = ("nat_mini", "crossformer_t", "transnext_micro", "litv2_s", "inline_deit_t")
+PAPER_MODELS = ("nat_mini", "crossformer_t", "transnext_micro", "litv2_s", "inline_deit_t", "inline_swin_t",
+                "inline_pvt_t")
 
 
 def images(config: ViTConfig, batch: int = 3, seed: int = 0) -> jax.Array:
