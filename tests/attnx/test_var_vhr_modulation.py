@@ -175,3 +175,35 @@ def test_head_modulation_code_mode_matches_the_oracle_forward_gradient_and_decod
         modulation.head_modulation_attention(q, k, v, causal=True, mode="paint")
     with pytest.raises(ValueError, match="head_modulation.from_position"):
         modulation.head_modulation_attention(q, k, v, causal=True, **dict(CODE, from_position=-1))
+
+
+BIAS = dict(heads=(1,), head_scores=(3.0,), alpha=1.0)
+
+
+def both_modes(q, k, v, tokens):
+    """(mode 'bias', mode 'code') outputs for `tokens` (static indices or a bool [B, S] array), one compile each."""
+    code_summary = () if isinstance(tokens, tuple) else jnp.zeros_like(tokens)
+    return (modulation.head_modulation_attention(q, k, v, causal=True, tokens=tokens, **BIAS),
+            modulation.head_modulation_attention(q, k, v, causal=True, mode="code", local_tokens=tokens,
+                                                 summary_tokens=code_summary))
+
+
+modes_with_array, modes_with_indices = jax.jit(both_modes), jax.jit(both_modes, static_argnames=("tokens",))
+
+
+def test_head_modulation_takes_per_sequence_token_masks_in_both_modes():
+    """A bool [B, S] token array gives each sequence the result of its own static index tuple (modes 'bias' and
+    'code'); a wrong length is refused."""
+    rng = np.random.default_rng(4)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 6, 2, 8)), jnp.float32) for _ in range(3))
+    sets = [(1, 4), (0, 2, 5)]
+    masks = jnp.asarray([[i in s for i in range(6)] for s in sets])
+    got = modes_with_array(q, k, v, masks)
+    for b, tokens in enumerate(sets):
+        want = modes_with_indices(q[b:b + 1], k[b:b + 1], v[b:b + 1], tokens)
+        for mode in range(2):
+            assert_close(got[mode][b:b + 1], want[mode], jnp.float32)
+    with pytest.raises(ValueError, match="head_modulation.tokens"):
+        modulation.head_modulation_attention(q, k, v, causal=True, tokens=masks[:, :4], **BIAS)
+    with pytest.raises(ValueError, match="head_modulation.local_tokens"):
+        modulation.head_modulation_attention(q, k, v, causal=True, mode="code", local_tokens=masks[:, :4])
