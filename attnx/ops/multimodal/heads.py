@@ -11,8 +11,8 @@ Divergence of head h in layer l is the distance between its output with and with
 
 and VHR multiplies, layer by layer, the outputs of the top-K heads by VHD by alpha (= 2) before the output
 projection: o_h <- (1 + (alpha - 1) 1[h in TopK_l]) o_h. Computing VHD needs one extra pass without the image; that
-pass and the layer-by-layer schedule belong to the model (the same hook as MoH's gates), so here are the per-head
-scores, the top-K scale and its application. The spec flags the exact top-K rule as unverified against the paper
+pass and the layer-by-layer schedule belong to the model (models/multimodal.py `measure_vhd`, `vhr_plan`), so here
+are the per-head scores, the top-K scale and its application. The spec flags the exact top-K rule as unverified against the paper
 (e.g. a per-layer K versus a global one); `vhr_head_scale` takes K per call, and `vhr_layer_selection` /
 `vhr_layer_scales` implement the paper's per-layer rule (above the layer median, surges above mean + std dropped).
 

@@ -16,7 +16,11 @@ Code details kept here: the share's denominator adds 1e-6 per image column; text
 budget also goes to the image; at prefill only query rows after the image are redistributed (`query_coord >=
 im + pa` while the output-token count is negative), and in decoding every new row is after the image anyway, so
 the rule here is "rows at positions >= image end". The code skips the last layer and detects sinks from layer 2 on;
-the attention function has no layer index, so that schedule is the caller's (pass no sinks to skip a layer).
+the attention function has no layer index, so that schedule is the caller's (pass no sinks to skip a layer):
+`var_layer_attention` builds it for the LLM. Inside the LLM the sinks come from the hidden states themselves
+(`var_layer_attention(..., sink_dims=, tau=)`): the layer's router, models/layers/mixers/multimodal.py
+`VARSinkDetector`, applies `var_sink_tokens` to the residual stream entering the layer and passes the bool mask as
+`sinks`, and VAR's cache rule (attention.py `var_cache_decode`) keeps each token's flag beside the KV cache.
 
 This is a post-softmax probability transform, so it runs on the materialised reference path only: O(T S) memory,
 no fused kernel (spec §7, "Common API").
