@@ -40,13 +40,17 @@ def official_steps(a, beta, tau):
     return a, hits
 
 
+# One compile per (shape, options) instead of eager op-by-op dispatch (which compiles every primitive it meets).
+calibrate = jax.jit(act_calibrate, static_argnames=("head_mask", "beta", "tau", "statistics"))
+
+
 def test_rows_sum_to_one_and_match_the_official_steps():
     maps = causal_maps()
     for statistics in ("full", "prefix"):
-        out = act_calibrate(maps, HEADS, statistics=statistics)
+        out = calibrate(maps, HEADS, statistics=statistics)
         assert_close(out.sum(-1), jnp.ones((B, N, T)), jnp.float32)
         assert_close(out[:, 1], maps[:, 1], jnp.float32)  # an unselected head is untouched
-    out = np.asarray(act_calibrate(maps, HEADS, beta=0.4, tau=0.1))
+    out = np.asarray(calibrate(maps, HEADS, beta=0.4, tau=0.1))
     touched = 0
     for b in range(B):
         for n in (0, 2, 3):
@@ -62,14 +66,14 @@ def test_row_zero_rule_and_first_hit_on_a_non_causal_map():
     a = jax.nn.softmax(jax.random.normal(jax.random.key(2), (1, 1, 6, 6)) * 2, axis=-1)
     want, hits = official_steps(a[0, 0], 0.4, 0.1)
     assert len(hits) > 0
-    np.testing.assert_allclose(np.asarray(act_calibrate(a, (True,)))[0, 0], want, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(calibrate(a, (True,)))[0, 0], want, atol=2e-6)
 
 
 def test_identity_when_beta_is_one_or_tau_at_least_one():
     maps = causal_maps()
-    assert_close(act_calibrate(maps, None, beta=1.0), maps, jnp.float32)
-    assert_close(act_calibrate(maps, None, tau=1.0), maps, jnp.float32)
-    assert_close(act_calibrate(maps, None, tau=1.0, statistics="prefix"), maps, jnp.float32)
+    assert_close(calibrate(maps, None, beta=1.0), maps, jnp.float32)
+    assert_close(calibrate(maps, None, tau=1.0), maps, jnp.float32)
+    assert_close(calibrate(maps, None, tau=1.0, statistics="prefix"), maps, jnp.float32)
 
 
 def test_synthetic_sink_keeps_exactly_beta_of_its_mass_and_the_first_hit_is_left_alone():
@@ -78,7 +82,7 @@ def test_synthetic_sink_keeps_exactly_beta_of_its_mass_and_the_first_hit_is_left
     maps = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((length, length), bool)), logits, -jnp.inf), -1)[None, None]
     columns = act_sink_columns(maps.sum(-2), tau=0.1)[0, 0]
     assert np.flatnonzero(np.asarray(columns)).tolist() == [sink_column]  # column 0 is the first hit: excluded
-    out = act_calibrate(maps, (True,), beta=0.25)
+    out = calibrate(maps, (True,), beta=0.25)
     assert_close(out[0, 0, :, sink_column], 0.25 * maps[0, 0, :, sink_column], jnp.float32)
     # The first hit is never scaled down: rows that see the sink give it freed mass, earlier rows are unchanged.
     assert bool(jnp.all(out[0, 0, sink_column:, 0] > maps[0, 0, sink_column:, 0]))
@@ -91,7 +95,7 @@ def test_flash_epilogue_equals_the_explicit_rewrite():
     values = jax.random.normal(jax.random.key(6), (B, N, T, V))
     sink = act_sink_set(maps, tau=0.1)
     p_sink, p_rest = jnp.where(sink, maps, 0.0), jnp.where(sink, 0.0, maps)
-    want = act_calibrate(maps, None, beta=0.4) @ values
+    want = calibrate(maps, None, beta=0.4) @ values
     got = act_flash_epilogue(p_sink @ values, p_rest @ values, p_sink.sum(-1), p_rest.sum(-1), beta=0.4)
     assert_close(got, want, jnp.float32)
     # An online softmax hands over unnormalised accumulators (exp(s - m), any per-row scale): same result.
@@ -133,14 +137,14 @@ def test_registry_path_matches_the_reference_with_gradients():
 
 def test_prefix_statistics_are_causal_and_agree_with_the_official_rule_on_the_last_row():
     maps = causal_maps(seed=9)
-    full = act_calibrate(maps, None, statistics="full")
-    prefix = act_calibrate(maps, None, statistics="prefix")
+    full = calibrate(maps, None, statistics="full")
+    prefix = calibrate(maps, None, statistics="prefix")
     assert_close(prefix[..., -1, :], full[..., -1, :], jnp.float32)
     # Row i of the prefix rule is the official rule applied to the leading (i + 1) x (i + 1) map.
     i = 5
-    assert_close(prefix[..., i, :i + 1], act_calibrate(maps[..., :i + 1, :i + 1], None)[..., i, :], jnp.float32)
+    assert_close(prefix[..., i, :i + 1], calibrate(maps[..., :i + 1, :i + 1], None)[..., i, :], jnp.float32)
     # The official rule is not causal: appending tokens changes earlier rows (why the registry defaults to prefix).
-    assert float(jnp.max(jnp.abs(full[..., i, :i + 1] - act_calibrate(maps[..., :i + 1, :i + 1], None)[..., i, :]))
+    assert float(jnp.max(jnp.abs(full[..., i, :i + 1] - calibrate(maps[..., :i + 1, :i + 1], None)[..., i, :]))
                  ) > 1e-3
 
 
@@ -167,11 +171,11 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="self attention"):
         act_reference(q, k[:, :4], v[:, :4], causal=True)
     with pytest.raises(ValueError, match=r"act.head_mask: expected 4"):
-        act_calibrate(causal_maps(), (True, False))
+        calibrate(causal_maps(), (True, False))
     with pytest.raises(ValueError, match=r"act.beta"):
-        act_calibrate(causal_maps(), None, beta=1.5)
+        calibrate(causal_maps(), None, beta=1.5)
     with pytest.raises(ValueError, match=r"act.statistics"):
-        act_calibrate(causal_maps(), None, statistics="rows")
+        calibrate(causal_maps(), None, statistics="rows")
     with pytest.raises(NotImplementedError, match="act.implementation"):
         act_attention(q, k, v, causal=True, implementation="chunked")
 
