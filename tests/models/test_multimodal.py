@@ -173,6 +173,16 @@ def paint_pass(vision, model, images, tokens):
     return local, summary, cls_rows, logits, model(tokens)
 
 
+@nnx.jit(static_argnames=("local", "summary"))
+def paint_oracle(model, tokens, local, summary):
+    """The one-layer LLM by hand, the layer's sets given as static index tuples."""
+    attention, x = model.blocks[0].attention, model.embed(tokens)
+    q, k, v = attention.project(model.blocks[0].attention_norm(x))
+    out = modulation.head_modulation_attention(q, k, v, causal=True, mode="code", alpha=0.7, beta=0.3,
+                                               local_tokens=local, summary_tokens=summary)
+    return model.logits(x + attention.output(out))
+
+
 def np_paint(first, late, ratio=0.25):
     """The code's two sets on one image (numpy: top int(ratio V) of the first layer's head-summed CLS row; IQR
     outliers of the penultimate one; local minus summary)."""
@@ -197,13 +207,8 @@ def test_paint_token_sets_from_a_vit_reach_the_llm_per_sequence():
         np.testing.assert_array_equal(summary[b, 1:17], want_summary)
     assert local.any() and (local[0] != local[1]).any()  # two images, two sets
     # each sequence's logits equal the layer with that sequence's sets as static index tuples (the registered path)
-    attention = model.blocks[0].attention
-    x = model.embed(PAINT_TOKENS)
-    q, k, v = attention.project(model.blocks[0].attention_norm(x))
     for b in range(2):
-        out = modulation.head_modulation_attention(
-            q[b:b + 1], k[b:b + 1], v[b:b + 1], causal=True, mode="code", alpha=0.7, beta=0.3,
-            local_tokens=tuple(np.flatnonzero(local[b]).tolist()), summary_tokens=tuple(np.flatnonzero(summary[b])))
-        want = model.logits(x[b:b + 1] + attention.output(out))
+        want = paint_oracle(model, PAINT_TOKENS[b:b + 1], local=tuple(np.flatnonzero(local[b]).tolist()),
+                            summary=tuple(np.flatnonzero(summary[b]).tolist()))
         np.testing.assert_allclose(logits[b:b + 1], want, rtol=1e-5, atol=1e-5)
     assert np.abs(np.asarray(logits - unmodulated)).max() > 1e-3  # the sets changed the model's output
