@@ -59,6 +59,7 @@ from models.layers.attention import Attention, KVCache, check_attention_choice
 from models.layers.embed import Embed
 from models.layers.mixers.base_conv import BaseConv
 from models.layers.mixers.moa_experts import ExpertSwiGLU, check_ffn_experts
+from models.layers.mixers.multimodal import residual_stream
 from models.layers.mixers.tnl import TNLMixer, check_slopes, resolve_slopes
 from models.layers.mlp import SwiGLU
 from models.layers.norm import RMSNorm
@@ -297,9 +298,6 @@ class DecoderBlock(nnx.Module):
             rngs=rngs,
             param_dtype=dtype,
         )
-        router = getattr(self.attention, "router", None)
-        if hasattr(router, "bind_input_norm"):  # a router that reads the residual stream h (VAR's sink detector)
-            router.bind_input_norm(self.attention_norm)
         self.parallel = config.parallel_block
         self.mlp_norm = RMSNorm(config.width, eps=config.norm_eps, param_dtype=dtype) \
             if config.use_mlp and not config.parallel_block else None
@@ -316,13 +314,16 @@ class DecoderBlock(nnx.Module):
         """token_ids [B, T]: for the representation tables only (mixers keep their two-argument call)."""
         normed = self.attention_norm(x)
         ids = {} if token_ids is None else {"token_ids": token_ids}
-        return self._add_mlp(x, normed, self.attention(normed, positions, **ids))
+        with residual_stream(x):  # routers that read the residual stream h see it (VAR's sink detector)
+            mixed = self.attention(normed, positions, **ids)
+        return self._add_mlp(x, normed, mixed)
 
     def decode(self, x: jax.Array, cache: KVCache, cache_index: jax.Array,
                token_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         normed = self.attention_norm(x)
         ids = {} if token_ids is None else {"token_ids": token_ids}
-        mixed, cache = self.attention.decode(normed, cache, cache_index, **ids)
+        with residual_stream(x):
+            mixed, cache = self.attention.decode(normed, cache, cache_index, **ids)
         return self._add_mlp(x, normed, mixed), cache
 
     def _add_mlp(self, x: jax.Array, normed: jax.Array, mixed: jax.Array) -> jax.Array:

@@ -41,6 +41,7 @@ import numpy as np
 import attnx
 from attnx.ops.multimodal import heads as head_ops
 from models.layers.attention import Attention, resolve_attention
+from models.layers.mixers.multimodal import residual_stream
 from models.llm import LLM
 from models.vit import ViT, attention_maps
 
@@ -65,7 +66,8 @@ def run_llm(model: LLM, token_ids: jax.Array, positions: jax.Array | None = None
         normed = block.attention_norm(x)
         heads = attention.project_heads(normed, ids)
         query, key, value = attention.rotate(*heads, positions)
-        kwargs = attention._call_kwargs(normed, *heads[:2])  # the layer's kwargs and its router's
+        with residual_stream(x):  # as the block publishes it (VAR's sink detector reads h)
+            kwargs = attention._call_kwargs(normed, *heads[:2])  # the layer's kwargs and its router's
         if target is None or attnx.get_attention(attention.kind).name == target:
             kwargs.update(extra)
         out = resolve_attention(attention.kind, causal=attention.causal)(query, key, value, **kwargs)

@@ -8,11 +8,11 @@ var_sink_tokens`) and passes the bool mask [B, T] to the attention function as `
 (the layers VAR's schedule skips, or static `sinks` indices) gets nothing from it.
 
 The residual stream. The attention layer hands its router the *normalised* input x = g * h / rms(h) (the block's
-pre-attention RMSNorm with gain g), not h. The LLM therefore binds the block's norm to the detector
-(`bind_input_norm`, models/llm.py), and the detector recovers h / rms(h) = x / g exactly (the block's norm eps
-instead of the code's 1e-6 inside rms; the second weight-free normalisation then changes values by O(eps / mean h^2)).
-A feature whose gain is exactly 0 carries no information about h and reads as 0. Without a bound norm (a layer used
-outside the LLM) the detector reads x itself.
+pre-attention RMSNorm), not h. The LLM's blocks therefore publish h for the duration of their attention call
+(`residual_stream`, a context variable: no module state is written, so this works under jit and grad whatever the
+trace the model was built in, and the parameter tree is the plain model's, so pretrained checkpoints restore into a
+VAR model), and the detector reads it (`current_residual`). Without one (a layer called outside an LLM block) the
+detector reads x itself.
 
 Departure: the code detects sinks at prefill only (later tokens are never sinks) and pools the indices over the
 batch; here every token, generated ones included, is tested on its own hidden state and each sequence has its own
@@ -21,11 +21,31 @@ mask, so that decoding (VAR's CacheRule keeps the flags beside the KV cache) equ
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from attnx.ops.multimodal.var import var_sink_tokens
+
+_RESIDUAL: contextvars.ContextVar = contextvars.ContextVar("residual_stream", default=None)
+
+
+@contextlib.contextmanager
+def residual_stream(hidden: jax.Array):
+    """Publishes the residual stream h [B, T, D] entering a block while its attention layer runs."""
+    token = _RESIDUAL.set(hidden)
+    try:
+        yield
+    finally:
+        _RESIDUAL.reset(token)
+
+
+def current_residual() -> jax.Array | None:
+    """The residual stream published by the enclosing block, or None outside one."""
+    return _RESIDUAL.get()
 
 
 class VARSinkDetector(nnx.Module):
@@ -43,18 +63,12 @@ class VARSinkDetector(nnx.Module):
                 raise ValueError(f"var.tau: expected a number >= 0, got {tau!r}")
         self.sink_dims = None if sink_dims is None else tuple(sink_dims)
         self.tau = float(tau)
-        self.input_norm = nnx.data(None)  # data, not static: it will hold the block's norm module
-
-    def bind_input_norm(self, norm: nnx.Module) -> None:
-        """The block's pre-attention RMSNorm (shared, not copied), whose gain the detector divides out of x."""
-        self.input_norm = nnx.data(norm)
 
     def __call__(self, x: jax.Array, query: jax.Array | None = None, key: jax.Array | None = None) -> dict:
         del query, key
         if self.sink_dims is None:
             return {}
-        h = x.astype(jnp.float32)
-        if self.input_norm is not None:
-            gain = self.input_norm.scale_d[...].astype(jnp.float32)
-            h = jnp.where(gain != 0, h / jnp.where(gain != 0, gain, 1.0), 0.0)
-        return {"sinks": jax.lax.stop_gradient(var_sink_tokens(h, self.sink_dims, self.tau))}
+        hidden = current_residual()
+        if hidden is None or hidden.shape != x.shape:  # outside an LLM block: the layer input itself
+            hidden = x
+        return {"sinks": jax.lax.stop_gradient(var_sink_tokens(hidden, self.sink_dims, self.tau))}
