@@ -83,8 +83,8 @@ class ViTConfig:
     the final norm) or "mean" (the average of all tokens; required when `stages` is non-empty, as no class token
     survives patch merging). position: "learned" (one vector per token, the CLS token included, as in timm) or
     "sincos" (the fixed 2-D embedding of MAE; the CLS token gets none) or "none" (the convolutional hierarchical
-    models, NAT, CrossFormer and TransNeXt, whose positions come from their stems and relative biases). qk_norm: see `Attention`. stages: extra
-    stages of a hierarchical model (see `ViTStage`); empty for the plain ViT.
+    models, NAT, CrossFormer and TransNeXt, whose positions come from their stems and relative biases). qk_norm:
+    see `Attention`. stages: extra stages of a hierarchical model (see `ViTStage`); empty for the plain ViT.
     layer_attention: per-block attention of the first stage, entries repeated over its blocks (block l takes entry
         l % len), each None (`attention` / `attention_kwargs`), a name, or (name, kwargs): CrossFormer alternates
         SDA and LDA blocks, DiNAT alternates dilations.
@@ -378,7 +378,8 @@ def _inline_pvt_t() -> ViTConfig:
 
 
 PRESETS.update({"nat_mini": _nat_mini(), "crossformer_t": _crossformer_t(), "transnext_micro": _transnext_micro(),
-                "litv2_s": _litv2_s(), "inline_deit_t": _inline_deit_t(), "inline_swin_t": _inline_swin_t(), "inline_pvt_t": _inline_pvt_t()})
+                "litv2_s": _litv2_s(), "inline_deit_t": _inline_deit_t(), "inline_swin_t": _inline_swin_t(),
+                "inline_pvt_t": _inline_pvt_t()})
 
 
 def vit_config(preset: str = "tiny", **overrides: Any) -> ViTConfig:
@@ -386,15 +387,6 @@ def vit_config(preset: str = "tiny", **overrides: Any) -> ViTConfig:
     if preset not in PRESETS:
         raise ValueError(f"unknown ViT preset {preset!r}; known presets: {sorted(PRESETS)}")
     return dataclasses.replace(PRESETS[preset], **overrides)
-
-
-def _drop_qkv_bias(layer: nnx.Module) -> None:
-    """qkv_bias=False on a built shared layer: `token_mixer` always builds the four projection biases (ViT/DiT), so
-    the query/key/value ones are removed here (zeros without random draws: the other weights keep their values);
-    `Attention.project_heads` adds them only when present. The output projection keeps its bias (timm's proj)."""
-    if not isinstance(layer, Attention):
-        raise ValueError(f"qkv_bias=False applies to the shared attention layer, not to {type(layer).__name__}")
-    layer.query_bias_nh = layer.key_bias_kh = layer.value_bias_kh = None
 
 
 class EncoderBlock(nnx.Module):
@@ -408,9 +400,8 @@ class EncoderBlock(nnx.Module):
         else:
             self.attention_norm = LayerNorm(width, eps=norm_eps, param_dtype=param_dtype)
             self.attention = token_mixer(width, num_heads, attention=attention, attention_kwargs=attention_kwargs,
-                                         grid=grid, qk_norm=qk_norm, rngs=rngs, param_dtype=param_dtype)
-            if not qkv_bias:
-                _drop_qkv_bias(self.attention)
+                                         grid=grid, qk_norm=qk_norm, qkv_bias=qkv_bias, rngs=rngs,
+                                         param_dtype=param_dtype)
         self.mlp_norm = LayerNorm(width, eps=norm_eps, param_dtype=param_dtype)
         self.mlp = MLPS[mlp](width, mlp_width, grid=grid, rngs=rngs, param_dtype=param_dtype)
 

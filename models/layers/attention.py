@@ -80,21 +80,27 @@ def layer_entry(owner: str, entries: tuple, layer: int, attention: str,
 
 
 def token_mixer(width: int, num_heads: int, *, attention: str, attention_kwargs: Mapping[str, Any],
-                grid: tuple[int, ...], qk_norm: bool = False, rngs: nnx.Rngs, param_dtype=jnp.float32) -> nnx.Module:
+                grid: tuple[int, ...], qk_norm: bool = False, qkv_bias: bool = True, rngs: nnx.Rngs,
+                param_dtype=jnp.float32) -> nnx.Module:
     """The token mixer of a ViT or DiT block: non-causal self attention over tokens laid out on `grid`.
 
     Mechanisms whose computation the shared projections cannot express (HiLo's per-branch projections, TransNeXt's
     pooled branch, ...) replace the whole layer with their `SPATIAL_MIXERS` module, built as
     `module(width, num_heads, grid=, use_bias=True, rngs=, param_dtype=, **attention_kwargs)` and called as
-    `module(x [B, T, D]) -> [B, T, D]`; every other mechanism runs in the shared `Attention` layer.
+    `module(x [B, T, D]) -> [B, T, D]`; every other mechanism runs in the shared `Attention` layer. qkv_bias=False
+    drops the shared layer's query/key/value biases (the output projection keeps its bias, as timm's qkv_bias=False);
+    a SPATIAL_MIXERS module owns its projections and refuses it.
     """
     name = attnx.get_attention(attention).name
     if name in SPATIAL_MIXERS:
+        if not qkv_bias:
+            raise ValueError(f"qkv_bias=False applies to the shared attention layer; {name!r} replaces the whole "
+                             f"layer with its own projections (SPATIAL_MIXERS); use qkv_bias=True")
         return SPATIAL_MIXERS[name](width, num_heads, grid=tuple(grid), use_bias=True, rngs=rngs,
                                     param_dtype=param_dtype, **dict(attention_kwargs))
     return Attention(width, num_heads, num_heads, width // num_heads, kind=attention, kind_kwargs=attention_kwargs,
-                     causal=False, use_rope=False, use_bias=True, qk_norm=qk_norm, grid=grid, rngs=rngs,
-                     param_dtype=param_dtype)
+                     causal=False, use_rope=False, use_bias=True, qkv_bias=qkv_bias, qk_norm=qk_norm, grid=grid,
+                     rngs=rngs, param_dtype=param_dtype)
 
 
 class Attention(nnx.Module):
@@ -102,10 +108,12 @@ class Attention(nnx.Module):
 
     kind_kwargs: forwarded to the attention function on every call (e.g. `{"window": 64}`).
     use_rope: rotate queries and keys by their positions (RoFormer); ViT/DiT use absolute position embeddings
-        instead. use_bias: biases on the query/key/value/output projections (ViT, DiT). qk_norm: RMS-normalise each
-        query and key head before attention (Dehghani et al., 2023, "Scaling Vision Transformers to 22B
-        Parameters", §3.1), which keeps logits bounded at scale. qk_head_dim: a query/key head size other than the
-        value head size `head_dim` (Based projects queries and keys to 16 features, values keep the full size).
+        instead. use_bias: biases on the query/key/value/output projections (ViT, DiT). qkv_bias: the query/key/value
+        biases apart (None: as use_bias; False with use_bias keeps only the output bias, timm's qkv_bias=False).
+        qk_norm: RMS-normalise each query and key head before attention (Dehghani et al., 2023, "Scaling Vision
+        Transformers to 22B Parameters", §3.1), which keeps logits bounded at scale. qk_head_dim: a query/key head
+        size other than the value head size `head_dim` (Based projects queries and keys to 16 features, values keep
+        the full size).
     num_value_heads: value heads counted apart from the key heads `num_kv_heads` (Sigma's DiffQKV, arXiv
         2501.13629 §2; kind 'diffqkv'); default num_kv_heads. query_hidden_dim: Sigma's augmented Q, the query
         projection factored through a wider hidden width, q = (x W_Q1) W_Q2 with W_Q1: D -> query_hidden_dim (the
@@ -131,6 +139,7 @@ class Attention(nnx.Module):
         use_rope: bool = True,
         rope_theta: float = 10_000.0,
         use_bias: bool = False,
+        qkv_bias: bool | None = None,
         qk_norm: bool = False,
         qk_head_dim: int | None = None,
         num_value_heads: int | None = None,
@@ -192,9 +201,10 @@ class Attention(nnx.Module):
                 rngs.params(), (value_vocab, num_value_heads, head_dim), param_dtype))
         self.out_nhd = nnx.Param(out_init(rngs.params(), (num_heads, head_dim, width), param_dtype))
         zeros = lambda *shape: nnx.Param(jnp.zeros(shape, param_dtype))
-        self.query_bias_nh = zeros(num_heads, qk_dim) if use_bias else None
-        self.key_bias_kh = zeros(num_kv_heads, qk_dim) if use_bias else None
-        self.value_bias_kh = zeros(num_value_heads, head_dim) if use_bias else None
+        qkv_bias = use_bias if qkv_bias is None else qkv_bias
+        self.query_bias_nh = zeros(num_heads, qk_dim) if qkv_bias else None
+        self.key_bias_kh = zeros(num_kv_heads, qk_dim) if qkv_bias else None
+        self.value_bias_kh = zeros(num_value_heads, head_dim) if qkv_bias else None
         self.out_bias_d = zeros(width) if use_bias else None
         self.query_norm = RMSNorm(qk_dim, param_dtype=param_dtype) if qk_norm else None
         self.key_norm = RMSNorm(qk_dim, param_dtype=param_dtype) if qk_norm else None

@@ -12,18 +12,16 @@ from flax import nnx
 from attnx.ops.linear.inline import inline_reference, residual_kernels
 from attnx.testing.tolerances import assert_close
 from models.layers.attention import Attention
-from models.vit import PRESETS, ViT, ViTConfig, ViTStage, _drop_qkv_bias, count_parameters
+from models.vit import PRESETS, ViT, ViTConfig, ViTStage, count_parameters
 from nnx_helpers import filled_from_numpy
 
 WIDTH, HEADS, GRID, WINDOW, SHIFT = 16, 2, (4, 4), 2, 1
 
 
 def _layer():
-    layer = Attention(WIDTH, HEADS, HEADS, WIDTH // HEADS, kind="inline",
-                      kind_kwargs={"window": WINDOW, "shift": SHIFT}, causal=False, use_rope=False, use_bias=True,
-                      grid=GRID, rngs=nnx.Rngs(0))
-    _drop_qkv_bias(layer)
-    return layer
+    return Attention(WIDTH, HEADS, HEADS, WIDTH // HEADS, kind="inline",
+                     kind_kwargs={"window": WINDOW, "shift": SHIFT}, causal=False, use_rope=False, use_bias=True,
+                     qkv_bias=False, grid=GRID, rngs=nnx.Rngs(0))
 
 
 @nnx.jit
