@@ -1,5 +1,8 @@
 """Registry behaviour and the CAB four-pattern property over every registered mechanism."""
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -62,3 +65,27 @@ def test_sliding_window_rejects_bad_window():
     x = jnp.zeros((1, 4, 2, 8))
     with pytest.raises(ValueError, match="sliding_window.window"):
         attnx.get_attention("sliding_window").fn(x, x, x, window=0)
+
+
+def _probe_spec(fn, patterns=frozenset({"NS", "CS", "NC", "CC"})):
+    return attnx.registry.AttentionSpec(name="probe", fn=fn, reference=fn, patterns=patterns, paper="test probe")
+
+
+def _causal_softmax(q, k, v, *, causal=False, length_scale=False, leak=False):
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k)
+    T, S = q.shape[1], k.shape[1]
+    if causal and not leak:
+        logits = jnp.where(np.tril(np.ones((T, S), bool)), logits, -jnp.inf)  # CAB: query i sees keys <= i
+    out = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1), v)
+    return out / T if length_scale else out
+
+
+@pytest.mark.parametrize("option, passes", [({}, {"NS", "CS", "NC", "CC"}),
+                                            ({"leak": True}, {"NS", "NC", "CC"}),
+                                            ({"length_scale": True}, {"NS", "NC"})])
+def test_cab_check_catches_future_leaks_and_length_dependence(option, passes):
+    # A causal mask that reads the future fails CS (CC only fixes the queries, which plain cross attention keeps
+    # independent, so a leak over keys passes it as in CAB); an output that depends on the total length fails both
+    # (no future value enters row i, but a prefix gives another result): the two halves of the causal check.
+    spec = _probe_spec(functools.partial(_causal_softmax, **option))
+    assert supported_patterns(spec) == frozenset(passes)
