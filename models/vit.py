@@ -93,6 +93,9 @@ class ViTConfig:
     qkv_bias: False builds the shared attention layer's query/key/value projections without biases (the output
         projection keeps its bias), as timm's qkv_bias=False (InLine-DeiT); mechanisms with their own whole layer
         (SPATIAL_MIXERS) own their projections and are refused with it.
+    stage_norm: True closes every stage but the last with its own LayerNorm (eps `norm_eps`), before the next
+        stage's merge, as TransNeXt's norm1-norm3 (the last stage's norm4 is `final_norm`); False (default) has
+        none, as Swin and the ViT.
     """
 
     image_size: int | tuple[int, int] = 8
@@ -116,6 +119,7 @@ class ViTConfig:
     norm_eps: float = 1e-6
     stages: tuple[ViTStage, ...] = ()
     param_dtype: str = "float32"
+    stage_norm: bool = False
 
     def __post_init__(self):
         # gin and JSON give lists; tuples keep the frozen config hashable and comparable.
@@ -153,6 +157,8 @@ class ViTConfig:
         check_part("ViTConfig.mlp", MLPS, "MLPs", self.mlp)
         self._check_blocks("ViTConfig", self.layer_attention, 0, self.depth, self.use_attention)
         self._check_qkv_bias("ViTConfig", 0, self.qkv_bias)
+        if not isinstance(self.stage_norm, bool):
+            raise ValueError(f"ViTConfig.stage_norm must be a bool, got {self.stage_norm!r}")
         if self.stages:
             self._check_stages()
 
@@ -377,6 +383,51 @@ def _inline_pvt_t() -> ViTConfig:
                      attention="inline", stages=_stages(widths, depths, heads, ratios, position="learned"))
 
 
+def _transnext(widths, depths, heads, n_shared=None, top_k=None) -> ViTConfig:
+    """TransNeXt (Shi, 2024, "TransNeXt: Robust Foveal Visual Perception for Vision Transformers", CVPR 2024, arXiv
+    2311.17132, §3-4; code DaiShiResearch/TransNeXt classification/transnext.py) at the Small/Base shapes: 7x7 stride-4
+    stem and 3x3 stride-2 downsamplers (convolution with bias, then LayerNorm), aggregated attention with a 3x3
+    window and pooling ratios 8-4-2 (a 7x7 pooled grid at 224 px), full attention in the last stage, ConvGLU with MLP
+    ratios 8-8-4-4, qkv biases, LayerNorm eps 1e-6, a LayerNorm closing every stage (the code's norm1-norm4:
+    `stage_norm`, the last one the final norm), mean pooling.
+
+    With n_shared / top_k (per-stage lists) it is MoH-ViT (Jin et al., 2024, "MoH: Multi-Head Attention as
+    Mixture-of-Head Attention", arXiv 2410.11842, §4.1; code SkyworkAI/MoH MoH-ViT/transnext.py `moh_transnext_*`,
+    attention_native.py, attention.py): the same model whose attention layers, aggregated and full, gate their heads
+    per token (the first n_shared heads shared, top_k of the rest routed) before the output projection, with the
+    router linears W_r [D, H - n_shared] (routed stages), W_s [D, n_shared] (n_shared > 1) and W_0 [D, 2] (both
+    kinds), all bias-free, as the code's wg, wg_1, wg_0. A stage with top_k = 0 gates its heads with n_shared *
+    softmax(W_s x), as the code's routed_head = 0 branch does.
+    Departures (none changes a parameter count or a forward output): no stochastic depth (both codes train S with
+    drop_path 0.45, B with 0.6), and the routers start Xavier-uniform (attnx's MoH routers) where the code's
+    TransNeXt init gives every nn.Linear, wg/wg_0/wg_1 included, truncated normal std 0.02. (transnext_micro, an
+    older preset, has no stage norms: 672 parameters fewer than the code's.)"""
+    ratios, pools = [8, 8, 4, 4], [8, 4, 2, 1]
+    kwargs = [{"window": 3, "sr_ratio": r} for r in pools]
+    if n_shared is not None:
+        kwargs = [{**k, "n_shared": s, "top_k": t} for k, s, t in zip(kwargs, n_shared, top_k)]
+    return ViTConfig(**_HIERARCHICAL, embed="overlap", width=widths[0], depth=depths[0], num_heads=heads[0],
+                     mlp_width=ratios[0] * widths[0], mlp="convglu", attention="aggregated", attention_kwargs=kwargs[0],
+                     stage_norm=True, stages=_stages(widths, depths, heads, ratios, merge="overlap",
+                                                     attention="aggregated", attention_kwargs=kwargs))
+
+
+# TransNeXt-Small / -Base shapes (the code's transnext_small / transnext_base; moh_transnext_* use the same).
+_TRANSNEXT_S = dict(widths=[72, 144, 288, 576], depths=[5, 5, 22, 5], heads=[3, 6, 12, 24])
+_TRANSNEXT_B = dict(widths=[96, 192, 384, 768], depths=[5, 5, 23, 5], heads=[4, 8, 16, 32])
+
+PRESETS.update({
+    # 49.7M / 89.7M published (TransNeXt README); 49,741,564 / 89,721,496, the code's modules' counts exactly
+    "transnext_small": _transnext(**_TRANSNEXT_S),
+    "transnext_base": _transnext(**_TRANSNEXT_B),
+    # MoH-ViT-S-75 / S-80 / B-75 / B-50: (shared heads, routed top-k) per stage, as moh_transnext_{small,base}_*;
+    # 49,910,548 (S-75, S-80), 90,020,632 (B-75), 90,023,512 (B-50), the code's counts exactly
+    "moh_vit_s_75": _transnext(**_TRANSNEXT_S, n_shared=[3, 6, 3, 4], top_k=[0, 0, 6, 12]),
+    "moh_vit_s_80": _transnext(**_TRANSNEXT_S, n_shared=[3, 6, 3, 8], top_k=[0, 0, 6, 12]),
+    "moh_vit_b_75": _transnext(**_TRANSNEXT_B, n_shared=[4, 8, 4, 5], top_k=[0, 0, 8, 16]),
+    "moh_vit_b_50": _transnext(**_TRANSNEXT_B, n_shared=[2, 2, 2, 4], top_k=[2, 4, 6, 8]),
+})
+
 PRESETS.update({"nat_mini": _nat_mini(), "crossformer_t": _crossformer_t(), "transnext_micro": _transnext_micro(),
                 "litv2_s": _litv2_s(), "inline_deit_t": _inline_deit_t(), "inline_swin_t": _inline_swin_t(),
                 "inline_pvt_t": _inline_pvt_t()})
@@ -443,6 +494,10 @@ class Stage(nnx.Module):
         # Drawn after the blocks, so that stages without one draw exactly what they drew before this option.
         self.position_td = (nnx.Param(nnx.initializers.truncated_normal(0.02)(
             rngs.params(), (grid[0] * grid[1], width), param_dtype)) if learned else None)
+        # TransNeXt's per-stage norm (ViTConfig.stage_norm); the last stage's is the model's final norm. It draws no
+        # random numbers, so the other weights are the same with or without it.
+        self.output_norm = (LayerNorm(width, eps=config.norm_eps, param_dtype=param_dtype)
+                            if config.stage_norm and index < len(config.stages) else None)
 
 
 class ViT(nnx.Module):
@@ -532,6 +587,8 @@ class ViT(nnx.Module):
                 x = x + stage.position_td[...].astype(x.dtype)
             for i, block in enumerate(stage.blocks):
                 x = block(x, intermediates, self._block_name(s, i))
+            if stage.output_norm is not None:
+                x = stage.output_norm(x)
             if self.hierarchical:
                 intermediates[f"stage_{s}/output"] = x.reshape(x.shape[0], *stage.grid, x.shape[-1])
         x = self.final_norm(x)

@@ -1,7 +1,11 @@
 """MoH's published per-layer head plans in the DiT and the hierarchical ViT (spec diffusion_multimodal_bench.md §5,
 vision_mechanisms.md §10): the plans of SkyworkAI/MoH (MoH-DiT/models.py, MoH-ViT/transnext.py @ 66bb340),
 transcribed here and checked against the spec's tables; each builds (nnx.eval_shape, no compile) with the planned
-router per block; the balance loss reaches the DiT's training loss; §5(e)/§10(e) limits in a model."""
+router per block; the balance loss reaches the DiT's training loss; §5(e)/§10(e) limits in a model. The MoH-ViT
+presets (TransNeXt-S/B with these plans) carry the plans, and their parameter counts equal, stage by stage, what the
+official code's modules hold."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +15,8 @@ from flax import nnx
 
 from models.dit import DiT, dit_config
 from models.layers.mixers import call_with_auxiliary_loss
-from models.vit import ViT, ViTConfig, ViTStage
+from models.vit import PRESETS, ViT, ViTConfig, ViTStage, count_parameters
+from nnx_helpers import filled_from_numpy, layer_norm_numpy
 
 # MoH-DiT/models.py: (DiT preset, shared_head per block, routed_head (top-k) per block); heads per block fixed.
 DIT_PLANS = {
@@ -169,3 +174,144 @@ def test_all_shared_plan_with_zero_shared_router_is_plain_dit():
                                                nnx.merge(plain_graphdef, plain_state)(*INPUTS)))
     out_moh, out_plain = both(state, plain_state)
     np.testing.assert_allclose(np.asarray(out_moh), np.asarray(out_plain), rtol=1e-5, atol=1e-6)
+
+
+# ---- the MoH-ViT presets (models/vit.py): TransNeXt-S / -B with the plans above --------------------------------
+
+MOH_VIT_PRESETS = {"moh_vit_s_75": ("S-75", "transnext_small"), "moh_vit_s_80": ("S-80", "transnext_small"),
+                   "moh_vit_b_75": ("B-75", "transnext_base"), "moh_vit_b_50": ("B-50", "transnext_base")}
+# DaiShiResearch/TransNeXt classification/transnext.py transnext_small / transnext_base (moh_transnext_* the same):
+# widths, depths, heads; every model: mlp ratios 8-8-4-4, sr ratios 8-4-2-1, window 3, qkv biases, LN eps 1e-6.
+TRANSNEXT_SHAPES = {"transnext_small": ([72, 144, 288, 576], [5, 5, 22, 5], [3, 6, 12, 24]),
+                    "transnext_base": ([96, 192, 384, 768], [5, 5, 23, 5], [4, 8, 16, 32])}
+MLP_RATIOS, SR_RATIOS = [8, 8, 4, 4], [8, 4, 2, 1]
+PUBLISHED_MILLIONS = {"transnext_small": 49.7, "transnext_base": 89.7}  # the TransNeXt README's #Params
+
+
+def _plan(preset):
+    """(widths, depths, heads, shared, routed) of a preset, from the tables here (not from the preset)."""
+    plan, base = MOH_VIT_PRESETS.get(preset, (None, preset))
+    widths, depths, heads = TRANSNEXT_SHAPES[base]
+    _, shared, routed = VIT_PLANS[plan] if plan else (None, [0] * 4, [0] * 4)
+    return widths, depths, heads, shared, routed
+
+
+@pytest.mark.parametrize("preset", sorted(MOH_VIT_PRESETS))
+def test_moh_vit_presets_are_transnext_with_the_plan_in_every_stage(preset):
+    plan, base = MOH_VIT_PRESETS[preset]
+    heads, shared, routed = VIT_PLANS[plan]
+    config, plain = PRESETS[preset], PRESETS[base]
+    assert [config.stage_attention(s) for s in range(4)] == [
+        ("aggregated", {"window": 3, "sr_ratio": r, "n_shared": h, "top_k": k})
+        for r, h, k in zip(SR_RATIOS, shared, routed)]
+    assert [config.num_heads] + [stage.num_heads for stage in config.stages] == heads
+    # apart from the gates, the model is the TransNeXt preset
+    ungated = dataclasses.replace(config, attention_kwargs=plain.attention_kwargs, stages=tuple(
+        dataclasses.replace(stage, attention_kwargs=other.attention_kwargs)
+        for stage, other in zip(config.stages, plain.stages)))
+    assert ungated == plain
+
+
+@pytest.mark.parametrize("preset", sorted(TRANSNEXT_SHAPES))
+def test_transnext_presets_have_the_code_shapes(preset):
+    widths, depths, heads = TRANSNEXT_SHAPES[preset]
+    config = PRESETS[preset]
+    stages = [config, *config.stages]
+    assert [s.width for s in stages] == widths and [s.depth for s in stages] == depths
+    assert [s.num_heads for s in stages] == heads
+    assert [s.mlp_width for s in stages] == [r * w for r, w in zip(MLP_RATIOS, widths)]
+    assert [config.stage_attention(s) for s in range(4)] == [("aggregated", {"window": 3, "sr_ratio": r})
+                                                             for r in SR_RATIOS]
+    assert (config.image_size, config.patch_size, config.embed, config.mlp, config.norm_eps, config.qkv_bias,
+            config.stage_norm, config.pooling, config.position) == (224, 4, "overlap", "convglu", 1e-6, True, True,
+                                                                    "mean", "none")
+    assert all((s.merge, s.mlp, s.qkv_bias, s.position) == ("overlap", None, None, "none") for s in config.stages)
+
+
+# The official modules' parameters, transcribed from their constructors (TransNeXt classification/transnext.py and
+# attention_native.py; MoH-ViT/transnext.py, attention_native.py, attention.py): nn.Linear(i, o) holds i*o + o,
+# nn.Conv2d(i, o, k, groups=g) i/g*o*k*k + o, nn.LayerNorm(d) 2d.
+def _linear(i, o, bias=True):
+    return i * o + (o if bias else 0)
+
+
+def _conv(i, o, k, groups=1):
+    return i // groups * o * k * k + o
+
+
+def official_block(stage, width, heads, shared, routed):
+    """One Block: norm1, norm2, the attention (AggregatedAttention in stages 1-3, Attention in stage 4) with its MoH
+    router (wg, wg_0, wg_1), ConvolutionalGLU."""
+    cpb = _linear(2, 512) + _linear(512, heads)  # cpb_fc1, cpb_fc2
+    common = width + heads + _linear(width, width) + cpb  # query_embedding, temperature, proj, cpb
+    if stage < 3:  # q, kv, sr (1x1 conv), norm, relative_pos_bias_local, learnable_tokens, learnable_bias
+        attention = (common + _linear(width, width) + _linear(width, 2 * width) + _conv(width, width, 1) + 2 * width
+                     + 9 * heads + 9 * width + 9 * heads)
+    else:  # qkv
+        attention = common + _linear(width, 3 * width)
+    router = ((width * (heads - shared) + (2 * width if shared else 0) if routed else 0)  # wg, wg_0
+              + (width * shared if shared > 1 else 0))  # wg_1
+    hidden = int(2 * int(width * MLP_RATIOS[stage]) / 3)
+    glu = _linear(width, 2 * hidden) + _conv(hidden, hidden, 3, groups=hidden) + _linear(hidden, width)
+    return 2 * 2 * width + attention + router + glu
+
+
+def official_stage_extras(stage, widths):
+    """patch_embed{i} (OverlapPatchEmbed: 7x7 stride-4 stem or 3x3 stride-2, with bias, then LayerNorm) and norm{i}."""
+    conv = _conv(3, widths[0], 7) if stage == 0 else _conv(widths[stage - 1], widths[stage], 3)
+    return conv + 2 * widths[stage] + 2 * widths[stage]
+
+
+# Every stage kind runs by default: all heads shared with softmax gates and shared + routed, in aggregated and full
+# attention (moh_vit_s_75), routed in every stage (moh_vit_b_50); the others (no router, other numbers) with -m slow.
+# One abstract build with one block per stage each (~2 s): the full depth follows, as every block of a stage has
+# the same shapes.
+@pytest.mark.parametrize("preset", ["moh_vit_b_50", "moh_vit_s_75"] + [
+    pytest.param(name, marks=pytest.mark.slow)
+    for name in ("moh_vit_b_75", "moh_vit_s_80", "transnext_base", "transnext_small")])
+def test_preset_parameters_equal_the_official_modules_stage_by_stage(preset):
+    widths, depths, heads, shared, routed = _plan(preset)
+    config = PRESETS[preset]
+    one_block = dataclasses.replace(config, depth=1, stages=tuple(dataclasses.replace(s, depth=1)
+                                                                  for s in config.stages))
+    model = nnx.eval_shape(lambda: ViT(one_block, rngs=nnx.Rngs(0)))
+    total = _linear(widths[3], 1000)  # the head
+    for stage in range(4):
+        block = official_block(stage, widths[stage], heads[stage], shared[stage], routed[stage])
+        ours = model.stages[stage]
+        assert count_parameters(ours.blocks[0]) == block, (preset, stage)
+        # the stage's merge (or the stem), its one block and its closing norm (the final norm for the last)
+        extras = count_parameters(model.patch_embed) if stage == 0 else 0
+        extras += count_parameters(model.final_norm) if stage == 3 else 0
+        assert count_parameters(ours) + extras == official_stage_extras(stage, widths) + block, (preset, stage)
+        total += official_stage_extras(stage, widths) + depths[stage] * block
+    ours_total = count_parameters(model) + sum((d - 1) * count_parameters(s.blocks[0])
+                                               for d, s in zip(depths, model.stages))
+    assert ours_total == total
+    if preset in PUBLISHED_MILLIONS:
+        assert round(total / 1e6, 1) == PUBLISHED_MILLIONS[preset], total
+    else:  # the same model without its routers is TransNeXt at its published size
+        plain = MOH_VIT_PRESETS[preset][1]
+        routers = sum(d * (official_block(i, w, h, s, k) - official_block(i, w, h, 0, 0))
+                      for i, (d, w, h, s, k) in enumerate(zip(depths, widths, heads, shared, routed)))
+        assert round((total - routers) / 1e6, 1) == PUBLISHED_MILLIONS[plain], total - routers
+
+
+def test_stage_norm_closes_every_stage_but_the_last():
+    """ViTConfig.stage_norm (TransNeXt's norm1-norm3): the next stage merges layer-normalised tokens; the last stage
+    has the final norm only; off, the model is unchanged (same parameters)."""
+    # MLP-only blocks keep the one compile small; the norm sits between stages whatever the blocks hold
+    base = ViTConfig(image_size=4, patch_size=1, channels=1, num_classes=3, width=8, depth=1, num_heads=2,
+                     mlp_width=8, pooling="mean", position="none", use_attention=False,
+                     stages=(ViTStage(width=12, depth=1, num_heads=2, mlp_width=8, use_attention=False),))
+    normed = dataclasses.replace(base, stage_norm=True)
+    plain_model = nnx.eval_shape(lambda: ViT(base, rngs=nnx.Rngs(0)))
+    model = filled_from_numpy(lambda: ViT(normed, rngs=nnx.Rngs(0)), seed=0)  # the norm's gain and bias random too
+    assert model.stages[1].output_norm is None and plain_model.stages[0].output_norm is None
+    assert count_parameters(model) == count_parameters(plain_model) + 2 * 8
+    images = jax.random.normal(jax.random.key(0), (2, 4, 4, 1))
+    _, intermediates = nnx.jit(lambda m, x: m(x, return_intermediates=True))(model, images)
+    norm = model.stages[0].output_norm
+    expected = (layer_norm_numpy(np.asarray(intermediates["stage_0/block_0/output"], np.float64), 1e-6)
+                * np.asarray(norm.scale_d[...]) + np.asarray(norm.bias_d[...]))
+    np.testing.assert_allclose(intermediates["stage_0/output"].reshape(2, 16, 8), expected, rtol=1e-4, atol=1e-5)

@@ -35,7 +35,8 @@ PUBLISHED_PARAMETERS = {"Ti/16": 5_717_416, "S/16": 22_050_664, "B/16": 86_567_6
 # The four-stage paper models trace for 10-30 s each: their forward shapes run with `-m slow` (their parameter
 # counts, which build them abstractly, stay in the default suite).
 PAPER_MODELS = ("nat_mini", "crossformer_t", "transnext_micro", "litv2_s", "inline_deit_t", "inline_swin_t",
-                "inline_pvt_t")
+                "inline_pvt_t", "transnext_small", "transnext_base", "moh_vit_s_75", "moh_vit_s_80", "moh_vit_b_75",
+                "moh_vit_b_50")
 
 
 def images(config: ViTConfig, batch: int = 3, seed: int = 0) -> jax.Array:
