@@ -59,7 +59,7 @@ from models.layers.attention import Attention, KVCache, check_attention_choice
 from models.layers.embed import Embed
 from models.layers.mixers.base_conv import BaseConv
 from models.layers.mixers.moa_experts import ExpertSwiGLU, check_ffn_experts
-from models.layers.mixers.multimodal import residual_stream
+from models.layers.mixers.multimodal import attention_inputs as publish_attention_inputs, residual_stream
 from models.layers.mixers.tnl import TNLMixer, check_slopes, resolve_slopes
 from models.layers.mlp import SwiGLU
 from models.layers.norm import RMSNorm
@@ -362,16 +362,22 @@ class LLM(nnx.Module):
             init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
             self.unembed_dv = nnx.Param(init(rngs.params(), (config.width, config.vocab_size), dtype))
 
-    def __call__(self, token_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        return self.logits(self.features(token_ids, positions))
+    def __call__(self, token_ids: jax.Array, positions: jax.Array | None = None, *,
+                 attention_inputs: Mapping[str, Any] | None = None) -> jax.Array:
+        """attention_inputs: run-time kwargs (arrays) for the layers whose mechanism takes them through its
+        `RunTimeInputs` router, e.g. {'local_tokens': bool [B, S], ...} for 'head_modulation' (per-image token sets);
+        None (default) is the configured model."""
+        return self.logits(self.features(token_ids, positions, attention_inputs=attention_inputs))
 
-    def features(self, token_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    def features(self, token_ids: jax.Array, positions: jax.Array | None = None, *,
+                 attention_inputs: Mapping[str, Any] | None = None) -> jax.Array:
         """The last block's output [B, T, D] before the final norm: `logits(features(t)) == model(t)`. Tasks that
         score a few positions (MQAR) gather those rows first and skip the vocabulary projection of the rest."""
         x = self.embed(token_ids)
         ids = {"token_ids": token_ids} if self.representation_embeddings else {}
-        for block in self.blocks:
-            x = block(x, positions, **ids)
+        with publish_attention_inputs(None if attention_inputs is None else dict(attention_inputs)):
+            for block in self.blocks:
+                x = block(x, positions, **ids)
         return x
 
     def init_cache(self, batch_size: int, length: int) -> list[KVCache]:
@@ -379,17 +385,18 @@ class LLM(nnx.Module):
         dtype = self.embed.embedding_vd.dtype
         return [block.attention.init_cache(batch_size, length, dtype) for block in self.blocks]
 
-    def decode(self, token_ids: jax.Array, cache: list[KVCache], cache_index: jax.Array
-               ) -> tuple[jax.Array, list[KVCache]]:
+    def decode(self, token_ids: jax.Array, cache: list[KVCache], cache_index: jax.Array, *,
+               attention_inputs: Mapping[str, Any] | None = None) -> tuple[jax.Array, list[KVCache]]:
         """Logits [B, T, vocab] of the tokens at positions cache_index .. cache_index + T - 1, given the cache of
         everything before them; returns the cache with these tokens added. Equal to the matching rows of
-        `__call__` on the whole sequence (tested)."""
+        `__call__` on the whole sequence (tested), with the same `attention_inputs`."""
         x = self.embed(token_ids)
         ids = {"token_ids": token_ids} if self.representation_embeddings else {}
         new_cache = []
-        for block, layer_cache in zip(self.blocks, cache):
-            x, layer_cache = block.decode(x, layer_cache, cache_index, **ids)
-            new_cache.append(layer_cache)
+        with publish_attention_inputs(None if attention_inputs is None else dict(attention_inputs)):
+            for block, layer_cache in zip(self.blocks, cache):
+                x, layer_cache = block.decode(x, layer_cache, cache_index, **ids)
+                new_cache.append(layer_cache)
         return self.logits(x), new_cache
 
     def logits(self, x: jax.Array) -> jax.Array:

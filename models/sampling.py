@@ -52,12 +52,14 @@ def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature: float = 0.0
 
 
 def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *, rng: jax.Array | None = None,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             attention_inputs: dict | None = None) -> jax.Array:
     """Continues every row of `prompt` [B, P] (int token ids, all rows the same length) by `max_new_tokens`.
 
     Returns [B, P + max_new_tokens]. temperature 0 is greedy decoding (rng not needed); otherwise `rng` is required.
     The cache holds exactly P + max_new_tokens positions. Mechanisms without a decode rule raise
-    NotImplementedError naming the ones that have one.
+    NotImplementedError naming the ones that have one. attention_inputs: run-time attention kwargs (arrays, e.g.
+    per-sequence token masks for 'head_modulation'), passed to every `model.decode` call; None (default) passes none.
     """
     prompt = jnp.asarray(prompt)
     if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer) or prompt.shape[1] < 1:
@@ -70,22 +72,26 @@ def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *, rng: 
         raise ValueError("generate: sampling with temperature > 0 needs rng=jax.random.key(...)")
     rng = jax.random.key(0) if rng is None else rng
     graphdef, state = nnx.split(model)
+    if attention_inputs is not None and not isinstance(attention_inputs, dict):
+        raise ValueError(f"generate: attention_inputs must be a dict of arrays or None, got {attention_inputs!r}")
     return _generate(graphdef, state, prompt.astype(jnp.int32), rng, max_new_tokens, float(temperature), top_k,
-                     float(top_p))
+                     float(top_p), attention_inputs)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
-def _generate(graphdef, state, prompt, rng, max_new_tokens, temperature, top_k, top_p):
+def _generate(graphdef, state, prompt, rng, max_new_tokens, temperature, top_k, top_p, attention_inputs=None):
     model = nnx.merge(graphdef, state)
     batch, prompt_length = prompt.shape
     cache = model.init_cache(batch, prompt_length + max_new_tokens)
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    logits, cache = model.decode(prompt, cache, jnp.int32(0))
+    # only models given attention_inputs are called with them: others keep their plain decode signature
+    inputs = {} if attention_inputs is None else {"attention_inputs": attention_inputs}
+    logits, cache = model.decode(prompt, cache, jnp.int32(0), **inputs)
     first = sample(logits[:, -1], jax.random.fold_in(rng, 0))
 
     def step(carry, index):
         token, cache = carry
-        logits, cache = model.decode(token[:, None], cache, prompt_length + index)
+        logits, cache = model.decode(token[:, None], cache, prompt_length + index, **inputs)
         next_token = sample(logits[:, -1], jax.random.fold_in(rng, index + 1))
         return (next_token, cache), token
 

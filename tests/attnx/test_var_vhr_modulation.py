@@ -203,7 +203,11 @@ def test_head_modulation_takes_per_sequence_token_masks_in_both_modes():
         want = modes_with_indices(q[b:b + 1], k[b:b + 1], v[b:b + 1], tokens)
         for mode in range(2):
             assert_close(got[mode][b:b + 1], want[mode], jnp.float32)
+    # a run-time set shorter than the keys (prompt-length masks over a KV cache) is padded with False, a longer one
+    # cut (as static indices past the sequence are dropped); a non-bool array is refused, naming the argument
+    np.testing.assert_array_equal(heads.fit_token_mask("t", masks[:, :4], 6), masks.at[:, 4:].set(False))
+    np.testing.assert_array_equal(heads.fit_token_mask("t", masks, 4), masks[:, :4])
     with pytest.raises(ValueError, match="head_modulation.tokens"):
-        modulation.head_modulation_attention(q, k, v, causal=True, tokens=masks[:, :4], **BIAS)
+        modulation.head_modulation_attention(q, k, v, causal=True, tokens=masks.astype(jnp.int32), **BIAS)
     with pytest.raises(ValueError, match="head_modulation.local_tokens"):
-        modulation.head_modulation_attention(q, k, v, causal=True, mode="code", local_tokens=masks[:, :4])
+        modulation.head_modulation_attention(q, k, v, causal=True, mode="code", local_tokens=jnp.ones(6))

@@ -155,6 +155,22 @@ def test_measure_vhd_validates_its_inputs():
         mmodel.vhr_plan(np.ones((2, 2)))
 
 
+def test_measure_head_sensitivity_is_each_heads_visual_attention_mass():
+    """head_modulation's s_h (the spec's definition): the causal-softmax mass a head puts on the image from the text
+    rows after it. Layer 0's text head cannot see image keys (0); its image head and layer 1 (zero weights) attend
+    uniformly: rows 4 and 5 put 3/5 and 3/6 on the 3 image tokens."""
+    got = mmodel.measure_head_sensitivity(vhr_model(image_head=0), VHR_TOKENS, SPAN, alpha=0.5)
+    uniform = (3 / 5 + 3 / 6) / 2
+    np.testing.assert_allclose(got["layer_head_scores"], [[uniform, 0.0], [uniform, uniform]], atol=1e-6)
+    assert got["heads"] == (0, 1)
+    np.testing.assert_allclose(got["head_scores"], (uniform, uniform / 2), atol=1e-6)
+    kind, kwargs = got["layer_attention"][1]
+    assert kind == "head_modulation" and kwargs["tokens"] == (1, 2, 3) and kwargs["alpha"] == 0.5
+    np.testing.assert_allclose(kwargs["head_scores"], (uniform, uniform), atol=1e-6)
+    llm.LLMConfig(vocab_size=8, width=8, depth=2, num_heads=2, attention="head_modulation",  # a valid config
+                  layer_attention=got["layer_attention"])
+
+
 # ---- PAINT (head_modulation, mode 'code'): token sets from a ViT's CLS attention, fed to the LLM ---------------------
 
 VIT_CONFIG = vit.ViTConfig(image_size=8, patch_size=2, width=16, depth=3, num_heads=2, mlp_width=16)  # 16 patches

@@ -254,10 +254,7 @@ def vhr_decode(query, key_cache, value_cache, *, query_positions, heads=(), alph
 
 def _modulation_bias(num_heads: int, length: int, tokens, heads, head_scores, alpha):
     if not isinstance(tokens, (tuple, list)):  # per-sequence sets given at run time: bool [*B, S]
-        tokens = jnp.asarray(tokens)
-        if tokens.dtype != jnp.bool_ or tokens.ndim < 1 or tokens.shape[-1] != length:
-            raise ValueError(f"head_modulation.tokens: expected a tuple of token indices or a bool [*B, S] array "
-                             f"with S = {length} (the key length), got {tokens.dtype}{list(tokens.shape)}")
+        tokens = head_ops.fit_token_mask("head_modulation.tokens", tokens, length)  # cut / padded to the keys
         per_head = _modulation_bias(num_heads, 1, (0,), heads, head_scores, alpha)[:, 0, 0]  # [N] boosts
         return jnp.where(tokens[..., None, None, :], per_head[:, None, None], 0.0)  # [*B, N, 1, S]
     if not all(
@@ -280,8 +277,9 @@ def head_modulation_attention(query, key, value, *, causal: bool = False, tokens
     """Causal softmax attention with log(1 + alpha s_h) added to head h's logits of the selected `tokens`.
 
     heads / head_scores: the heads with a nonzero visual sensitivity s_h and their scores (default 1 each); other
-    heads get no boost. tokens: static indices (those past the sequence are dropped) or a bool [*B, S] array, one
-    set per sequence given at run time (e.g. PAINT's local | summary masks from models/multimodal.py)."""
+    heads get no boost. tokens: static indices (those past the sequence are dropped) or a bool [*B, S'] array, one
+    set per sequence given at run time (e.g. PAINT's local | summary masks from models/multimodal.py, or through
+    `LLM(..., attention_inputs={'tokens': ...})`), cut or padded with False to the key length S."""
     _check_self_causal("head_modulation", query, key, causal)
     bias = _modulation_bias(query.shape[-2], key.shape[-3], tokens, heads, head_scores, alpha)
     return dot_product_attention(query, key, value, bias, _combine(Mask(causal=True), mask), **kwargs)

@@ -11,7 +11,8 @@ Divergence of head h in layer l is the distance between its output with and with
 
 and VHR multiplies, layer by layer, the outputs of the top-K heads by VHD by alpha (= 2) before the output
 projection: o_h <- (1 + (alpha - 1) 1[h in TopK_l]) o_h. Computing VHD needs one extra pass without the image; that
-pass and the layer-by-layer schedule belong to the model (models/multimodal.py `measure_vhd`, `vhr_plan`), so here
+pass and the layer-by-layer schedule belong to the model (models/multimodal.py `measure_vhd`, `vhr_plan`, and
+`vhr_generate`, which re-selects per generated token, layer by layer), so here
 are the per-head scores, the top-K scale and its application. The spec flags the exact top-K rule as unverified against the paper
 (e.g. a per-layer K versus a global one); `vhr_head_scale` takes K per call, and `vhr_layer_selection` /
 `vhr_layer_scales` implement the paper's per-layer rule (above the layer median, surges above mean + std dropped).
@@ -92,6 +93,20 @@ def head_modulation_bias(selected: jax.Array, head_scores: jax.Array, alpha: flo
         raise ValueError(f"head_modulation.alpha: expected alpha >= 0, got {alpha!r}")
     boost = jnp.log1p(float(alpha) * head_scores)  # [N]
     return jnp.where(selected[None, None, :], boost[:, None, None], 0.0)
+
+
+def fit_token_mask(name: str, tokens, length: int) -> jax.Array:
+    """A run-time token set bool [*B, S'] fitted to the key length S: cut (tokens past the sequence are dropped,
+    as for static indices) or padded with False (positions written later, e.g. a prompt-length mask over a KV cache
+    of prompt + generated tokens)."""
+    tokens = jnp.asarray(tokens)
+    if tokens.dtype != jnp.bool_ or tokens.ndim < 1:
+        raise ValueError(f"{name}: expected a tuple of token indices or a bool [*B, S] array (one set per sequence), "
+                         f"got {tokens.dtype}{list(tokens.shape)}")
+    have = tokens.shape[-1]
+    if have >= length:
+        return tokens[..., :length]
+    return jnp.pad(tokens, [(0, 0)] * (tokens.ndim - 1) + [(0, length - have)])
 
 
 def check_heads(name: str, heads, num_heads: int) -> tuple[int, ...]:

@@ -30,14 +30,10 @@ MODES = ("bias", "code")
 
 
 def _token_mask(name: str, tokens, length: int) -> jnp.ndarray:
-    """Static index tuple -> bool [S]; a bool [*B, S] array (per-sequence sets, e.g. from a vision encoder's CLS
-    attention at run time: models/multimodal.py) passes through."""
-    if not isinstance(tokens, (tuple, list)):
-        tokens = jnp.asarray(tokens)
-        if tokens.dtype != jnp.bool_ or tokens.ndim < 1 or tokens.shape[-1] != length:
-            raise ValueError(f"head_modulation.{name}: expected a tuple of token indices or a bool [*B, S] array with "
-                             f"S = {length} (the key length), got {tokens.dtype}{list(tokens.shape)}")
-        return tokens
+    """Static index tuple -> bool [S]; a bool [*B, S'] array (per-sequence sets, e.g. from a vision encoder's CLS
+    attention at run time: models/multimodal.py, `LLM(..., attention_inputs=...)`) is cut or padded to S."""
+    if not isinstance(tokens, (tuple, list)):  # cut or padded with False to the key length
+        return head_ops.fit_token_mask(f"head_modulation.{name}", tokens, length)
     if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0 for i in tokens):
         raise ValueError(f"head_modulation.{name}: expected a tuple of token indices >= 0, got {tokens!r}")
     mask = np.zeros(length, bool)

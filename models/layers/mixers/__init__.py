@@ -15,7 +15,7 @@ from models.layers.mixers.inline import InLineResidual
 from models.layers.mixers.lara import LaraProposals
 from models.layers.mixers.moa_experts import MoAExpertsRouter
 from models.layers.mixers.moh import MoHRouter
-from models.layers.mixers.multimodal import VARSinkDetector
+from models.layers.mixers.multimodal import RunTimeInputs, VARSinkDetector
 from models.layers.mixers.relative_bias import HaloRelativeEmbedding, NeighborhoodBias
 from models.layers.mixers.seer import SeerGate
 from models.layers.mixers.transnext import AggregatedAttention
@@ -28,7 +28,8 @@ from models.layers.mixers.transnext import AggregatedAttention
 ROUTERS = {"moh": MoHRouter, "seer": SeerGate, "abc": ABCMemory, "longshort": LongShortProjection, "gaam": GAAMGaussians,
            "moa_experts": MoAExpertsRouter, "reversed": DependencyGates,
            "neighborhood": NeighborhoodBias, "halo": HaloRelativeEmbedding,
-           "lsda": DynamicPositionBias, "inline": InLineResidual, "lara": LaraProposals, "var": VARSinkDetector}
+           "lsda": DynamicPositionBias, "inline": InLineResidual, "lara": LaraProposals, "var": VARSinkDetector,
+           "head_modulation": RunTimeInputs}
 
 # Registry name -> NNX module that replaces the whole attention layer of a ViT or DiT block, for vision mechanisms
 # whose weights the shared query/key/value/output projections cannot express. Built by

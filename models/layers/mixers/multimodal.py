@@ -31,6 +31,7 @@ from flax import nnx
 from attnx.ops.multimodal.var import var_sink_tokens
 
 _RESIDUAL: contextvars.ContextVar = contextvars.ContextVar("residual_stream", default=None)
+_INPUTS: contextvars.ContextVar = contextvars.ContextVar("attention_inputs", default=None)
 
 
 @contextlib.contextmanager
@@ -46,6 +47,36 @@ def residual_stream(hidden: jax.Array):
 def current_residual() -> jax.Array | None:
     """The residual stream published by the enclosing block, or None outside one."""
     return _RESIDUAL.get()
+
+
+@contextlib.contextmanager
+def attention_inputs(inputs):
+    """Publishes run-time attention kwargs (a dict of arrays, e.g. PAINT's per-image token masks) to the layers'
+    `RunTimeInputs` routers while a model runs (`LLM.__call__` / `decode` / `generate(attention_inputs=...)`).
+    None publishes nothing."""
+    if inputs is not None and not isinstance(inputs, dict):
+        raise ValueError(f"attention_inputs: expected a dict of run-time attention kwargs (e.g. {{'local_tokens': "
+                         f"bool [B, S]}}) or None, got {type(inputs).__name__}")
+    token = _INPUTS.set(None if inputs is None else dict(inputs))
+    try:
+        yield
+    finally:
+        _INPUTS.reset(token)
+
+
+class RunTimeInputs(nnx.Module):
+    """The `ROUTERS` entry of 'head_modulation': weight-free; hands the layer's attention function the run-time
+    kwargs the enclosing model call published (`attention_inputs`), e.g. per-image token sets as bool [B, S] masks
+    (the function pads / truncates them to its key length, so one prompt-length mask serves the full forward and
+    every decode step). Outside such a call it adds nothing: the layer is exactly the gin-configured one."""
+
+    def __init__(self, width: int, num_heads: int, **unused):
+        del width, num_heads, unused
+
+    def __call__(self, x: jax.Array, query: jax.Array | None = None, key: jax.Array | None = None) -> dict:
+        del x, query, key
+        inputs = _INPUTS.get()
+        return {} if inputs is None else dict(inputs)
 
 
 class VARSinkDetector(nnx.Module):
