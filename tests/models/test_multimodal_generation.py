@@ -42,41 +42,47 @@ def _np_causal_heads(q, k, v):
 
 _embed = nnx.jit(lambda model, tokens: model.embed(tokens))
 _logits = nnx.jit(lambda model, x: model.logits(x))
-_qkv = nnx.jit(lambda block, normed: block.attention.project(normed))
-_norm = nnx.jit(lambda block, x: block.attention_norm(x))
+_qkv = nnx.jit(lambda block, x: (block.attention_norm(x),) + block.attention.project(block.attention_norm(x)))
 _residual = nnx.jit(lambda block, x, normed, out: block._add_mlp(x, normed, block.attention.output(out)))
 
 
-def _np_blocks(model, tokens, scales=None, vhd_against=None, alpha=2.0):
-    """The blocks by hand on an exact-length sequence. With `vhd_against` (the image-free pass's last-row head
-    outputs per layer) each layer selects its heads on the last row's VHD and scales them there; `scales` holds the
-    earlier rows' scales per layer [B, T - 1, N]. Returns (last-row logits, last-row head outputs, chosen)."""
-    x = _embed(model, tokens)  # the model's pieces jitted (per length); heads, VHD and selection in numpy
+def _np_blocks(model, tokens, row, scales=None, vhd_against=None, alpha=2.0):
+    """The blocks by hand (the model's pieces jitted; heads, VHD, selection and scales in numpy) on a zero-padded
+    sequence whose row `row` produces the next token (causal: the padding after it never reaches it). With
+    `vhd_against` (the image-free pass's head outputs at that token, per layer) each layer selects its heads on row
+    `row`'s VHD and scales them there; `scales` [L, B, T, N] holds the earlier rows' scales. Returns (row logits,
+    row head outputs per layer, chosen heads per layer)."""
+    x = _embed(model, tokens)
     last, chosen = [], []
     for layer, block in enumerate(model.blocks):
-        normed = _norm(block, x)
-        q, k, v = _qkv(block, normed)
+        normed, q, k, v = _qkv(block, x)
         out = _np_causal_heads(q, k, v)
-        last.append(out[:, -1])
+        last.append(out[:, row])
         if vhd_against is not None:
-            vhd = np.linalg.norm(out[:, -1] - vhd_against[layer], axis=-1)  # [B, N]
+            vhd = np.linalg.norm(out[:, row] - vhd_against[layer], axis=-1)  # [B, N]
             now = 1.0 + (alpha - 1.0) * _np_selection(vhd)
             chosen.append(now != 1.0)
-            out = out * np.concatenate([scales[layer], now[:, None]], axis=1)[..., None]
+            scales[layer][:, row] = now
+            out = out * scales[layer][..., None]
         x = _residual(block, x, normed, jnp.asarray(out, jnp.float32))
-    return np.asarray(_logits(model, x))[:, -1], last, chosen
+    return np.asarray(_logits(model, x))[:, row], last, chosen
 
 
 def vhr_oracle(model, prompt, steps, alpha=2.0):
-    tokens, past = np.asarray(prompt), [np.ones((prompt.shape[0], prompt.shape[1] - 1, 4)) for _ in range(2)]
+    """Greedy VHR step by step: each step recomputes both passes from the tokens so far and selects per layer."""
+    batch, length = prompt.shape
+    image = SPAN[1] - SPAN[0]
+    tokens = np.zeros((batch, length + steps), np.int32)
+    tokens[:, :length] = prompt
+    scales = np.ones((2, batch, length + steps, 4))  # rows keep the scales chosen at their own step
     selections = []
-    for _ in range(steps):
+    for step in range(steps):
+        row = length - 1 + step
         text = np.concatenate([tokens[:, :SPAN[0]], tokens[:, SPAN[1]:]], axis=1)
-        _, without, _ = _np_blocks(model, jnp.asarray(text))
-        logits, _, chosen = _np_blocks(model, jnp.asarray(tokens), past, without, alpha)
+        _, without, _ = _np_blocks(model, jnp.asarray(text), row - image)
+        logits, _, chosen = _np_blocks(model, jnp.asarray(tokens), row, scales, without, alpha)
         selections.append(np.stack(chosen))
-        past = [np.concatenate([p, 1.0 + (alpha - 1.0) * c[:, None]], axis=1) for p, c in zip(past, chosen)]
-        tokens = np.concatenate([tokens, logits.argmax(-1)[:, None]], axis=1)
+        tokens[:, row + 1] = logits.argmax(-1)
     return tokens, np.stack(selections)
 
 
