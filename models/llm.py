@@ -59,7 +59,8 @@ from models.layers.attention import Attention, KVCache, check_attention_choice
 from models.layers.embed import Embed
 from models.layers.mixers.base_conv import BaseConv
 from models.layers.mixers.moa_experts import ExpertSwiGLU, check_ffn_experts
-from models.layers.mixers.multimodal import attention_inputs as publish_attention_inputs, residual_stream
+from models.layers.mixers.multimodal import attention_inputs as publish_attention_inputs, check_attention_inputs, \
+    residual_stream
 from models.layers.mixers.tnl import TNLMixer, check_slopes, resolve_slopes
 from models.layers.mlp import SwiGLU
 from models.layers.norm import RMSNorm
@@ -373,6 +374,7 @@ class LLM(nnx.Module):
                  attention_inputs: Mapping[str, Any] | None = None) -> jax.Array:
         """The last block's output [B, T, D] before the final norm: `logits(features(t)) == model(t)`. Tasks that
         score a few positions (MQAR) gather those rows first and skip the vocabulary projection of the rest."""
+        check_attention_inputs([block.attention for block in self.blocks], attention_inputs)
         x = self.embed(token_ids)
         ids = {"token_ids": token_ids} if self.representation_embeddings else {}
         with publish_attention_inputs(None if attention_inputs is None else dict(attention_inputs)):
@@ -390,6 +392,7 @@ class LLM(nnx.Module):
         """Logits [B, T, vocab] of the tokens at positions cache_index .. cache_index + T - 1, given the cache of
         everything before them; returns the cache with these tokens added. Equal to the matching rows of
         `__call__` on the whole sequence (tested), with the same `attention_inputs`."""
+        check_attention_inputs([block.attention for block in self.blocks], attention_inputs)
         x = self.embed(token_ids)
         ids = {"token_ids": token_ids} if self.representation_embeddings else {}
         new_cache = []

@@ -148,3 +148,8 @@ def test_head_modulation_per_sequence_sets_through_call_and_generate():
     assert np.abs(np.asarray(full - swapped)).max() > 1e-3  # each sequence uses its own sets
     with pytest.raises(ValueError, match="attention_inputs"):
         generate(model, PROMPT, 1, attention_inputs=[LOCAL])
+
+
+def test_attention_inputs_are_refused_by_a_model_without_run_time_layers(vhr_model):
+    with pytest.raises(ValueError, match="no layer of this model takes run-time attention inputs"):
+        vhr_model.features(PROMPT, attention_inputs={"tokens": LOCAL})  # refused before any layer runs

@@ -64,6 +64,14 @@ def attention_inputs(inputs):
         _INPUTS.reset(token)
 
 
+def check_attention_inputs(layers, inputs) -> None:
+    """Refuses run-time attention kwargs that no layer would read (a model without `RunTimeInputs` routers), so a
+    misconfigured model does not silently ignore them. layers: the attention layers (or mixers) of a model."""
+    if inputs is not None and not any(isinstance(getattr(layer, "router", None), RunTimeInputs) for layer in layers):
+        raise ValueError(f"attention_inputs {sorted(inputs)}: no layer of this model takes run-time attention inputs "
+                         f"(only 'head_modulation' layers do); pass None")
+
+
 class RunTimeInputs(nnx.Module):
     """The `ROUTERS` entry of 'head_modulation': weight-free; hands the layer's attention function the run-time
     kwargs the enclosing model call published (`attention_inputs`), e.g. per-image token sets as bool [B, S] masks
