@@ -119,7 +119,7 @@ def test_vhr_generate_validates_its_inputs(vhr_model):
 
 # ---- head_modulation: per-image token sets through LLM.__call__, decode and generate --------------------------------
 
-PAINT_CONFIG = llm.LLMConfig(vocab_size=16, width=16, depth=2, num_heads=2, num_kv_heads=1, mlp_width=16,
+PAINT_CONFIG = llm.LLMConfig(vocab_size=16, width=16, depth=1, num_heads=2, num_kv_heads=1, mlp_width=16,
                              attention="head_modulation",
                              attention_kwargs={"mode": "code", "alpha": 0.7, "beta": 0.3, "from_position": 0})
 LOCAL = jnp.zeros((2, 7), bool).at[0, [1, 3]].set(True).at[1, [2, 4]].set(True)  # per sequence, prompt length
