@@ -318,10 +318,12 @@ def _crossformer_t() -> ViTConfig:
 def _transnext_micro() -> ViTConfig:
     """TransNeXt-Micro (Shi, 2024, arXiv 2311.17132, Table; code transnext_micro): overlapping 7x7 stem and 3x3
     downsamplers, aggregated attention (3x3 window, pooling ratios 8-4-2, full attention in the last stage),
-    ConvGLU with MLP ratios 8-8-4-4, depths 2-2-15-2, heads 2-4-8-16, widths 48-96-192-384 (12.8M)."""
+    ConvGLU with MLP ratios 8-8-4-4, depths 2-2-15-2, heads 2-4-8-16, widths 48-96-192-384, a LayerNorm closing
+    every stage (`stage_norm`, the code's norm1-norm3) (12.8M)."""
     widths, depths, heads, ratios, pools = [48, 96, 192, 384], [2, 2, 15, 2], [2, 4, 8, 16], [8, 8, 4, 4], [8, 4, 2, 1]
     return ViTConfig(**_HIERARCHICAL, embed="overlap", width=48, depth=2, num_heads=2, mlp_width=8 * 48,
                      mlp="convglu", attention="aggregated", attention_kwargs={"window": 3, "sr_ratio": 8},
+                     stage_norm=True,
                      stages=_stages(widths, depths, heads, ratios, merge="overlap", attention="aggregated",
                                     attention_kwargs=[{"window": 3, "sr_ratio": r} for r in pools]))
 
