@@ -31,11 +31,15 @@ SIZE = ["WIDTH = 32", "DEPTH = 2", "NUM_HEADS = 2", "MLP_WIDTH = 64", "BATCH_SIZ
 
 
 def vision_overlays() -> dict[str, pathlib.Path]:
-    """{mechanism: overlay file} for the overlays built on the digits ViT."""
+    """{mechanism: overlay file} for the overlays that replace the digits ViT's attention. Overlays that add a
+    branch beside it (`# Adds:`: DCAL's GLCA, the conditional cross-attention head) need a class token or a loss of
+    their own and have their own experiments (configs/experiments/dcal_digits.gin, conditional_digits.gin)."""
     found = {}
     for path in sorted((CONFIGS / "attention").glob("*.gin")):
-        base = re.search(r"^#\s*Base:\s*(\S+)", path.read_text(), flags=re.MULTILINE)
-        if base and base.group(1) == EXPERIMENT:
+        text = path.read_text()
+        base = re.search(r"^#\s*Base:\s*(\S+)", text, flags=re.MULTILINE)
+        adds = re.search(r"^#\s*Adds:", text, flags=re.MULTILINE)
+        if base and base.group(1) == EXPERIMENT and not adds:
             found[path.stem] = path
     return found
 
