@@ -88,6 +88,8 @@ def test_chunked_path_skips_the_blocks_between_sink_and_band():
     assert live == {(8, 8): 8 + 8 + 7 - 2, (8, 0): 8 + 7, (64, 8): 36}
 
 
+# default-suite time budget: a limit case of the banded reference that the chunked-vs-banded test covers
+@pytest.mark.slow
 def test_span_at_least_length_gives_dense_causal_attention():
     q, k, v = inputs()
     dense = attnx.dot_product_attention(q, k, v, mask=attnx.Mask(causal=True), implementation="reference")

@@ -165,6 +165,7 @@ def test_top_level_qk_head_dim_kwarg_is_refused():
         dataclasses.replace(BASE, attention="based", attention_kwargs={"qk_head_dim": 4})
 
 
+@pytest.mark.slow  # default-suite time budget: a training smoke test; the Based LM's forward and decode run by default
 def test_based_lm_trains_a_few_steps_and_the_loss_goes_down():
     config = dataclasses.replace(BASE, depth=3, use_mlp=False, layer_attention=HYBRID.layer_attention[:3])
     model = LLM(config, rngs=nnx.Rngs(7))

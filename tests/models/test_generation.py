@@ -49,6 +49,7 @@ def test_decode_step_equals_the_last_row_of_a_full_forward(name):
         np.testing.assert_allclose(step[:, 0], full[:, position], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # default-suite time budget: decode-step equality per mechanism runs by default
 def test_greedy_generate_equals_argmax_of_repeated_full_forwards():
     model = LLM(VARIANTS["sliding_window_3"], rngs=nnx.Rngs(3))
     prompt = jax.random.randint(jax.random.key(4), (2, 3), 0, 97)

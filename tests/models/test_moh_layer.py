@@ -38,6 +38,7 @@ def test_router_shapes_and_param_free_owns_no_router():
     assert not nnx.state(free.router, nnx.Param)
 
 
+@pytest.mark.slow  # default-suite time budget: trains; the balance loss itself is tested in tests/attnx/test_moh.py
 def test_balance_loss_is_weighted_added_and_trains_the_router():
     config = LLMConfig(width=24, depth=2, num_heads=4, num_kv_heads=2, mlp_width=40, attention="moh",
                        attention_kwargs={"n_shared": 1, "top_k": 2, "balance_weight": 0.5})

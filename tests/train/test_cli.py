@@ -67,6 +67,8 @@ def test_quickstart_trains_a_few_steps_on_the_stdlib_and_writes_its_outputs(tmp_
     assert (workdir / "loss.png").exists() and (workdir / "checkpoints" / "3").is_dir()
 
 
+# default-suite time budget: the quickstart CLI test trains by default and every gin file is built by tests/configs
+@pytest.mark.slow
 def test_llm_stdlib_experiment_with_a_size_file_and_an_overlay_trains_a_few_steps(tmp_path, capsys):
     """configs/experiments/llm_stdlib.gin + a model-size file + an attention overlay, shrunk by the tiny bindings
     that follow them (the size file's macros lose to later command-line bindings)."""

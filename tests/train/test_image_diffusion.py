@@ -42,6 +42,9 @@ def task():
     return image_diffusion.ClassConditionalDiffusion(**TINY)
 
 
+# default-suite time budget: the whole digits-DiT experiment (train, sample, score); the loss, samplers and metrics
+# have their own tests
+@pytest.mark.slow
 def test_trains_through_the_trainer_and_finish_writes_grid_and_numbers(task, tmp_path):
     result = trainer.train(task, workdir=str(tmp_path / "run"), steps=3, optimizer=OptimizerConfig(warmup_steps=1),
                            progress_bar=False, async_checkpoints=False)

@@ -95,6 +95,7 @@ def test_nonfinite_loss_stops_with_the_step_named(poisoned_corpus, tmp_path, tin
         trainer.train(task, workdir=str(tmp_path), steps=bad_step + 5, **RUN)
 
 
+@pytest.mark.slow  # default-suite time budget: the detection path runs by default in the stop variant
 def test_nonfinite_loss_is_skipped_when_configured(poisoned_corpus, tmp_path, tiny_task):
     task = tiny_task(poisoned_corpus, task_class=PoisonedByteModel)
     bad_step = first_poisoned_step(task)
