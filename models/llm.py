@@ -374,10 +374,9 @@ class LLM(nnx.Module):
                  attention_inputs: Mapping[str, Any] | None = None) -> jax.Array:
         """The last block's output [B, T, D] before the final norm: `logits(features(t)) == model(t)`. Tasks that
         score a few positions (MQAR) gather those rows first and skip the vocabulary projection of the rest."""
-        check_attention_inputs([block.attention for block in self.blocks], attention_inputs)
         x = self.embed(token_ids)
         ids = {"token_ids": token_ids} if self.representation_embeddings else {}
-        with publish_attention_inputs(None if attention_inputs is None else dict(attention_inputs)):
+        with self._run_time_inputs(attention_inputs):
             for block in self.blocks:
                 x = block(x, positions, **ids)
         return x
@@ -392,15 +391,20 @@ class LLM(nnx.Module):
         """Logits [B, T, vocab] of the tokens at positions cache_index .. cache_index + T - 1, given the cache of
         everything before them; returns the cache with these tokens added. Equal to the matching rows of
         `__call__` on the whole sequence (tested), with the same `attention_inputs`."""
-        check_attention_inputs([block.attention for block in self.blocks], attention_inputs)
         x = self.embed(token_ids)
         ids = {"token_ids": token_ids} if self.representation_embeddings else {}
         new_cache = []
-        with publish_attention_inputs(None if attention_inputs is None else dict(attention_inputs)):
+        with self._run_time_inputs(attention_inputs):
             for block, layer_cache in zip(self.blocks, cache):
                 x, layer_cache = block.decode(x, layer_cache, cache_index, **ids)
                 new_cache.append(layer_cache)
         return self.logits(x), new_cache
+
+    def _run_time_inputs(self, attention_inputs: Mapping[str, Any] | None):
+        """Checks that some layer reads `attention_inputs`, then publishes them to the layers' routers for the
+        duration of a `with` block (`features` and `decode`)."""
+        check_attention_inputs([block.attention for block in self.blocks], attention_inputs)
+        return publish_attention_inputs(None if attention_inputs is None else dict(attention_inputs))
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Features [..., D] -> next-token logits [..., vocab] (float32)."""

@@ -25,7 +25,6 @@ import contextlib
 import contextvars
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from attnx.ops.multimodal.var import var_sink_tokens
@@ -35,13 +34,18 @@ _INPUTS: contextvars.ContextVar = contextvars.ContextVar("attention_inputs", def
 
 
 @contextlib.contextmanager
-def residual_stream(hidden: jax.Array):
-    """Publishes the residual stream h [B, T, D] entering a block while its attention layer runs."""
-    token = _RESIDUAL.set(hidden)
+def _published(variable: contextvars.ContextVar, value):
+    """Sets `variable` to `value` for the duration of the block, then restores what it held."""
+    token = variable.set(value)
     try:
         yield
     finally:
-        _RESIDUAL.reset(token)
+        variable.reset(token)
+
+
+def residual_stream(hidden: jax.Array):
+    """Publishes the residual stream h [B, T, D] entering a block while its attention layer runs."""
+    return _published(_RESIDUAL, hidden)
 
 
 def current_residual() -> jax.Array | None:
@@ -49,7 +53,6 @@ def current_residual() -> jax.Array | None:
     return _RESIDUAL.get()
 
 
-@contextlib.contextmanager
 def attention_inputs(inputs):
     """Publishes run-time attention kwargs (a dict of arrays, e.g. PAINT's per-image token masks) to the layers'
     `RunTimeInputs` routers while a model runs (`LLM.__call__` / `decode` / `generate(attention_inputs=...)`).
@@ -57,11 +60,7 @@ def attention_inputs(inputs):
     if inputs is not None and not isinstance(inputs, dict):
         raise ValueError(f"attention_inputs: expected a dict of run-time attention kwargs (e.g. {{'local_tokens': "
                          f"bool [B, S]}}) or None, got {type(inputs).__name__}")
-    token = _INPUTS.set(None if inputs is None else dict(inputs))
-    try:
-        yield
-    finally:
-        _INPUTS.reset(token)
+    return _published(_INPUTS, None if inputs is None else dict(inputs))
 
 
 def check_attention_inputs(layers, inputs) -> None:
