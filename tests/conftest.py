@@ -17,3 +17,17 @@ import jax  # noqa: E402  (imported after the flags on purpose)
 # tests/attnx/test_optimized.py always re-runs a few cases with every optimisation on.
 if os.environ.get("ATTNX_TEST_OPTIMIZE", "0") != "1":
     jax.config.update("jax_disable_most_optimizations", True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Conformance subclasses with `default_cases` (attnx/testing/conformance.py): their other cases are `slow`,
+    so a backend that compiles slowly on CPU (Pallas in interpret mode) keeps a small default share."""
+    import pytest
+
+    for item in items:
+        default = getattr(getattr(item, "cls", None), "default_cases", None)
+        callspec = getattr(item, "callspec", None)
+        case = callspec.params.get("case") if callspec is not None else None
+        name = getattr(case, "name", None)
+        if default is not None and name is not None and name not in default:
+            item.add_marker(pytest.mark.slow)
