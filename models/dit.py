@@ -18,7 +18,13 @@ from M image tokens (`ImageProjModel` of an image embedding [B, image_prompt_dim
 features of a reference image), added with weight λ = `image_prompt_scale`. Its output projection starts at zero,
 so every block is still the identity at initialisation; with the option off the blocks and the parameter count are
 exactly DiT's. The model is then called with `image_embeds=` (zeros: no image prompt, IP-Adapter's unconditional
-`proj(zeros)`), and `image_prompt_scale=` overrides λ per call (0 removes the image stream exactly).
+`proj(zeros)`), and `image_prompt_scale=` overrides λ per call (0 removes the image stream exactly). With condition
+cross-attention on, the image layer's "text" stream is the condition tokens instead of the label embedding.
+Several reference images (image_embeds [B, O, E]) merge by `image_prompt_merge`: "concat" (one stream of all their
+tokens) or "mip" (MIP-Adapter's per-position object weights; the entity phrases come per call, `DiT.entity_phrases`
+builds them from the references' labels). `dense_prompt_dim` > 0 adds DPDEdit's dense stream: per-call feature
+maps [B, S_d, dense_prompt_dim], one for all blocks or one per block ([depth, B, S_d, C], e.g. a reference
+network's features at the matching block, `DiT.reference_features`). See models/layers/ip_adapter.py.
 
 Condition ("text") cross-attention (`DiTConfig.cross_attention`, a registry name; None, the default, leaves DiT
 unchanged, parameters and outputs bit-identical): PixArt-α's sub-layer (arXiv 2310.00426, §2.3;
@@ -49,18 +55,15 @@ from flax import nnx
 import attnx
 
 from models.diffusion import classifier_free_guidance
-from models.layers.adaln import AdaLNModulation, LabelEmbedder, TimestepEmbedder, modulate
+from models.layers.adaln import LabelEmbedder, TimestepEmbedder
 from models.layers import PARAM_DTYPES, check_param_dtype
-from models.layers.attention import Attention, check_attention_choice, layer_entry, token_mixer
-from models.layers.cross_attention import (CaptionProjection, ConditionCrossAttention, LabelTokens,
-                                           check_cross_attention_choice)
-from models.layers.ip_adapter import DecoupledCrossAttention, ImageProjModel
+from models.layers.attention import check_attention_choice, layer_entry
+from models.layers.cross_attention import CaptionProjection, LabelTokens, check_cross_attention_choice
+from models.layers.dit_block import DiTBlock, FinalLayer
+from models.layers.ip_adapter import ImageProjModel, check_image_prompt_options
 from models.layers.mixers import SPATIAL_MIXERS
-from models.layers.mlp import GeluMlp
-from models.layers.norm import LayerNorm
 from models.layers.patch import PatchEmbed, sincos_2d, unpatchify
 
-NORM_EPS = 1e-6  # DiT's LayerNorms (no learned gain or bias: adaLN supplies both)
 # DiT's forward_with_cfg guides only channels [:3] "for exact reproducibility reasons" (its comment); with 4 latent
 # channels that leaves the 4th unguided. `all_channels=False` reproduces that.
 DIT_REFERENCE_GUIDED_CHANNELS = 3
@@ -80,7 +83,9 @@ class DiTConfig:
         MoH-DiT's published head plans differ per block (diffusion spec §5), e.g. 8 routed blocks then 4 all-shared.
     image_prompt_tokens: M > 0 adds IP-Adapter image-prompt cross-attention to every block (module docstring);
         0 (default) leaves DiT unchanged. image_prompt_dim: width of the image embedding given to the model.
-        image_prompt_scale: λ, the weight of the image stream (1.0 in the IP-Adapter code).
+        image_prompt_scale: λ, the weight of the image stream (1.0 in the IP-Adapter code). image_prompt_merge:
+        "concat" or "mip", for several reference images. dense_prompt_dim: width of DPDEdit's dense stream (0:
+        none); dense_prompt_scale: its weight.
     layer_num_heads: per-block head counts, repeated over the depth like layer_attention (empty: num_heads in
         every block). attention_head_dim: the head size H of every block (None: width // the block's heads), so
         that N * H may differ from the width (MoH-DiT-L/XL: 8, 16, 24 heads of 64 / 72).
@@ -108,6 +113,9 @@ class DiTConfig:
     image_prompt_tokens: int = 0
     image_prompt_dim: int = 64
     image_prompt_scale: float = 1.0
+    image_prompt_merge: str = "concat"
+    dense_prompt_dim: int = 0
+    dense_prompt_scale: float = 1.0
     layer_num_heads: tuple[int, ...] = ()
     attention_head_dim: int | None = None
     cross_attention: str | None = None
@@ -139,15 +147,9 @@ class DiTConfig:
         if not 0 <= self.class_dropout_prob < 1:
             raise ValueError(f"DiTConfig.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob!r}")
         check_param_dtype("DiTConfig", self.param_dtype)
-        if not isinstance(self.image_prompt_tokens, int) or isinstance(self.image_prompt_tokens, bool) \
-                or self.image_prompt_tokens < 0:
-            raise ValueError(f"DiTConfig.image_prompt_tokens must be an int >= 0 (0: no image prompt), got "
-                             f"{self.image_prompt_tokens!r}")
-        if not isinstance(self.image_prompt_dim, int) or isinstance(self.image_prompt_dim, bool) \
-                or self.image_prompt_dim <= 0:
-            raise ValueError(f"DiTConfig.image_prompt_dim must be a positive int, got {self.image_prompt_dim!r}")
-        if isinstance(self.image_prompt_scale, bool) or not isinstance(self.image_prompt_scale, (int, float)):
-            raise ValueError(f"DiTConfig.image_prompt_scale must be a number (λ), got {self.image_prompt_scale!r}")
+        check_image_prompt_options("DiTConfig", tokens=self.image_prompt_tokens, dim=self.image_prompt_dim,
+                                   scale=self.image_prompt_scale, merge=self.image_prompt_merge,
+                                   dense_dim=self.dense_prompt_dim, dense_scale=self.dense_prompt_scale)
         check_attention_choice("DiTConfig", self.attention, self.attention_kwargs, causal=False)
         if not isinstance(self.layer_attention, tuple):
             raise ValueError(f"DiTConfig.layer_attention must be a tuple of entries, got {self.layer_attention!r}")
@@ -265,96 +267,6 @@ def attnx_name(kind: str) -> str:
     return attnx.get_attention(kind).name
 
 
-def _xavier_uniform(rng: jax.Array, fan_in: int, fan_out: int, shape: tuple[int, ...], dtype) -> jax.Array:
-    """Uniform(±√(6 / (fan_in + fan_out))) reshaped to `shape`: Glorot & Bengio (2010) over a flat matrix."""
-    return nnx.initializers.xavier_uniform()(rng, (fan_in, fan_out), dtype).reshape(shape)
-
-
-class DiTBlock(nnx.Module):
-    """adaLN-Zero block (§3.2): c -> (shift, scale, gate) for attention and for the MLP;
-    x += gate · Attn(LN(x) (1 + scale) + shift), then the same for the MLP. Identity at initialisation."""
-
-    def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs, layer: int = 0):
-        dtype = PARAM_DTYPES[config.param_dtype]
-        width = config.width
-        heads, head_dim = config.layer_heads(layer)
-        norm = functools.partial(LayerNorm, width, eps=NORM_EPS, use_scale=False, use_bias=False, param_dtype=dtype)
-        self.attention_norm = norm()
-        attention, attention_kwargs = config.layer_choice(layer)
-        grid = (config.grid_size, config.grid_size)
-        if heads * head_dim == width:
-            self.attention = token_mixer(width, heads, attention=attention, attention_kwargs=attention_kwargs,
-                                         grid=grid, rngs=rngs, param_dtype=dtype)
-        else:  # an inner width N * H other than D (MoH-DiT-L/XL plans): the shared layer takes both sizes
-            self.attention = Attention(width, heads, heads, head_dim, kind=attention, kind_kwargs=attention_kwargs,
-                                       causal=False, use_rope=False, use_bias=True, grid=grid, rngs=rngs,
-                                       param_dtype=dtype)
-        if isinstance(self.attention, Attention):
-            # DiT initialises timm's fused qkv Linear(D, 3D) and the output Linear(D, D) Xavier-uniform; the shared
-            # layer's own fan-in normal is redrawn here so that the bound is the fused matrix's, √(6 / 4D).
-            qkv = _xavier_uniform(rngs.params(), width, 3 * heads * head_dim, (width, 3, heads, head_dim), dtype)
-            # (New Param objects rather than in-place writes: writing into a Variable under tracing, as in the
-            # trainer's jitted initialisation, costs a slow provenance lookup per write.)
-            self.attention.query_dnh, self.attention.key_dkh, self.attention.value_dkh = (
-                nnx.Param(qkv[:, 0]), nnx.Param(qkv[:, 1]), nnx.Param(qkv[:, 2]))
-            self.attention.out_nhd = nnx.Param(_xavier_uniform(rngs.params(), heads * head_dim, width,
-                                                               (heads, head_dim, width), dtype))
-        self.mlp_norm = norm()
-        self.mlp = GeluMlp(width, config.mlp_width, approximate=True, rngs=rngs, param_dtype=dtype)
-        self.modulation = AdaLNModulation(width, 6, rngs=rngs, param_dtype=dtype)
-        # Built last in the block, so that the first block's DiT weights draw the same numbers with the option on or
-        # off (later blocks' draws shift; the condition cross-attention below avoids that by being attached last).
-        if config.image_prompt_tokens:
-            self.image_attention_norm = norm()
-            self.image_attention = DecoupledCrossAttention(width, config.num_heads, scale=config.image_prompt_scale,
-                                                           zero_out=True, rngs=rngs, param_dtype=dtype)
-        else:
-            self.image_attention_norm = self.image_attention = None
-        # Attached by the DiT after all its other weights (`add_cross_attention`), so that switching it on leaves
-        # every other weight's random draw unchanged. (nnx.data: the attribute holds a module once attached.)
-        self.cross_attention = nnx.data(None)
-
-    def add_cross_attention(self, config: DiTConfig, *, rngs: nnx.Rngs) -> None:
-        """Adds the condition cross-attention sub-layer (config.cross_attention) to this block."""
-        self.cross_attention = ConditionCrossAttention(
-            config.width, config.num_heads, kind=config.cross_attention, kind_kwargs=config.cross_attention_kwargs,
-            rngs=rngs, param_dtype=PARAM_DTYPES[config.param_dtype])
-
-    def __call__(self, x: jax.Array, c: jax.Array, context: jax.Array | None = None,
-                 image_tokens: jax.Array | None = None, image_prompt_scale=None, *,
-                 condition: jax.Array | None = None, cross_attention_kwargs: Mapping[str, Any] | None = None
-                 ) -> jax.Array:
-        """x [B, T, D], c [B, D] -> [B, T, D]; with image prompts also the text context [B, S, D] and the image
-        tokens [B, M, D] (λ = image_prompt_scale, default the config's); with condition cross-attention the
-        condition tokens [B, S, D] (projected to the width) and the mechanism's per-call inputs."""
-        shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
-        x = x + gate_attn[:, None, :] * self.attention(modulate(self.attention_norm(x), shift_attn, scale_attn))
-        if self.cross_attention is not None:  # PixArt-α: on x itself, no norm or gate (the output starts at 0)
-            x = x + self.cross_attention(x, condition, **dict(cross_attention_kwargs or {}))
-        if self.image_attention is not None:
-            x = x + self.image_attention(self.image_attention_norm(x), context, image_tokens,
-                                         scale=image_prompt_scale)
-        return x + gate_mlp[:, None, :] * self.mlp(modulate(self.mlp_norm(x), shift_mlp, scale_mlp))
-
-
-class FinalLayer(nnx.Module):
-    """LN -> adaLN (shift, scale) -> Linear(D, p² · out_channels). Zero-initialised, so the DiT outputs 0 at first."""
-
-    def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
-        dtype = PARAM_DTYPES[config.param_dtype]
-        patch_features = config.patch_size**2 * config.out_channels
-        self.norm = LayerNorm(config.width, eps=NORM_EPS, use_scale=False, use_bias=False, param_dtype=dtype)
-        self.modulation = AdaLNModulation(config.width, 2, rngs=rngs, param_dtype=dtype)
-        self.linear_dp = nnx.Param(jnp.zeros((config.width, patch_features), dtype))
-        self.linear_bias_p = nnx.Param(jnp.zeros((patch_features,), dtype))
-
-    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
-        """x [B, T, D], c [B, D] -> patch values [B, T, p² · out_channels]."""
-        shift, scale = self.modulation(c)
-        x = modulate(self.norm(x), shift, scale)
-        return jnp.einsum("btd,dp->btp", x, self.linear_dp[...]) + self.linear_bias_p[...]
-
-
 class DiT(nnx.Module):
     """(x [B, H, W, C], t [B], y [B]) -> [B, H, W, out_channels] in float32: ε̂ first, then variance values."""
 
@@ -367,6 +279,7 @@ class DiT(nnx.Module):
         self.out_channels = config.out_channels
         self.num_classes = config.num_classes
         self.class_dropout_prob = config.class_dropout_prob
+        self.dense_prompt_dim = config.dense_prompt_dim
         dtype = PARAM_DTYPES[config.param_dtype]
         self.patch_embed = PatchEmbed(config.patch_size, config.in_channels, config.width, rngs=rngs,
                                       param_dtype=dtype)
@@ -410,12 +323,17 @@ class DiT(nnx.Module):
                  rng: jax.Array | None = None, force_drop_ids: jax.Array | None = None,
                  return_intermediates: bool = False, image_embeds: jax.Array | None = None,
                  image_prompt_scale=None, context: jax.Array | None = None,
-                 cross_attention_kwargs: Mapping[str, Any] | None = None):
+                 cross_attention_kwargs: Mapping[str, Any] | None = None,
+                 image_prompt_kwargs: Mapping[str, Any] | None = None):
         """Returns the output [B, H, W, out_channels]; with return_intermediates, (output, dict) where the dict
         holds "conditioning" [B, D], "tokens" (after the position embedding) and "block_{i}" [B, T, D].
 
-        image_embeds [B, image_prompt_dim]: required when the config has image prompts (zeros: none), refused
-        otherwise. image_prompt_scale: λ for this call (a number or a traced scalar), default the config's.
+        image_embeds [B, image_prompt_dim] or, for several references, [B, O, image_prompt_dim]: required when the
+        config has image prompts (zeros: none), refused otherwise. image_prompt_scale: λ for this call (a number or
+        a traced scalar), default the config's. image_prompt_kwargs: the image layer's other per-call inputs:
+        entity_context [B, O, L, C] and entity_lengths [B, O] (merge "mip"; C = condition_dim with condition
+        cross-attention, else the width; `entity_phrases` builds them), dense_features [B, S_d, dense_prompt_dim]
+        or one per block [depth, B, S_d, dense_prompt_dim] (required with a dense stream), dense_scale.
         context [B, S, condition_dim]: the condition tokens of the cross-attention (default: the label tokens of
         y, null where labels are dropped); refused without cross_attention. cross_attention_kwargs: the cross
         mechanism's per-call inputs, the same for every block, e.g. region_mask's foreground [B, T] (bool, per
@@ -430,22 +348,79 @@ class DiT(nnx.Module):
                              "DiT: this model has image prompts (DiTConfig.image_prompt_tokens > 0); pass "
                              "image_embeds [B, image_prompt_dim] (zeros for no image prompt)")
         c = self.conditioning(t, y, train=train, rng=rng, force_drop_ids=force_drop_ids)
-        ip_context = image_tokens = None
-        if self.image_proj is not None:  # the same rng drops the same labels as in c
-            ip_context = self._label_embedding(y, train=train, rng=rng, force_drop_ids=force_drop_ids)[:, None, :]
-            image_tokens = self.image_proj(image_embeds)
         condition, cross_kwargs = self._condition(y, context, cross_attention_kwargs, train=train, rng=rng,
                                                   force_drop_ids=force_drop_ids)
+        prompts = self._image_prompts(y, condition, image_embeds, image_prompt_scale, image_prompt_kwargs,
+                                      train=train, rng=rng, force_drop_ids=force_drop_ids)
         tokens = self.patch_embed(x) + self.position_embedding().astype(x.dtype)
         intermediates = {"conditioning": c, "tokens": tokens}
         for index, block in enumerate(self.blocks):
-            tokens = block(tokens, c, ip_context, image_tokens, image_prompt_scale, condition=condition,
-                           cross_attention_kwargs=cross_kwargs)
+            tokens = block(tokens, c, prompts[index], condition=condition, cross_attention_kwargs=cross_kwargs)
             intermediates[f"block_{index}"] = tokens
         patches = self.final_layer(tokens, c)
         grid = (self.grid_size, self.grid_size)
         out = unpatchify(patches, self.patch_size, grid, self.out_channels).astype(jnp.float32)
         return (out, intermediates) if return_intermediates else out
+
+    def _image_prompts(self, y, condition, image_embeds, scale, kwargs, *, train, rng, force_drop_ids) -> list:
+        """The image layer's keyword arguments per block (None everywhere without one)."""
+        kwargs = dict(kwargs or {})
+        if self.blocks[0].image_attention is None:
+            if kwargs:
+                raise ValueError(f"DiT: image_prompt_kwargs {sorted(kwargs)} given, but the model has no image "
+                                 f"prompt layer (DiTConfig.image_prompt_tokens=0 and dense_prompt_dim=0)")
+            return [None] * len(self.blocks)
+        unknown = set(kwargs) - {"entity_context", "entity_lengths", "dense_features", "dense_scale"}
+        if unknown:
+            raise ValueError(f"DiT: unknown image_prompt_kwargs {sorted(unknown)}; known: entity_context, "
+                             f"entity_lengths, dense_features, dense_scale")
+        if condition is None:  # the label embedding as a one-token "text" context; the same rng drops the same labels
+            condition = self._label_embedding(y, train=train, rng=rng, force_drop_ids=force_drop_ids)[:, None, :]
+        common = dict(context=condition, scale=scale, dense_scale=kwargs.get("dense_scale"))
+        if image_embeds is not None:
+            if image_embeds.ndim not in (2, 3):
+                raise ValueError(f"DiT: image_embeds must be [B, E] or [B, O, E] (O references), got "
+                                 f"{image_embeds.shape}")
+            flat = self.image_proj(image_embeds.reshape(-1, image_embeds.shape[-1]))  # [B * O, M, D]
+            common["image_tokens"] = flat.reshape(*image_embeds.shape[:-1], *flat.shape[1:])
+        entity = kwargs.get("entity_context")
+        if entity is not None and self.condition_proj is not None:  # phrases take the context's projection
+            entity = self.condition_proj(entity.astype(condition.dtype))
+        common.update(entity_context=entity, entity_lengths=kwargs.get("entity_lengths"))
+        dense = kwargs.get("dense_features")
+        depth = len(self.blocks)
+        if dense is not None and dense.ndim == 4 and dense.shape[0] != depth:
+            raise ValueError(f"DiT: dense_features must be [B, S_d, C] or one per block [{depth}, B, S_d, C], got "
+                             f"{dense.shape}")
+        per_block = dense is not None and dense.ndim == 4
+        return [dict(common, dense_tokens=dense[index] if per_block else dense) for index in range(depth)]
+
+    def entity_phrases(self, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """MIP-Adapter's entity phrases of O references from their labels [B, O]: (entity_context [B, O, L, C],
+        entity_lengths [B, O]). The digits stand-in for a tokenised phrase: a BOS token, then the class's tokens --
+        the label tokens' first shared token (or the null class's first token) and the class tokens with condition
+        cross-attention (L = 1 + condition_class_tokens), else the null class's and the class's label embedding
+        (L = 2)."""
+        labels = jnp.asarray(labels, jnp.int32)
+        if labels.ndim != 2:
+            raise ValueError(f"DiT.entity_phrases: labels must be [B, O], got {labels.shape}")
+        null = jnp.full(labels.shape, self.num_classes, jnp.int32)
+        if self.label_tokens is None:
+            table = self.label_embedder.embedding_vd[...]
+            phrase = jnp.stack([jnp.take(table, null, axis=0), jnp.take(table, labels, axis=0)], axis=2)
+        else:
+            tokens = self.label_tokens.class_vsc[...]  # [classes + 1, per_class, C]
+            bos = (jnp.broadcast_to(self.label_tokens.shared_sc[...][0], (*labels.shape, tokens.shape[-1]))
+                   if self.label_tokens.shared_sc is not None else jnp.take(tokens[:, 0], null, axis=0))
+            phrase = jnp.concatenate([bos[:, :, None], jnp.take(tokens, labels, axis=0)], axis=2)
+        return phrase, jnp.full(labels.shape, phrase.shape[2] - 1, jnp.int32)
+
+    def reference_features(self, x: jax.Array, t: jax.Array, y: jax.Array, **kwargs) -> jax.Array:
+        """The tokens entering each block for images x [B, H, W, C]: [depth, B, T, D], DPDEdit's "features at the
+        matching layer" when this DiT serves as the texture network (give them as dense_features to a DiT with
+        dense_prompt_dim = this width). kwargs: passed to the forward (e.g. force_drop_ids, image_embeds)."""
+        _, inter = self(x, t, y, return_intermediates=True, **kwargs)
+        return jnp.stack([inter["tokens"]] + [inter[f"block_{i}"] for i in range(len(self.blocks) - 1)])
 
     def _condition(self, y, context, cross_attention_kwargs, *, train, rng, force_drop_ids):
         """(condition tokens projected to the width [B, S, D] or None, per-call cross-attention kwargs)."""
@@ -473,13 +448,15 @@ class DiT(nnx.Module):
                          all_channels: bool = True, image_embeds: jax.Array | None = None,
                          image_prompt_scale=None, context: jax.Array | None = None,
                          null_context: jax.Array | None = None,
-                         cross_attention_kwargs: Mapping[str, Any] | None = None) -> jax.Array:
+                         cross_attention_kwargs: Mapping[str, Any] | None = None,
+                         image_prompt_kwargs: Mapping[str, Any] | None = None) -> jax.Array:
         """Classifier-free guided output [B, H, W, out_channels] from one forward pass over 2B examples.
 
         The batch is run with its labels and with the null class; ε_u + s (ε_c - ε_u) replaces the ε channels (all
         in_channels of them), and the variance channels come from the conditional half. all_channels=False
         reproduces DiT's `forward_with_cfg`, which guides only the first three output channels. With image
-        prompts, the unconditional half also gets a zero image embedding (IP-Adapter's uncond `proj(zeros)`).
+        prompts, the unconditional half also gets a zero image embedding (IP-Adapter's uncond `proj(zeros)`) and
+        zero dense features; MIP's entity phrases are the same in both halves.
 
         Condition cross-attention: the unconditional half reads the null class's label tokens, or `null_context`
         when `context` is given (both or neither). Per-call `cross_attention_kwargs` apply to the conditional half
@@ -494,17 +471,27 @@ class DiT(nnx.Module):
         if (context is None) != (null_context is None):
             raise ValueError("DiT.forward_with_cfg: give context and null_context together (the unconditional "
                              "half needs its own condition tokens) or neither (the label tokens)")
+        prompt = dict(image_prompt_kwargs or {})
+        dense = prompt.get("dense_features")
+        null_prompt = dict(prompt, **({} if dense is None else {"dense_features": jnp.zeros_like(dense)}))
         if cross_attention_kwargs:
             null_image = None if image_embeds is None else jnp.zeros_like(image_embeds)
             conditional = self(x, t, y, force_drop_ids=jnp.zeros(batch, jnp.int32), context=context,
                                cross_attention_kwargs=cross_attention_kwargs, image_embeds=image_embeds,
-                               image_prompt_scale=image_prompt_scale)
+                               image_prompt_scale=image_prompt_scale, image_prompt_kwargs=prompt)
             unconditional = self(x, t, y, force_drop_ids=jnp.ones(batch, jnp.int32), context=null_context,
-                                 image_embeds=null_image, image_prompt_scale=image_prompt_scale)
+                                 image_embeds=null_image, image_prompt_scale=image_prompt_scale,
+                                 image_prompt_kwargs=null_prompt)
             out = jnp.concatenate([conditional, unconditional])
         else:
             if context is not None:
                 image["context"] = jnp.concatenate([context, null_context])
+            if prompt:  # both halves in one batch: the batch axis is 1 for per-block dense features
+                axis = lambda name, value: 1 if name == "dense_features" and value.ndim == 4 else 0
+                image["image_prompt_kwargs"] = {
+                    name: value if name == "dense_scale" else
+                    jnp.concatenate([value, null_prompt[name]], axis=axis(name, value))
+                    for name, value in prompt.items()}
             out = self(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([y, y]),
                        force_drop_ids=jnp.concatenate([jnp.zeros(batch, jnp.int32), jnp.ones(batch, jnp.int32)]),
                        **image)
