@@ -99,9 +99,17 @@ def multi_stream_cross_attention(query, streams, *, scale: float | None = None, 
     query [*B, T, N, H]; streams: sequence of (key [*B, S_s, K_s, H], value [*B, S_s, K_s, V], weight) with weight a
     scalar, [*B, T] or [*B, T, N]. scale: the logit scale of every stream (default 1 / sqrt(H), as
     `F.scaled_dot_product_attention` in the official processors). implementation: passed to
-    `attnx.dot_product_attention` for each stream (None picks the best available, tiled for long streams on CPU).
+    `attnx.dot_product_attention` for each stream (None picks the best available, tiled for long streams on CPU);
+    "pallas_gpu" or a `MultiStreamPallas` config instead runs all streams in one fused kernel
+    (attnx/ops/cross/pallas_gpu.py: one query tile, one online softmax per stream).
     """
     streams = _check_streams("multi_stream_cross_attention", query, streams)
+    if implementation is not None:
+        from attnx.ops.cross import pallas_gpu  # imported only when an implementation is named (Pallas is heavy)
+
+        if implementation == "pallas_gpu" or isinstance(implementation, pallas_gpu.MultiStreamPallas):
+            config = None if implementation == "pallas_gpu" else implementation
+            return pallas_gpu.multi_stream_pallas(query, streams, scale=scale, config=config)
     query = jnp.asarray(query)
     batch_rank = query.ndim - 3
     total = None
