@@ -55,10 +55,34 @@ class Cudnn:
 
 @dataclasses.dataclass(frozen=True)
 class PallasGpu:
-    """Pallas flash-attention kernel for GPUs (Mosaic GPU / Triton lowering). Not written yet: the name is part of
-    the contract (ARCHITECTURE §4) so that lists such as ["pallas_gpu", "chunked"] already fall through."""
+    """Pallas flash-attention kernel for GPUs, Triton lowering (`attnx.ops.softmax.pallas_gpu`), with block
+    skipping.
+
+    block_q, block_kv: tile sizes, powers of two >= 16 (Triton's dot needs power-of-two tiles of at least 16);
+    shorter sequences use a smaller tile (never below 16). num_warps: a power of two; num_stages: software pipeline
+    depth (>= 1). interpret: run the kernel in Pallas interpret mode (CPU); None reads the environment variable
+    ATTNX_PALLAS_INTERPRET ("1" = interpret) when the kernel runs.
+    """
 
     name: ClassVar[str] = "pallas_gpu"
+    block_q: int = 128
+    block_kv: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    interpret: bool | None = None
+
+    def __post_init__(self):
+        for field in ("block_q", "block_kv"):
+            value = getattr(self, field)
+            _positive_int("PallasGpu", field, value)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"PallasGpu.{field}: expected a power of two >= 16 (Triton dot tiles), got {value}")
+        _positive_int("PallasGpu", "num_warps", self.num_warps)
+        if self.num_warps & (self.num_warps - 1):
+            raise ValueError(f"PallasGpu.num_warps: expected a power of two, got {self.num_warps}")
+        _positive_int("PallasGpu", "num_stages", self.num_stages)
+        if self.interpret is not None and not isinstance(self.interpret, bool):
+            raise TypeError(f"PallasGpu.interpret: expected None or a bool, got {self.interpret!r}")
 
 
 @dataclasses.dataclass(frozen=True)
