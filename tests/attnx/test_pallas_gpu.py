@@ -21,3 +21,127 @@ class TestPallasGpu(AttentionConformance):
     # jvp: a custom_vjp kernel (jax.jvp cannot enter it). score_mod/mask_mod: not traced into the kernel yet.
     unsupported = frozenset({"jvp", "score_mod"})
     default_cases = frozenset({"CC", "odd_lengths", "segment_ids", "block_mask", "lengths", "bf16"})
+
+    # The CAB prefix property compiles one kernel per prefix length (9 compiles of ~1 s in interpret mode); the
+    # chunked and reference backends run it in the default suite, so here it is slow.
+    @pytest.mark.slow
+    @pytest.mark.parametrize("pattern", ["CS", "CC"])
+    def test_causal_prefix_property(self, pattern):
+        super().test_causal_prefix_property(pattern)
+
+
+def _inputs(B=2, T=40, S=36, N=4, K=2, H=8, V=8, dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)  # noqa: E731
+    return normal(B, T, N, H), normal(B, S, K, H), normal(B, S, K, V)
+
+
+def _fwd_and_grads(fn, q, k, v, *extra):
+    """Output and gradients (w.r.t. every argument) of a fixed random projection of the output."""
+    w = jnp.cos(jnp.arange(np.prod(q.shape[:-1]) * v.shape[-1], dtype=jnp.float32)).reshape(q.shape[:-1] + v.shape[-1:])
+    loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * w)  # noqa: E731
+    return fn(q, k, v, *extra), jax.grad(loss, argnums=tuple(range(3 + len(extra))))(q, k, v, *extra)
+
+
+def _assert_matches(got, want, dtype=jnp.float32, what=""):
+    (out, grads), (r_out, r_grads) = got, want
+    assert_close(out, r_out, dtype, "forward", f"{what}: output")
+    for n, (g, r) in enumerate(zip(grads, r_grads)):
+        assert_close(g, r, dtype, "gradient", f"{what}: gradient {n}")
+
+
+def test_ragged_multi_tile_lengths_with_gqa_window_bias_sinks():
+    """Lengths that are no multiple of the tile (3 query and 3 key tiles, ragged last ones), GQA, a window with
+    q_offset, segment ids, a broadcast bias, sinks, a soft cap and a value dim unlike H: forward and all gradients
+    (q, k, v, bias, sinks) against the reference. JAX's own Pallas GPU kernel requires S % block == 0."""
+    q, k, v = _inputs(T=40, S=36, V=12)
+    seg_q = jnp.asarray(np.repeat([[0, 1, 2]], 2, 0).repeat([15, 15, 10], axis=1))
+    seg_k = jnp.asarray(np.repeat([[0, 1, 2]], 2, 0).repeat([12, 14, 10], axis=1))
+    mask = Mask(window=(9, 4), q_offset=-3, q_segment_ids=seg_q, kv_segment_ids=seg_k)
+    bias = jnp.asarray(np.random.default_rng(1).standard_normal((1, 4, 1, 36)), jnp.float32)
+    sinks = jnp.asarray([0.5, -1.0, 0.0, 2.0], jnp.float32)
+
+    def make(impl):
+        return jax.jit(lambda q, k, v, b, s: _fwd_and_grads(
+            lambda q, k, v, b, s: attnx.dot_product_attention(
+                q, k, v, b, mask, sinks=s, logits_soft_cap=2.5, implementation=impl), q, k, v, b, s))
+
+    _assert_matches(make(IMPL)(q, k, v, bias, sinks), make("reference")(q, k, v, bias, sinks), what="ragged")
+
+
+def test_skipped_tiles_are_never_read():
+    """Block skipping really skips: keys past kv_lengths fill whole tiles with NaN; a kernel that loaded them
+    would return NaN (0 * NaN in P @ V). Output and gradients stay finite and match the reference."""
+    q, k, v = _inputs(T=48, S=64, K=1)
+    lens = jnp.array([16, 40])
+    poison = (jnp.arange(64) >= 48)[None, :, None, None] | ((jnp.arange(2) == 0)[:, None, None, None]
+                                                            & (jnp.arange(64) >= 16)[None, :, None, None])
+    k_bad, v_bad = jnp.where(poison, jnp.nan, k), jnp.where(poison, jnp.nan, v)
+    mask = Mask(kv_lengths=lens, causal=True)
+    live = bl.live_blocks(mask, 48, 64, 16, 16)
+    # b=0 reaches one key tile from every query tile; b=1 the causal band cut at 48 (tiles 0..2).
+    np.testing.assert_array_equal(np.asarray(jnp.sum(live, axis=-1))[:, 0], [[1, 1, 1], [1, 2, 3]])
+    out, grads = jax.jit(lambda q, k, v: _fwd_and_grads(
+        lambda q, k, v: attnx.dot_product_attention(q, k, v, mask=mask, implementation=IMPL), q, k, v))(
+            q, k_bad, v_bad)
+    assert np.all(np.isfinite(np.asarray(out))) and all(np.all(np.isfinite(np.asarray(g)[:, :16])) for g in grads)
+    ref = attnx.dot_product_attention(q, k, v, mask=mask, implementation="reference")
+    assert_close(out, ref, jnp.float32, "forward", "poisoned skipped tiles")
+
+
+def test_causal_block_counts():
+    """The causal list visits the lower triangle of tiles only: nq·(nq+1)/2 of nq² at T = S."""
+    live = bl.live_blocks(Mask(causal=True), 256, 256, 16, 16)
+    ids, counts = bl.block_list_from_mask(live)
+    assert int(jnp.sum(counts)) == 16 * 17 // 2 and live.size == 16 * 16
+    np.testing.assert_array_equal(np.asarray(counts)[0, 0], np.arange(1, 17))
+    np.testing.assert_array_equal(np.asarray(ids)[0, 0, 3, :4], [0, 1, 2, 3])
+    # A causal sliding window of 32 keys: at most 3 tiles per query tile whatever the length.
+    band = bl.live_blocks(Mask(causal=True, window=(31, 0)), 1024, 1024, 16, 16)
+    assert int(jnp.max(jnp.sum(band, axis=-1))) == 3
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_sparse_attention_matches_expanded_mask(causal):
+    """`block_sparse_attention` over an explicit per-head list equals the reference under the expanded block mask,
+    forward and gradients."""
+    q, k, v = _inputs(T=40, S=48, N=2, K=1)
+    live = jnp.asarray(np.random.default_rng(4).random((1, 2, 3, 3)) < 0.6).at[0, 1, 2].set(False)
+    ids, counts = pallas_gpu.block_list_from_mask(live)
+    mask = Mask(block_mask=live, block_size=(16, 16), causal=causal)
+    got = jax.jit(lambda q, k, v: _fwd_and_grads(lambda q, k, v: pallas_gpu.block_sparse_attention(
+        q, k, v, ids, counts, block_size=16, causal=causal, interpret=True), q, k, v))(q, k, v)
+    want = jax.jit(lambda q, k, v: _fwd_and_grads(lambda q, k, v: attnx.dot_product_attention(
+        q, k, v, mask=mask, implementation="reference"), q, k, v))(q, k, v)
+    _assert_matches(got, want, what=f"block_sparse causal={causal}")
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    (dict(block_q=24), ValueError), (dict(block_kv=8), ValueError), (dict(block_q=0), ValueError),
+    (dict(num_warps=3), ValueError), (dict(num_stages=0), ValueError), (dict(block_q=True), ValueError),
+    (dict(interpret="yes"), TypeError)])
+def test_bad_config_raises(kwargs, error):
+    with pytest.raises(error, match="PallasGpu"):
+        attnx.PallasGpu(**kwargs)
+
+
+def test_unsupported_arguments_raise_not_implemented():
+    q, k, v = _inputs(T=4, S=4)
+    with pytest.raises(NotImplementedError, match="score_mod"):
+        attnx.dot_product_attention(q, k, v, score_mod=lambda s, b, n, t, j: s, implementation=IMPL)
+    big = jnp.zeros((1, 4, 2, 512))
+    with pytest.raises(NotImplementedError, match="head dims"):
+        attnx.dot_product_attention(big, big, big, implementation=IMPL)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(NotImplementedError, match="needs a GPU"):
+            attnx.dot_product_attention(q, k, v, implementation=attnx.PallasGpu(interpret=False))
+        # In a list it falls through to the next implementation.
+        out = attnx.dot_product_attention(q, k, v, implementation=[attnx.PallasGpu(interpret=False), "reference"])
+        assert out.shape == (2, 4, 4, 8)
+
+
+def test_block_sparse_attention_bad_list_shape():
+    q, k, v = _inputs(T=40, S=48, N=2, K=1)
+    ids, counts = bl.block_list_from_mask(jnp.ones((1, 2, 2, 3), bool))
+    with pytest.raises(ValueError, match="block_ids"):
+        pallas_gpu.block_sparse_attention(q, k, v, ids, counts, block_size=16, interpret=True)
