@@ -96,6 +96,20 @@ def test_all_streams_zero_gives_zeros():
     assert out.shape == (B, T, N, V) and not np.any(np.asarray(out))
 
 
+def test_batch_axes_none_or_two():
+    # [*B] = () and (2, 1): the wrapper flattens the batch axes (and a [*B, T, N] weight with them) and restores them
+    q, ks, vs, _, _, _ = _case(jnp.float32, ((19, 2, 1.0),))
+    rng = np.random.default_rng(1)
+    for batch in ((), (2, 1)):
+        index = (0,) if not batch else ()
+        reshape = lambda x: x[index].reshape(*batch, *x.shape[1:]) if batch else x[0]
+        w = jnp.asarray(rng.standard_normal((*batch, T, N)), jnp.float32)
+        streams = [(reshape(ks[0]), reshape(vs[0]), w)]
+        out = multi_stream_pallas(reshape(q), streams, config=CONFIG)
+        assert out.shape == (*batch, T, N, V)
+        assert_close(out, multi_stream_reference(reshape(q), streams), jnp.float32, "forward", f"batch {batch}")
+
+
 def test_triton_lowering_for_cuda(monkeypatch):
     """Builds the Triton IR of the forward (with residuals), dQ and every dK/dV kernel for CUDA without a GPU:
     interpret mode does not check Triton's limits (power-of-two tiles, supported primitives); this does."""
