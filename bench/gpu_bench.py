@@ -261,15 +261,22 @@ def run_linear(runner: Runner, cfg, linear_impls, flash_impls, dtype) -> None:
         del q, k, v, ct
 
 
-def run_neighborhood(runner: Runner, cfg, flash_impls, dtype) -> None:
+def run_neighborhood(runner: Runner, cfg, flash_impls, na_impls, dtype) -> None:
     from attnx.ops.local.neighborhood import na_block_mask, na_mask
 
     grid, ks, bs = cfg["na_grid"], cfg["na_kernel"], cfg["na_block"]
     B, N, H, T = cfg["na_batch"], cfg["na_heads"], cfg["na_H"], int(np.prod(cfg["na_grid"]))
     q, k, v, ct = _normal(3, [(B, T, N, H)] * 4, dtype)
     spec = attnx.get_attention("neighborhood")
-    names = [i for i in spec.implementations if i != "reference"]
-    has_impl = "implementation" in inspect.signature(spec.fn).parameters
+    params = inspect.signature(spec.fn).parameters
+    has_impl = "implementation" in params
+    # (label, keyword arguments): every implementation but the dense reference, and the tiled path (tokens
+    # permuted into 2-D tiles, run by a block-skipping softmax kernel) on the first flash kernel that exists.
+    names = [i for i in spec.implementations if i != "reference"] if na_impls is None else list(na_impls)
+    variants = [(i, dict(implementation=i)) for i in names]
+    if "tiled" in names and "tiled_implementation" in params:  # "chunked" is the tiled path's own default
+        variants += [(f"tiled_{f}", dict(implementation="tiled", tiled_implementation=f)) for f in flash_impls
+                     if f in attnx.implementation_names() and f != "chunked"][:1]
     dense = jnp.asarray(na_mask(grid, (ks,) * len(grid), (1,) * len(grid), (1,) * len(grid), (False,) * len(grid)))
     blocks = jnp.asarray(na_block_mask(grid, ks, block_size=(bs, bs)))
     na_flops = {m: attention_flops(B, T, ks ** len(grid), N, H, False, m) for m in MODES}
@@ -277,11 +284,10 @@ def run_neighborhood(runner: Runner, cfg, flash_impls, dtype) -> None:
         base = dict(section="neighborhood", mode=mode, B=B, T=T, S=T, N=N, H=H, grid="x".join(map(str, grid)),
                     kernel=ks, dtype=jnp.dtype(dtype).name)
         extra = () if mode == "fwd" else (ct,)
-        for name in names:
+        for label, kwargs in variants:
             err = None if has_impl else NotAvailable("neighborhood has no implementation argument")
-            fn = _with_mode(lambda q, k, v, _n=name: spec.fn(q, k, v, grid=grid, kernel_size=ks, implementation=_n),
-                            mode)
-            runner.case(dict(base, impl=f"na_{name}"), fn, (q, k, v) + extra, flops=na_flops[mode], error=err)
+            fn = _with_mode(lambda q, k, v, _kw=kwargs: spec.fn(q, k, v, grid=grid, kernel_size=ks, **_kw), mode)
+            runner.case(dict(base, impl=f"na_{label}"), fn, (q, k, v) + extra, flops=na_flops[mode], error=err)
         masks = (("masked_dense", lambda d: attnx.Mask(dense=d), (dense,)),
                  ("masked_blocks", lambda d, b: attnx.Mask(dense=d, block_mask=b, block_size=(bs, bs)),
                   (dense, blocks)))
@@ -309,6 +315,12 @@ def machine_info() -> dict:
         import jaxlib
         info["jaxlib"] = jaxlib.__version__
     except (ImportError, AttributeError):
+        pass
+    try:  # the driver, clocks and power cap explain run-to-run differences between "H100"s
+        info["nvidia_smi"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit",
+             "--format=csv,noheader"], capture_output=True, text=True, check=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
         pass
     try:
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -341,6 +353,8 @@ def parse_args(argv=None):
                    help="dense flash baselines of the linear and neighbourhood sections, first available wins")
     p.add_argument("--sparse-impl", default="pallas_gpu", help="the block-sparse kernel (and its dense baseline)")
     p.add_argument("--linear-impls", nargs="+", default=["pallas_gpu", "chunked"])
+    p.add_argument("--na-impls", nargs="+", help="neighbourhood implementations (default: the registry's, "
+                                                 "less 'reference')")
     p.add_argument("--seq", type=int, nargs="+", help="softmax sequence lengths (default 16k..1k)")
     p.add_argument("--head-dims", type=int, nargs="+", help="softmax head dims (default 128 64)")
     p.add_argument("--linear-seq", type=int, nargs="+", help="linear-scan sequence lengths (default 32k..2k)")
@@ -392,7 +406,7 @@ def main(argv=None) -> dict:
         "softmax": lambda: run_softmax(runner, cfg, args.impls, dtype),
         "block_sparse": lambda: run_block_sparse(runner, cfg, args.sparse_impl, dtype),
         "linear": lambda: run_linear(runner, cfg, args.linear_impls, args.flash_impls, dtype),
-        "neighborhood": lambda: run_neighborhood(runner, cfg, args.flash_impls, dtype),
+        "neighborhood": lambda: run_neighborhood(runner, cfg, args.flash_impls, args.na_impls, dtype),
     }
     tables = ""
     try:

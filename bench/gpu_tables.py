@@ -180,6 +180,9 @@ def goal_lines(rows) -> list[str]:
             lines.append(f"# goal linear scan {mode} S={top['S']}: {ratio:.2f}x faster than {dense['impl']} "
                          f"(goal >= 10x at 32k): {_verdict(ratio, 10.0)}")
         rates = [r["tokens_per_s"] for r in ours]
+        if len(rates) < 2:
+            lines.append(f"# goal linear scan {mode}: tokens/s flatness needs two or more lengths, got one")
+            continue
         spread = max(rates) / min(rates) - 1
         lines.append(f"# goal linear scan {mode}: tokens/s spread {100 * spread:.0f}% over S "
                      f"{min(r['S'] for r in ours)}..{top['S']} (goal within 10% up to 64k): "

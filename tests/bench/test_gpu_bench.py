@@ -26,7 +26,8 @@ def quick(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("gpu_bench"))
     result = gpu_bench.main(["--quick", "--out", out, "--impls", "xla", "no_such_impl", "--head-dims", "16",
                              "--seq", "32", "--sparse-impl", "chunked", "--flash-impls", "no_such_impl", "chunked",
-                             "--linear-impls", "chunked", "--linear-seq", "32", "--repeats", "1"])
+                             "--linear-impls", "chunked", "--linear-seq", "32", "--na-impls", "gather",
+                             "--repeats", "1"])
     with open(os.path.join(out, "gpu_bench.json")) as fh:
         saved = json.load(fh)
     with open(os.path.join(out, "gpu_bench.md")) as fh:
