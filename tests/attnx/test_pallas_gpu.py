@@ -18,8 +18,8 @@ IMPL = attnx.PallasGpu(block_q=16, block_kv=16, interpret=True)
 
 class TestPallasGpu(AttentionConformance):
     implementation = IMPL
-    # jvp: a custom_vjp kernel (jax.jvp cannot enter it). score_mod/mask_mod: not traced into the kernel yet.
-    unsupported = frozenset({"jvp", "score_mod"})
+    # jvp: a custom_vjp kernel (jax.jvp cannot enter it).
+    unsupported = frozenset({"jvp"})
     default_cases = frozenset({"CC", "odd_lengths", "segment_ids", "block_mask", "lengths", "bf16"})
 
     # The CAB prefix property compiles one kernel per prefix length (9 compiles of ~1 s in interpret mode); the
@@ -127,8 +127,10 @@ def test_bad_config_raises(kwargs, error):
 
 def test_unsupported_arguments_raise_not_implemented():
     q, k, v = _inputs(T=4, S=4)
-    with pytest.raises(NotImplementedError, match="score_mod"):
-        attnx.dot_product_attention(q, k, v, score_mod=lambda s, b, n, t, j: s, implementation=IMPL)
+    with pytest.raises(NotImplementedError, match="score_mod closes over arrays"):
+        # A learnable temperature: its gradient would need the kernel to differentiate w.r.t. closed-over arrays.
+        jax.grad(lambda temp: attnx.dot_product_attention(
+            q, k, v, score_mod=lambda s, b, n, t, j: s * temp, implementation=IMPL).sum())(1.0)
     big = jnp.zeros((1, 4, 2, 512))
     with pytest.raises(NotImplementedError, match="head dims"):
         attnx.dot_product_attention(big, big, big, implementation=IMPL)

@@ -14,7 +14,10 @@ FlashAttention-2 (Dao, 2023, arXiv 2307.08691): forward Alg. 1, backward Alg. 2 
 
 Gradients: q, k, v, bias (dS summed over its broadcast axes), sinks (-Σ P_sink·(D - dlse), from lse in the wrapper)
 and the lse cotangent (it enters as D - dlse). Forward-mode `jax.jvp` is not available through a custom_vjp.
-Not supported (`check` raises NotImplementedError): score_mod, mask_mod, head dims > 256, float64.
+score_mod(s, b, n, t, j) and mask_mod(b, n, t, j) are traced into the kernel body (b, n scalars, t [bq, 1] and
+j [1, bk] absolute indices); to lower to Triton they must use elementwise jnp only (no gathers), and they may not
+close over arrays (refused: their gradients are not computed). mask_mod does not take part in block skipping.
+Not supported (`check` raises NotImplementedError): head dims > 256, float64.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -47,8 +51,7 @@ def resolve_interpret(interpret: bool | None) -> bool:
 
 def check(args: AttentionArgs, return_lse: bool, cfg: PallasGpu | None = None) -> None:
     """Raise NotImplementedError (saying why) for what the kernel does not run."""
-    if args.score_mod is not None or args.mask_mod is not None:
-        raise NotImplementedError("pallas_gpu: score_mod/mask_mod are not traced into the kernel yet; use 'chunked'")
+    _mod_consts_refused(args)
     H, V = args.q.shape[-1], args.v.shape[-1]
     if max(H, V) > MAX_HEAD_DIM:
         raise NotImplementedError(f"pallas_gpu: head dims up to {MAX_HEAD_DIM} (got H={H}, V={V})")
@@ -59,6 +62,21 @@ def check(args: AttentionArgs, return_lse: bool, cfg: PallasGpu | None = None) -
     if cfg is not None and not resolve_interpret(cfg.interpret) and jax.default_backend() != "gpu":
         raise NotImplementedError(f"pallas_gpu: needs a GPU (backend is {jax.default_backend()}); pass "
                                   "attnx.PallasGpu(interpret=True) or set ATTNX_PALLAS_INTERPRET=1 to interpret it")
+
+
+def _mod_consts_refused(args: AttentionArgs) -> None:
+    """score_mod/mask_mod are traced into the kernel body with scalar b, n and index vectors t [bq, 1], j [1, bk].
+    Arrays they close over would need gradients (score_mod) or kernel inputs of arbitrary shape: refused."""
+    i32 = jax.ShapeDtypeStruct((), jnp.int32)
+    t, j = jax.ShapeDtypeStruct((16, 1), jnp.int32), jax.ShapeDtypeStruct((1, 16), jnp.int32)
+    for name, fn, example in (("score_mod", args.score_mod, (jax.ShapeDtypeStruct((16, 16), F32),)),
+                              ("mask_mod", args.mask_mod, ())):
+        if fn is None:
+            continue
+        _, consts = jax.closure_convert(fn, *example, i32, i32, t, j)
+        if consts:
+            raise NotImplementedError(f"pallas_gpu: {name} closes over arrays ({len(consts)}), whose gradients the "
+                                      "kernel does not compute; use 'chunked' (or make them Python constants)")
 
 
 def _tile(cfg_block: int, length: int) -> int:
@@ -100,11 +118,11 @@ def _common_specs(meta: kern.Meta, ops: dict, per_query_tile: bool) -> dict:
         specs["sinks"] = pl.BlockSpec((meta.N,), lambda *_: (0,))
     sb = meta.seg_batched
     if per_query_tile:
-        row = lambda b, n, i: (b, n // G, (n % G) * nq + i)  # noqa: E731
+        row = lambda b, n, i: (b, lax.div(n, G), lax.rem(n, G) * nq + i)  # noqa: E731
         specs.update(
             q=pl.BlockSpec((None, None, bq, meta.Hp), lambda b, n, i: row(b, n, i) + (0,)),
-            k=pl.BlockSpec((None, None, Sp, meta.Hp), lambda b, n, i: (b, n // G, 0, 0)),
-            v=pl.BlockSpec((None, None, Sp, meta.Vp), lambda b, n, i: (b, n // G, 0, 0)),
+            k=pl.BlockSpec((None, None, Sp, meta.Hp), lambda b, n, i: (b, lax.div(n, G), 0, 0)),
+            v=pl.BlockSpec((None, None, Sp, meta.Vp), lambda b, n, i: (b, lax.div(n, G), 0, 0)),
             do=pl.BlockSpec((None, None, bq, meta.Vp), lambda b, n, i: row(b, n, i) + (0,)),
             lse=pl.BlockSpec((None, None, bq), row), delta=pl.BlockSpec((None, None, bq), row),
             qseg=pl.BlockSpec((None, bq), lambda b, n, i: (_batch_spec_index(sb, b), i)),
@@ -141,7 +159,7 @@ def _forward(meta: kern.Meta, ops: dict):
               if ops.get(n) is not None}
     arrays["ids"] = ops["ids"]
     specs = _common_specs(meta, arrays, per_query_tile=True)
-    row = lambda b, n, i: (b, n // G, (n % G) * meta.nq + i)  # noqa: E731
+    row = lambda b, n, i: (b, lax.div(n, G), lax.rem(n, G) * meta.nq + i)  # noqa: E731
     out_shape = (jax.ShapeDtypeStruct((B, K, G * meta.Tp, meta.Vp), ops["q"].dtype),
                  jax.ShapeDtypeStruct((B, K, G * meta.Tp), F32))
     out_specs = (pl.BlockSpec((None, None, meta.bq, meta.Vp), lambda b, n, i: row(b, n, i) + (0,)),
@@ -162,7 +180,7 @@ def _backward(meta: kern.Meta, ops: dict, out, lse, do, dlse):
 
     arrays = dict(ids=ops["ids"], **base)
     specs = _common_specs(meta, arrays, per_query_tile=True)
-    row = lambda b, n, i: (b, n // G, (n % G) * meta.nq + i)  # noqa: E731
+    row = lambda b, n, i: (b, lax.div(n, G), lax.rem(n, G) * meta.nq + i)  # noqa: E731
     out_shape = [jax.ShapeDtypeStruct((B, K, G * meta.Tp, meta.Hp), F32)]
     out_specs = [pl.BlockSpec((None, None, meta.bq, meta.Hp), lambda b, n, i: row(b, n, i) + (0,))]
     if meta.bias_dims is not None:
@@ -282,7 +300,7 @@ def _prepare(args: AttentionArgs, cfg: PallasGpu, live_override=None):
         cap=None if args.logits_soft_cap is None else float(args.logits_soft_cap),
         left=mask.effective_window[0], right=mask.effective_window[1], q_offset=mask.q_offset,
         has_seg="qseg" in ops, seg_batched=seg_batched, bias_dims=bias_dims, dense_dims=dense_dims,
-        has_sinks=args.sinks is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        has_sinks=args.sinks is not None, score_mod=args.score_mod, mask_mod=args.mask_mod, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         interpret=resolve_interpret(cfg.interpret))
     return meta, ops
 

@@ -18,6 +18,9 @@ Layouts (prepared by `pallas_gpu.py`): q/dO [B, K, G·Tp, Hp|Vp] (query head n =
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
+
+import jax
 
 import jax.numpy as jnp
 from jax import lax
@@ -53,6 +56,8 @@ class Meta:
     bias_dims: tuple[bool, bool] | None   # (varies over B, varies over N), None without bias
     dense_dims: tuple[bool, bool] | None
     has_sinks: bool
+    score_mod: Callable | None
+    mask_mod: Callable | None
     num_warps: int
     num_stages: int
     interpret: bool
@@ -78,19 +83,30 @@ class Meta:
         return self.nk * self.bk
 
 
-def tile_logits(meta: Meta, q, k, bias):
-    """float32 [bq, bk] logits: scale·q·kᵀ (+ bias) then the soft cap. Also returns tanh (for the cap's
-    derivative) or None."""
+def tile_logits(meta: Meta, q, k, bias, b, n, rows, cols, derivative: bool = False):
+    """float32 [bq, bk] logits: scale·q·kᵀ (+ bias) -> soft cap -> score_mod(s, b, n, t, j) (the order of
+    `common.apply_logit_mods`). With `derivative`, also d logits / d(scale·q·kᵀ + bias) elementwise (None when it
+    is 1), which turns dS of the final logits into the gradient of q·kᵀ and of the bias."""
     s = plgpu.dot(q, k, trans_b=True) * meta.scale
     if bias is not None:
         s = s + bias.astype(F32)
-    if meta.cap is None:
-        return s, None
-    t = jnp.tanh(s / meta.cap)
-    return meta.cap * t, t
+    dsds = None
+    if meta.cap is not None:
+        t = jnp.tanh(s / meta.cap)
+        s = meta.cap * t
+        dsds = 1.0 - t * t
+    if meta.score_mod is not None:
+        mod = lambda x: meta.score_mod(x, b, n, rows[:, None], cols[None, :]).astype(F32)  # noqa: E731
+        if derivative:
+            # score_mod acts elementwise on the logits, so a jvp with unit tangent is its derivative.
+            s, dmod = jax.jvp(mod, (s,), (jnp.ones_like(s),))
+            dsds = dmod if dsds is None else dsds * dmod
+        else:
+            s = mod(s)
+    return s, dsds
 
 
-def tile_allowed(meta: Meta, rows, cols, qlen, kvlen, qseg, kseg, dense):
+def tile_allowed(meta: Meta, rows, cols, qlen, kvlen, qseg, kseg, dense, b, n):
     """bool [bq, bk]: pairs of the tile that may attend. rows [bq], cols [bk] are absolute indices; padded keys
     (cols >= S, the ragged tail) fail `cols < kvlen` because kvlen <= S."""
     r, c = rows[:, None], cols[None, :]
@@ -104,6 +120,8 @@ def tile_allowed(meta: Meta, rows, cols, qlen, kvlen, qseg, kseg, dense):
         allowed = allowed & (qseg[:, None] == kseg[None, :])
     if dense is not None:
         allowed = allowed & (dense != 0)
+    if meta.mask_mod is not None:
+        allowed = allowed & jnp.asarray(meta.mask_mod(b, n, r, c), dtype=bool)
     return allowed
 
 
@@ -130,10 +148,11 @@ def forward_kernel(meta: Meta, in_names: tuple[str, ...], *refs):
         k = r["k"][cols, :]
         v = r["v"][cols, :]
         bias = r["bias"][:, cols] if meta.bias_dims is not None else None
-        s, _ = tile_logits(meta, q, k, bias)
-        allowed = tile_allowed(meta, rows, start + jnp.arange(bk), qlen, kvlen, qseg,
+        col_idx = start + jnp.arange(bk)
+        s, _ = tile_logits(meta, q, k, bias, b, n, rows, col_idx)
+        allowed = tile_allowed(meta, rows, col_idx, qlen, kvlen, qseg,
                                r["kseg"][cols] if meta.has_seg else None,
-                               r["dense"][:, cols] if meta.dense_dims is not None else None)
+                               r["dense"][:, cols] if meta.dense_dims is not None else None, b, n)
         s = jnp.where(allowed, s, NEG_INF)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         # A row with nothing allowed so far keeps m = -inf; shift by 0 then so that exp never sees -inf - -inf.
@@ -158,16 +177,16 @@ def forward_kernel(meta: Meta, in_names: tuple[str, ...], *refs):
     lse_ref[...] = jnp.where(l > 0, m + jnp.log(safe_l), NEG_INF)
 
 
-def _probabilities_and_ds(meta, q, k, v, do, lse, delta, bias, allowed):
-    """P and dS (w.r.t. the logits before the soft cap, i.e. also the bias gradient) of one tile. `lse` is +inf on
-    rows without any allowed key, so their P is exactly 0."""
-    s, t = tile_logits(meta, q, k, bias)
+def _probabilities_and_ds(meta, q, k, v, do, lse, delta, bias, b, n, rows, cols, allowed):
+    """P and dS (w.r.t. scale·q·kᵀ + bias, i.e. also the bias gradient) of one tile. `lse` is +inf on rows
+    without any allowed key, so their P is exactly 0."""
+    s, dsds = tile_logits(meta, q, k, bias, b, n, rows, cols, derivative=True)
     s = jnp.where(allowed, s, NEG_INF)
     p = jnp.exp(s - lse[:, None])
     dp = plgpu.dot(do, v, trans_b=True)
     ds = p * (dp - delta[:, None])
-    if t is not None:
-        ds = ds * (1.0 - t * t)
+    if dsds is not None:
+        ds = jnp.where(allowed, ds * dsds, 0.0)
     return p, ds
 
 
@@ -178,7 +197,7 @@ def dq_kernel(meta: Meta, in_names: tuple[str, ...], *refs):
     outs = refs[len(in_names):]
     dq_ref = outs[0]
     dbias_ref = outs[1] if meta.bias_dims is not None else None
-    b, i = pl.program_id(0), pl.program_id(2)
+    b, n, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bq, bk = meta.bq, meta.bk
     q, do = r["q"][...], r["do"][...]
     lse, delta = r["lse"][...], r["delta"][...]
@@ -198,10 +217,11 @@ def dq_kernel(meta: Meta, in_names: tuple[str, ...], *refs):
         cols = pl.ds(start, bk)
         k, v = r["k"][cols, :], r["v"][cols, :]
         bias = r["bias"][:, cols] if meta.bias_dims is not None else None
-        allowed = tile_allowed(meta, rows, start + jnp.arange(bk), qlen, kvlen, qseg,
+        col_idx = start + jnp.arange(bk)
+        allowed = tile_allowed(meta, rows, col_idx, qlen, kvlen, qseg,
                                r["kseg"][cols] if meta.has_seg else None,
-                               r["dense"][:, cols] if meta.dense_dims is not None else None)
-        _, ds = _probabilities_and_ds(meta, q, k, v, do, lse, delta, bias, allowed)
+                               r["dense"][:, cols] if meta.dense_dims is not None else None, b, n)
+        _, ds = _probabilities_and_ds(meta, q, k, v, do, lse, delta, bias, b, n, rows, col_idx, allowed)
         if dbias_ref is not None:
             dbias_ref[:, cols] = ds
         return dq + plgpu.dot(ds.astype(k.dtype), k)
@@ -226,7 +246,7 @@ def dkv_kernel(meta: Meta, in_names: tuple[str, ...], *refs):
     def body(t, carry):
         dk, dv = carry
         e = ids[t + 1]
-        g = e // nq
+        g = lax.div(e, nq)  # e >= 0; lax.div avoids floor_divide's sign fix-up in the Triton lowering
         i = e - g * nq
         n = kh * meta.G + g
         # Row e·bq of the [G·Tp] layout is row i·bq of head g.
@@ -238,9 +258,10 @@ def dkv_kernel(meta: Meta, in_names: tuple[str, ...], *refs):
                 if meta.bias_dims is not None else None)
         dense = (r["dense"][_head_index(meta.dense_dims[1], n), tsl, :]
                  if meta.dense_dims is not None else None)
-        allowed = tile_allowed(meta, i * bq + jnp.arange(bq), cols, qlen, kvlen,
-                               r["qseg"][tsl] if meta.has_seg else None, kseg, dense)
-        p, ds = _probabilities_and_ds(meta, q, k, v, do, lse, delta, bias, allowed)
+        rows = i * bq + jnp.arange(bq)
+        allowed = tile_allowed(meta, rows, cols, qlen, kvlen, r["qseg"][tsl] if meta.has_seg else None, kseg,
+                               dense, b, n)
+        p, ds = _probabilities_and_ds(meta, q, k, v, do, lse, delta, bias, b, n, rows, cols, allowed)
         dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
         dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
