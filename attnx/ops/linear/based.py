@@ -22,10 +22,11 @@ import jax.numpy as jnp
 
 from attnx.ops.linear.common import (causal_feature_sums, check_block_size, feature_sums, kernel_sums,
                                      resolve_implementation)
+from attnx.ops.linear.pallas_gpu import lightning_pallas_with_config, scan_config
 from attnx.validation import canonicalize
 
 EPS = 1e-12
-IMPLEMENTATIONS = ("chunked", "reference")
+IMPLEMENTATIONS = ("chunked", "reference", "pallas_gpu")
 
 
 def taylor_feature_map(x: jax.Array) -> jax.Array:
@@ -66,11 +67,22 @@ def based_chunked(q, k, v, causal: bool, block_size: int):
     return _normalised(feature_sums(phi_q, phi_k, v))
 
 
+def based_pallas(q, k, v, config):
+    """Causal Based through the Lightning Attention-2 Pallas kernel (no decay): the Taylor features of q and k are
+    its queries and keys, and the normaliser is one extra value column of ones (spec llm_mechanisms.md §7 (d))."""
+    V = v.shape[-1]
+    ones = jnp.ones((*v.shape[:-1], 1), jnp.float32)
+    both = lightning_pallas_with_config(taylor_feature_map(q), taylor_feature_map(k),
+                                        jnp.concatenate([v.astype(jnp.float32), ones], -1), None, config)
+    return _normalised((both[..., :V], both[..., V:]))
+
+
 def based_attention(query, key, value, *, causal: bool = False, block_size: int = 64,
-                    implementation: str | None = None):
+                    implementation=None):
     """query [*B, T, N, H], key [*B, S, K, H], value [*B, S, K, V] -> [*B, T, N, V]; K divides N.
 
-    causal=True needs S == T. implementation: "chunked" (default; linear in T) or "reference" (quadratic).
+    causal=True needs S == T. implementation: "chunked" (default; linear in T), "reference" (quadratic), or
+    "pallas_gpu" / a `LinearScanPallas` (causal only: the Lightning Attention-2 Pallas scan over the features).
     """
     args = canonicalize(query, key, value)
     T, S = args.q.shape[1], args.k.shape[1]
@@ -78,8 +90,15 @@ def based_attention(query, key, value, *, causal: bool = False, block_size: int 
         raise ValueError(f"based: causal attention needs self attention (pattern CS), got query length {T} and "
                          f"key length {S}; cross attention is supported with causal=False (pattern NC)")
     check_block_size("based", block_size)
-    if resolve_implementation("based", implementation, IMPLEMENTATIONS) == "reference":
+    config = scan_config("based", implementation, block_size)
+    implementation = resolve_implementation("based", config.name if config else implementation, IMPLEMENTATIONS)
+    if implementation == "reference":
         out = based_reference(args.q, args.k, args.v, causal)
+    elif config is not None:
+        if not causal:
+            raise NotImplementedError("based: implementation 'pallas_gpu' is the causal scan; the non-causal form "
+                                      "is two einsums with no scan (implementation 'chunked')")
+        out = based_pallas(args.q, args.k, args.v, config)
     else:
         out = based_chunked(args.q, args.k, args.v, causal, block_size)
     out = out.astype(args.q.dtype)

@@ -30,10 +30,11 @@ import numpy as np
 from attnx.ops.linear.chunked import lightning_chunked
 from attnx.ops.linear.common import check_block_size, resolve_implementation
 from attnx.ops.linear.decay import alibi_slopes
+from attnx.ops.linear.pallas_gpu import lightning_pallas_with_config, scan_config
 from attnx.ops.linear.reference import decayed_linear_attention, lightning_reference
 from attnx.validation import canonicalize
 
-IMPLEMENTATIONS = ("chunked", "reference")
+IMPLEMENTATIONS = ("chunked", "reference", "pallas_gpu")
 
 
 def _slopes(slopes, num_heads: int) -> jax.Array:
@@ -53,7 +54,8 @@ def lightning_attention(query, key, value, *, causal: bool = True, slopes=None, 
     """query [*B, T, N, H], key [*B, T, K, H], value [*B, T, K, V] -> [*B, T, N, V]; K divides N (GQA).
 
     slopes: [N] decay rates (default: ALiBi slopes for N heads). block_size: the tile C of the chunked form.
-    implementation: "chunked" (default) or "reference". causal=False: symmetric decay (see the module docstring).
+    implementation: "chunked" (default), "reference", or "pallas_gpu" / a `LinearScanPallas` (the Lightning
+    Attention-2 Pallas kernel, attnx.ops.linear.pallas_gpu). causal=False: symmetric decay (see the module docstring).
     """
     args = canonicalize(query, key, value)
     B, T, N, H = args.q.shape
@@ -61,22 +63,26 @@ def lightning_attention(query, key, value, *, causal: bool = True, slopes=None, 
     if S != T:
         raise ValueError(f"lightning: self attention only, got query length {T} and key length {S}")
     check_block_size("lightning", block_size)
-    implementation = resolve_implementation("lightning", implementation, IMPLEMENTATIONS)
+    config = scan_config("lightning", implementation, block_size)
+    implementation = resolve_implementation("lightning", config.name if config else implementation, IMPLEMENTATIONS)
     s = _slopes(slopes, N)
+    scan = lightning_chunked
+    if config is not None:
+        scan = lambda q, k, v, slopes, block_size: lightning_pallas_with_config(q, k, v, slopes, config)
     if implementation == "reference":
         out = lightning_reference(args.q, args.k, args.v, s, causal).astype(args.q.dtype)
     elif causal:
-        out = lightning_chunked(args.q, args.k, args.v, s, block_size)
+        out = scan(args.q, args.k, args.v, s, block_size)
     else:
-        out = _bidirectional(args.q, args.k, args.v, s, block_size)
+        out = _bidirectional(args.q, args.k, args.v, s, block_size, scan)
     return out.reshape(args.batch_shape + out.shape[1:])
 
 
-def _bidirectional(q, k, v, slopes, block_size):
+def _bidirectional(q, k, v, slopes, block_size, scan=lightning_chunked):
     """sum_j exp(-s |t - j|) (q_t . k_j) v_j = forward scan + backward scan - the diagonal (counted by both)."""
-    forward = lightning_chunked(q, k, v, slopes, block_size).astype(jnp.float32)
+    forward = scan(q, k, v, slopes, block_size).astype(jnp.float32)
     flip = lambda x: jnp.flip(x, axis=1)
-    backward = flip(lightning_chunked(flip(q), flip(k), flip(v), slopes, block_size).astype(jnp.float32))
+    backward = flip(scan(flip(q), flip(k), flip(v), slopes, block_size).astype(jnp.float32))
     B, T, N, H = q.shape
     K = k.shape[2]
     qg = q.astype(jnp.float32).reshape(B, T, K, N // K, H)

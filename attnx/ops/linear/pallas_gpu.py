@@ -1,0 +1,383 @@
+"""Pallas GPU (Triton lowering) kernel of decayed causal linear attention: the Lightning Attention-2 tiling.
+
+    o_t = sum_{j <= t} lambda^(t - j) (q_t . k_j) v_j,    lambda = exp(-s) per query head (s = 0: no decay)
+
+Qin et al., 2024, "Lightning Attention-2: A Free Lunch for Handling Unlimited Sequence Lengths in Large Language
+Models", arXiv 2401.04658, Algorithm 1 (forward) and Algorithm 2 (backward); the decayed block form is
+`attnx.ops.linear.chunked` (same notation: blocks of C rows, r and c offsets inside a block):
+
+    intra  O_i += [(Q_i K_i^T) ⊙ Λ] V_i,    Λ_rc = lambda^(r - c) for r >= c, else 0
+    inter  O_i += lambda^r ⊙ (Q_i KV)
+    state  KV  <- lambda^C KV + (lambda^(C - c) ⊙ K_i)^T V_i                         ([H, V], float32)
+
+Grid and layout. Arrays stay in the attnx layout [B, T, N, H]; one program per (batch * query head, value tile of
+`block_v` columns) walks the blocks of its sequence in order, carrying its [H, block_v] slice of the state (the
+value tiles are independent: every product above is linear in V's columns). GQA reads kv head n // (N / K); nothing
+is repeated in memory.
+
+Backward (Algorithm 2, as a jax.custom_vjp), on the same grid, with dO the output cotangent:
+- dQ, forward loop:   dQ_i = [(dO_i V_i^T) ⊙ Λ] K_i + lambda^r ⊙ (dO_i KV^T), KV updated as in the forward;
+- dK, dV, reverse loop carrying dKV = sum over later blocks of decayed Q^T dO:
+      dK_i = [(dO_i V_i^T) ⊙ Λ]^T Q_i + lambda^(C - c) ⊙ (V_i dKV^T)
+      dV_i = [(Q_i K_i^T) ⊙ Λ]^T dO_i + lambda^(C - c) ⊙ (K_i dKV)
+      dKV <- lambda^C dKV + (lambda^r ⊙ Q_i)^T dO_i.
+  dQ and dK contract over V, so each value tile writes a float32 partial that the wrapper sums; dK and dV of the G
+  query heads sharing a kv head are summed there too (GQA).
+- d/ds: since d/ds lambda^(t-j) = -(t - j) lambda^(t-j), the slope gradient of head n is
+      sum_j j (k_j . dK^(n)_j) - sum_t t (q_t . dQ_t)
+  (k_j . dK^(n)_j and q_t . dQ_t are the row sums of the same weighted terms), computed in the wrapper from the
+  per-head partials: differentiable slopes at no extra kernel cost.
+
+Padding in the wrapper: T to a multiple of C, H and V to powers of two >= 16 (Triton dot tiles). Zeros are exact for
+linear attention (no normaliser): padded keys and values add nothing, padded rows and columns are sliced off.
+
+Precision: products run on the input dtype with float32 accumulation; the state, decays, masks and score blocks are
+float32. Where such a float32 intermediate meets a bf16/f16 operand it enters the MMA as two parts of that dtype
+(hi + lo, two products), not rounded once as in the official Triton kernel: the outputs are unnormalised and grow
+with T, and one rounding of the state put them outside the bfloat16 tolerance table (measured in this file's test).
+float32 inputs use IEEE float32 dots (not TF32), so the float32 tolerance holds on GPUs too. The custom_vjp blocks `jax.jvp`
+(ARCHITECTURE §4): use `lightning_chunked` for forward-mode derivatives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from attnx.validation import canonicalize
+
+
+def _pow2_at_least_16(owner: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
+        raise ValueError(f"{owner}.{name}: expected a power of two >= 16 (Triton dot tiles), got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearScanPallas:
+    """Configuration of the Lightning Attention-2 scan kernel; `lightning_attention(..., implementation=)` and
+    `based_attention(..., implementation=)` accept an instance (the name "pallas_gpu" uses the defaults, with the
+    caller's block_size).
+
+    block_size: rows per block C (power of two >= 16; capped at the padded length). block_v: value columns per
+    program (power of two >= 16; capped at the padded value dim): smaller tiles mean more programs, each redoing the
+    [C, C] score block. num_warps: None picks 4 up to head dim 64, else 8. interpret: run in the Pallas interpreter
+    (any backend, slowly); None reads ATTNX_PALLAS_INTERPRET=1.
+    """
+
+    name: ClassVar[str] = "pallas_gpu"
+    block_size: int = 64
+    block_v: int = 64
+    num_warps: int | None = None
+    num_stages: int = 2
+    interpret: bool | None = None
+
+    def __post_init__(self):
+        _pow2_at_least_16("LinearScanPallas", "block_size", self.block_size)
+        _pow2_at_least_16("LinearScanPallas", "block_v", self.block_v)
+        if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"LinearScanPallas.num_warps: expected None or one of 1, 2, 4, 8, 16, got "
+                             f"{self.num_warps!r}")
+        if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"LinearScanPallas.num_stages: expected a positive int, got {self.num_stages!r}")
+        if self.interpret is not None and not isinstance(self.interpret, bool):
+            raise ValueError(f"LinearScanPallas.interpret: expected None, True or False, got {self.interpret!r}")
+
+    def resolved_interpret(self) -> bool:
+        if self.interpret is not None:
+            return self.interpret
+        return os.environ.get("ATTNX_PALLAS_INTERPRET", "0").lower() in ("1", "true", "yes")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything static about one call (hashable: the custom_vjp's non-differentiable argument)."""
+
+    N: int  # query heads
+    G: int  # query heads per kv head
+    Tp: int  # padded length, a multiple of C
+    Hp: int
+    Vp: int
+    C: int  # block_size
+    BV: int  # block_v
+    decay: bool  # False: slopes None, no exp at all
+    num_warps: int
+    num_stages: int
+    interpret: bool
+
+    @property
+    def num_blocks(self) -> int:
+        return self.Tp // self.C
+
+
+def _mma(a, b, trans_a: bool, trans_b: bool):
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None  # IEEE, not TF32, for float32
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _split(x, dtype):
+    """x as a sum of `dtype` parts: itself, or float32 x = hi + lo with hi, lo rounded to dtype (8 + 8 bits)."""
+    if x.dtype == dtype:
+        return (x,)
+    hi = x.astype(dtype)
+    return hi, (x - hi.astype(jnp.float32)).astype(dtype)
+
+
+def _dot(a, b, trans_a: bool = False, trans_b: bool = False):
+    """a @ b with float32 accumulation. A float32 intermediate (scores, state, decayed rows) meeting a bf16/f16
+    operand is split into two parts of that dtype, two MMAs: rounding it once to bf16 (the official kernel) puts
+    the unnormalised outputs, which grow with T, outside the bfloat16 tolerance table."""
+    low = a.dtype if a.dtype != jnp.float32 else b.dtype
+    out = None
+    for x in _split(a, low):
+        for y in _split(b, low):
+            term = _mma(x, y, trans_a, trans_b)
+            out = term if out is None else out + term
+    return out
+
+
+class _Decay:
+    """The float32 decay factors of one head, built from iotas and the slope (no gathers; Triton-friendly).
+
+    intra [C, C] = Λ (causal mask times lambda^(r - c)); query [C, 1] = lambda^r; key [C, 1] = lambda^(C - c);
+    block = lambda^C. Without decay the three factors are None and intra is the causal mask."""
+
+    def __init__(self, plan: _Plan, s_ref):
+        C = plan.C
+        r = lax.broadcasted_iota(jnp.int32, (C, C), 0)
+        c = lax.broadcasted_iota(jnp.int32, (C, C), 1)
+        causal = r >= c
+        if not plan.decay:
+            self.intra = jnp.where(causal, 1.0, 0.0).astype(jnp.float32)
+            self.query = self.key = self.block = None
+            return
+        s = s_ref[0].astype(jnp.float32)
+        gap = jnp.maximum(r - c, 0).astype(jnp.float32)  # max: exp of a positive gap could overflow
+        self.intra = jnp.where(causal, jnp.exp(-s * gap), 0.0)
+        row = lax.broadcasted_iota(jnp.int32, (C, 1), 0).astype(jnp.float32)
+        self.query = jnp.exp(-s * row)
+        self.key = jnp.exp(-s * (C - row))
+        self.block = jnp.exp(-s * C)
+
+
+def _scaled(x, factor):
+    return x if factor is None else x * factor
+
+
+# ---- Forward: one program per (batch * head, value tile), blocks in order ----
+
+def _forward_kernel(*refs, plan: _Plan):
+    s_ref, (q_ref, k_ref, v_ref, o_ref) = (refs[0], refs[1:]) if plan.decay else (None, refs)
+    C = plan.C
+    decay = _Decay(plan, s_ref)
+
+    def body(i, kv):
+        rows = pl.ds(pl.multiple_of(i * C, C), C)
+        q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
+        scores = _dot(q, k, trans_b=True) * decay.intra  # [C, C]
+        out = _dot(scores, v) + _scaled(_dot(q, kv), decay.query)
+        o_ref[rows, :] = out.astype(o_ref.dtype)
+        update = _dot(_scaled(k, decay.key), v, trans_a=True)  # [Hp, BV]
+        return _scaled(kv, decay.block) + update
+
+    lax.fori_loop(0, plan.num_blocks, body, jnp.zeros((plan.Hp, plan.BV), jnp.float32))
+
+
+def _specs(plan: _Plan):
+    """BlockSpecs on the (B * N, Vp / BV) grid: whole sequences of one head (rows are sliced in the kernel)."""
+    N, G, Tp = plan.N, plan.G, plan.Tp
+    query = lambda width: pl.BlockSpec((None, Tp, None, width), lambda bn, j: (bn // N, 0, bn % N, 0))
+    kv_head = lambda width: pl.BlockSpec((None, Tp, None, width), lambda bn, j: (bn // N, 0, (bn % N) // G, 0))
+    return dict(
+        slope=pl.BlockSpec((1,), lambda bn, j: (bn % N,)),  # one float per head, read as a scalar
+        q=query(plan.Hp), k=kv_head(plan.Hp),
+        v=pl.BlockSpec((None, Tp, None, plan.BV), lambda bn, j: (bn // N, 0, (bn % N) // G, j)),
+        o=pl.BlockSpec((None, Tp, None, plan.BV), lambda bn, j: (bn // N, 0, bn % N, j)),
+        # float32 partial over value tiles: [Vp / BV, B, Tp, N, Hp]
+        partial=pl.BlockSpec((None, None, Tp, None, plan.Hp), lambda bn, j: (j, bn // N, 0, bn % N, 0)),
+    )
+
+
+def _call(plan: _Plan, kernel, name, s, inputs, outs):
+    """pallas_call over the (B * N, Vp / BV) grid; `inputs`/`outs` are (spec name, array or shape) pairs."""
+    specs = _specs(plan)
+    B = inputs[0][1].shape[0]
+    args = ([s] if plan.decay else []) + [x for _, x in inputs]
+    in_specs = ([specs["slope"]] if plan.decay else []) + [specs[n] for n, _ in inputs]
+    return pl.pallas_call(
+        functools.partial(kernel, plan=plan), grid=(B * plan.N, plan.Vp // plan.BV),
+        in_specs=in_specs, out_specs=[specs[n] for n, _ in outs], out_shape=[o for _, o in outs],
+        compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages),
+        interpret=plan.interpret, name=name)(*args)
+
+
+def _forward(plan: _Plan, q, k, v, s):
+    B = q.shape[0]
+    out = jax.ShapeDtypeStruct((B, plan.Tp, plan.N, plan.Vp), q.dtype)
+    return _call(plan, _forward_kernel, "lightning_forward", s, [("q", q), ("k", k), ("v", v)], [("o", out)])[0]
+
+
+# ---- Backward: dQ (forward loop) ----
+
+def _dq_kernel(*refs, plan: _Plan):
+    s_ref, (k_ref, v_ref, do_ref, dq_ref) = (refs[0], refs[1:]) if plan.decay else (None, refs)
+    C = plan.C
+    decay = _Decay(plan, s_ref)
+
+    def body(i, kv):
+        rows = pl.ds(pl.multiple_of(i * C, C), C)
+        k, v, do = k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
+        dp = _dot(do, v, trans_b=True) * decay.intra  # [C, C]: dL/d(scores), masked and decayed
+        dq = _dot(dp, k) + _scaled(_dot(do, kv, trans_b=True), decay.query)
+        dq_ref[rows, :] = dq
+        return _scaled(kv, decay.block) + _dot(_scaled(k, decay.key), v, trans_a=True)
+
+    lax.fori_loop(0, plan.num_blocks, body, jnp.zeros((plan.Hp, plan.BV), jnp.float32))
+
+
+# ---- Backward: dK, dV (reverse loop over dKV) ----
+
+def _dkdv_kernel(*refs, plan: _Plan):
+    s_ref, (q_ref, k_ref, v_ref, do_ref, dk_ref, dv_ref) = (refs[0], refs[1:]) if plan.decay else (None, refs)
+    C, nb = plan.C, plan.num_blocks
+    decay = _Decay(plan, s_ref)
+
+    def body(i, dkv):
+        rows = pl.ds(pl.multiple_of((nb - 1 - i) * C, C), C)
+        q, k, v, do = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
+        dp = _dot(do, v, trans_b=True) * decay.intra  # [C, C], row r = query, column c = key
+        p = _dot(q, k, trans_b=True) * decay.intra
+        dk = _dot(dp, q, trans_a=True) + _scaled(_dot(v, dkv, trans_b=True),
+                                                                  decay.key)
+        dv = _dot(p, do, trans_a=True) + _scaled(_dot(k, dkv), decay.key)
+        dk_ref[rows, :] = dk
+        dv_ref[rows, :] = dv
+        return _scaled(dkv, decay.block) + _dot(_scaled(q, decay.query), do, trans_a=True)
+
+    lax.fori_loop(0, nb, body, jnp.zeros((plan.Hp, plan.BV), jnp.float32))
+
+
+def _backward(plan: _Plan, q, k, v, s, do):
+    B = q.shape[0]
+    nv = plan.Vp // plan.BV
+    partial = jax.ShapeDtypeStruct((nv, B, plan.Tp, plan.N, plan.Hp), jnp.float32)
+    dv_shape = jax.ShapeDtypeStruct((B, plan.Tp, plan.N, plan.Vp), jnp.float32)
+    dq_part = _call(plan, _dq_kernel, "lightning_dq", s, [("k", k), ("v", v), ("o", do)], [("partial", partial)])[0]
+    dk_part, dv = _call(plan, _dkdv_kernel, "lightning_dkdv", s, [("q", q), ("k", k), ("v", v), ("o", do)],
+                        [("partial", partial), ("o", dv_shape)])
+    return dq_part.sum(0), dk_part.sum(0), dv  # per query head: [B, Tp, N, Hp], [B, Tp, N, Hp], [B, Tp, N, Vp]
+
+
+# ---- custom_vjp over padded arrays ----
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan(plan: _Plan, q, k, v, s):
+    return _forward(plan, q, k, v, s)
+
+
+def _scan_fwd(plan: _Plan, q, k, v, s):
+    return _forward(plan, q, k, v, s), (q, k, v, s)
+
+
+def _scan_bwd(plan: _Plan, res, do):
+    q, k, v, s = res
+    dq, dk_heads, dv_heads = _backward(plan, q, k, v, s, do.astype(q.dtype))
+    B, Tp, N = q.shape[:3]
+    K = N // plan.G
+    dk = dk_heads.reshape(B, Tp, K, plan.G, plan.Hp).sum(3)  # GQA: the group's query heads share the kv head
+    dv = dv_heads.reshape(B, Tp, K, plan.G, plan.Vp).sum(3)
+    ds = None
+    if plan.decay:
+        position = jnp.arange(Tp, dtype=jnp.float32)[None, :, None]
+        k_rows = jnp.repeat(k.astype(jnp.float32), plan.G, axis=2)  # [B, Tp, N, Hp]; the wrapper, not the kernel
+        key_term = jnp.sum(position * jnp.sum(k_rows * dk_heads, -1), axis=(0, 1))
+        query_term = jnp.sum(position * jnp.sum(q.astype(jnp.float32) * dq, -1), axis=(0, 1))
+        ds = (key_term - query_term).astype(s.dtype)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), ds
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+# ---- Public entry ----
+
+def _pow2_block(n: int) -> int:
+    return max(16, pl.next_power_of_2(n))
+
+
+def _pad(x, sizes):
+    widths = [(0, size - dim) for dim, size in zip(x.shape, sizes)]
+    return jnp.pad(x, widths) if any(w for _, w in widths) else x
+
+
+def lightning_pallas(q, k, v, slopes=None, *, block_size: int = 64, block_v: int = 64, num_warps: int | None = None,
+                     num_stages: int = 2, interpret: bool | None = None):
+    """Causal decayed linear attention in the Lightning Attention-2 Pallas kernel -> [*B, T, N, V], q's dtype.
+
+    q [*B, T, N, H], k [*B, T, K, H], v [*B, T, K, V] with K dividing N (GQA); slopes: [N] decay rates s >= 0
+    (lambda = exp(-s); differentiable), or None for no decay (plain causal linear attention, no exp in the kernel;
+    note that `lightning_attention` instead defaults to ALiBi slopes). Same semantics as
+    `attnx.ops.linear.chunked.lightning_chunked`; any length. See `LinearScanPallas` for the tile options.
+    Raises NotImplementedError off GPU unless interpret mode is on (interpret=True or ATTNX_PALLAS_INTERPRET=1).
+    """
+    config = LinearScanPallas(block_size=block_size, block_v=block_v, num_warps=num_warps, num_stages=num_stages,
+                              interpret=interpret)
+    return lightning_pallas_with_config(q, k, v, slopes, config)
+
+
+def lightning_pallas_with_config(q, k, v, slopes, config: LinearScanPallas):
+    """`lightning_pallas` with its options as one `LinearScanPallas` (what the mechanisms' dispatch passes)."""
+    if not isinstance(config, LinearScanPallas):
+        raise ValueError(f"lightning_pallas.config: expected a LinearScanPallas, got {config!r}")
+    args = canonicalize(q, k, v)
+    B, T, N, H = args.q.shape
+    S, K, V = args.k.shape[1], args.k.shape[2], args.v.shape[-1]
+    if S != T:
+        raise ValueError(f"lightning_pallas: causal self attention only, got query length {T} and key length {S}")
+    if slopes is not None:
+        slopes = jnp.asarray(slopes)
+        if slopes.shape != (N,) or not jnp.issubdtype(slopes.dtype, jnp.floating):
+            raise ValueError(f"lightning_pallas.slopes: expected None or a float array of shape [N] = ({N},) (one "
+                             f"decay rate per query head), got {slopes.dtype}{list(slopes.shape)}")
+    interpret = config.resolved_interpret()
+    if not interpret and jax.default_backend() != "gpu":
+        raise NotImplementedError(f"lightning_pallas: the Triton kernel needs a GPU (backend is "
+                                  f"{jax.default_backend()!r}); pass interpret=True or set ATTNX_PALLAS_INTERPRET=1 "
+                                  "to run it in the Pallas interpreter")
+    out_dtype = args.q.dtype
+    if B * T == 0:
+        return jnp.zeros((*args.batch_shape, T, N, V), out_dtype)
+    dtype = jnp.result_type(args.q, args.k, args.v)
+    C = min(config.block_size, _pow2_block(T))
+    Tp, Hp, Vp = -(-T // C) * C, _pow2_block(H), _pow2_block(V)
+    BV = min(config.block_v, Vp)
+    plan = _Plan(N=N, G=N // K, Tp=Tp, Hp=Hp, Vp=Vp, C=C, BV=BV, decay=slopes is not None,
+                 num_warps=config.num_warps or (4 if max(Hp, BV) <= 64 else 8), num_stages=config.num_stages,
+                 interpret=interpret)
+    qp = _pad(args.q.astype(dtype), (B, Tp, N, Hp))
+    kp = _pad(args.k.astype(dtype), (B, Tp, K, Hp))
+    vp = _pad(args.v.astype(dtype), (B, Tp, K, Vp))
+    s = None if slopes is None else slopes.astype(jnp.float32)
+    out = _scan(plan, qp, kp, vp, s)[:, :T, :, :V]
+    return out.reshape(*args.batch_shape, T, N, V).astype(out_dtype)
+
+
+def scan_config(owner: str, implementation, block_size: int) -> LinearScanPallas | None:
+    """The kernel configuration that a mechanism's `implementation=` asks for: a `LinearScanPallas` as given, the
+    name "pallas_gpu" as the defaults with the caller's block_size, anything else None (not this kernel)."""
+    if isinstance(implementation, LinearScanPallas):
+        return implementation
+    if isinstance(implementation, str) and implementation == "pallas_gpu":
+        if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"{owner}.block_size: implementation 'pallas_gpu' needs a power of two >= 16 (Triton "
+                             f"dot tiles), got {block_size!r}")
+        return LinearScanPallas(block_size=block_size)
+    return None
