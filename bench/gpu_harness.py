@@ -144,7 +144,7 @@ class Runner:
         text = f"{seconds * 1e3:9.3f} ms"
         if flops is not None:
             row["tflops"] = flops / seconds / 1e12
-            text += f"  {row['tflops']:8.2f} TFLOP/s"
+            text += f"  {row['tflops']:8.4g} TFLOP/s"
             if self.matmul_flops_per_s:
                 row["frac_matmul"] = flops / seconds / self.matmul_flops_per_s
                 text += f" ({100 * row['frac_matmul']:.0f}% of matmul)"
