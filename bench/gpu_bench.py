@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import attnx
+from attnx.ops.softmax.config import IMPLEMENTATIONS
 from attnx.testing.tolerances import tolerance
 from bench.gpu_harness import Budget, NotAvailable, Runner, attention_flops, time_call
 from bench.gpu_tables import goal_lines, section_tables
@@ -85,13 +86,31 @@ def _with_mode(fn, mode: str):
     return fwd_bwd
 
 
+def implementation(spec: str):
+    """"name" or "name:field=value,...", e.g. "pallas_gpu:block_kv=128,num_warps=8" -> attnx.PallasGpu(...), so one
+    run can compare tile configurations; the row keeps the whole string as its label."""
+    name, _, options = spec.partition(":")
+    if name not in attnx.implementation_names():
+        raise NotAvailable(f"attnx implementation {name!r} is not written yet "
+                           f"(have: {', '.join(attnx.implementation_names())})")
+    if not options:
+        return name
+    words = {"true": True, "false": False, "none": None}
+    kwargs = {}
+    for item in options.split(","):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"implementation {spec!r}: expected field=value after ':', got {item!r}")
+        value = value.strip()
+        kwargs[key.strip()] = words[value.lower()] if value.lower() in words else int(value)
+    return IMPLEMENTATIONS[name](**kwargs)
+
+
 def _attnx(impl: str, mask_fn=None):
     """(q, k, v, *mask arrays) -> attnx.dot_product_attention(..., mask=mask_fn(*arrays), implementation=impl)."""
-    if impl not in attnx.implementation_names():
-        raise NotAvailable(f"attnx implementation {impl!r} is not written yet "
-                           f"(have: {', '.join(attnx.implementation_names())})")
+    resolved = implementation(impl)
     return lambda q, k, v, *m: attnx.dot_product_attention(
-        q, k, v, mask=None if mask_fn is None else mask_fn(*m), implementation=impl)
+        q, k, v, mask=None if mask_fn is None else mask_fn(*m), implementation=resolved)
 
 
 def _tokamax():
@@ -347,7 +366,8 @@ def parse_args(argv=None):
     p.add_argument("--sections", nargs="+", default=["softmax", "block_sparse", "linear", "neighborhood"],
                    choices=["softmax", "block_sparse", "linear", "neighborhood"])
     p.add_argument("--impls", nargs="+", default=["pallas_gpu", "cudnn", "xla", "tokamax"],
-                   help="softmax implementations: attnx names or 'tokamax'")
+                   help="softmax implementations: attnx names, optionally with config fields "
+                        "(pallas_gpu:block_q=128,block_kv=128,num_warps=8), or 'tokamax'")
     p.add_argument("--flash-impls", nargs="+", default=["pallas_gpu", "cudnn", "xla"],
                    help="dense flash baselines of the linear and neighbourhood sections, first available wins")
     p.add_argument("--sparse-impl", default="pallas_gpu", help="the block-sparse kernel (and its dense baseline)")
@@ -373,6 +393,15 @@ def parse_args(argv=None):
     for H in cfg["head_dims"]:
         if cfg["width"] % H:
             p.error(f"--head-dims: {H} does not divide the fixed width N*H = {cfg['width']}")
+    for spec in [*args.impls, *args.flash_impls, args.sparse_impl]:
+        if spec == "tokamax":
+            continue
+        try:  # a malformed config string is an error now, not a crash in the middle of the run
+            implementation(spec)
+        except NotAvailable:
+            pass
+        except (ValueError, TypeError) as err:
+            p.error(f"implementation {spec!r}: {err}")
     if cfg["repeats"] < 1:
         p.error(f"--repeats: must be >= 1, got {cfg['repeats']}")
     return args, cfg

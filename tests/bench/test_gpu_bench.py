@@ -118,6 +118,20 @@ def test_random_block_mask():
 def test_arguments_are_validated():
     with pytest.raises(SystemExit):
         gpu_bench.parse_args(["--quick", "--seq", "48"])  # 48 does not divide the 64 quick tokens
+    with pytest.raises(SystemExit):
+        gpu_bench.parse_args(["--quick", "--impls", "chunked:block_q"])  # no value
+    with pytest.raises(SystemExit):
+        gpu_bench.parse_args(["--quick", "--impls", "chunked:tile=3"])  # not a Chunked field
+
+
+def test_implementation_configs():
+    """"name:field=value,..." builds the implementation's config object (tile sweeps in one run)."""
+    from attnx import Chunked
+
+    assert gpu_bench.implementation("chunked:block_q=32,block_kv=16") == Chunked(block_q=32, block_kv=16)
+    assert gpu_bench.implementation("xla") == "xla"
+    with pytest.raises(gpu_bench.NotAvailable, match="no_such_impl"):
+        gpu_bench.implementation("no_such_impl:block_q=16")
 
 
 def test_imports_only_jax():
