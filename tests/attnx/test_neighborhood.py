@@ -34,17 +34,19 @@ def rpb_table(kernel, seed=1):
     return jnp.asarray(np.random.default_rng(seed).standard_normal((N, *(2 * k - 1 for k in kernel))), jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("options",))
-def both_paths(q, k, v, rpb, cotangent, options):
-    """Forward and input gradients of the gather path and of the reference, in one compiled function."""
+@functools.partial(jax.jit, static_argnames=("options", "tile"))
+def both_paths(q, k, v, rpb, cotangent, options, tile):
+    """Forward and input gradients of the gather path, the tiled path (tokens permuted into `tile`s) and the
+    reference, in one compiled function."""
     options = dict(options)
 
     def loss(impl, q, k, v, rpb):
-        out = neighborhood_attention(q, k, v, rpb=rpb, implementation=impl, **options)
+        extra = dict(tile=tile) if impl == "tiled" else {}
+        out = neighborhood_attention(q, k, v, rpb=rpb, implementation=impl, **options, **extra)
         return jnp.sum(out * cotangent), out
 
     results = {}
-    for impl in ("gather", "reference"):
+    for impl in ("gather", "tiled", "reference"):
         (_, out), grads = jax.value_and_grad(functools.partial(loss, impl), argnums=(0, 1, 2, 3), has_aux=True)(
             q, k, v, rpb)
         results[impl] = (out, grads)
@@ -52,7 +54,10 @@ def both_paths(q, k, v, rpb, cotangent, options):
 
 
 # Two compiled cases cover the options between them (compiles dominate the run time); the causal 1-D gather path
-# is also checked against the dense decode rule below, and the window tables against NATTEN's loop.
+# is also checked against the dense decode rule below, and the window tables against NATTEN's loop. TILES: the
+# tiled path's tile per case (small, so that the permutation, the block skipping and ragged neighbourhoods across
+# tiles are all exercised).
+TILES = {"2d-dilated-strided": (3, 1), "3d-even-kernel-causal-axis": (1, 2, 5)}
 CASES = {
     "2d-dilated-strided": dict(grid=(6, 7), kernel_size=3, dilation=(2, 1), stride=(1, 3)),
     "3d-even-kernel-causal-axis": dict(grid=(3, 4, 5), kernel_size=(2, 3, 2), dilation=(1, 1, 2),
@@ -68,11 +73,13 @@ def test_gather_equals_dense_reference(case):
     kernel = (kernel,) * len(grid) if isinstance(kernel, int) else kernel
     q, k, v = inputs(math.prod(grid))
     cotangent = jnp.asarray(np.random.default_rng(2).standard_normal((B, math.prod(grid), N, V)), jnp.float32)
-    results = both_paths(q, k, v, rpb_table(kernel), cotangent, tuple(sorted(options.items())))
-    (out, grads), (want, want_grads) = results["gather"], results["reference"]
-    assert_close(out, want, jnp.float32, what=f"{case} forward")
-    for name, got, expected in zip(("query", "key", "value", "rpb"), grads, want_grads):
-        assert_close(got, expected, jnp.float32, kind="gradient", what=f"{case} d{name}")
+    results = both_paths(q, k, v, rpb_table(kernel), cotangent, tuple(sorted(options.items())), TILES[case])
+    want, want_grads = results["reference"]
+    for impl in ("gather", "tiled"):
+        out, grads = results[impl]
+        assert_close(out, want, jnp.float32, what=f"{case} {impl} forward")
+        for name, got, expected in zip(("query", "key", "value", "rpb"), grads, want_grads):
+            assert_close(got, expected, jnp.float32, kind="gradient", what=f"{case} {impl} d{name}")
 
 
 @pytest.mark.parametrize("grid, kernel, dilation, stride", [
@@ -196,6 +203,33 @@ def decode_case(q, k, v, rpb):
     return full[:, positions], neighborhood_decode(q[:, positions], k, v, query_positions=positions, rpb=rpb, **options)
 
 
+def test_tiles_skip_more_than_row_major_blocks_and_the_tile_block_mask_is_exact():
+    """2-D NA, k = 7 on 64 x 64, 16-token blocks: a 16-token run of a row meets 7 rows of keys (6.8% of the block
+    pairs kept), the chosen 4 x 4 tiles at most 3 x 3 tiles (3.2%). Where row-major runs are best (one whole row
+    per block here) the search picks them. The per-axis block mask equals the permuted dense mask reduced per
+    tile pair, and the permutation groups each tile."""
+    from attnx.ops.local.tiled import default_tile, tile_permutation, tiled_block_mask
+
+    na = ((7, 7), (1, 1), (1, 1), (False, False))
+    tile = default_tile((64, 64), *na, tokens=16)
+    assert tile == (4, 4)
+    tiled = tiled_block_mask((64, 64), tile, *na)
+    row_major = na_block_mask((64, 64), 7, block_size=(16, 16))
+    assert tiled.mean() < 0.5 * row_major.mean() and tiled.sum(axis=1).max() == 9
+    assert default_tile((64, 64), *na, tokens=64) == (1, 64)  # 7 of 64 blocks; 8 x 8 tiles would keep 9
+    for grid, options, tile in [((6, 7), ((3, 3), (2, 1), (1, 3), (False, False)), (3, 1)),
+                                ((3, 4, 5), ((2, 3, 2), (1, 1, 2), (1, 1, 1), (True, False, False)), (1, 2, 5))]:
+        perm, inverse = tile_permutation(grid, tile)
+        np.testing.assert_array_equal(perm[inverse], np.arange(len(perm)))
+        dense = na_mask(grid, *options)[perm][:, perm]
+        area = math.prod(tile)
+        n = len(dense) // area
+        np.testing.assert_array_equal(tiled_block_mask(grid, tile, *options),
+                                      dense.reshape(n, area, n, area).any(axis=(1, 3)))
+    first = coordinates((16, 16))[tile_permutation((16, 16), (4, 4))[0][:16]]  # rows 0-3 x columns 0-3
+    assert first[:, 0].max() == 3 and first[:, 1].max() == 3
+
+
 def test_decode_equals_last_rows_of_causal_forward():
     full, decoded = decode_case(*inputs(12), rpb_table((3,)))
     assert_close(decoded, full, jnp.float32)
@@ -210,6 +244,9 @@ def test_decode_equals_last_rows_of_causal_forward():
     (dict(grid=(2, 5), kernel_size=1, causal=True, causal_axes=(True, False)), "causal_axes"),
     (dict(kernel_size=3, implementation="dense"), "implementation"),
     (dict(kernel_size=(3, 3)), "kernel_size"),
+    (dict(kernel_size=3, tile=(2,)), "implementation='tiled' only"),
+    (dict(kernel_size=3, implementation="tiled", tile=(4,)), "tile"),
+    (dict(kernel_size=3, implementation="tiled", tiled_implementation="fast"), "tiled_implementation"),
 ])
 def test_errors_name_the_argument(kwargs, message):
     q, k, v = inputs(10)

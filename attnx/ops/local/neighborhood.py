@@ -24,9 +24,12 @@ stride = 1 is NA proper; stride s > 1 is NATTEN's generalised NA (v0.20+), and s
     so the result is not prefix-invariant (that is NATTEN's definition); the decode rule supports s = 1 only.
 
 Implementations: "gather" (default): a static neighbour table [T, prod(k)], keys/values gathered to
-[B, T, prod(k), K, H], O(T prod(k)) memory; "reference": the dense masked softmax (`na_mask`, dense RPB bias)
-through attnx's reference attention, the oracle. `na_block_mask` gives the block-level mask of the row-major layout
-for block-sparse kernels (token permutation into multi-d tiles is left to such a kernel).
+[B, T, prod(k), K, H], O(T prod(k)) memory; "tiled": tokens permuted into multi-d tiles and run through attnx's
+block-skipping softmax attention with the rule as a mask_mod (attnx/ops/local/tiled.py; `tile=` per axis,
+`tiled_implementation=` the softmax backend, default chunked with one tile per block, "pallas_gpu"/"pallas_tpu"
+on accelerators); "reference": the dense masked softmax (`na_mask`, dense RPB bias) through attnx's reference
+attention, the oracle. `na_block_mask` gives the block-level mask of the row-major layout
+for block-sparse kernels; the "tiled" path permutes tokens into multi-d tiles first.
 Patterns: NS and CS (self attention only; causal=True makes every axis causal, `causal_axes` picks some).
 """
 
@@ -42,9 +45,10 @@ import numpy as np
 from attnx.api import dot_product_attention
 from attnx.mask import Mask
 from attnx.ops.local.tables import check_self, coordinates, per_axis, per_axis_bool, read_only, resolve_grid
+from attnx.ops.local.tiled import axis_allowed, tiled_neighborhood
 from attnx.validation import canonicalize
 
-IMPLEMENTATIONS = ("gather", "reference")
+IMPLEMENTATIONS = ("gather", "tiled", "reference")
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -103,18 +107,7 @@ def na_mask(grid: tuple, kernel: tuple, dilation: tuple, stride: tuple, causal: 
     c = coordinates(grid)
     allowed = np.ones((len(c), len(c)), bool)
     for a, (L, k, d, s, is_causal) in enumerate(zip(grid, kernel, dilation, stride, causal)):
-        qi, kj = c[:, a][:, None], c[None, :, a]
-        qd, kd, g = qi // d, kj // d, qi % d
-        group_len = (L - g + d - 1) // d
-        if is_causal:
-            leader = np.minimum((qd // s) * s + s - 1, group_len - 1)
-            ok = (qd - kd >= 0) & (leader - kd < k)
-        else:
-            left, right = k // 2, k // 2 + k % 2 - 1
-            leader = np.minimum((qd // s) * s + s // 2, group_len - 1)
-            centre = np.clip(leader, left, group_len - 1 - right)
-            ok = (kd - centre >= -left) & (kd - centre <= right)
-        allowed &= ok & (kj % d == g)
+        allowed &= axis_allowed(np, c[:, a][:, None], c[None, :, a], L, k, d, s, is_causal)
     return read_only(allowed)[0]
 
 
@@ -122,7 +115,8 @@ def na_block_mask(grid, kernel_size, *, block_size: tuple[int, int], dilation=1,
                   causal_axes=None) -> np.ndarray:
     """[ceil(T / bq), ceil(T / bk)] bool: blocks of the row-major NA mask holding at least one allowed pair, for
     `Mask(block_mask=..., block_size=block_size)` together with the dense `na_mask` (a block-sparse kernel skips
-    the False blocks). A kernel that permutes tokens into multi-d tiles (NATTEN's Hopper/Blackwell FNA) skips more."""
+    the False blocks). Permuting tokens into multi-d tiles first (implementation "tiled", attnx/ops/local/tiled.py)
+    often skips more."""
     grid = tuple(grid) if isinstance(grid, (tuple, list)) else (grid,)
     grid = resolve_grid("na_block_mask", grid, math.prod(grid) if all(isinstance(g, int) for g in grid) else 0)
     options = _options("na_block_mask", grid, kernel_size, dilation, stride, causal, causal_axes)
@@ -198,7 +192,7 @@ def _dense_bias(rpb, grid, kernel, dilation):
 
 def neighborhood_attention(query, key, value, *, causal: bool = False, grid=None, kernel_size=7, dilation=1,
                            stride=1, causal_axes=None, rpb=None, use_rpb: bool = False, scale: float | None = None,
-                           implementation: str | None = None):
+                           implementation: str | None = None, tile=None, tiled_implementation=None):
     """query [*B, T, N, H], key [*B, T, K, H], value [*B, T, K, V] -> [*B, T, N, V]; tokens row-major on `grid`.
 
     grid: the token layout (h, w) / (t, h, w) / (L,); None = a 1-D sequence of length T. kernel_size, dilation,
@@ -206,7 +200,9 @@ def neighborhood_attention(query, key, value, *, causal: bool = False, grid=None
     causal=False). rpb: relative positional bias [N, 2 k_1 - 1, ...] (query heads), or None. use_rpb: set by
     configs whose model layer owns the table (models/layers/mixers/relative_bias.py); True without `rpb` is an
     error rather than a silent bias-free run. scale: default H^-1/2 (applied to q.k before the bias).
-    implementation: "gather" (default) or "reference".
+    implementation: "gather" (default), "tiled" or "reference". tile: the tiled path's tile per axis (default:
+    the sparsest 64-token tile, `tiled.default_tile`); tiled_implementation: its softmax backend (default
+    attnx.Chunked with one tile per block).
     """
     args = canonicalize(query, key, value)
     B, T, N, H = args.q.shape
@@ -221,10 +217,15 @@ def neighborhood_attention(query, key, value, *, causal: bool = False, grid=None
     implementation = implementation or IMPLEMENTATIONS[0]
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"neighborhood.implementation: {implementation!r}; allowed: {IMPLEMENTATIONS} or None")
+    if implementation != "tiled" and (tile is not None or tiled_implementation is not None):
+        raise ValueError(f"neighborhood: tile / tiled_implementation apply to implementation='tiled' only, got "
+                         f"implementation={implementation!r}")
     if implementation == "reference":
         dense_bias = None if bias is None else _dense_bias(bias, grid, options[0], options[1])[None]
         mask = Mask(dense=jnp.asarray(na_mask(grid, *options)))
         out = dot_product_attention(args.q, args.k, args.v, dense_bias, mask, scale=scale, implementation="reference")
+    elif implementation == "tiled":
+        out = tiled_neighborhood(args.q, args.k, args.v, bias, grid, options, scale, tile, tiled_implementation)
     else:
         out = _gather(args.q, args.k, args.v, bias, na_tables(grid, *options), scale)
     out = out.astype(args.q.dtype)
