@@ -106,6 +106,28 @@ def test_based_runs_its_taylor_features_through_the_scan():
         assert_close(g, w, jnp.float32, "gradient", what=f"based {name}")
 
 
+@pytest.mark.parametrize("dtype, decay", [(jnp.bfloat16, True), (jnp.float32, False)], ids=["bf16-decay", "f32"])
+def test_triton_lowering_for_cuda(monkeypatch, dtype, decay):
+    """Builds the Triton IR of the forward, dQ and dK/dV kernels for CUDA without a GPU, at the benchmark's head dim
+    128 with a ragged length and GQA: interpret mode does not check Triton's limits (power-of-two tiles, supported
+    primitives, scalar loads); this does (the PTX compile itself still needs a GPU)."""
+    from jax import export
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the entry refuses CPU unless interpreting
+    spec = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)
+    s = jnp.asarray(alibi_slopes(4)) if decay else None
+
+    def grad_fn(q, k, v):
+        f = lambda q, k, v: lightning_pallas(q, k, v, s, interpret=False)
+        out, vjp = jax.vjp(f, q, k, v)
+        return out, vjp(out)
+
+    exported = export.export(jax.jit(grad_fn), platforms=["cuda"], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+        spec(1, 200, 4, 128), spec(1, 200, 2, 128), spec(1, 200, 2, 128))
+    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 3  # forward, dQ, dK/dV
+
+
 def test_based_non_causal_is_refused_by_the_scan():
     q, k, v, _ = inputs()
     with pytest.raises(NotImplementedError, match="causal scan"):
