@@ -28,6 +28,7 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from attnx.api import dot_product_attention
 from attnx.mask import Mask
@@ -35,20 +36,30 @@ from attnx.ops.softmax.config import IMPLEMENTATIONS, Chunked
 from attnx.ops.local.tables import coordinates, read_only
 
 
+def _div(xp, a, b):
+    """a // b for a >= 0. Inside kernels lax.div (truncating) instead of jnp's floor division, which the Triton
+    lowering rejects (found by the multi-stream kernel's CUDA lowering test); equal for non-negative a."""
+    return a // b if xp is np else lax.div(a, jnp.asarray(b, a.dtype))
+
+
+def _rem(xp, a, b):
+    return a % b if xp is np else lax.rem(a, jnp.asarray(b, a.dtype))
+
+
 def axis_allowed(xp, qi, kj, L: int, k: int, d: int, s: int, causal: bool):
     """NATTEN's per-axis rule (neighborhood.py docstring) on coordinates qi (queries) and kj (keys) broadcast
     against each other; xp is numpy (static tables) or jax.numpy (inside a kernel's mask_mod)."""
-    qd, kd, g = qi // d, kj // d, qi % d
-    group_len = (L - g + d - 1) // d
+    qd, kd, g = _div(xp, qi, d), _div(xp, kj, d), _rem(xp, qi, d)
+    group_len = _div(xp, L - g + d - 1, d)
     if causal:
-        leader = xp.minimum((qd // s) * s + s - 1, group_len - 1)
+        leader = xp.minimum(_div(xp, qd, s) * s + s - 1, group_len - 1)
         ok = (qd - kd >= 0) & (leader - kd < k)
     else:
         left, right = k // 2, k // 2 + k % 2 - 1
-        leader = xp.minimum((qd // s) * s + s // 2, group_len - 1)
+        leader = xp.minimum(_div(xp, qd, s) * s + s // 2, group_len - 1)
         centre = xp.clip(leader, left, group_len - 1 - right)
         ok = (kd - centre >= -left) & (kd - centre <= right)
-    return ok & (kj % d == g)
+    return ok & (_rem(xp, kj, d) == g)
 
 
 def check_tile(name: str, grid: tuple[int, ...], tile) -> tuple[int, ...]:
@@ -77,12 +88,13 @@ def _unpermute_coordinates(xp, p, grid, tile):
     """Row-major grid coordinates (one array per axis) of permuted positions p (integer arithmetic only)."""
     area = math.prod(tile)
     tiles = tuple(L // t for L, t in zip(grid, tile))
-    tile_index, within = p // area, p % area
+    tile_index, within = _div(xp, p, area), _rem(xp, p, area)
     coords = []
     for a in range(len(grid)):
         tile_stride = math.prod(tiles[a + 1:])
         within_stride = math.prod(tile[a + 1:])
-        coords.append((tile_index // tile_stride) % tiles[a] * tile[a] + (within // within_stride) % tile[a])
+        coords.append(_rem(xp, _div(xp, tile_index, tile_stride), tiles[a]) * tile[a]
+                      + _rem(xp, _div(xp, within, within_stride), tile[a]))
     return coords
 
 
@@ -148,7 +160,8 @@ def _rules(grid, tile, kernel, dilation, stride, causal, rpb):
         qc, kc = _unpermute_coordinates(jnp, t, grid, tile), _unpermute_coordinates(jnp, j, grid, tile)
         flat = 0
         for a, (k, d) in enumerate(zip(kernel, dilation)):  # the RPB index of neighborhood._dense_bias
-            flat = flat * (2 * k - 1) + jnp.clip((kc[a] - qc[a]) // d + k - 1, 0, 2 * k - 2)
+            # kc - qc is a multiple of d for every allowed pair, so truncating division is exact where it counts
+            flat = flat * (2 * k - 1) + jnp.clip(lax.div(kc[a] - qc[a], jnp.int32(d)) + k - 1, 0, 2 * k - 2)
         return score + rpb[n, flat]
 
     return mask_mod, score_mod
