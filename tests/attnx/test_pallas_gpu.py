@@ -156,3 +156,44 @@ def test_block_sparse_attention_bad_list_shape():
     ids, counts = bl.block_list_from_mask(jnp.ones((1, 2, 2, 3), bool))
     with pytest.raises(ValueError, match="block_ids"):
         pallas_gpu.block_sparse_attention(q, k, v, ids, counts, block_size=16, interpret=True)
+
+
+_LOWERING = {
+    "causal_segments_lengths_bf16": dict(dtype=jnp.bfloat16, H=128, mask=lambda: Mask(
+        causal=True, q_segment_ids=jnp.zeros((2, 300), jnp.int32), kv_segment_ids=jnp.zeros((2, 260), jnp.int32),
+        kv_lengths=jnp.array([200, 260]), q_lengths=jnp.array([300, 17]))),
+    "window_offset_bias_sinks_cap_f16": dict(dtype=jnp.float16, H=64, V=32, bias=(1, 8, 1, 260), sinks=True,
+                                             cap=30.0, mask=lambda: Mask(window=(100, 20), q_offset=-40)),
+    "dense_blockmask_mods_f32_h256": dict(dtype=jnp.float32, H=256, bias=(2, 1, 300, 260), mask=lambda: Mask(
+        dense=jnp.ones((2, 8, 300, 260), bool), block_mask=jnp.ones((1, 8, 5, 9), bool), block_size=(64, 32)),
+        score_mod=lambda s, b, n, t, j: s - 0.01 * (n + 1) * jnp.abs(t - j).astype(jnp.float32),
+        mask_mod=lambda b, n, t, j: (t + j + n) % 7 != 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_LOWERING))
+def test_lowers_to_triton_for_cuda(name, monkeypatch):
+    """Interpret mode does not check the Triton lowering's limits, so lower forward and backward for CUDA on this
+    CPU (jax.export, no GPU needed): the Pallas -> Triton IR step must accept every kernel (power-of-two tiles,
+    supported primitives, scalar list reads). Triton's own compilation to PTX still needs a GPU."""
+    monkeypatch.setattr(pallas_gpu, "_backend", lambda: "gpu")
+    c = _LOWERING[name]
+    B, T, S, N, K, H, V = 2, 300, 260, 8, 2, c["H"], c.get("V", c["H"])
+    dt = c["dtype"]
+    impl = attnx.PallasGpu(interpret=False)
+    shapes = [jax.ShapeDtypeStruct(s, dt) for s in ((B, T, N, H), (B, S, K, H), (B, S, K, V))]
+    shapes.append(jax.ShapeDtypeStruct(c["bias"], dt) if "bias" in c else None)
+    shapes.append(jax.ShapeDtypeStruct((N,), jnp.float32) if c.get("sinks") else None)
+
+    def loss(q, k, v, bias, sinks):
+        out, lse = attnx.dot_product_attention_with_lse(
+            q, k, v, bias, c["mask"](), sinks=sinks, logits_soft_cap=c.get("cap"), score_mod=c.get("score_mod"),
+            mask_mod=c.get("mask_mod"), implementation=impl)
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+    argnums = tuple(n for n, s in enumerate(shapes) if s is not None)
+    fn = jax.jit(jax.value_and_grad(loss, argnums=argnums))
+    exported = jax.export.export(fn, platforms=["cuda"], disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes)
+    # forward + dQ + dK/dV kernels
+    assert exported.mlir_module().count("xla.gpu.triton") == 3

@@ -45,6 +45,11 @@ MAX_HEAD_DIM = 256
 block_list_from_mask = bl.block_list_from_mask
 
 
+def _backend() -> str:
+    # One place to read the backend, so a test can lower the kernels for CUDA on a CPU-only machine.
+    return jax.default_backend()
+
+
 def resolve_interpret(interpret: bool | None) -> bool:
     return os.environ.get("ATTNX_PALLAS_INTERPRET") == "1" if interpret is None else bool(interpret)
 
@@ -59,8 +64,8 @@ def check(args: AttentionArgs, return_lse: bool, cfg: PallasGpu | None = None) -
         raise NotImplementedError(f"pallas_gpu: dtypes float32/bfloat16/float16, got {args.q.dtype}")
     # The dispatcher calls check without the config; the backend test needs `interpret`, so it runs only when
     # the config is known (from `run`, inside the same NotImplementedError fall-through).
-    if cfg is not None and not resolve_interpret(cfg.interpret) and jax.default_backend() != "gpu":
-        raise NotImplementedError(f"pallas_gpu: needs a GPU (backend is {jax.default_backend()}); pass "
+    if cfg is not None and not resolve_interpret(cfg.interpret) and _backend() != "gpu":
+        raise NotImplementedError(f"pallas_gpu: needs a GPU (backend is {_backend()}); pass "
                                   "attnx.PallasGpu(interpret=True) or set ATTNX_PALLAS_INTERPRET=1 to interpret it")
 
 
