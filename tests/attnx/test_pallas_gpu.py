@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import attnx
+import attnx.validation
 from attnx.mask import Mask
 from attnx.ops.softmax import block_list as bl
 from attnx.ops.softmax import pallas_gpu
@@ -123,6 +124,13 @@ def test_block_sparse_attention_matches_expanded_mask(causal):
     want = jax.jit(lambda q, k, v: _fwd_and_grads(lambda q, k, v: attnx.dot_product_attention(
         q, k, v, mask=mask, implementation="reference"), q, k, v))(q, k, v)
     _assert_matches(got, want, what=f"block_sparse causal={causal}")
+    if causal:
+        # The same block mask through dot_product_attention: aligned with the tiles, it is read at tile level
+        # only (no element-wise mask is materialised) and gives the same output.
+        meta, ops = pallas_gpu._prepare(attnx.validation.canonicalize(q, k, v, None, mask), IMPL)
+        assert "dense" not in ops and meta.dense_dims is None
+        out = jax.jit(lambda q, k, v: attnx.dot_product_attention(q, k, v, mask=mask, implementation=IMPL))(q, k, v)
+        assert_close(out, want[0], jnp.float32, "forward", "aligned block mask")
 
 
 @pytest.mark.parametrize("kwargs, error", [
@@ -156,6 +164,8 @@ def test_block_sparse_attention_bad_list_shape():
     ids, counts = bl.block_list_from_mask(jnp.ones((1, 2, 2, 3), bool))
     with pytest.raises(ValueError, match="block_ids"):
         pallas_gpu.block_sparse_attention(q, k, v, ids, counts, block_size=16, interpret=True)
+    with pytest.raises(ValueError, match="block_size"):
+        pallas_gpu.block_sparse_attention(q, k, v, ids, counts, block_size=24, interpret=True)
 
 
 _LOWERING = {

@@ -63,8 +63,8 @@ def _static_band(mask: Mask, T: int, S: int, bq: int, bk: int, nq: int, nk: int)
     return live
 
 
-def _seg_ranges(ids: jax.Array, n_real: int, blk: int, n_blocks: int):
-    """Per-block (min, max) of segment ids [Bs, L] over the real positions (< n_real)."""
+def _seg_ranges(ids: jax.Array, blk: int, n_blocks: int):
+    """Per-block (min, max) of segment ids [Bs, L]; the padding up to n_blocks·blk counts for neither."""
     ids = jnp.asarray(ids, jnp.int32)
     info = jnp.iinfo(jnp.int32)
     pad = n_blocks * blk - ids.shape[-1]
@@ -96,8 +96,8 @@ def live_blocks(mask: Mask, T: int, S: int, bq: int, bk: int, dense: jax.Array |
         live = live & (cols[None, :] < jnp.asarray(mask.kv_lengths)[:, None])[:, None, None, :]
     if mask.q_segment_ids is not None:
         # Sorted (packed) ids make this exact; unsorted ones only lose skipping, never correctness.
-        qlo, qhi = _seg_ranges(mask.q_segment_ids, T, bq, nq)
-        klo, khi = _seg_ranges(mask.kv_segment_ids, S, bk, nk)
+        qlo, qhi = _seg_ranges(mask.q_segment_ids, bq, nq)
+        klo, khi = _seg_ranges(mask.kv_segment_ids, bk, nk)
         live = live & ((qlo[:, :, None] <= khi[:, None, :]) & (klo[:, None, :] <= qhi[:, :, None]))[:, None]
     if mask.block_mask is not None and block_mask_is_aligned(mask, bq, bk):
         ubq, ubk = mask.block_size

@@ -344,6 +344,10 @@ def block_sparse_attention(query, key, value, block_ids, block_counts, *, block_
     from attnx.validation import canonicalize
 
     bs = (block_size, block_size) if isinstance(block_size, (int, np.integer)) else tuple(block_size)
+    if len(bs) != 2 or any(isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 16 or x & (x - 1)
+                           for x in bs):
+        raise ValueError(f"block_size: expected a power of two >= 16 or a pair (block_q, block_kv) of them (the "
+                         f"kernel's tiles), got {block_size!r}")
     cfg = PallasGpu(block_q=int(bs[0]), block_kv=int(bs[1]), num_warps=num_warps, num_stages=num_stages,
                     interpret=interpret)
     args = canonicalize(query, key, value, None, Mask(causal=causal), scale=scale)
