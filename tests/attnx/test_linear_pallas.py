@@ -15,6 +15,7 @@ from attnx.ops.linear.based import based_attention
 from attnx.ops.linear.decay import alibi_slopes
 from attnx.ops.linear.lightning import lightning_attention
 from attnx.ops.linear.pallas_gpu import LinearScanPallas, lightning_pallas
+from attnx.ops.linear.pallas_tpu import LinearScanPallasTpu, lightning_pallas_tpu
 from attnx.ops.linear.reference import lightning_reference
 from attnx.testing.tolerances import assert_close
 
@@ -153,10 +154,77 @@ def test_bad_arguments_are_named(monkeypatch):
         LinearScanPallas(num_warps=3)
     with pytest.raises(ValueError, match=r"lightning.block_size: implementation 'pallas_gpu' needs a power of two"):
         lightning_attention(q, k, v, block_size=8, implementation="pallas_gpu")
+    for bad in (64, 200, 0):
+        with pytest.raises(ValueError, match=r"LinearScanPallasTpu.block_size: expected a positive multiple of 128"):
+            lightning_pallas_tpu(q, k, v, block_size=bad, interpret=True)
+    with pytest.raises(ValueError, match=r"lightning_pallas_tpu.slopes: expected None or a float array"):
+        lightning_pallas_tpu(q, k, v, jnp.ones((N, 1)), interpret=True)
+    with pytest.raises(ValueError, match=r"based.block_size: implementation 'pallas_tpu' needs a multiple of 128"):
+        based_attention(q, k, v, causal=True, implementation="pallas_tpu")
     monkeypatch.delenv("ATTNX_PALLAS_INTERPRET", raising=False)
     if jax.default_backend() != "gpu":
         with pytest.raises(NotImplementedError, match="needs a GPU .* interpret=True or set ATTNX_PALLAS_INTERPRET"):
             lightning_pallas(q, k, v)
+    if jax.default_backend() != "tpu":
+        with pytest.raises(NotImplementedError, match="needs a TPU .* interpret=True or set ATTNX_PALLAS_INTERPRET"):
+            lightning_pallas_tpu(q, k, v)
+
+
+# ---- the Mosaic TPU kernel (attnx/ops/linear/pallas_tpu.py): blocks of 128 rows, H and V padded to 128 ----
+
+T_TPU = 150  # two blocks of 128, the second ragged
+
+
+@functools.partial(jax.jit, static_argnames="decay")
+def tpu_kernel_and_grads(q, k, v, s, cotangent, decay=True):
+    fn = lambda q, k, v, s: lightning_pallas_tpu(q, k, v, s if decay else None, interpret=True)
+    return _value_and_grads(fn, q, k, v, s, cotangent)
+
+
+def tpu_inputs(dtype=jnp.float32, seed=6):
+    """Slopes a tenth of ALiBi's, so that lambda^128 stays well above zero and the carried state matters."""
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    q, k, v, cotangent = normal(1, T_TPU, N, H) * H**-0.5, normal(1, T_TPU, K, H), normal(1, T_TPU, K, 24), \
+        normal(1, T_TPU, N, 24)
+    return [x.astype(dtype) for x in (q, k, v, cotangent)], jnp.asarray(alibi_slopes(N)) * 0.1
+
+
+def test_tpu_decayed_scan_and_gradients_match_the_reference():
+    (q, k, v, cotangent), s = tpu_inputs()
+    check(tpu_kernel_and_grads(q, k, v, s, cotangent), reference_and_grads(q, k, v, s, cotangent), jnp.float32)
+
+
+@pytest.mark.parametrize("dtype, decay", [(jnp.bfloat16, True), (jnp.float32, False)], ids=["bf16-decay", "f32"])
+def test_mosaic_lowering_for_tpu(monkeypatch, dtype, decay):
+    """Builds the Mosaic MLIR of the forward, dQ and dK/dV kernels for TPU without one (block shapes, scalar
+    prefetch, scratch, supported primitives); Mosaic's own compile still needs a TPU."""
+    from jax import export
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    spec = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)
+    s = jnp.asarray(alibi_slopes(4)) if decay else None
+
+    def grad_fn(q, k, v):
+        f = lambda q, k, v: lightning_pallas_tpu(q, k, v, s, interpret=False)
+        out, vjp = jax.vjp(f, q, k, v)
+        return out, vjp(out)
+
+    exported = export.export(jax.jit(grad_fn), platforms=["tpu"])(
+        spec(1, 300, 4, 128), spec(1, 300, 2, 128), spec(1, 300, 2, 128))
+    assert exported.mlir_module().count("tpu_custom_call") == 3  # forward, dQ, dK/dV
+
+
+# slow: one more compile (~8 CPU-s); bfloat16 without decay, MQA, through lightning_attention's dispatch.
+@pytest.mark.slow
+def test_tpu_bfloat16_without_decay():
+    (q, k, v, cotangent), _ = tpu_inputs(jnp.bfloat16, seed=7)
+    k, v = k[:, :, :1], v[:, :, :1]
+    zeros = jnp.zeros((N,), jnp.float32)
+    check(tpu_kernel_and_grads(q, k, v, zeros, cotangent, decay=False),
+          reference_and_grads(q, k, v, zeros, cotangent), jnp.bfloat16, decay=False)
+    got = lightning_attention(q, k, v, slopes=zeros, implementation=LinearScanPallasTpu(interpret=True))
+    assert_close(got, reference_and_grads(q, k, v, zeros, cotangent)[0], jnp.bfloat16, what="dispatch")
 
 
 # ---- slow: wider coverage, each a fresh interpret-mode compile ----

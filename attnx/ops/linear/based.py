@@ -22,11 +22,11 @@ import jax.numpy as jnp
 
 from attnx.ops.linear.common import (causal_feature_sums, check_block_size, feature_sums, kernel_sums,
                                      resolve_implementation)
-from attnx.ops.linear.pallas_gpu import lightning_pallas_with_config, scan_config
+from attnx.ops.linear.pallas_gpu import run_scan, scan_config
 from attnx.validation import canonicalize
 
 EPS = 1e-12
-IMPLEMENTATIONS = ("chunked", "reference", "pallas_gpu")
+IMPLEMENTATIONS = ("chunked", "reference", "pallas_gpu", "pallas_tpu")
 
 
 def taylor_feature_map(x: jax.Array) -> jax.Array:
@@ -72,8 +72,8 @@ def based_pallas(q, k, v, config):
     its queries and keys, and the normaliser is one extra value column of ones (spec llm_mechanisms.md §7 (d))."""
     V = v.shape[-1]
     ones = jnp.ones((*v.shape[:-1], 1), jnp.float32)
-    both = lightning_pallas_with_config(taylor_feature_map(q), taylor_feature_map(k),
-                                        jnp.concatenate([v.astype(jnp.float32), ones], -1), None, config)
+    both = run_scan(taylor_feature_map(q), taylor_feature_map(k), jnp.concatenate([v.astype(jnp.float32), ones], -1),
+                    None, config)
     return _normalised((both[..., :V], both[..., V:]))
 
 
@@ -82,7 +82,8 @@ def based_attention(query, key, value, *, causal: bool = False, block_size: int 
     """query [*B, T, N, H], key [*B, S, K, H], value [*B, S, K, V] -> [*B, T, N, V]; K divides N.
 
     causal=True needs S == T. implementation: "chunked" (default; linear in T), "reference" (quadratic), or
-    "pallas_gpu" / a `LinearScanPallas` (causal only: the Lightning Attention-2 Pallas scan over the features).
+    "pallas_gpu" / "pallas_tpu" or their configs (causal only: the Lightning Attention-2 Pallas scan over the
+    features).
     """
     args = canonicalize(query, key, value)
     T, S = args.q.shape[1], args.k.shape[1]
@@ -96,8 +97,8 @@ def based_attention(query, key, value, *, causal: bool = False, block_size: int 
         out = based_reference(args.q, args.k, args.v, causal)
     elif config is not None:
         if not causal:
-            raise NotImplementedError("based: implementation 'pallas_gpu' is the causal scan; the non-causal form "
-                                      "is two einsums with no scan (implementation 'chunked')")
+            raise NotImplementedError(f"based: implementation {config.name!r} is the causal scan; the non-causal "
+                                      "form is two einsums with no scan (implementation 'chunked')")
         out = based_pallas(args.q, args.k, args.v, config)
     else:
         out = based_chunked(args.q, args.k, args.v, causal, block_size)

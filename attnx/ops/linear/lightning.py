@@ -30,11 +30,11 @@ import numpy as np
 from attnx.ops.linear.chunked import lightning_chunked
 from attnx.ops.linear.common import check_block_size, resolve_implementation
 from attnx.ops.linear.decay import alibi_slopes
-from attnx.ops.linear.pallas_gpu import lightning_pallas_with_config, scan_config
+from attnx.ops.linear.pallas_gpu import run_scan, scan_config
 from attnx.ops.linear.reference import decayed_linear_attention, lightning_reference
 from attnx.validation import canonicalize
 
-IMPLEMENTATIONS = ("chunked", "reference", "pallas_gpu")
+IMPLEMENTATIONS = ("chunked", "reference", "pallas_gpu", "pallas_tpu")
 
 
 def _slopes(slopes, num_heads: int) -> jax.Array:
@@ -54,8 +54,9 @@ def lightning_attention(query, key, value, *, causal: bool = True, slopes=None, 
     """query [*B, T, N, H], key [*B, T, K, H], value [*B, T, K, V] -> [*B, T, N, V]; K divides N (GQA).
 
     slopes: [N] decay rates (default: ALiBi slopes for N heads). block_size: the tile C of the chunked form.
-    implementation: "chunked" (default), "reference", or "pallas_gpu" / a `LinearScanPallas` (the Lightning
-    Attention-2 Pallas kernel, attnx.ops.linear.pallas_gpu). causal=False: symmetric decay (see the module docstring).
+    implementation: "chunked" (default), "reference", or the Lightning Attention-2 Pallas kernels "pallas_gpu" / a
+    `LinearScanPallas` (Triton) and "pallas_tpu" / a `LinearScanPallasTpu` (Mosaic; block_size a multiple of 128).
+    causal=False: symmetric decay (see the module docstring).
     """
     args = canonicalize(query, key, value)
     B, T, N, H = args.q.shape
@@ -68,7 +69,7 @@ def lightning_attention(query, key, value, *, causal: bool = True, slopes=None, 
     s = _slopes(slopes, N)
     scan = lightning_chunked
     if config is not None:
-        scan = lambda q, k, v, slopes, block_size: lightning_pallas_with_config(q, k, v, slopes, config)
+        scan = lambda q, k, v, slopes, block_size: run_scan(q, k, v, slopes, config)
     if implementation == "reference":
         out = lightning_reference(args.q, args.k, args.v, s, causal).astype(args.q.dtype)
     elif causal:

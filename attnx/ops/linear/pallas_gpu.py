@@ -294,14 +294,19 @@ def _scan_bwd(plan: _Plan, res, do):
     K = N // plan.G
     dk = dk_heads.reshape(B, Tp, K, plan.G, plan.Hp).sum(3)  # GQA: the group's query heads share the kv head
     dv = dv_heads.reshape(B, Tp, K, plan.G, plan.Vp).sum(3)
-    ds = None
-    if plan.decay:
-        position = jnp.arange(Tp, dtype=jnp.float32)[None, :, None]
-        k_rows = jnp.repeat(k.astype(jnp.float32), plan.G, axis=2)  # [B, Tp, N, Hp]; the wrapper, not the kernel
-        key_term = jnp.sum(position * jnp.sum(k_rows * dk_heads, -1), axis=(0, 1))
-        query_term = jnp.sum(position * jnp.sum(q.astype(jnp.float32) * dq, -1), axis=(0, 1))
-        ds = (key_term - query_term).astype(s.dtype)
+    ds = slope_gradient(q, k, dq, dk_heads).astype(s.dtype) if plan.decay else None
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), ds
+
+
+def slope_gradient(q, k, dq, dk_heads):
+    """dL/ds_n = sum_j j (k_j . dK^(n)_j) - sum_t t (q_t . dQ_t) (module docstring), from float32 per-query-head
+    gradients. q [B, T, N, H], k [B, T, K, H], dq and dk_heads [B, T, N, H] -> [N] float32."""
+    G = q.shape[2] // k.shape[2]
+    position = jnp.arange(q.shape[1], dtype=jnp.float32)[None, :, None]
+    k_rows = jnp.repeat(k.astype(jnp.float32), G, axis=2)  # head n reads kv head n // G
+    key_term = jnp.sum(position * jnp.sum(k_rows * dk_heads, -1), axis=(0, 1))
+    query_term = jnp.sum(position * jnp.sum(q.astype(jnp.float32) * dq, -1), axis=(0, 1))
+    return key_term - query_term
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
@@ -316,6 +321,20 @@ def _pow2_block(n: int) -> int:
 def _pad(x, sizes):
     widths = [(0, size - dim) for dim, size in zip(x.shape, sizes)]
     return jnp.pad(x, widths) if any(w for _, w in widths) else x
+
+
+def check_inputs(owner: str, q, k, v, slopes):
+    """Shapes as `lightning_chunked` takes them (after `canonicalize`), self attention, slopes None or float [N]."""
+    args = canonicalize(q, k, v)
+    T, N, S = args.q.shape[1], args.q.shape[2], args.k.shape[1]
+    if S != T:
+        raise ValueError(f"{owner}: causal self attention only, got query length {T} and key length {S}")
+    if slopes is not None:
+        slopes = jnp.asarray(slopes)
+        if slopes.shape != (N,) or not jnp.issubdtype(slopes.dtype, jnp.floating):
+            raise ValueError(f"{owner}.slopes: expected None or a float array of shape [N] = ({N},) (one decay rate "
+                             f"per query head), got {slopes.dtype}{list(slopes.shape)}")
+    return args, slopes
 
 
 def lightning_pallas(q, k, v, slopes=None, *, block_size: int = 64, block_v: int = 64, num_warps: int | None = None,
@@ -337,16 +356,9 @@ def lightning_pallas_with_config(q, k, v, slopes, config: LinearScanPallas):
     """`lightning_pallas` with its options as one `LinearScanPallas` (what the mechanisms' dispatch passes)."""
     if not isinstance(config, LinearScanPallas):
         raise ValueError(f"lightning_pallas.config: expected a LinearScanPallas, got {config!r}")
-    args = canonicalize(q, k, v)
+    args, slopes = check_inputs("lightning_pallas", q, k, v, slopes)
     B, T, N, H = args.q.shape
-    S, K, V = args.k.shape[1], args.k.shape[2], args.v.shape[-1]
-    if S != T:
-        raise ValueError(f"lightning_pallas: causal self attention only, got query length {T} and key length {S}")
-    if slopes is not None:
-        slopes = jnp.asarray(slopes)
-        if slopes.shape != (N,) or not jnp.issubdtype(slopes.dtype, jnp.floating):
-            raise ValueError(f"lightning_pallas.slopes: expected None or a float array of shape [N] = ({N},) (one "
-                             f"decay rate per query head), got {slopes.dtype}{list(slopes.shape)}")
+    K, V = args.k.shape[2], args.v.shape[-1]
     interpret = config.resolved_interpret()
     if not interpret and jax.default_backend() != "gpu":
         raise NotImplementedError(f"lightning_pallas: the Triton kernel needs a GPU (backend is "
@@ -370,14 +382,31 @@ def lightning_pallas_with_config(q, k, v, slopes, config: LinearScanPallas):
     return out.reshape(*args.batch_shape, T, N, V).astype(out_dtype)
 
 
-def scan_config(owner: str, implementation, block_size: int) -> LinearScanPallas | None:
-    """The kernel configuration that a mechanism's `implementation=` asks for: a `LinearScanPallas` as given, the
-    name "pallas_gpu" as the defaults with the caller's block_size, anything else None (not this kernel)."""
-    if isinstance(implementation, LinearScanPallas):
+def scan_config(owner: str, implementation, block_size: int):
+    """The scan kernel that a mechanism's `implementation=` asks for: a `LinearScanPallas` / `LinearScanPallasTpu`
+    as given; the names "pallas_gpu" / "pallas_tpu" as the defaults with the caller's block_size; anything else
+    None (not a Pallas scan)."""
+    from attnx.ops.linear.pallas_tpu import LinearScanPallasTpu  # that module builds on this one
+
+    if isinstance(implementation, (LinearScanPallas, LinearScanPallasTpu)):
         return implementation
     if isinstance(implementation, str) and implementation == "pallas_gpu":
         if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"{owner}.block_size: implementation 'pallas_gpu' needs a power of two >= 16 (Triton "
                              f"dot tiles), got {block_size!r}")
         return LinearScanPallas(block_size=block_size)
+    if isinstance(implementation, str) and implementation == "pallas_tpu":
+        if not isinstance(block_size, int) or block_size < 128 or block_size % 128:
+            raise ValueError(f"{owner}.block_size: implementation 'pallas_tpu' needs a multiple of 128 (TPU lane "
+                             f"tiles), got {block_size!r}")
+        return LinearScanPallasTpu(block_size=block_size)
     return None
+
+
+def run_scan(q, k, v, slopes, config):
+    """The Pallas scan of `config` (from `scan_config`): the Triton kernel or the Mosaic one."""
+    if isinstance(config, LinearScanPallas):
+        return lightning_pallas_with_config(q, k, v, slopes, config)
+    from attnx.ops.linear.pallas_tpu import lightning_pallas_tpu_with_config
+
+    return lightning_pallas_tpu_with_config(q, k, v, slopes, config)
