@@ -21,9 +21,9 @@ class TestPallasGpu(AttentionConformance):
     implementation = IMPL
     # jvp: a custom_vjp kernel (jax.jvp cannot enter it).
     unsupported = frozenset({"jvp"})
-    # Default share (~60 CPU-s with the tests below): causal + bias + ragged tile, segment ids, lengths, an
-    # unaligned block mask (element-wise path) and bf16; every other case runs with -m slow (all pass).
-    default_cases = frozenset({"odd_lengths", "segment_ids", "block_mask", "lengths", "bf16"})
+    # Default share (~60 CPU-s with the tests below): causal + bias + ragged tile, segment ids, lengths and an
+    # unaligned block mask (element-wise path); every other case (bf16, f16, sinks, mods, ...) runs with -m slow.
+    default_cases = frozenset({"odd_lengths", "segment_ids", "block_mask", "lengths"})
 
     # The eager half runs the interpreted kernel op by op (~10 CPU-s); determinism holds by construction (one
     # writer per output tile, no atomics), so this runs with -m slow.
@@ -108,6 +108,15 @@ def test_causal_block_counts():
     # A causal sliding window of 32 keys: at most 3 tiles per query tile whatever the length.
     band = bl.live_blocks(Mask(causal=True, window=(31, 0)), 1024, 1024, 16, 16)
     assert int(jnp.max(jnp.sum(band, axis=-1))) == 3
+    # Only the diagonal tiles need the element-wise mask; the lists put the 15·16/2 full tiles first.
+    full = bl.full_blocks(Mask(causal=True), 256, 256, 16, 16)
+    assert int(jnp.sum(full)) == 15 * 16 // 2
+    row = np.asarray(bl.lists(live, full))[0, 0, 3]
+    assert list(row[:6]) == [3, 4, 0, 1, 2, 3]
+    # A ragged key tail (S = 250) and a length make the last key tiles partial, never full.
+    lens = Mask(kv_lengths=jnp.array([100, 250]))
+    full = np.asarray(bl.full_blocks(lens, 256, 250, 16, 16))
+    assert full[0, 0, 0].tolist() == [True] * 6 + [False] * 10 and full[1, 0, 0].tolist() == [True] * 15 + [False]
 
 
 # The non-causal list is the same kernel path without the diagonal test: slow, for the default time budget.
@@ -124,13 +133,21 @@ def test_block_sparse_attention_matches_expanded_mask(causal):
     want = jax.jit(lambda q, k, v: _fwd_and_grads(lambda q, k, v: attnx.dot_product_attention(
         q, k, v, mask=mask, implementation="reference"), q, k, v))(q, k, v)
     _assert_matches(got, want, what=f"block_sparse causal={causal}")
-    if causal:
-        # The same block mask through dot_product_attention: aligned with the tiles, it is read at tile level
-        # only (no element-wise mask is materialised) and gives the same output.
-        meta, ops = pallas_gpu._prepare(attnx.validation.canonicalize(q, k, v, None, mask), IMPL)
-        assert "dense" not in ops and meta.dense_dims is None
-        out = jax.jit(lambda q, k, v: attnx.dot_product_attention(q, k, v, mask=mask, implementation=IMPL))(q, k, v)
-        assert_close(out, want[0], jnp.float32, "forward", "aligned block mask")
+
+
+# slow: one more kernel compile (~5 CPU-s); the conformance block_mask case covers the unaligned path by default.
+@pytest.mark.slow
+def test_aligned_block_mask_stays_tile_level():
+    """A block mask at (multiples of) the tile size is read at tile level only: no element-wise mask is
+    materialised, and the output equals the reference's."""
+    q, k, v = _inputs(T=40, S=48, N=2, K=1)
+    live = jnp.asarray(np.random.default_rng(4).random((1, 2, 3, 3)) < 0.6).at[0, 1, 2].set(False)
+    mask = Mask(block_mask=live, block_size=(16, 16), causal=True)
+    meta, ops = pallas_gpu._prepare(attnx.validation.canonicalize(q, k, v, None, mask), IMPL)
+    assert "dense" not in ops and meta.dense_dims is None
+    out = jax.jit(lambda q, k, v: attnx.dot_product_attention(q, k, v, mask=mask, implementation=IMPL))(q, k, v)
+    want = attnx.dot_product_attention(q, k, v, mask=mask, implementation="reference")
+    assert_close(out, want, jnp.float32, "forward", "aligned block mask")
 
 
 @pytest.mark.parametrize("kwargs, error", [

@@ -6,9 +6,10 @@ FlashAttention" as in FlashAttention-1 §3.3) and of the SeerAttention kernel (a
 plain jnp run in the wrapper, O(B·N·nq·nk) memory, so lists are built once per call and shared by forward and
 backward.
 
-Tables are bool `live[B|1, N|1, nq, nk]`. `lists(live)` compacts them into int32 id arrays whose entry 0 is the
-count, followed by the live ids in increasing order (padding repeats nothing: it is never read), so a GPU kernel reads
-one small row per program: `count = ids[0]`, `j = ids[1 + t]`.
+Tables are bool `live[B|1, N|1, nq, nk]` (the tile holds at least one allowed pair) and `full[...]` (every pair of
+the tile is allowed). `lists(live, full)` compacts them into int32 rows `[n_full, n_live, full ids..., partial
+ids...]` (entries past n_live are never read), so a GPU kernel reads one small row per program and runs the full
+tiles without any element-wise mask.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from attnx.mask import Mask
 
-__all__ = ["block_list_from_mask", "live_blocks", "lists", "next_pow2"]
+__all__ = ["block_list_from_mask", "full_blocks", "live_blocks", "lists", "next_pow2"]
 
 
 def next_pow2(x: int) -> int:
@@ -39,12 +40,17 @@ def block_list_from_mask(block_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     return ids, counts
 
 
-def lists(live: jax.Array, width: int | None = None) -> jax.Array:
-    """bool [..., n] -> int32 [..., width] with [count, id_0, id_1, ...]; width a power of two >= n + 1 (a
-    GPU kernel loads the row with a power-of-two block)."""
-    ids, counts = block_list_from_mask(live)
-    width = width or next_pow2(live.shape[-1] + 1)
-    out = jnp.concatenate([counts[..., None], ids], axis=-1)
+def lists(live: jax.Array, full: jax.Array) -> jax.Array:
+    """bool live, full [..., n] -> int32 [..., width] = [n_full, n_live, full ids..., partial ids...] (width a power
+    of two >= n + 2: a GPU kernel loads the row with a power-of-two block). Full tiles come first so that a kernel
+    runs them in a loop without the element-wise mask, then the partial ones with it."""
+    full = full & live
+    rank = jnp.where(full, 0, jnp.where(live, 1, 2)).astype(jnp.int32)
+    ids = jnp.argsort(rank, axis=-1, stable=True).astype(jnp.int32)
+    n_full = jnp.sum(full, axis=-1, dtype=jnp.int32)
+    n_live = jnp.sum(live, axis=-1, dtype=jnp.int32)
+    out = jnp.concatenate([n_full[..., None], n_live[..., None], ids], axis=-1)
+    width = next_pow2(live.shape[-1] + 2)
     return jnp.pad(out, [(0, 0)] * (out.ndim - 1) + [(0, width - out.shape[-1])])
 
 
@@ -109,3 +115,39 @@ def live_blocks(mask: Mask, T: int, S: int, bq: int, bk: int, dense: jax.Array |
         d = jnp.pad(dense.astype(bool), ((0, 0), (0, 0), (0, nq * bq - T), (0, nk * bk - S)))
         live = live & jnp.any(d.reshape(d.shape[:2] + (nq, bq, nk, bk)), axis=(3, 5))
     return live
+
+
+def full_blocks(mask: Mask, T: int, S: int, bq: int, bk: int, dense: jax.Array | None = None,
+                has_mask_mod: bool = False) -> jax.Array:
+    """bool [B|1, N|1, nq, nk]: tiles in which every pair of a real query row (< T) is allowed, so a kernel may
+    skip the element-wise mask there. A tile holding padded keys (>= S) is never full; padded query rows are sliced
+    off by the caller and do not count. An aligned block mask acts at tile level (through `live_blocks`) and does not
+    make a tile partial."""
+    nq, nk = -(-T // bq), -(-S // bk)
+    if has_mask_mod:
+        return jnp.zeros((1, 1, nq, nk), bool)
+    left, right = mask.effective_window
+    r0 = np.arange(nq) * bq
+    r1 = np.minimum(r0 + bq, T) - 1
+    c0 = np.arange(nk) * bk
+    c1 = c0 + bk - 1
+    full = np.broadcast_to(c1[None, :] < S, (nq, nk))
+    if left is not None:
+        full = full & (c0[None, :] >= r1[:, None] + mask.q_offset - left)
+    if right is not None:
+        full = full & (c1[None, :] <= r0[:, None] + mask.q_offset + right)
+    full = jnp.asarray(full)[None, None]
+    if mask.q_lengths is not None:
+        full = full & (jnp.asarray(r1)[None, :] < jnp.asarray(mask.q_lengths)[:, None])[:, None, :, None]
+    if mask.kv_lengths is not None:
+        full = full & (jnp.asarray(c1)[None, :] < jnp.asarray(mask.kv_lengths)[:, None])[:, None, None, :]
+    if mask.q_segment_ids is not None:
+        qlo, qhi = _seg_ranges(mask.q_segment_ids, bq, nq)
+        klo, khi = _seg_ranges(mask.kv_segment_ids, bk, nk)
+        one_q, one_k = qlo == qhi, klo == khi
+        full = full & (one_q[:, :, None] & one_k[:, None, :] & (qlo[:, :, None] == klo[:, None, :]))[:, None]
+    if dense is not None:
+        d = jnp.pad(dense.astype(bool), ((0, 0), (0, 0), (0, nq * bq - T), (0, nk * bk - S)),
+                    constant_values=True)
+        full = full & jnp.all(d.reshape(d.shape[:2] + (nq, bq, nk, bk)), axis=(3, 5))
+    return full

@@ -295,10 +295,14 @@ def _prepare(args: AttentionArgs, cfg: PallasGpu, live_override=None):
 
     live = bl.live_blocks(mask, T, S, bq, bk, dense) if live_override is None else live_override
     live = jnp.broadcast_to(live, (B, N, nq, nk))
-    ops["ids"] = bl.lists(live)
+    full = jnp.broadcast_to(bl.full_blocks(mask, T, S, bq, bk, dense, args.mask_mod is not None), live.shape)
+    ops["ids"] = bl.lists(live, full)
+
     # Transposed lists for dK/dV: per (b, k, key tile) the live (g, i) pairs, flattened as e = g * nq + i.
-    live_t = jnp.moveaxis(live.reshape(B, K, G, nq, nk), 4, 2).reshape(B, K, nk, G * nq)
-    ops["ids_t"] = bl.lists(live_t)
+    def transpose(x):
+        return jnp.moveaxis(x.reshape(B, K, G, nq, nk), 4, 2).reshape(B, K, nk, G * nq)
+
+    ops["ids_t"] = bl.lists(transpose(live), transpose(full))
 
     meta = kern.Meta(
         B=B, T=T, S=S, N=N, K=K, H=H, V=V, Hp=Hp, Vp=Vp, bq=bq, bk=bk, scale=float(args.scale),

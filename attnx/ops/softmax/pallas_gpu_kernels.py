@@ -6,9 +6,10 @@ the forward's key list) and a dK/dV kernel (one program per key tile, looping ov
 of its GQA group that can see it), with D = rowsum(dO * O) precomputed, so no atomics are needed and the result is
 deterministic by construction.
 
-Every kernel visits only the tiles of a precomputed list (`block_list.lists`): `count = ids_ref[0]`,
-`j = ids_ref[1 + t]`. Inside a visited tile the element-wise mask (causal/window diagonal, lengths and the ragged
-tail, segment ids, a dense mask) is applied with `jnp.where` on iotas.
+Every kernel visits only the tiles of a precomputed list (`block_list.lists`): `[n_full, n_live, ids...]`, tile
+`ids_ref[2 + t]`. The first n_full tiles are entirely allowed and run without any mask; on the partial ones the
+element-wise mask (causal/window diagonal, lengths and the ragged tail, segment ids, a dense mask, mask_mod) is
+applied with `jnp.where` on iotas.
 
 Layouts (prepared by `pallas_gpu.py`): q/dO [B, K, G·Tp, Hp|Vp] (query head n = k·G + g owns rows g·Tp ...), k/v
 [B, K, Sp, Hp|Vp], lse/delta [B, K, G·Tp], segment ids [B|1, Tp|Sp], bias [B|1, N|1, Tp, Sp], dense int8
@@ -125,6 +126,14 @@ def tile_allowed(meta: Meta, rows, cols, qlen, kvlen, qseg, kseg, dense, b, n):
     return allowed
 
 
+def _two_phase(ids, body, carry):
+    """Run body(masked, t, carry) over a list [n_full, n_live, ids...]: the full tiles without the element-wise
+    mask, then the partial ones with it (two loops rather than a branch per tile, as FlashAttention-2 separates
+    the causal diagonal)."""
+    carry = lax.fori_loop(0, ids[0], lambda t, c: body(False, t, c), carry)
+    return lax.fori_loop(ids[0], ids[1], lambda t, c: body(True, t, c), carry)
+
+
 def _head_index(dims, value):
     return value if dims else 0
 
@@ -141,19 +150,20 @@ def forward_kernel(meta: Meta, in_names: tuple[str, ...], *refs):
     qseg = r["qseg"][...] if meta.has_seg else None
     ids = r["ids"]
 
-    def body(t, carry):
+    def body(masked, t, carry):
         m, l, acc = carry
-        start = pl.multiple_of(ids[t + 1] * bk, bk)
+        start = pl.multiple_of(ids[t + 2] * bk, bk)
         cols = pl.ds(start, bk)
         k = r["k"][cols, :]
         v = r["v"][cols, :]
         bias = r["bias"][:, cols] if meta.bias_dims is not None else None
         col_idx = start + jnp.arange(bk)
         s, _ = tile_logits(meta, q, k, bias, b, n, rows, col_idx)
-        allowed = tile_allowed(meta, rows, col_idx, qlen, kvlen, qseg,
-                               r["kseg"][cols] if meta.has_seg else None,
-                               r["dense"][:, cols] if meta.dense_dims is not None else None, b, n)
-        s = jnp.where(allowed, s, NEG_INF)
+        if masked:
+            allowed = tile_allowed(meta, rows, col_idx, qlen, kvlen, qseg,
+                                   r["kseg"][cols] if meta.has_seg else None,
+                                   r["dense"][:, cols] if meta.dense_dims is not None else None, b, n)
+            s = jnp.where(allowed, s, NEG_INF)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         # A row with nothing allowed so far keeps m = -inf; shift by 0 then so that exp never sees -inf - -inf.
         m_use = jnp.where(m_new == NEG_INF, 0.0, m_new)
@@ -163,7 +173,7 @@ def forward_kernel(meta: Meta, in_names: tuple[str, ...], *refs):
         return m_new, l * alpha + jnp.sum(p, axis=1), acc
 
     init = (jnp.full((bq,), NEG_INF, F32), jnp.zeros((bq,), F32), jnp.zeros((bq, meta.Vp), F32))
-    m, l, acc = lax.fori_loop(0, ids[0], body, init)
+    m, l, acc = _two_phase(ids, body, init)
     if meta.has_sinks:
         # The sink is a virtual key of value 0: it joins the denominator only.
         sink = r["sinks"][n]
@@ -181,12 +191,13 @@ def _probabilities_and_ds(meta, q, k, v, do, lse, delta, bias, b, n, rows, cols,
     """P and dS (w.r.t. scale·q·kᵀ + bias, i.e. also the bias gradient) of one tile. `lse` is +inf on rows
     without any allowed key, so their P is exactly 0."""
     s, dsds = tile_logits(meta, q, k, bias, b, n, rows, cols, derivative=True)
-    s = jnp.where(allowed, s, NEG_INF)
+    if allowed is not None:
+        s = jnp.where(allowed, s, NEG_INF)
     p = jnp.exp(s - lse[:, None])
     dp = plgpu.dot(do, v, trans_b=True)
     ds = p * (dp - delta[:, None])
     if dsds is not None:
-        ds = jnp.where(allowed, ds * dsds, 0.0)
+        ds = ds * dsds if allowed is None else jnp.where(allowed, ds * dsds, 0.0)
     return p, ds
 
 
@@ -212,21 +223,23 @@ def dq_kernel(meta: Meta, in_names: tuple[str, ...], *refs):
             return c
         lax.fori_loop(0, meta.nk, zero, 0)
 
-    def body(t, dq):
-        start = pl.multiple_of(ids[t + 1] * bk, bk)
+    def body(masked, t, dq):
+        start = pl.multiple_of(ids[t + 2] * bk, bk)
         cols = pl.ds(start, bk)
         k, v = r["k"][cols, :], r["v"][cols, :]
         bias = r["bias"][:, cols] if meta.bias_dims is not None else None
         col_idx = start + jnp.arange(bk)
-        allowed = tile_allowed(meta, rows, col_idx, qlen, kvlen, qseg,
-                               r["kseg"][cols] if meta.has_seg else None,
-                               r["dense"][:, cols] if meta.dense_dims is not None else None, b, n)
+        allowed = None
+        if masked:
+            allowed = tile_allowed(meta, rows, col_idx, qlen, kvlen, qseg,
+                                   r["kseg"][cols] if meta.has_seg else None,
+                                   r["dense"][:, cols] if meta.dense_dims is not None else None, b, n)
         _, ds = _probabilities_and_ds(meta, q, k, v, do, lse, delta, bias, b, n, rows, col_idx, allowed)
         if dbias_ref is not None:
             dbias_ref[:, cols] = ds
         return dq + plgpu.dot(ds.astype(k.dtype), k)
 
-    dq = lax.fori_loop(0, ids[0], body, jnp.zeros((bq, meta.Hp), F32))
+    dq = _two_phase(ids, body, jnp.zeros((bq, meta.Hp), F32))
     dq_ref[...] = dq * meta.scale
 
 
@@ -243,9 +256,9 @@ def dkv_kernel(meta: Meta, in_names: tuple[str, ...], *refs):
     kseg = r["kseg"][...] if meta.has_seg else None
     ids = r["ids"]
 
-    def body(t, carry):
+    def body(masked, t, carry):
         dk, dv = carry
-        e = ids[t + 1]
+        e = ids[t + 2]
         g = lax.div(e, nq)  # e >= 0; lax.div avoids floor_divide's sign fix-up in the Triton lowering
         i = e - g * nq
         n = kh * meta.G + g
@@ -259,13 +272,15 @@ def dkv_kernel(meta: Meta, in_names: tuple[str, ...], *refs):
         dense = (r["dense"][_head_index(meta.dense_dims[1], n), tsl, :]
                  if meta.dense_dims is not None else None)
         rows = i * bq + jnp.arange(bq)
-        allowed = tile_allowed(meta, rows, cols, qlen, kvlen, r["qseg"][tsl] if meta.has_seg else None, kseg,
-                               dense, b, n)
+        allowed = None
+        if masked:
+            allowed = tile_allowed(meta, rows, cols, qlen, kvlen, r["qseg"][tsl] if meta.has_seg else None, kseg,
+                                   dense, b, n)
         p, ds = _probabilities_and_ds(meta, q, k, v, do, lse, delta, bias, b, n, rows, cols, allowed)
         dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
         dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
 
-    dk, dv = lax.fori_loop(0, ids[0], body, (jnp.zeros((bk, meta.Hp), F32), jnp.zeros((bk, meta.Vp), F32)))
+    dk, dv = _two_phase(ids, body, (jnp.zeros((bk, meta.Hp), F32), jnp.zeros((bk, meta.Vp), F32)))
     dk_ref[...] = dk * meta.scale
     dv_ref[...] = dv
