@@ -224,3 +224,14 @@ def test_lowers_to_triton_for_cuda(name, monkeypatch):
         jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes)
     # forward + dQ + dK/dV kernels
     assert exported.mlir_module().count("xla.gpu.triton") == 3
+
+
+def test_mask_mod_takes_part_in_skipping():
+    """A block-diagonal mask_mod (tiles of 16) leaves one live, full tile per query tile; a stripe pattern leaves
+    every tile live but none full."""
+    live, full = bl.mask_mod_tables(lambda b, n, t, j: t // 16 == j // 16, 2, 3, 40, 48, 16, 16)
+    assert live.shape == (2, 3, 3, 3)
+    np.testing.assert_array_equal(np.asarray(live[1, 2]), np.eye(3, dtype=bool))
+    np.testing.assert_array_equal(np.asarray(full[1, 2]), np.eye(3, dtype=bool))
+    live, full = bl.mask_mod_tables(lambda b, n, t, j: (t + j + n) % 3 != 0, 1, 2, 40, 48, 16, 16)
+    assert bool(jnp.all(live)) and not bool(jnp.any(full))

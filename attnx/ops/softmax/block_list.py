@@ -117,15 +117,36 @@ def live_blocks(mask: Mask, T: int, S: int, bq: int, bk: int, dense: jax.Array |
     return live
 
 
-def full_blocks(mask: Mask, T: int, S: int, bq: int, bk: int, dense: jax.Array | None = None,
-                has_mask_mod: bool = False) -> jax.Array:
+def mask_mod_tables(mask_mod, B: int, N: int, T: int, S: int, bq: int, bk: int):
+    """(live, full) bool [B, N, nq, nk] of a `mask_mod(b, n, t, j)` evaluated tile by tile (b [B,1,1,1],
+    n [1,N,1,1], t [bq,1], j [1,bk] absolute indices): a lax.map over query tiles keeps the memory at one row of
+    tiles, O(B·N·bq·S), instead of the whole [T, S] grid."""
+    nq, nk = -(-T // bq), -(-S // bk)
+    b_idx = jnp.arange(B)[:, None, None, None]
+    n_idx = jnp.arange(N)[None, :, None, None]
+
+    def row(i):
+        t = i * bq + jnp.arange(bq)[:, None]
+
+        def col(j):
+            c = j * bk + jnp.arange(bk)[None, :]
+            mm = jnp.broadcast_to(jnp.asarray(mask_mod(b_idx, n_idx, t, c), bool), (B, N, bq, bk))
+            live = jnp.any(mm & (t < T) & (c < S), axis=(2, 3))
+            full = jnp.all(mm | (t >= T), axis=(2, 3))  # padded rows do not count; padded keys: see full_blocks
+            return live, full
+
+        return jax.vmap(col)(jnp.arange(nk))
+
+    live, full = jax.lax.map(row, jnp.arange(nq))  # [nq, nk, B, N]
+    return jnp.transpose(live, (2, 3, 0, 1)), jnp.transpose(full, (2, 3, 0, 1))
+
+
+def full_blocks(mask: Mask, T: int, S: int, bq: int, bk: int, dense: jax.Array | None = None) -> jax.Array:
     """bool [B|1, N|1, nq, nk]: tiles in which every pair of a real query row (< T) is allowed, so a kernel may
     skip the element-wise mask there. A tile holding padded keys (>= S) is never full; padded query rows are sliced
     off by the caller and do not count. An aligned block mask acts at tile level (through `live_blocks`) and does not
     make a tile partial."""
     nq, nk = -(-T // bq), -(-S // bk)
-    if has_mask_mod:
-        return jnp.zeros((1, 1, nq, nk), bool)
     left, right = mask.effective_window
     r0 = np.arange(nq) * bq
     r1 = np.minimum(r0 + bq, T) - 1

@@ -16,7 +16,8 @@ Gradients: q, k, v, bias (dS summed over its broadcast axes), sinks (-Î£ P_sinkÂ
 and the lse cotangent (it enters as D - dlse). Forward-mode `jax.jvp` is not available through a custom_vjp.
 score_mod(s, b, n, t, j) and mask_mod(b, n, t, j) are traced into the kernel body (b, n scalars, t [bq, 1] and
 j [1, bk] absolute indices); to lower to Triton they must use elementwise jnp only (no gathers), and they may not
-close over arrays (refused: their gradients are not computed). mask_mod does not take part in block skipping.
+close over arrays (refused: their gradients are not computed). mask_mod takes part in block skipping (evaluated
+tile by tile in the wrapper).
 Not supported (`check` raises NotImplementedError): head dims > 256, float64.
 """
 
@@ -294,8 +295,13 @@ def _prepare(args: AttentionArgs, cfg: PallasGpu, live_override=None):
         ops["sinks"] = args.sinks.astype(F32)
 
     live = bl.live_blocks(mask, T, S, bq, bk, dense) if live_override is None else live_override
+    full = bl.full_blocks(mask, T, S, bq, bk, dense)
+    if args.mask_mod is not None:
+        # mask_mod takes part in skipping like every other mask component (it closes over no arrays: `check`).
+        mod_live, mod_full = bl.mask_mod_tables(args.mask_mod, B, N, T, S, bq, bk)
+        live, full = live & mod_live, full & mod_full
     live = jnp.broadcast_to(live, (B, N, nq, nk))
-    full = jnp.broadcast_to(bl.full_blocks(mask, T, S, bq, bk, dense, args.mask_mod is not None), live.shape)
+    full = jnp.broadcast_to(full, live.shape)
     ops["ids"] = bl.lists(live, full)
 
     # Transposed lists for dK/dV: per (b, k, key tile) the live (g, i) pairs, flattened as e = g * nq + i.
