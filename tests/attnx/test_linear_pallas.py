@@ -129,6 +129,16 @@ def test_triton_lowering_for_cuda(monkeypatch, dtype, decay):
     assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 3  # forward, dQ, dK/dV
 
 
+def test_value_tile_rule():
+    """block_v=None: 64 columns when the grid is large, halved down to 16 while B * N * tiles < 256 programs."""
+    from attnx.ops.linear.pallas_gpu import _value_tile
+
+    assert _value_tile(None, 128, 512) == 64
+    assert _value_tile(None, 128, 64) == 32  # 64 sequences x 4 tiles of 32 = 256 programs
+    assert _value_tile(None, 128, 16) == 16  # B=1, N=16 at 32k tokens: 128 programs at the smallest tile
+    assert _value_tile(None, 16, 1) == 16 and _value_tile(32, 16, 1) == 16 and _value_tile(32, 128, 1) == 32
+
+
 def test_based_non_causal_is_refused_by_the_scan():
     q, k, v, _ = inputs()
     with pytest.raises(NotImplementedError, match="causal scan"):

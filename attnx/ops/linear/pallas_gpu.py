@@ -68,20 +68,23 @@ class LinearScanPallas:
 
     block_size: rows per block C (power of two >= 16; capped at the padded length). block_v: value columns per
     program (power of two >= 16; capped at the padded value dim): smaller tiles mean more programs, each redoing the
-    [C, C] score block. num_warps: None picks 4 up to head dim 64, else 8. interpret: run in the Pallas interpreter
+    [C, C] score block. None picks 64, halved (down to 16) while the grid has fewer than `_MIN_PROGRAMS` programs:
+    each program is a sequential scan, so at long T with few sequences and heads (B * N of 16 at 32k tokens) the
+    grid, not the arithmetic, bounds the speed. This rule is reasoned, not yet tuned on a GPU. num_warps: None picks 4 up to head dim 64, else 8. interpret: run in the Pallas interpreter
     (any backend, slowly); None reads ATTNX_PALLAS_INTERPRET=1.
     """
 
     name: ClassVar[str] = "pallas_gpu"
     block_size: int = 64
-    block_v: int = 64
+    block_v: int | None = None
     num_warps: int | None = None
     num_stages: int = 2
     interpret: bool | None = None
 
     def __post_init__(self):
         _pow2_at_least_16("LinearScanPallas", "block_size", self.block_size)
-        _pow2_at_least_16("LinearScanPallas", "block_v", self.block_v)
+        if self.block_v is not None:
+            _pow2_at_least_16("LinearScanPallas", "block_v", self.block_v)
         if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"LinearScanPallas.num_warps: expected None or one of 1, 2, 4, 8, 16, got "
                              f"{self.num_warps!r}")
@@ -314,6 +317,18 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 
 # ---- Public entry ----
 
+_MIN_PROGRAMS = 256  # about two programs per SM of an H100 (132 SMs)
+
+
+def _value_tile(block_v: int | None, Vp: int, sequences: int) -> int:
+    if block_v is not None:
+        return min(block_v, Vp)
+    bv = min(64, Vp)
+    while bv > 16 and sequences * (Vp // bv) < _MIN_PROGRAMS:
+        bv //= 2
+    return bv
+
+
 def _pow2_block(n: int) -> int:
     return max(16, pl.next_power_of_2(n))
 
@@ -337,7 +352,8 @@ def check_inputs(owner: str, q, k, v, slopes):
     return args, slopes
 
 
-def lightning_pallas(q, k, v, slopes=None, *, block_size: int = 64, block_v: int = 64, num_warps: int | None = None,
+def lightning_pallas(q, k, v, slopes=None, *, block_size: int = 64, block_v: int | None = None,
+                     num_warps: int | None = None,
                      num_stages: int = 2, interpret: bool | None = None):
     """Causal decayed linear attention in the Lightning Attention-2 Pallas kernel -> [*B, T, N, V], q's dtype.
 
@@ -370,7 +386,7 @@ def lightning_pallas_with_config(q, k, v, slopes, config: LinearScanPallas):
     dtype = jnp.result_type(args.q, args.k, args.v)
     C = min(config.block_size, _pow2_block(T))
     Tp, Hp, Vp = -(-T // C) * C, _pow2_block(H), _pow2_block(V)
-    BV = min(config.block_v, Vp)
+    BV = _value_tile(config.block_v, Vp, B * N)
     plan = _Plan(N=N, G=N // K, Tp=Tp, Hp=Hp, Vp=Vp, C=C, BV=BV, decay=slopes is not None,
                  num_warps=config.num_warps or (4 if max(Hp, BV) <= 64 else 8), num_stages=config.num_stages,
                  interpret=interpret)
