@@ -34,9 +34,10 @@ linear attention (no normaliser): padded keys and values add nothing, padded row
 Precision: products run on the input dtype with float32 accumulation; the state, decays, masks and score blocks are
 float32. Where such a float32 intermediate meets a bf16/f16 operand it enters the MMA as two parts of that dtype
 (hi + lo, two products), not rounded once as in the official Triton kernel: the outputs are unnormalised and grow
-with T, and one rounding of the state put them outside the bfloat16 tolerance table (measured in this file's test).
-float32 inputs use IEEE float32 dots (not TF32), so the float32 tolerance holds on GPUs too. The custom_vjp blocks `jax.jvp`
-(ARCHITECTURE §4): use `lightning_chunked` for forward-mode derivatives.
+with T, and rounding P and the state once to bf16 put 7 of 9472 outputs outside the bfloat16 tolerance table at
+T=37 (tests/attnx/test_linear_pallas.py, first version). float32 inputs use IEEE float32 dots (not TF32), so the
+float32 tolerance holds on GPUs too. The custom_vjp blocks `jax.jvp` (ARCHITECTURE §4): use `lightning_chunked` for
+forward-mode derivatives.
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ class LinearScanPallas:
     program (power of two >= 16; capped at the padded value dim): smaller tiles mean more programs, each redoing the
     [C, C] score block. None picks 64, halved (down to 16) while the grid has fewer than `_MIN_PROGRAMS` programs:
     each program is a sequential scan, so at long T with few sequences and heads (B * N of 16 at 32k tokens) the
-    grid, not the arithmetic, bounds the speed. This rule is reasoned, not yet tuned on a GPU. num_warps: None picks 4 up to head dim 64, else 8. interpret: run in the Pallas interpreter
-    (any backend, slowly); None reads ATTNX_PALLAS_INTERPRET=1.
+    grid, not the arithmetic, bounds the speed. This rule is reasoned, not yet tuned on a GPU. num_warps: None
+    picks 4 up to head dim 64, else 8. interpret: run in the Pallas interpreter (any backend, slowly); None reads
+    ATTNX_PALLAS_INTERPRET=1.
     """
 
     name: ClassVar[str] = "pallas_gpu"

@@ -238,7 +238,8 @@ def lightning_pallas_tpu(q, k, v, slopes=None, *, block_size: int = 128, interpr
     decay; differentiable in q, k, v and slopes; GQA; any length). block_size: a multiple of 128. Raises
     NotImplementedError off TPU unless interpret mode is on (interpret=True or ATTNX_PALLAS_INTERPRET=1).
     """
-    return lightning_pallas_tpu_with_config(q, k, v, slopes, LinearScanPallasTpu(block_size=block_size, interpret=interpret))
+    config = LinearScanPallasTpu(block_size=block_size, interpret=interpret)
+    return lightning_pallas_tpu_with_config(q, k, v, slopes, config)
 
 
 def lightning_pallas_tpu_with_config(q, k, v, slopes, config: LinearScanPallasTpu):
