@@ -20,7 +20,8 @@ import numpy as np
 
 from attnx.mask import Mask
 
-__all__ = ["block_list_from_mask", "full_blocks", "live_blocks", "lists", "next_pow2"]
+__all__ = ["block_list_from_mask", "full_blocks", "live_blocks", "lists", "mask_mod_tables", "next_pow2",
+           "static_band"]
 
 
 def next_pow2(x: int) -> int:
@@ -54,7 +55,7 @@ def lists(live: jax.Array, full: jax.Array) -> jax.Array:
     return jnp.pad(out, [(0, 0)] * (out.ndim - 1) + [(0, width - out.shape[-1])])
 
 
-def _static_band(mask: Mask, T: int, S: int, bq: int, bk: int, nq: int, nk: int) -> np.ndarray:
+def static_band(mask: Mask, T: int, S: int, bq: int, bk: int, nq: int, nk: int) -> np.ndarray:
     """[nq, nk] numpy bool: tiles that causal/window (with q_offset) and the real lengths T, S leave reachable."""
     left, right = mask.effective_window
     live = np.zeros((nq, nk), bool)
@@ -93,7 +94,7 @@ def live_blocks(mask: Mask, T: int, S: int, bq: int, bk: int, dense: jax.Array |
     folded in); an aligned `mask.block_mask` is read at tile level here.
     """
     nq, nk = -(-T // bq), -(-S // bk)
-    live = jnp.asarray(_static_band(mask, T, S, bq, bk, nq, nk))[None, None]
+    live = jnp.asarray(static_band(mask, T, S, bq, bk, nq, nk))[None, None]
     rows = jnp.arange(nq) * bq
     cols = jnp.arange(nk) * bk
     if mask.q_lengths is not None:

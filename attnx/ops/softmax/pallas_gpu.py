@@ -315,8 +315,8 @@ def _prepare(args: AttentionArgs, cfg: PallasGpu, live_override=None):
         cap=None if args.logits_soft_cap is None else float(args.logits_soft_cap),
         left=mask.effective_window[0], right=mask.effective_window[1], q_offset=mask.q_offset,
         has_seg="qseg" in ops, seg_batched=seg_batched, bias_dims=bias_dims, dense_dims=dense_dims,
-        has_sinks=args.sinks is not None, score_mod=args.score_mod, mask_mod=args.mask_mod, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        interpret=resolve_interpret(cfg.interpret))
+        has_sinks=args.sinks is not None, score_mod=args.score_mod, mask_mod=args.mask_mod,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=resolve_interpret(cfg.interpret))
     return meta, ops
 
 
@@ -373,9 +373,8 @@ def block_sparse_attention(query, key, value, block_ids, block_counts, *, block_
     check(args, False, cfg)
     # The explicit list becomes a tile table (the backward needs its transpose); ids past the count are ignored.
     valid = jnp.arange(ids.shape[-1]) < counts[..., None]
-    live = jnp.zeros(ids.shape[:3] + (nk,), bool)
-    live = jax.vmap(jax.vmap(jax.vmap(lambda row, ok, ix: row.at[ix].max(ok))))(live, valid, jnp.clip(ids, 0, nk - 1))
-    band = jnp.asarray(bl._static_band(args.mask, T, S, cfg.block_q, cfg.block_kv, nq, nk))
+    live = jnp.any((ids[..., None] == jnp.arange(nk)) & valid[..., None], axis=-2)  # [B|1, N|1, nq, nk]
+    band = jnp.asarray(bl.static_band(args.mask, T, S, cfg.block_q, cfg.block_kv, nq, nk))
     meta, ops = _prepare(args, cfg, live_override=live & band)
     out = _run_prepared(meta, ops, args.q.dtype, False)
     return out.reshape(args.batch_shape + out.shape[1:])
