@@ -378,12 +378,16 @@ def parse_args(argv=None):
     p.add_argument("--head-dims", type=int, nargs="+", help="softmax head dims (default 128 64)")
     p.add_argument("--linear-seq", type=int, nargs="+", help="linear-scan sequence lengths (default 32k..2k)")
     p.add_argument("--repeats", type=int, help="timed samples per case (median reported)")
+    p.add_argument("--matmul-size", type=int, help="n of the n x n x n bf16 matmul that sets the rate (default 8192)")
     p.add_argument("--memory-limit-gib", type=float, help="skip cases whose compiled program needs more")
     args = p.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
-    for key in ("seq", "head_dims", "linear_seq", "repeats"):
+    for key in ("seq", "head_dims", "linear_seq"):
         if getattr(args, key) is not None:
-            cfg[key] = tuple(getattr(args, key)) if key != "repeats" else getattr(args, key)
+            cfg[key] = tuple(getattr(args, key))
+    for key, name in (("repeats", "repeats"), ("matmul_size", "matmul")):
+        if getattr(args, key) is not None:
+            cfg[name] = getattr(args, key)
     for S in cfg["seq"]:
         if cfg["tokens"] % S:
             p.error(f"--seq: {S} does not divide the fixed token count B*S = {cfg['tokens']}")
@@ -402,8 +406,8 @@ def parse_args(argv=None):
             pass
         except (ValueError, TypeError) as err:
             p.error(f"implementation {spec!r}: {err}")
-    if cfg["repeats"] < 1:
-        p.error(f"--repeats: must be >= 1, got {cfg['repeats']}")
+    if cfg["repeats"] < 1 or cfg["matmul"] < 1:
+        p.error(f"--repeats, --matmul-size: must be >= 1, got {cfg['repeats']}, {cfg['matmul']}")
     return args, cfg
 
 
@@ -440,7 +444,11 @@ def main(argv=None) -> dict:
     try:
         for name in args.sections:
             runner.budget.open(name)
-            sections[name]()
+            try:
+                sections[name]()
+            except Exception as err:  # e.g. a registry import broken by a half-written kernel: next section
+                result.setdefault("section_errors", {})[name] = f"{type(err).__name__}: {err}"[:500]
+                print(f"[{name}] SECTION FAILED: {type(err).__name__}: {err}", flush=True)
             tables = section_tables(runner.rows, matmul)
             result.update(elapsed_s=round(runner.budget.elapsed(), 1), skipped_for_budget=runner.budget.skipped)
             write(args.out, result, tables)  # after every section, so a run cut short still leaves its numbers

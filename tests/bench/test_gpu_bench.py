@@ -109,6 +109,17 @@ def test_budget_skips_cases(tmp_path):
     assert json.loads((tmp_path / "gpu_bench.json").read_text())["skipped_for_budget"] == 4
 
 
+def test_failing_section_does_not_stop_the_run(tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(gpu_bench, "run_linear", boom)
+    result = gpu_bench.main(["--quick", "--out", str(tmp_path), "--budget", "0", "--sections", "linear",
+                             "block_sparse", "--sparse-impl", "chunked"])
+    assert "boom" in result["section_errors"]["linear"]
+    assert {r["section"] for r in result["rows"]} == {"block_sparse"}
+
+
 def test_random_block_mask():
     bm = gpu_bench.random_block_mask(64, 0.9)
     assert bm.shape == (64, 64) and bm.dtype == bool and np.all(np.diag(bm))
