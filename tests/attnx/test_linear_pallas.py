@@ -129,6 +129,16 @@ def test_triton_lowering_for_cuda(monkeypatch, dtype, decay):
     assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 3  # forward, dQ, dK/dV
 
 
+def test_vmap_over_a_leading_axis():
+    """jax.vmap adds a grid axis through pallas_call's batching rule (ARCHITECTURE §1: every attnx function vmaps)."""
+    q, k, v, _ = inputs(seed=8)
+    s = jnp.asarray(alibi_slopes(N))
+    stack = lambda x: jnp.stack([x[:1], x[1:]])  # [2, 1, T, ., .]
+    got = jax.vmap(lambda q, k, v: lightning_pallas(q, k, v, s, block_size=BLOCK, interpret=True))(
+        stack(q), stack(k), stack(v))
+    assert_close(got.reshape(B, T, N, V), lightning_reference(q, k, v, s), jnp.float32, what="vmap")
+
+
 def test_value_tile_rule():
     """block_v=None: 64 columns when the grid is large, halved down to 16 while B * N * tiles < 256 programs."""
     from attnx.ops.linear.pallas_gpu import _value_tile
