@@ -279,7 +279,7 @@ def run_linear(runner: Runner, cfg, linear_impls, flash_impls, dtype) -> None:
         del q, k, v, ct
 
 
-def run_neighborhood(runner: Runner, cfg, flash_impls, na_impls, dtype) -> None:
+def run_neighborhood(runner: Runner, cfg, flash_impls, na_impls, baselines, dtype) -> None:
     from attnx.ops.local.neighborhood import na_block_mask, na_mask
 
     grid, ks, bs = cfg["na_grid"], cfg["na_kernel"], cfg["na_block"]
@@ -306,11 +306,15 @@ def run_neighborhood(runner: Runner, cfg, flash_impls, na_impls, dtype) -> None:
             err = None if has_impl else NotAvailable("neighborhood has no implementation argument")
             fn = _with_mode(lambda q, k, v, _kw=kwargs: spec.fn(q, k, v, grid=grid, kernel_size=ks, **_kw), mode)
             runner.case(dict(base, impl=f"na_{label}"), fn, (q, k, v) + extra, flops=na_flops[mode], error=err)
-        masks = (("masked_dense", lambda d: attnx.Mask(dense=d), (dense,)),
+        # Baselines: flash attention over all T x T pairs (no mask: what a kernel that cannot skip costs at
+        # least), the same with the dense NA mask (a block-skipping kernel derives live tiles from it), and with
+        # the mask plus its row-major block mask.
+        masks = (("dense", None, ()),
+                 ("masked_dense", lambda d: attnx.Mask(dense=d), (dense,)),
                  ("masked_blocks", lambda d, b: attnx.Mask(dense=d, block_mask=b, block_size=(bs, bs)),
                   (dense, blocks)))
-        for label, mask_fn, arrays in masks:
-            for name in flash_impls:  # the first flash implementation that takes the mask
+        for label, mask_fn, arrays in (m for m in masks if m[0] in baselines):
+            for name in flash_impls:  # the first flash implementation that takes the mask (or runs unmasked)
                 try:
                     fn, err = _with_mode(_attnx(name, mask_fn), mode), None
                 except NotAvailable as e:
@@ -372,6 +376,8 @@ def parse_args(argv=None):
                    help="dense flash baselines of the linear and neighbourhood sections, first available wins")
     p.add_argument("--sparse-impl", default="pallas_gpu", help="the block-sparse kernel (and its dense baseline)")
     p.add_argument("--linear-impls", nargs="+", default=["pallas_gpu", "chunked"])
+    p.add_argument("--na-baselines", nargs="+", default=["dense", "masked_dense", "masked_blocks"],
+                   choices=["dense", "masked_dense", "masked_blocks"], help="neighbourhood flash baselines")
     p.add_argument("--na-impls", nargs="+", help="neighbourhood implementations (default: the registry's, "
                                                  "less 'reference')")
     p.add_argument("--seq", type=int, nargs="+", help="softmax sequence lengths (default 16k..1k)")
@@ -438,7 +444,7 @@ def main(argv=None) -> dict:
         "softmax": lambda: run_softmax(runner, cfg, args.impls, dtype),
         "block_sparse": lambda: run_block_sparse(runner, cfg, args.sparse_impl, dtype),
         "linear": lambda: run_linear(runner, cfg, args.linear_impls, args.flash_impls, dtype),
-        "neighborhood": lambda: run_neighborhood(runner, cfg, args.flash_impls, args.na_impls, dtype),
+        "neighborhood": lambda: run_neighborhood(runner, cfg, args.flash_impls, args.na_impls, args.na_baselines, dtype),
     }
     tables = ""
     try:
