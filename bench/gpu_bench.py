@@ -18,12 +18,15 @@ vjp of the output against a random cotangent, i.e. the gradient of sum(out * cot
                 `lightning_pallas` and the lax.scan `lightning_chunked`, against causal dense flash attention,
                 S 2k..32k at a fixed B·S = 32k, in tokens/s.
   neighborhood  2-D neighbourhood attention, 64×64 tokens, kernel 7 (NATTEN, arXiv 2403.04690): every
-                implementation the registry lists except the dense "reference", against dense flash attention
-                masked by the same neighbourhood (and the same with the row-major block mask, which lets a
-                block-skipping kernel skip what it can).
+                implementation the registry lists except the dense "reference" (and "tiled" on the first Pallas
+                flash kernel), against flash attention over all pairs with no mask, with the dense NA mask (from
+                which a block-skipping kernel derives live tiles), and with the mask plus its row-major block mask.
 A kernel that is missing (ImportError, NotImplementedError) is printed as "not available: <reason>" and recorded;
 one that fails to compile or run is recorded as "failed"; neither stops the run. Cases past the time budget
 (`--budget`, shared by the sections in the proportions of `gpu_harness.SECTION_SHARES`) are skipped and counted.
+
+Narrower runs: --sections, --modes fwd, --seq, --head-dims, --impls (an implementation may carry config fields,
+e.g. pallas_gpu:block_kv=128,num_warps=8, to compare tiles in one run), --linear-seq, --na-impls, --budget.
 
 Output: progress lines, markdown tables and goal lines (issue 7) on stdout; the same tables in `gpu_bench.md` and
 everything (machine, jax version, date, arguments, one row per case) in `gpu_bench.json` under `--out`.
@@ -173,7 +176,7 @@ def run_softmax(runner: Runner, cfg, impls, dtype) -> None:
             N = cfg["width"] // H
             q, k, v, ct = _normal(S + H, [(B, S, N, H)] * 4, dtype)
             for causal in (False, True):
-                for mode in MODES:
+                for mode in cfg["modes"]:
                     for impl in impls:
                         info = dict(section="softmax", impl=impl, mode=mode, causal=causal, B=B, T=S, S=S, N=N,
                                     H=H, dtype=jnp.dtype(dtype).name)
@@ -209,7 +212,7 @@ def run_block_sparse(runner: Runner, cfg, impl: str, dtype) -> None:
     q, k, v, ct = _normal(1, [(1, S, N, H)] * 4, dtype)
     n = -(-S // bs)
     dense_flops = {m: attention_flops(1, S, S, N, H, False, m) for m in MODES}
-    for mode in MODES:
+    for mode in cfg["modes"]:
         base = dict(section="block_sparse", impl=impl, mode=mode, B=1, T=S, S=S, N=N, H=H, block=bs,
                     dtype=jnp.dtype(dtype).name)
         extra = () if mode == "fwd" else (ct,)
@@ -255,7 +258,7 @@ def run_linear(runner: Runner, cfg, linear_impls, flash_impls, dtype) -> None:
     for S in cfg["linear_seq"]:
         B = cfg["linear_tokens"] // S
         q, k, v, ct = _normal(2 + S, [(B, S, N, H)] * 4, dtype)
-        for mode in MODES:
+        for mode in cfg["modes"]:
             base = dict(section="linear", mode=mode, causal=True, B=B, T=S, S=S, N=N, H=H,
                         dtype=jnp.dtype(dtype).name)
             args = (q, k, v) if mode == "fwd" else (q, k, v, ct)
@@ -298,7 +301,7 @@ def run_neighborhood(runner: Runner, cfg, flash_impls, na_impls, baselines, dtyp
     dense = jnp.asarray(na_mask(grid, (ks,) * len(grid), (1,) * len(grid), (1,) * len(grid), (False,) * len(grid)))
     blocks = jnp.asarray(na_block_mask(grid, ks, block_size=(bs, bs)))
     na_flops = {m: attention_flops(B, T, ks ** len(grid), N, H, False, m) for m in MODES}
-    for mode in MODES:
+    for mode in cfg["modes"]:
         base = dict(section="neighborhood", mode=mode, B=B, T=T, S=T, N=N, H=H, grid="x".join(map(str, grid)),
                     kernel=ks, dtype=jnp.dtype(dtype).name)
         extra = () if mode == "fwd" else (ct,)
@@ -383,11 +386,14 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, nargs="+", help="softmax sequence lengths (default 16k..1k)")
     p.add_argument("--head-dims", type=int, nargs="+", help="softmax head dims (default 128 64)")
     p.add_argument("--linear-seq", type=int, nargs="+", help="linear-scan sequence lengths (default 32k..2k)")
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
+                   help="passes to time: forward, forward+backward or both")
     p.add_argument("--repeats", type=int, help="timed samples per case (median reported)")
     p.add_argument("--matmul-size", type=int, help="n of the n x n x n bf16 matmul that sets the rate (default 8192)")
     p.add_argument("--memory-limit-gib", type=float, help="skip cases whose compiled program needs more")
     args = p.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
+    cfg["modes"] = tuple(m for m in MODES if m in args.modes)
     for key in ("seq", "head_dims", "linear_seq"):
         if getattr(args, key) is not None:
             cfg[key] = tuple(getattr(args, key))

@@ -104,10 +104,10 @@ def test_other_sections(quick):
 
 def test_budget_skips_cases(tmp_path):
     result = gpu_bench.main(["--quick", "--out", str(tmp_path), "--budget", "0", "--sections", "softmax",
-                             "--impls", "xla", "--head-dims", "16", "--seq", "32"])
-    assert result["skipped_for_budget"] == 4  # 2 causal x 2 passes
-    assert {r["status"] for r in result["rows"]} == {"skipped"}
-    assert json.loads((tmp_path / "gpu_bench.json").read_text())["skipped_for_budget"] == 4
+                             "--impls", "xla", "--head-dims", "16", "--seq", "32", "--modes", "fwd"])
+    assert result["skipped_for_budget"] == 2  # causal and not, forward only
+    assert {(r["status"], r["mode"]) for r in result["rows"]} == {("skipped", "fwd")}
+    assert json.loads((tmp_path / "gpu_bench.json").read_text())["skipped_for_budget"] == 2
 
 
 def test_failing_section_does_not_stop_the_run(tmp_path, monkeypatch):
