@@ -171,7 +171,7 @@ def run_softmax(runner: Runner, cfg, impls, dtype) -> None:
     # Longest sequences first, both head dims at each length: the goals are read at S = 8k-16k, and cases that
     # do not fit the time budget are then the short ones.
     for S in cfg["seq"]:
-        B = cfg["tokens"] // S
+        B = max(1, cfg["tokens"] // S)
         for H in cfg["head_dims"]:
             N = cfg["width"] // H
             q, k, v, ct = _normal(S + H, [(B, S, N, H)] * 4, dtype)
@@ -256,7 +256,7 @@ def run_linear(runner: Runner, cfg, linear_impls, flash_impls, dtype) -> None:
     N, H = cfg["linear_heads"], cfg["linear_H"]
     slopes = jnp.asarray(alibi_slopes(N))
     for S in cfg["linear_seq"]:
-        B = cfg["linear_tokens"] // S
+        B = max(1, cfg["linear_tokens"] // S)  # B = 1 beyond the fixed token count (e.g. S = 64k)
         q, k, v, ct = _normal(2 + S, [(B, S, N, H)] * 4, dtype)
         for mode in cfg["modes"]:
             base = dict(section="linear", mode=mode, causal=True, B=B, T=S, S=S, N=N, H=H,
@@ -400,12 +400,11 @@ def parse_args(argv=None):
     for key, name in (("repeats", "repeats"), ("matmul_size", "matmul")):
         if getattr(args, key) is not None:
             cfg[name] = getattr(args, key)
-    for S in cfg["seq"]:
-        if cfg["tokens"] % S:
-            p.error(f"--seq: {S} does not divide the fixed token count B*S = {cfg['tokens']}")
-    for S in cfg["linear_seq"]:
-        if cfg["linear_tokens"] % S:
-            p.error(f"--linear-seq: {S} does not divide the fixed token count B*S = {cfg['linear_tokens']}")
+    for flag, key, tokens in (("--seq", "seq", cfg["tokens"]), ("--linear-seq", "linear_seq", cfg["linear_tokens"])):
+        for S in cfg[key]:
+            if S < 1 or (tokens % S and S % tokens):
+                p.error(f"{flag}: {S} must divide the fixed token count B*S = {tokens} or be a multiple of it "
+                        f"(then B = 1)")
     for H in cfg["head_dims"]:
         if cfg["width"] % H:
             p.error(f"--head-dims: {H} does not divide the fixed width N*H = {cfg['width']}")

@@ -130,6 +130,7 @@ def test_random_block_mask():
 def test_arguments_are_validated():
     with pytest.raises(SystemExit):
         gpu_bench.parse_args(["--quick", "--seq", "48"])  # 48 does not divide the 64 quick tokens
+    assert gpu_bench.parse_args(["--quick", "--linear-seq", "128", "32"])[1]["linear_seq"] == (128, 32)  # 128: B=1
     with pytest.raises(SystemExit):
         gpu_bench.parse_args(["--quick", "--impls", "chunked:block_q"])  # no value
     with pytest.raises(SystemExit):
