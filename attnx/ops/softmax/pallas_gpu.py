@@ -8,9 +8,13 @@ FlashAttention-2 (Dao, 2023, arXiv 2307.08691): forward Alg. 1, backward Alg. 2 
 - any length and head dim: T, S are padded to whole tiles and H, V to a power of two >= 16 (Triton's dot limits);
   padded keys are masked inside the kernel (`col < kv_length`, kv_length <= S), so results are exact for lengths
   that are not multiples of the tile (the padded zero keys would otherwise take softmax mass);
-- block skipping: `block_list.live_blocks` turns causal/window, lengths, segment ids, an aligned block mask and a
-  dense mask into a tile table, compacted into per-(b, n, query tile) key lists for the forward and dQ kernels and
-  per-(b, k, key tile) (head, query tile) lists for dK/dV. Tiles that are ruled out are never loaded or computed.
+- block skipping: `block_list.live_blocks` turns causal/window, lengths, segment ids, an aligned block mask, a
+  dense mask and mask_mod into a tile table, compacted into per-(b, n, query tile) key lists for the forward and dQ
+  kernels and per-(b, k, key tile) (head, query tile) lists for dK/dV. Tiles that are ruled out are never loaded or
+  computed; tiles that are entirely allowed (`block_list.full_blocks`) run without the element-wise mask.
+- memory beyond the inputs: O(B·N·nq·nk) int32 lists; a block mask whose block size is not a multiple of the tile
+  is materialised as an element mask (int8 [B|1, N|1, T, S]), as is a dense mask; with a bias, its gradient is
+  formed as [B, N, T, S] float32 before the sum over its broadcast axes.
 
 Gradients: q, k, v, bias (dS summed over its broadcast axes), sinks (-Σ P_sink·(D - dlse), from lse in the wrapper)
 and the lse cotangent (it enters as D - dlse). Forward-mode `jax.jvp` is not available through a custom_vjp.
