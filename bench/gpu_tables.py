@@ -31,7 +31,7 @@ def softmax_tables(rows, matmul) -> list[str]:
         seqs = sorted({r["S"] for r in sub})
         body = []
         for causal in (False, True):
-            for mode in MODES:
+            for mode in (m for m in MODES if any(r["mode"] == m for r in sub)):  # --modes may leave one out
                 for impl in _ordered(r["impl"] for r in sub):
                     cells = []
                     for S in seqs:
