@@ -7,7 +7,7 @@ implementation configs (`Reference`, `Chunked`, `Xla`, `Cudnn`), the registry (`
 
 from attnx.api import dot_product_attention, dot_product_attention_with_lse, explain, implementation_names
 from attnx.mask import Mask
-from attnx.ops.softmax.config import Chunked, Cudnn, PallasGpu, Reference, Xla
+from attnx.ops.softmax.config import Chunked, Cudnn, PallasGpu, PallasTpu, Reference, Xla
 from attnx.registry import AttentionSpec, get_attention, list_attentions, register_attention
 from attnx import compat
 
@@ -20,6 +20,7 @@ __all__ = [
     "Chunked",
     "Cudnn",
     "PallasGpu",
+    "PallasTpu",
     "Reference",
     "Xla",
     "AttentionSpec",

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from attnx.mask import Mask
 from attnx.ops.softmax import pallas_gpu as pallas_gpu_impl
+from attnx.ops.softmax import pallas_tpu as pallas_tpu_impl
 from attnx.ops.softmax import xla as xla_impl
 from attnx.ops.softmax.chunked import chunked_attention
 from attnx.ops.softmax.config import IMPLEMENTATIONS, Chunked, Cudnn, Reference, Xla
@@ -53,7 +54,8 @@ _BACKENDS: dict[str, tuple[Callable, Callable]] = {
     "cudnn": (xla_impl.check_cudnn, xla_impl.run_cudnn),
     "pallas_gpu": (lambda args, lse: pallas_gpu_impl.check(args, lse),
                    lambda args, cfg, lse: pallas_gpu_impl.run(args, cfg, return_lse=lse)),
-    "pallas_tpu": (_not_written("pallas_tpu"), None),
+    "pallas_tpu": (lambda args, lse: pallas_tpu_impl.check(args, lse),
+                   lambda args, cfg, lse: pallas_tpu_impl.run(args, cfg, return_lse=lse)),
 }
 
 # Below this many logits per (batch, head) the chunked path is a single key block, so materialising is as fast on

@@ -87,9 +87,30 @@ class PallasGpu:
 
 @dataclasses.dataclass(frozen=True)
 class PallasTpu:
-    """Pallas flash-attention kernel for TPUs (Mosaic TPU). Not written yet; see `PallasGpu`."""
+    """Pallas flash-attention kernel for TPUs, Mosaic lowering (`attnx.ops.softmax.pallas_tpu`), with block
+    skipping over scalar-prefetched block lists.
+
+    block_q, block_kv: tile sizes, positive multiples of 8. On a TPU both must be multiples of 128 (the lane
+    width; checked when the kernel runs); smaller multiples of 8 are for interpret mode (small test blocks). A
+    sequence shorter than a tile uses one tile of its length rounded up to 8. interpret: run in Pallas interpret
+    mode on CPU (TPU semantics emulated with `pltpu.InterpretParams`); None reads the environment variable
+    ATTNX_PALLAS_INTERPRET ("1" = interpret) when the kernel runs.
+    """
 
     name: ClassVar[str] = "pallas_tpu"
+    block_q: int = 128
+    block_kv: int = 128
+    interpret: bool | None = None
+
+    def __post_init__(self):
+        for field in ("block_q", "block_kv"):
+            value = getattr(self, field)
+            _positive_int("PallasTpu", field, value)
+            if value % 8:
+                raise ValueError(f"PallasTpu.{field}: expected a multiple of 8 (TPU sublanes; 128 on a TPU), "
+                                 f"got {value}")
+        if self.interpret is not None and not isinstance(self.interpret, bool):
+            raise TypeError(f"PallasTpu.interpret: expected None or a bool, got {self.interpret!r}")
 
 
 IMPLEMENTATIONS: dict[str, type] = {

@@ -15,8 +15,10 @@ the 128-lane width; row statistics (m, l, lse) are kept lane-replicated [rows, 1
 folded in after the kernel (exactly: lse' = logaddexp(lse, sink), out' = out * exp(lse - lse')), so plain autodiff
 gives their gradient. Differentiation is a `jax.custom_vjp`: reverse mode only (`jax.jvp` raises).
 
-Not supported (NotImplementedError from `check`): score_mod, mask_mod (not traced into the kernel yet), dtypes other
-than float32/bfloat16/float16. Bias gradients materialise dS [B, N, T, S] in float32.
+Not supported (NotImplementedError from `check`): score_mod (not traced into the kernel yet), dtypes other than
+float32/bfloat16/float16. Memory beyond O(T): a dense mask, a `mask_mod` (evaluated in the wrapper into a dense
+int8 mask) and a block mask whose blocks do not contain the kernel's blocks (expanded to elements) cost
+O(B·N·T·S) bytes; bias gradients materialise dS [B, N, T, S] in float32.
 
 Block sizes: multiples of 128 on a TPU (lane width; the (1, block_q) log-sum-exp tiles need it); in interpret mode
 any multiple of 8, so tests can use small blocks. A sequence shorter than a block uses one block of its (8-rounded)
@@ -35,10 +37,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from attnx.mask import Mask
+from attnx.ops.softmax import common
 from attnx.ops.softmax import pallas_tpu_backward as bwd_lib
 from attnx.ops.softmax.pallas_tpu_blocks import (F32, LANES, NN, NT, SUBLANES, Layout, block_lists,
-                                                  block_tables, element_mask, fwd_inputs, interpret_arg, iotas,
-                                                  logits, static_tables, table_row, widen)
+                                                  block_tables, element_mask, entry_block, fwd_inputs,
+                                                  interpret_arg, iotas, logits, run_steps, static_tables,
+                                                  table_row, widen)
 from attnx.validation import AttentionArgs
 
 __all__ = ["check", "run"]
@@ -50,8 +55,6 @@ def check(args: AttentionArgs, return_lse: bool) -> None:
     """Raise NotImplementedError for arguments this kernel does not handle (the API then tries the next one)."""
     if args.score_mod is not None:
         raise NotImplementedError("pallas_tpu: score_mod is not traced into the kernel yet; use 'chunked'")
-    if args.mask_mod is not None:
-        raise NotImplementedError("pallas_tpu: mask_mod is not traced into the kernel yet; use 'chunked'")
     if args.q.dtype.name not in _DTYPES:
         raise NotImplementedError(f"pallas_tpu: dtype {args.q.dtype} is not supported; allowed {list(_DTYPES)}")
 
@@ -60,6 +63,10 @@ def _interpreting(cfg) -> bool:
     if cfg.interpret is None:
         return os.environ.get("ATTNX_PALLAS_INTERPRET", "0") == "1"
     return bool(cfg.interpret)
+
+
+def _on_tpu() -> bool:
+    return jax.default_backend() == "tpu"
 
 
 def _round_up(x: int, m: int) -> int:
@@ -72,7 +79,7 @@ def _fwd_kernel(ents, cnts, lens, *refs, lay: Layout, names: tuple):
     b, n, i, j = (pl.program_id(a) for a in range(4))
     row = table_row(lay, b, n, i, lay.nq)
     entry = ents[row * lay.L + j]
-    kv = entry // 2
+    kv = entry_block(entry)
     m_sc, l_sc, acc_sc = r["m"], r["l"], r["acc"]
 
     @pl.when(j == 0)
@@ -103,11 +110,7 @@ def _fwd_kernel(ents, cnts, lens, *refs, lay: Layout, names: tuple):
         acc_sc[...] = widen(alpha, lay.Vp) * acc_sc[...] + pv
 
     live = j < cnts[row]
-    if lay.elementwise:
-        pl.when(live & (entry % 2 == 1))(lambda: step(True))
-        pl.when(live & (entry % 2 == 0))(lambda: step(False))
-    else:
-        pl.when(live)(lambda: step(False))
+    run_steps(lay, live, entry, step)
 
     @pl.when(j == lay.L - 1)
     def _finish():
@@ -194,6 +197,17 @@ def _element_block_mask(mask, T: int, S: int):
     return bm[:, :, rows][:, :, :, cols]
 
 
+def _mask_mod_dense(mask_mod, B: int, T: int, S: int, N: int, K: int):
+    """mask_mod evaluated on every (batch, head, row, column) [B|1, N|1, T, S]: the kernel reads it as a dense mask
+    (its blocks are skipped where it is False throughout)."""
+    G = N // K
+    mm = common.mask_block(Mask(), mask_mod, (), jnp.arange(T)[:, None], jnp.arange(S)[None, :], K, G, B, T, S)
+    mm = jnp.broadcast_to(mm, mm.shape[:3] + (T, S))  # [B|1, K|1, G|1, T, S]
+    if mm.shape[1:3] != (1, 1):
+        mm = jnp.broadcast_to(mm, (mm.shape[0], K, G, T, S))
+    return mm.reshape(mm.shape[0], -1, T, S)
+
+
 def _layout_and_aux(args: AttentionArgs, cfg, interpret: bool):
     B, T, N, H = args.q.shape
     _, S, K, V = args.v.shape
@@ -218,6 +232,9 @@ def _layout_and_aux(args: AttentionArgs, cfg, interpret: bool):
             dense = _element_block_mask(mask, T, S)
     if mask.dense is not None:
         d = jnp.broadcast_to(mask.dense, mask.dense.shape[:2] + (T, S))
+        dense = d if dense is None else (dense & d)
+    if args.mask_mod is not None:
+        d = _mask_mod_dense(args.mask_mod, B, T, S, N, K)
         dense = d if dense is None else (dense & d)
     dense_i8 = None
     if dense is not None:
@@ -274,7 +291,7 @@ def run(args: AttentionArgs, cfg, return_lse: bool = False):
     check(args, return_lse)
     interpret = _interpreting(cfg)
     if not interpret:
-        if jax.default_backend() != "tpu":
+        if not _on_tpu():
             raise NotImplementedError(f"pallas_tpu: needs a TPU (backend is {jax.default_backend()}) or interpret "
                                       "mode (PallasTpu(interpret=True) or ATTNX_PALLAS_INTERPRET=1)")
         for field in ("block_q", "block_kv"):

@@ -22,8 +22,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from attnx.ops.softmax.pallas_tpu_blocks import (F32, LANES, NN, NT, SUBLANES, Layout, element_mask, fwd_inputs,
-                                                  interpret_arg, iotas, logits, table_row, widen)
+from attnx.ops.softmax.pallas_tpu_blocks import (F32, LANES, NN, NT, SUBLANES, Layout, element_mask,
+                                                  entry_block, fwd_inputs, interpret_arg, iotas, logits,
+                                                  run_steps, table_row, widen)
 
 
 def _soft_cap_grad(lay: Layout, ds, s_capped):
@@ -40,7 +41,7 @@ def _dq_kernel(ents, cnts, lens, *refs, lay: Layout, names: tuple):
     b, n, i, j = (pl.program_id(a) for a in range(4))
     row = table_row(lay, b, n, i, lay.nq)
     entry = ents[row * lay.L + j]
-    kv = entry // 2
+    kv = entry_block(entry)
     acc = r["dq_acc"]
 
     @pl.when(j == 0)
@@ -65,11 +66,7 @@ def _dq_kernel(ents, cnts, lens, *refs, lay: Layout, names: tuple):
             r["ds"][...] = ds
 
     live = j < cnts[row]
-    if lay.elementwise:
-        pl.when(live & (entry % 2 == 1))(lambda: step(True))
-        pl.when(live & (entry % 2 == 0))(lambda: step(False))
-    else:
-        pl.when(live)(lambda: step(False))
+    run_steps(lay, live, entry, step)
 
     @pl.when(j == lay.L - 1)
     def _finish():
@@ -89,7 +86,7 @@ def dq(lay: Layout, q, k, v, bias, aux, d_out, lse_rows, di_rows):
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     if bias is not None:
         def ds_map(b, n, i, j, ents, cnts, lens):
-            return b, n, i, ents[table_row(lay, b, n, i, lay.nq) * lay.L + j] // 2
+            return b, n, i, entry_block(ents[table_row(lay, b, n, i, lay.nq) * lay.L + j])
         out_specs.append(pl.BlockSpec((None, None, lay.bq, lay.bk), ds_map))
         out_shape.append(jax.ShapeDtypeStruct((lay.B, lay.N, lay.Tp, lay.Sp), F32))
     res = pl.pallas_call(
@@ -115,7 +112,7 @@ def _dkv_kernel(ents, cnts, lens, *refs, lay: Layout, names: tuple):
     n = kh * lay.G + g
     row = table_row(lay, b, n, j, lay.nk)
     entry = ents[row * lay.Lt + t]
-    qi = entry // 2
+    qi = entry_block(entry)
     dk_acc, dv_acc = r["dk_acc"], r["dv_acc"]
 
     @pl.when((g == 0) & (t == 0))
@@ -140,11 +137,7 @@ def _dkv_kernel(ents, cnts, lens, *refs, lay: Layout, names: tuple):
         dk_acc[...] += lax.dot_general(ds.astype(q.dtype), q, NN, preferred_element_type=F32)
 
     live = t < cnts[row]
-    if lay.elementwise:
-        pl.when(live & (entry % 2 == 1))(lambda: step(True))
-        pl.when(live & (entry % 2 == 0))(lambda: step(False))
-    else:
-        pl.when(live)(lambda: step(False))
+    run_steps(lay, live, entry, step)
 
     @pl.when((g == lay.G - 1) & (t == lay.Lt - 1))
     def _finish():
@@ -157,12 +150,13 @@ def dkv(lay: Layout, q, k, v, bias, aux, d_out, lse_rows, di_rows):
     G = lay.G
 
     def q_of(b, kh, j, g, t, ents, cnts, lens):
-        return ents[table_row(lay, b, kh * G + g, j, lay.nk) * lay.Lt + t] // 2
+        return entry_block(ents[table_row(lay, b, kh * G + g, j, lay.nk) * lay.Lt + t])
 
     def sel(x, size):
         return x if size > 1 else 0
 
-    specs = [("q", q, (None, None, lay.bq, lay.Hp), lambda b, kh, j, g, t, *s: (b, kh * G + g, q_of(b, kh, j, g, t, *s), 0)),
+    specs = [("q", q, (None, None, lay.bq, lay.Hp),
+              lambda b, kh, j, g, t, *s: (b, kh * G + g, q_of(b, kh, j, g, t, *s), 0)),
              ("k", k, (None, None, lay.bk, lay.Hp), lambda b, kh, j, g, t, *s: (b, kh, j, 0)),
              ("v", v, (None, None, lay.bk, lay.Vp), lambda b, kh, j, g, t, *s: (b, kh, j, 0)),
              ("do", d_out, (None, None, lay.bq, lay.Vp),
