@@ -1,0 +1,117 @@
+"""Ring attention: exact softmax attention with the sequence split over a mesh axis.
+
+Liu, Zaharia & Abbeel, 2023, "Ring Attention with Blockwise Transformers for Near-Infinite Context", arXiv
+2310.01889, §3 (Alg. 1): each of the n devices of the ring holds one chunk of the queries and one of the keys and
+values; in n steps every device attends its query chunk to the key/value chunk it holds, then passes that chunk to
+its neighbour (`lax.ppermute`), so keys and values travel once around the ring and no device ever holds more than
+two chunks. Partial results are merged with their log-sum-exp (the flash-attention rescaling, Dao 2023, arXiv
+2307.08691, §3.1):
+
+    lse = logaddexp(lse_a, lse_b),   out = out_a exp(lse_a - lse) + out_b exp(lse_b - lse)
+
+each partial coming from `attnx.dot_product_attention_with_lse` (any implementation: chunked on CPU, the Pallas
+kernels on accelerators). Causal: with equal chunks in sequence order, device i's queries see chunk j fully when
+j < i, causally when j = i, and not at all when j > i; the last case is skipped (`lax.switch`, no attention
+computed), which is the blockwise-causal saving of the paper (no load balancing: devices late in the sequence do
+more work; striped/zig-zag layouts are not implemented). Gradients come from JAX's autodiff: the transpose of a
+`ppermute` is the reverse `ppermute`, so the backward pass runs the ring the other way, and each partial's backward
+is its implementation's own (with the gradient through lse).
+
+`ring_attention` takes global arrays and a mesh and runs `jax.shard_map` over them (sequence split over
+`axis_name`, the batch over `batch_axes`); `ring_attention_local` is the per-device body, for code already inside
+a `shard_map` over the ring's axis.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import AxisType, Mesh, PartitionSpec as P
+
+from attnx.api import dot_product_attention_with_lse
+from attnx.mask import Mask
+
+
+def _merge(out_a, lse_a, out_b, lse_b):
+    """Two partial softmax results over disjoint key sets -> their union's (out [B, T, N, V], lse [B, T, N]).
+    A side whose lse is -inf (no visible key) contributes nothing; both -inf gives 0 output and -inf lse."""
+    lse = jnp.logaddexp(lse_a, lse_b)
+    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    weight = lambda part: jnp.where(jnp.isfinite(part), jnp.exp(part - safe), 0.0)[..., None]
+    out = out_a.astype(jnp.float32) * weight(lse_a) + out_b.astype(jnp.float32) * weight(lse_b)
+    return out, lse
+
+
+def _varying_like(x, reference):
+    """x marked as varying over every manual mesh axis of `reference`'s shard_map (its type check wants loop
+    carries and switch branches of one type, and fresh constants are device-invariant; marking all manual axes
+    is safe because the merged results vary over at least those of the inputs)."""
+    mesh = jax.typeof(reference).sharding.mesh
+    axes = tuple(name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == AxisType.Manual)
+    return lax.pcast(x, axes, to="varying") if axes else x
+
+
+def ring_attention_local(query, key, value, *, axis_name: str, causal: bool = False, scale: float | None = None,
+                         implementation=None):
+    """Per-device ring attention inside a `shard_map` over `axis_name`: query [B, T_c, N, H], key [B, S_c, K, H],
+    value [B, S_c, K, V] are this device's chunks (chunk index = the device's position on the axis, in sequence
+    order) -> this device's output chunk [B, T_c, N, V] (float32 accumulation, the query's dtype)."""
+    n = lax.axis_size(axis_name)
+    me = lax.axis_index(axis_name)
+    B, T, N, _ = query.shape
+    if causal and key.shape[1] != T:
+        raise ValueError(f"ring_attention: causal ring attention needs equal query and key chunks (self attention), "
+                         f"got {T} queries and {key.shape[1]} keys per device")
+    V = value.shape[-1]
+
+    def attend(mask):
+        def run(k, v):
+            out, lse = dot_product_attention_with_lse(query, k, v, mask=mask, scale=scale,
+                                                      implementation=implementation)
+            return out.astype(jnp.float32), lse
+        return run
+
+    def empty():
+        return (_varying_like(jnp.zeros((B, T, N, V), jnp.float32), query),
+                _varying_like(jnp.full((B, T, N), -jnp.inf, jnp.float32), query))
+
+    def skip(k, v):  # a chunk wholly in this device's future: nothing visible
+        return empty()
+
+    branches = [attend(None)] if not causal else [attend(None), attend(Mask(causal=True)), skip]
+
+    def step(s, carry):
+        out, lse, k, v = carry
+        source = (me - s) % n  # the chunk held at step s started on device me - s
+        case = 0 if not causal else jnp.where(source < me, 0, jnp.where(source == me, 1, 2))
+        part_out, part_lse = lax.switch(case, branches, k, v)
+        out, lse = _merge(out, lse, part_out, part_lse)
+        ring = [(d, (d + 1) % n) for d in range(n)]
+        k, v = lax.ppermute(k, axis_name, ring), lax.ppermute(v, axis_name, ring)
+        return out, lse, k, v
+
+    init = (*empty(), key, value)
+    out, _, _, _ = lax.fori_loop(0, n, step, init)
+    return out.astype(query.dtype)
+
+
+def ring_attention(query, key, value, *, mesh: Mesh, axis_name: str = "sequence", batch_axes=None,
+                   causal: bool = False, scale: float | None = None, implementation=None):
+    """Exact attention of global query [B, T, N, H], key [B, S, K, H], value [B, S, K, V] with T and S split
+    over mesh axis `axis_name` (each divisible by its size) and B over `batch_axes` (a mesh axis name, a tuple
+    of them, or None: replicated) -> [B, T, N, V], sharded like the query. Equals
+    `attnx.dot_product_attention(..., mask=Mask(causal=causal))` (tests/attnx/test_ring.py)."""
+    if axis_name not in mesh.axis_names:
+        raise ValueError(f"ring_attention.axis_name: {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
+    size = mesh.shape[axis_name]
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if x.ndim != 4:
+            raise ValueError(f"ring_attention.{name}: expected [B, L, heads, head_dim], got shape {x.shape}")
+        if x.shape[1] % size:
+            raise ValueError(f"ring_attention.{name}: length {x.shape[1]} is not divisible by the {size} devices "
+                             f"of mesh axis {axis_name!r}; pad the sequence to a multiple of {size}")
+    spec = P(batch_axes, axis_name)
+    body = lambda q, k, v: ring_attention_local(q, k, v, axis_name=axis_name, causal=causal, scale=scale,
+                                                implementation=implementation)
+    return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(query, key, value)
