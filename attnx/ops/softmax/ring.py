@@ -27,9 +27,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import AxisType, Mesh, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
-from attnx.api import dot_product_attention_with_lse
+from attnx.api import dot_product_attention, dot_product_attention_with_lse
 from attnx.mask import Mask
 
 
@@ -43,12 +43,18 @@ def _merge(out_a, lse_a, out_b, lse_b):
     return out, lse
 
 
-def _varying_like(x, reference):
-    """x marked as varying over every manual mesh axis of `reference`'s shard_map (its type check wants loop
-    carries and switch branches of one type, and fresh constants are device-invariant; marking all manual axes
-    is safe because the merged results vary over at least those of the inputs)."""
-    mesh = jax.typeof(reference).sharding.mesh
-    axes = tuple(name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == AxisType.Manual)
+def _varying_axes(x) -> frozenset:
+    """The manual mesh axes x varies over inside a shard_map (`manual_axis_type.varying` in jax 0.10, `vma` in
+    other versions)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(manual.varying) if manual is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _varying_like(x, *references):
+    """x marked as varying over the mesh axes its references vary over: shard_map's type check wants loop carries
+    and switch branches of one type, and fresh constants are device-invariant."""
+    axes = tuple(sorted(frozenset().union(*map(_varying_axes, references))))
     return lax.pcast(x, axes, to="varying") if axes else x
 
 
@@ -73,8 +79,8 @@ def ring_attention_local(query, key, value, *, axis_name: str, causal: bool = Fa
         return run
 
     def empty():
-        return (_varying_like(jnp.zeros((B, T, N, V), jnp.float32), query),
-                _varying_like(jnp.full((B, T, N), -jnp.inf, jnp.float32), query))
+        return (_varying_like(jnp.zeros((B, T, N, V), jnp.float32), query, key, value),
+                _varying_like(jnp.full((B, T, N), -jnp.inf, jnp.float32), query, key, value))
 
     def skip(k, v):  # a chunk wholly in this device's future: nothing visible
         return empty()
@@ -115,3 +121,22 @@ def ring_attention(query, key, value, *, mesh: Mesh, axis_name: str = "sequence"
     body = lambda q, k, v: ring_attention_local(q, k, v, axis_name=axis_name, causal=causal, scale=scale,
                                                 implementation=implementation)
     return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(query, key, value)
+
+
+def ring_mechanism(query, key, value, *, causal: bool = False, axis_name: str = "sequence", scale=None,
+                   implementation=None):
+    """The registry form (`ring`): softmax attention that runs as ring attention over mesh axis `axis_name` of
+    the mesh in context (`jax.set_mesh(mesh)` around the jitted step), with the batch over the mesh's `data` and
+    `fsdp` axes; without such a mesh (or with the axis of size 1) it is plain `dot_product_attention`, so a model
+    configured with it runs unchanged on one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or axis_name not in mesh.axis_names or mesh.shape[axis_name] == 1:
+        return dot_product_attention(query, key, value, mask=Mask(causal=causal), scale=scale,
+                                     implementation=implementation)
+    batch = tuple(name for name in ("data", "fsdp") if name in mesh.axis_names and mesh.shape[name] > 1)
+    return ring_attention(query, key, value, mesh=mesh, axis_name=axis_name, batch_axes=batch or None,
+                          causal=causal, scale=scale, implementation=implementation)
+
+
+def ring_reference(query, key, value, *, causal: bool = False, scale=None, **unused):
+    return dot_product_attention(query, key, value, mask=Mask(causal=causal), scale=scale, implementation="reference")
