@@ -16,8 +16,8 @@ same block equations as `attnx.ops.linear.pallas_gpu` (see its docstring), laid 
   enters as hi + lo parts of that dtype (as on GPU), so bf16 results stay inside the tolerance table.
 
 Backward (jax.custom_vjp): dQ in a forward pass, dK/dV in a reverse pass over dKV, per query head in float32; the
-wrapper sums the G query heads of each kv head (GQA) and forms the slope gradient
-(`attnx.ops.linear.pallas_gpu.slope_gradient`). The custom_vjp blocks `jax.jvp`: use `lightning_chunked` for it.
+wrapper sums the G query heads of each kv head (GQA); the dQ pass also writes the slope gradient's terms, with a
+second VMEM state KV' (see pallas_gpu's docstring). The custom_vjp blocks `jax.jvp`: use `lightning_chunked` for it.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from attnx.ops.linear.pallas_gpu import _pad, _split, check_inputs, slope_gradient
+from attnx.ops.linear.pallas_gpu import _pad, _split, check_inputs
 
 _LANES = 128
 
@@ -98,7 +98,8 @@ def _dot(a, b, trans_b: bool = False):
 
 class _Decay:
     """Float32 decay tiles of one head from 2-D iotas: intra [C, C] = Λ, query(w) [C, w] = lambda^r,
-    key(w) [C, w] = lambda^(C - c), block(w) [1, w] = lambda^C. Without decay: the causal mask and None."""
+    key(w) [C, w] = lambda^(C - c), block(w) [1, w] = lambda^C, and the *_gap factors of the slope gradient.
+    Without decay: the causal mask, and the others are identities (never called for the gap factors)."""
 
     def __init__(self, plan: _Plan, s_ref):
         self.plan = plan
@@ -112,6 +113,7 @@ class _Decay:
         self.s = s_ref[lax.rem(pl.program_id(0), plan.N)]
         gap = jnp.maximum(r - c, 0).astype(jnp.float32)
         self.intra = jnp.where(r >= c, jnp.exp(-self.s * gap), 0.0)
+        self.intra_gap = gap * self.intra  # -d/ds of Λ
 
     def _rows(self, width: int):
         return lax.broadcasted_iota(jnp.int32, (self.plan.C, width), 0).astype(jnp.float32)
@@ -121,6 +123,16 @@ class _Decay:
 
     def key(self, x):
         return x if self.s is None else x * jnp.exp(-self.s * (self.plan.C - self._rows(x.shape[1])))
+
+    def query_gap(self, x):
+        """x * r lambda^r (-d/ds of lambda^r)."""
+        rows = self._rows(x.shape[1])
+        return x * (rows * jnp.exp(-self.s * rows))
+
+    def key_gap(self, x):
+        """x * (C - c) lambda^(C - c) (-d/ds of lambda^(C - c))."""
+        distance = self.plan.C - self._rows(x.shape[1])
+        return x * (distance * jnp.exp(-self.s * distance))
 
     def block(self, state):
         if self.s is None:
@@ -147,16 +159,27 @@ def _forward_kernel(s_ref, q_ref, k_ref, v_ref, o_ref, kv_ref, *, plan: _Plan):
     kv_ref[...] = decay.block(kv) + _dot(_t(decay.key(k.astype(jnp.float32))), v)
 
 
-def _dq_kernel(s_ref, k_ref, v_ref, do_ref, dq_ref, kv_ref, *, plan: _Plan):
+def _dq_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, *refs, plan: _Plan):
+    """dQ; with decay also -dL/ds per (row, value column) with the second state KV' (see pallas_gpu's docstring)."""
+    (dq_ref, ds_ref, kv_ref, kv_gap_ref) = refs if plan.decay else (refs[0], None, refs[1], None)
+
     @pl.when(pl.program_id(1) == 0)
     def _():
         kv_ref[...] = jnp.zeros_like(kv_ref)
+        if plan.decay:
+            kv_gap_ref[...] = jnp.zeros_like(kv_gap_ref)
 
     decay = _Decay(plan, s_ref)
     k, v, do, kv = k_ref[...], v_ref[...], do_ref[...], kv_ref[...]
     dp = _dot(do, v, trans_b=True) * decay.intra
     dq_ref[...] = _dot(dp, k) + decay.query(_dot(do, kv, trans_b=True))
     kv_ref[...] = decay.block(kv) + _dot(_t(decay.key(k.astype(jnp.float32))), v)
+    if plan.decay:
+        q, kv_gap = q_ref[...], kv_gap_ref[...]
+        weighted = (_dot(_dot(q, k, trans_b=True) * decay.intra_gap, v) + decay.query_gap(_dot(q, kv))
+                    + decay.query(_dot(q, kv_gap)))
+        ds_ref[...] = -(weighted * do.astype(jnp.float32))
+        kv_gap_ref[...] = decay.block(plan.C * kv + kv_gap) + _dot(_t(decay.key_gap(k.astype(jnp.float32))), v)
 
 
 def _dkdv_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, dk_ref, dv_ref, dkv_ref, *, plan: _Plan):
@@ -173,7 +196,7 @@ def _dkdv_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, dk_ref, dv_ref, dkv_ref, *,
     dkv_ref[...] = decay.block(dkv) + _dot(_t(decay.query(q.astype(jnp.float32))), do)
 
 
-def _call(plan: _Plan, kernel, name, s, inputs, outputs, reverse: bool = False):
+def _call(plan: _Plan, kernel, name, s, inputs, outputs, reverse: bool = False, states: int = 1):
     """inputs/outputs: (kind, array or ShapeDtypeStruct, width) with kind "query" (per query head) or "kv"."""
     N, G, C, nb = plan.N, plan.G, plan.C, plan.num_blocks
     block = (lambda i: nb - 1 - i) if reverse else (lambda i: i)
@@ -189,7 +212,7 @@ def _call(plan: _Plan, kernel, name, s, inputs, outputs, reverse: bool = False):
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1, grid=(B * N, nb),
             in_specs=[spec(kind, w) for kind, _, w in inputs], out_specs=[spec(kind, w) for kind, _, w in outputs],
-            scratch_shapes=[pltpu.VMEM((plan.Hp, plan.Vp), jnp.float32)]),
+            scratch_shapes=[pltpu.VMEM((plan.Hp, plan.Vp), jnp.float32)] * states),
         out_shape=[o for _, o, _ in outputs],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=plan.interpret, name=name)(s, *[x for _, x, _ in inputs])
@@ -215,16 +238,17 @@ def _scan_bwd(plan: _Plan, res, do):
     do = do.astype(q.dtype)
     B, K = q.shape[0], k.shape[1]
     f32 = lambda width: jax.ShapeDtypeStruct((B, plan.N, plan.Tp, width), jnp.float32)
-    (dq,) = _call(plan, _dq_kernel, "lightning_tpu_dq", s,
-                  [("kv", k, plan.Hp), ("kv", v, plan.Vp), ("query", do, plan.Vp)], [("query", f32(plan.Hp), plan.Hp)])
+    dq, *ds_terms = _call(
+        plan, _dq_kernel, "lightning_tpu_dq", s,
+        [("query", q, plan.Hp), ("kv", k, plan.Hp), ("kv", v, plan.Vp), ("query", do, plan.Vp)],
+        [("query", f32(plan.Hp), plan.Hp)] + ([("query", f32(plan.Vp), plan.Vp)] if plan.decay else []),
+        states=2 if plan.decay else 1)
     dk_heads, dv_heads = _call(
         plan, _dkdv_kernel, "lightning_tpu_dkdv", s,
         [("query", q, plan.Hp), ("kv", k, plan.Hp), ("kv", v, plan.Vp), ("query", do, plan.Vp)],
         [("query", f32(plan.Hp), plan.Hp), ("query", f32(plan.Vp), plan.Vp)], reverse=True)
     group = lambda x: x.reshape(B, K, plan.G, *x.shape[2:]).sum(2)  # GQA: the query heads of one kv head
-    ds = None
-    if plan.decay:  # slope_gradient takes the attnx layout [B, T, N, H]
-        ds = slope_gradient(*(jnp.swapaxes(x, 1, 2) for x in (q, k, dq, dk_heads))).astype(s.dtype)
+    ds = jnp.sum(ds_terms[0], axis=(0, 2, 3)).astype(s.dtype) if plan.decay else None
     return dq.astype(q.dtype), group(dk_heads).astype(k.dtype), group(dv_heads).astype(v.dtype), ds
 
 
