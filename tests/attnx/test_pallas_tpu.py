@@ -59,6 +59,13 @@ def _qkv(B=2, T=13, S=11, N=4, K=2, H=16, dtype=jnp.float32, seed=0):
     return x(B, T, N, H), x(B, S, K, H), x(B, S, K, H)
 
 
+def _out_and_grads(f, w, q, k, v):
+    """f(q, k, v) and the gradients of sum(f * w), from one forward (one kernel compile, not two)."""
+    loss = lambda q, k, v: (lambda out: (jnp.sum(out * w), out))(f(q, k, v))
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    return out, grads
+
+
 def _lists(mask, T, S, B=2, N=4, K=2, cfg=SMALL):
     q, k, v = _qkv(B, T, S, N, K, 8)
     lay, _, aux = pallas_tpu._layout_and_aux(canonicalize(q, k, v, None, mask), cfg, True)
@@ -110,8 +117,8 @@ def test_skipped_blocks_are_not_read_under_tpu_emulation():
     w = jnp.cos(jnp.arange(16.0))
 
     def both(impl, k, v):
-        f = lambda q, k, v: attnx.dot_product_attention(q, k, v, mask=mask, implementation=impl)
-        return f(q, k, v), jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
+        return _out_and_grads(lambda q, k, v: attnx.dot_product_attention(q, k, v, mask=mask, implementation=impl),
+                              w, q, k, v)
 
     out, grads = jax.jit(lambda k, v: both(SMALL, k, v))(k_nan, v_nan)
     r_out, r_grads = both("reference", k, v)
@@ -133,10 +140,8 @@ def test_ragged_window_gqa_and_nested_block_mask_match_reference(monkeypatch):
     w = jnp.cos(jnp.arange(16.0))
 
     def both(impl):
-        f = lambda q, k, v: attnx.dot_product_attention(q, k, v, mask=mask, implementation=impl)
-        out = f(q, k, v)
-        grads = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
-        return out, grads
+        return _out_and_grads(lambda q, k, v: attnx.dot_product_attention(q, k, v, mask=mask, implementation=impl),
+                              w, q, k, v)
 
     out, grads = jax.jit(lambda: both(cfg))()
     r_out, r_grads = both("reference")

@@ -18,7 +18,11 @@ gives their gradient. Differentiation is a `jax.custom_vjp`: reverse mode only (
 Not supported (NotImplementedError from `check`): score_mod (not traced into the kernel yet), dtypes other than
 float32/bfloat16/float16. Memory beyond O(T): a dense mask, a `mask_mod` (evaluated in the wrapper into a dense
 int8 mask) and a block mask whose blocks do not contain the kernel's blocks (expanded to elements) cost
-O(B·N·T·S) bytes; bias gradients materialise dS [B, N, T, S] in float32.
+O(B·N·T·S) bytes; bias gradients materialise dS [B, N, T, S] in float32. The forward writes its lse
+lane-replicated ([B, N, T, 128] float32, as splash attention does) before slicing it. The block lists live in
+scalar memory: 4·Bl·Nl·(nq·L + nk·Lt) bytes, with Bl = B only when lengths/segment ids/masks vary over the batch
+and Nl = N only when a mask varies over heads; very long sequences with per-batch masks may not fit (not yet
+measured on a TPU).
 
 Block sizes: multiples of 128 on a TPU (lane width; the (1, block_q) log-sum-exp tiles need it); in interpret mode
 any multiple of 8, so tests can use small blocks. A sequence shorter than a block uses one block of its (8-rounded)
