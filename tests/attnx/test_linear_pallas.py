@@ -71,6 +71,18 @@ def test_decayed_scan_and_gradients_match_the_reference(dtype):
     check(kernel_and_grads(q, k, v, s, cotangent), reference_and_grads(q, k, v, s, cotangent), dtype)
 
 
+def test_constant_slopes_skip_their_gradient():
+    """Slopes that are not differentiated (custom_vjp symbolic zeros) take the cheaper backward without the dL/ds
+    terms; dQ, dK, dV are unchanged."""
+    q, k, v, cotangent = inputs(seed=11)
+    s = jnp.asarray(alibi_slopes(N))
+    fn = lambda q, k, v: lightning_pallas(q, k, v, s, block_size=BLOCK, block_v=BLOCK_V, interpret=True)
+    got = jax.jit(lambda q, k, v: jax.vjp(fn, q, k, v)[1](cotangent))(q, k, v)
+    want = reference_and_grads(q, k, v, s, cotangent)[1]
+    for name, g, w in zip(("query", "key", "value"), got, want):
+        assert_close(g, w, jnp.float32, "gradient", what=name)
+
+
 def test_no_decay_is_plain_causal_linear_attention_mqa():
     q, k, v, cotangent = inputs(kv_heads=1, seed=1)  # MQA: all four query heads share one kv head
     zeros = jnp.zeros((N,), jnp.float32)

@@ -53,6 +53,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -119,10 +120,15 @@ class _Plan:
     num_warps: int
     num_stages: int
     interpret: bool
+    slope_grad: bool = True  # with decay: the backward also computes dL/ds (off when the slopes are not perturbed)
 
     @property
     def num_blocks(self) -> int:
         return self.Tp // self.C
+
+    @property
+    def ds(self) -> bool:
+        return self.decay and self.slope_grad
 
 
 def _mma(a, b, trans_a: bool, trans_b: bool):
@@ -243,10 +249,9 @@ def _forward(plan: _Plan, q, k, v, s):
 def _dq_kernel(*refs, plan: _Plan):
     """dQ; with decay also the slope gradient's terms -dL/ds per (row, value column), carrying a second state
     KV' = sum_j (iC - j) lambda^(iC - j) k_j v_j^T = -dKV/ds beside KV (module docstring)."""
-    if plan.decay:
-        s_ref, q_ref, k_ref, v_ref, do_ref, dq_ref, ds_ref = refs
-    else:
-        (q_ref, k_ref, v_ref, do_ref, dq_ref), s_ref = refs, None
+    s_ref, refs = (refs[0], refs[1:]) if plan.decay else (None, refs)
+    q_ref, k_ref, v_ref, do_ref, dq_ref = refs[:5]
+    ds_ref = refs[5] if plan.ds else None
     C = plan.C
     decay = _Decay(plan, s_ref)
 
@@ -258,7 +263,7 @@ def _dq_kernel(*refs, plan: _Plan):
         dq = _dot(dp, k) + _scaled(_dot(do, kv, trans_b=True), decay.query)
         dq_ref[rows, :] = dq
         kv_next = _scaled(kv, decay.block) + _dot(_scaled(k, decay.key), v, trans_a=True)
-        if not plan.decay:
+        if not plan.ds:
             return kv_next, kv_gap
         q = q_ref[rows, :]
         # sum_{j <= t} (t - j) lambda^(t - j) (q_t . k_j) v_j, row by row; dotted with dO it is -dL/ds
@@ -300,8 +305,8 @@ def _backward(plan: _Plan, q, k, v, s, do):
     partial = jax.ShapeDtypeStruct((nv, B, plan.Tp, plan.N, plan.Hp), jnp.float32)
     dv_shape = jax.ShapeDtypeStruct((B, plan.Tp, plan.N, plan.Vp), jnp.float32)
     dq_outs = _call(plan, _dq_kernel, "lightning_dq", s, [("q", q), ("k", k), ("v", v), ("o", do)],
-                    [("partial", partial)] + ([("o", dv_shape)] if plan.decay else []))
-    ds = jnp.sum(dq_outs[1], axis=(0, 1, 3)) if plan.decay else None  # [N]
+                    [("partial", partial)] + ([("o", dv_shape)] if plan.ds else []))
+    ds = jnp.sum(dq_outs[1], axis=(0, 1, 3)) if plan.ds else None  # [N]
     dk_part, dv = _call(plan, _dkdv_kernel, "lightning_dkdv", s, [("q", q), ("k", k), ("v", v), ("o", do)],
                         [("partial", partial), ("o", dv_shape)])
     # per query head: [B, Tp, N, Hp], [B, Tp, N, Hp], [B, Tp, N, Vp]; ds [N] or None
@@ -315,8 +320,30 @@ def _scan(plan: _Plan, q, k, v, s):
     return _forward(plan, q, k, v, s)
 
 
-def _scan_fwd(plan: _Plan, q, k, v, s):
-    return _forward(plan, q, k, v, s), (q, k, v, s)
+def symbolic_zero_fwd(forward):
+    """A custom_vjp fwd rule (symbolic_zeros=True) around forward(plan, q, k, v, s): the residuals carry, in their
+    pytree structure (static), whether the slopes are perturbed, so the backward skips dL/ds when nobody asks."""
+
+    def fwd(plan, q, k, v, s):
+        q, k, v = q.value, k.value, v.value
+        slope_grad = s is not None and s.perturbed
+        s = None if s is None else s.value
+        return forward(plan, q, k, v, s), (q, k, v, s) + (((),) if slope_grad else ())
+
+    return fwd
+
+
+def symbolic_zero_bwd(backward):
+    """The matching bwd rule: backward(plan with slope_grad set, (q, k, v, s), do) with a dense cotangent."""
+
+    def bwd(plan, res, do):
+        q, k, v, s = res[:4]
+        plan = dataclasses.replace(plan, slope_grad=len(res) == 5)
+        if isinstance(do, SymbolicZero):
+            return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), None
+        return backward(plan, (q, k, v, s), do)
+
+    return bwd
 
 
 def _scan_bwd(plan: _Plan, res, do):
@@ -330,7 +357,7 @@ def _scan_bwd(plan: _Plan, res, do):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), ds
 
 
-_scan.defvjp(_scan_fwd, _scan_bwd)
+_scan.defvjp(symbolic_zero_fwd(_forward), symbolic_zero_bwd(_scan_bwd), symbolic_zeros=True)
 
 
 # ---- Public entry ----

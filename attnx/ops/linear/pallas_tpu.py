@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from attnx.ops.linear.pallas_gpu import _pad, _split, check_inputs
+from attnx.ops.linear.pallas_gpu import _pad, _split, check_inputs, symbolic_zero_bwd, symbolic_zero_fwd
 
 _LANES = 128
 
@@ -72,10 +72,15 @@ class _Plan:
     C: int
     decay: bool
     interpret: bool
+    slope_grad: bool = True  # with decay: the backward also computes dL/ds (off when the slopes are not perturbed)
 
     @property
     def num_blocks(self) -> int:
         return self.Tp // self.C
+
+    @property
+    def ds(self) -> bool:
+        return self.decay and self.slope_grad
 
 
 def _mma(a, b, trans_b: bool):
@@ -161,12 +166,12 @@ def _forward_kernel(s_ref, q_ref, k_ref, v_ref, o_ref, kv_ref, *, plan: _Plan):
 
 def _dq_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, *refs, plan: _Plan):
     """dQ; with decay also -dL/ds per (row, value column) with the second state KV' (see pallas_gpu's docstring)."""
-    (dq_ref, ds_ref, kv_ref, kv_gap_ref) = refs if plan.decay else (refs[0], None, refs[1], None)
+    (dq_ref, ds_ref, kv_ref, kv_gap_ref) = refs if plan.ds else (refs[0], None, refs[1], None)
 
     @pl.when(pl.program_id(1) == 0)
     def _():
         kv_ref[...] = jnp.zeros_like(kv_ref)
-        if plan.decay:
+        if plan.ds:
             kv_gap_ref[...] = jnp.zeros_like(kv_gap_ref)
 
     decay = _Decay(plan, s_ref)
@@ -174,7 +179,7 @@ def _dq_kernel(s_ref, q_ref, k_ref, v_ref, do_ref, *refs, plan: _Plan):
     dp = _dot(do, v, trans_b=True) * decay.intra
     dq_ref[...] = _dot(dp, k) + decay.query(_dot(do, kv, trans_b=True))
     kv_ref[...] = decay.block(kv) + _dot(_t(decay.key(k.astype(jnp.float32))), v)
-    if plan.decay:
+    if plan.ds:
         q, kv_gap = q_ref[...], kv_gap_ref[...]
         weighted = (_dot(_dot(q, k, trans_b=True) * decay.intra_gap, v) + decay.query_gap(_dot(q, kv))
                     + decay.query(_dot(q, kv_gap)))
@@ -229,10 +234,6 @@ def _scan(plan: _Plan, q, k, v, s):
     return _forward(plan, q, k, v, s)
 
 
-def _scan_fwd(plan: _Plan, q, k, v, s):
-    return _forward(plan, q, k, v, s), (q, k, v, s)
-
-
 def _scan_bwd(plan: _Plan, res, do):
     q, k, v, s = res  # [B, N, Tp, Hp], [B, K, Tp, Hp], [B, K, Tp, Vp], [N]
     do = do.astype(q.dtype)
@@ -241,18 +242,18 @@ def _scan_bwd(plan: _Plan, res, do):
     dq, *ds_terms = _call(
         plan, _dq_kernel, "lightning_tpu_dq", s,
         [("query", q, plan.Hp), ("kv", k, plan.Hp), ("kv", v, plan.Vp), ("query", do, plan.Vp)],
-        [("query", f32(plan.Hp), plan.Hp)] + ([("query", f32(plan.Vp), plan.Vp)] if plan.decay else []),
-        states=2 if plan.decay else 1)
+        [("query", f32(plan.Hp), plan.Hp)] + ([("query", f32(plan.Vp), plan.Vp)] if plan.ds else []),
+        states=2 if plan.ds else 1)
     dk_heads, dv_heads = _call(
         plan, _dkdv_kernel, "lightning_tpu_dkdv", s,
         [("query", q, plan.Hp), ("kv", k, plan.Hp), ("kv", v, plan.Vp), ("query", do, plan.Vp)],
         [("query", f32(plan.Hp), plan.Hp), ("query", f32(plan.Vp), plan.Vp)], reverse=True)
     group = lambda x: x.reshape(B, K, plan.G, *x.shape[2:]).sum(2)  # GQA: the query heads of one kv head
-    ds = jnp.sum(ds_terms[0], axis=(0, 2, 3)).astype(s.dtype) if plan.decay else None
+    ds = jnp.sum(ds_terms[0], axis=(0, 2, 3)).astype(s.dtype) if plan.ds else None
     return dq.astype(q.dtype), group(dk_heads).astype(k.dtype), group(dv_heads).astype(v.dtype), ds
 
 
-_scan.defvjp(_scan_fwd, _scan_bwd)
+_scan.defvjp(symbolic_zero_fwd(_forward), symbolic_zero_bwd(_scan_bwd), symbolic_zeros=True)
 
 
 def lightning_pallas_tpu(q, k, v, slopes=None, *, block_size: int = 128, interpret: bool | None = None):
