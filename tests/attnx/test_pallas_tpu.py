@@ -156,16 +156,23 @@ def test_static_tables_mark_partial_blocks():
     np.testing.assert_array_equal(full, [[0, 0, 0], [1, 0, 0]])  # diagonal blocks are partial
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_lowers_to_mosaic_at_tpu_block_sizes(monkeypatch, dtype):
+@pytest.mark.parametrize("dtype,masks", [("bfloat16", "segments"), ("float32", "dense")])
+def test_lowers_to_mosaic_at_tpu_block_sizes(monkeypatch, dtype, masks):
     """The forward, dQ and dK/dV kernels pass Pallas's Mosaic lowering (block-shape rules, supported ops) for a TPU
-    at 128 x 128 blocks, with ragged lengths, GQA, window, segment ids, lengths, bias, soft cap and sinks. Only the
-    lowering runs: compiling for a TPU needs one."""
+    at 128 x 128 blocks, with ragged lengths, GQA, soft cap, sinks and either a causal window with segment ids,
+    lengths and a full bias, or a dense int8 mask with a [1, N, 1, S] bias. Only the lowering runs: compiling for a
+    TPU needs one."""
     monkeypatch.setattr(pallas_tpu, "_on_tpu", lambda: True)
     dt = jnp.dtype(dtype)
     B, T, S, N, K, H = 1, 300, 260, 4, 2, 64
-    seg_q, seg_k = jnp.zeros((B, T), jnp.int32), jnp.zeros((B, S), jnp.int32)
-    mask = Mask(causal=True, window=(100, 0), q_segment_ids=seg_q, kv_segment_ids=seg_k, kv_lengths=jnp.array([200]))
+    if masks == "segments":
+        seg_q, seg_k = jnp.zeros((B, T), jnp.int32), jnp.zeros((B, S), jnp.int32)
+        mask = Mask(causal=True, window=(100, 0), q_segment_ids=seg_q, kv_segment_ids=seg_k,
+                    kv_lengths=jnp.array([200]))
+        bias_shape = (B, N, T, S)
+    else:
+        mask = Mask(dense=jnp.asarray(np.random.default_rng(0).random((B, 1, T, S)) < 0.5))
+        bias_shape = (1, N, 1, S)
     cfg = attnx.PallasTpu(interpret=False)
 
     def loss(q, k, v, bias):
@@ -173,7 +180,7 @@ def test_lowers_to_mosaic_at_tpu_block_sizes(monkeypatch, dtype):
                                                        sinks=jnp.ones((N,)), implementation=cfg)
         return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
 
-    shapes = [jax.ShapeDtypeStruct(s, dt) for s in ((B, T, N, H), (B, S, K, H), (B, S, K, H), (B, N, T, S))]
+    shapes = [jax.ShapeDtypeStruct(s, dt) for s in ((B, T, N, H), (B, S, K, H), (B, S, K, H), bias_shape)]
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*shapes).lower(lowering_platforms=("tpu",))
     assert lowered.as_text().count("tpu_custom_call") == 3
 
