@@ -258,3 +258,46 @@ def test_cross_attention_is_refused():
     q, k, v = inputs(10)
     with pytest.raises(ValueError, match="self attention"):
         neighborhood_attention(q, k[:, :7], v[:, :7], kernel_size=3)
+
+
+def _tiled_pallas(q, k, v, cotangent, **options):
+    """Forward and input gradients of the tiled path over the Pallas GPU flash kernel (interpret mode on CPU)."""
+    def loss(q, k, v):
+        out = neighborhood_attention(q, k, v, implementation="tiled",
+                                     tiled_implementation=attnx.PallasGpu(interpret=True), **options)
+        return jnp.sum(out * cotangent), out
+
+    return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+
+
+def test_tiled_path_over_the_pallas_gpu_kernel_equals_the_reference():
+    """Issue 7's neighbourhood kernel: tokens in 4 x 4 tiles (16-token blocks) of an 8 x 8 grid through the
+    block-skipping Pallas flash kernel with NATTEN's rule as an in-kernel mask_mod (interpret mode), forward and
+    gradients. (RPB is a table gather, which the kernel refuses: tested on the chunked backend above.)"""
+    options = dict(grid=(8, 8), kernel_size=3, dilation=(1, 2), tile=(4, 4))
+    q, k, v = inputs(64)
+    cotangent = jnp.asarray(np.random.default_rng(3).standard_normal((B, 64, N, V)), jnp.float32)
+    (_, out), grads = jax.jit(lambda *a: _tiled_pallas(*a, **options))(q, k, v, cotangent)
+    reference = lambda q, k, v: jnp.sum(neighborhood_attention(q, k, v, implementation="reference", **{
+        n: o for n, o in options.items() if n != "tile"}) * cotangent)
+    want, want_grads = jax.jit(jax.value_and_grad(reference, argnums=(0, 1, 2)))(q, k, v)
+    assert_close(out, neighborhood_attention(q, k, v, implementation="reference", grid=(8, 8), kernel_size=3,
+                                             dilation=(1, 2)), jnp.float32, what="tiled pallas forward")
+    for name, got, expected in zip("qkv", grads, want_grads):
+        assert_close(got, expected, jnp.float32, kind="gradient", what=f"tiled pallas d{name}")
+
+
+def test_tiled_path_lowers_to_triton_for_cuda(monkeypatch):
+    """The tiled rule's index arithmetic inside the kernels lowers to Triton IR (jax.export for CUDA on this CPU;
+    jnp's floor division and remainder would not)."""
+    from attnx.ops.softmax import pallas_gpu
+
+    monkeypatch.setattr(pallas_gpu, "_backend", lambda: "gpu")
+    shapes = [jax.ShapeDtypeStruct((1, 256, 4, 32), jnp.bfloat16)] * 3
+    loss = lambda q, k, v: jnp.sum(neighborhood_attention(
+        q, k, v, grid=(16, 16), kernel_size=5, implementation="tiled", tile=(4, 4),
+        tiled_implementation=attnx.PallasGpu(interpret=False)).astype(jnp.float32))
+    exported = jax.export.export(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))), platforms=["cuda"],
+                                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(
+                                     "__gpu$xla.gpu.triton")])(*shapes)
+    assert exported.mlir_module().count("xla.gpu.triton") == 3
