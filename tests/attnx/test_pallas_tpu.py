@@ -24,10 +24,10 @@ class TestPallasTpu(AttentionConformance):
     unsupported = frozenset({"score_mod", "jvp"})
     # Interpret mode is slow to compile on CPU (~4.5 CPU-s per forward + backward case with the reference): the
     # default share keeps the file near a minute of CPU and still covers causal attention with ragged blocks and a
-    # bias (+ lse), causal segment ids (+ lse), an element-level block mask, fully masked rows (+ lse: -inf) and
-    # bf16 causal self attention (+ lse); MQA, GQA, windows and lengths are in the module-level tests below. The
-    # other cases are marked slow (run them with -m slow).
-    default_cases = frozenset({"odd_lengths", "segment_ids", "block_mask", "fully_masked_rows", "bf16"})
+    # bias (+ lse), causal segment ids (+ lse), an element-level block mask and bf16 causal self attention
+    # (+ lse); MQA, GQA, windows, lengths and fully masked rows (lse -inf) are in the module-level tests below.
+    # The other cases are marked slow (run them with -m slow).
+    default_cases = frozenset({"odd_lengths", "segment_ids", "block_mask", "bf16"})
 
     @pytest.fixture(autouse=True)
     def _generic_interpreter(self, monkeypatch):
@@ -108,7 +108,8 @@ def test_segment_ids_and_block_masks_skip_blocks():
 def test_skipped_blocks_are_not_read_under_tpu_emulation():
     """Under pltpu.InterpretParams (uninitialised buffers read as NaN, out-of-bounds block reads raise), with keys
     and values past kv_lengths set to NaN: any visited dead block would turn the output or a gradient into NaN
-    (0 * NaN). Forward, dQ and dK/dV kernels, MQA, a fully masked batch element (output 0, gradients 0)."""
+    (0 * NaN). Forward (with lse), dQ and dK/dV kernels, MQA, and a fully masked batch element (output 0, lse
+    -inf, gradients 0)."""
     assert pallas_tpu_blocks.EMULATE_TPU
     q, k, v = _qkv(B=2, T=8, S=32, N=2, K=1)
     mask = Mask(kv_lengths=jnp.array([8, 0]))
@@ -116,14 +117,17 @@ def test_skipped_blocks_are_not_read_under_tpu_emulation():
     k_nan, v_nan = jnp.where(dead, jnp.nan, k), jnp.where(dead, jnp.nan, v)
     w = jnp.cos(jnp.arange(16.0))
 
-    def both(impl, k, v):
-        return _out_and_grads(lambda q, k, v: attnx.dot_product_attention(q, k, v, mask=mask, implementation=impl),
-                              w, q, k, v)
+    def everything(impl, k, v):
+        def loss(q, k, v):
+            out, lse = attnx.dot_product_attention_with_lse(q, k, v, mask=mask, implementation=impl)
+            return jnp.sum(out * w) + 0.3 * jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0)), (out, lse)
+        return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
 
-    out, grads = jax.jit(lambda k, v: both(SMALL, k, v))(k_nan, v_nan)
-    r_out, r_grads = both("reference", k, v)
+    (_, (out, lse)), grads = jax.jit(lambda k, v: everything(SMALL, k, v))(k_nan, v_nan)
+    (_, (r_out, r_lse)), r_grads = jax.jit(lambda k, v: everything("reference", k, v))(k, v)
     assert_close(out, r_out, jnp.float32, "forward", "output")
-    assert np.all(np.asarray(out[1]) == 0)
+    assert np.all(np.asarray(out[1]) == 0) and np.all(np.asarray(lse[1]) == -np.inf)
+    assert_close(lse[0], r_lse[0], jnp.float32, "forward", "lse")
     for name, g, r in zip("qkv", grads, r_grads):
         assert np.all(np.isfinite(np.asarray(g))), f"d{name}"
         assert_close(g, r, jnp.float32, "gradient", f"d{name}")
@@ -144,7 +148,7 @@ def test_ragged_window_gqa_and_nested_block_mask_match_reference(monkeypatch):
                               w, q, k, v)
 
     out, grads = jax.jit(lambda: both(cfg))()
-    r_out, r_grads = both("reference")
+    r_out, r_grads = jax.jit(lambda: both("reference"))()
     assert_close(out, r_out, jnp.float32, "forward", "output")
     for name, g, r in zip("qkv", grads, r_grads):
         assert_close(g, r, jnp.float32, "gradient", f"d{name}")
