@@ -4,9 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 import attnx
 from attnx.ops.softmax import chunked
+from attnx.testing.tolerances import assert_close
 from attnx.validation import canonicalize
 
 RNG = np.random.default_rng(0)
@@ -309,3 +311,19 @@ def test_concrete_array_scale_is_accepted():
     a = attnx.dot_product_attention(q, k, v, scale=1 / jnp.sqrt(8.0), implementation="reference")
     b = attnx.dot_product_attention(q, k, v, implementation="reference")
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_chunked_gradients_inside_lax_cond_and_switch():
+    """Regression: the chunked path's custom_jvp kept a JAX array built in the caller's trace in its nondiff
+    argument, which leaked as a tracer when the attention sat inside a lax.cond / lax.switch branch under grad
+    ("No constant handler for type DynamicJaxprTracer"); ring attention's causal chunk switch hit it."""
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((2, 9, 4, 8)), jnp.float32)
+    kv = jnp.asarray(rng.standard_normal((2, 9, 2, 8)), jnp.float32)
+    attend = lambda q: attnx.dot_product_attention(q, kv, kv, mask=attnx.Mask(causal=True),
+                                                   implementation=attnx.Chunked(4, 4))
+    plain = jax.grad(lambda q: jnp.sum(jnp.sin(attend(q))))(q)
+    in_cond = jax.jit(jax.grad(lambda q, flag: jnp.sum(jnp.sin(lax.cond(flag, attend, jnp.zeros_like, q)))))
+    in_switch = jax.jit(jax.grad(lambda q, i: jnp.sum(jnp.sin(lax.switch(i, [jnp.zeros_like, attend], q)))))
+    assert_close(in_cond(q, True), plain, jnp.float32, "gradient", "inside lax.cond")
+    assert_close(in_switch(q, 1), plain, jnp.float32, "gradient", "inside lax.switch")

@@ -27,11 +27,11 @@ def _inputs(dtype=jnp.float32, seed=0):
     return f(B, T, N, H), f(B, T, K, H), f(B, T, K, V), f(B, T, N, V)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "causal", "ring"))
-def _value_and_grads(q, k, v, cotangent, *, mesh, causal, ring):
+@functools.partial(jax.jit, static_argnames=("mesh", "causal", "ring", "implementation"))
+def _value_and_grads(q, k, v, cotangent, *, mesh, causal, ring, implementation=None):
     def loss(q, k, v):
         if ring:
-            out = ring_attention(q, k, v, mesh=mesh, batch_axes="data", causal=causal)
+            out = ring_attention(q, k, v, mesh=mesh, batch_axes="data", causal=causal, implementation=implementation)
         else:
             out = attnx.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
                                               mask=attnx.Mask(causal=causal), implementation="reference")
@@ -41,10 +41,15 @@ def _value_and_grads(q, k, v, cotangent, *, mesh, causal, ring):
     return out, grads
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_ring_equals_single_device_attention_with_gradients(mesh, causal):
+# The chunk partials run through each backend's own loops inside shard_map: the materialised reference (the
+# default at these sizes) and the chunked flash path with several blocks per chunk (its loop carries must carry
+# the chunks' device-varying type).
+@pytest.mark.parametrize("causal, implementation", [(False, None), (True, None), (True, attnx.Chunked(4, 4))],
+                         ids=["full", "causal", "causal_chunked"])
+def test_ring_equals_single_device_attention_with_gradients(mesh, causal, implementation):
     q, k, v, cotangent = _inputs()
-    out, grads = _value_and_grads(q, k, v, cotangent, mesh=mesh, causal=causal, ring=True)
+    out, grads = _value_and_grads(q, k, v, cotangent, mesh=mesh, causal=causal, ring=True,
+                                  implementation=implementation)
     want, want_grads = _value_and_grads(q, k, v, cotangent, mesh=mesh, causal=causal, ring=False)
     assert out.dtype == q.dtype and out.shape == (B, T, N, V)
     assert_close(out, want, jnp.float32, what="ring forward")

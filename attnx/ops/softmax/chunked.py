@@ -179,7 +179,9 @@ class _Blocks:
         self.g, self.mask, self.score_mod, self.mask_mod = g, mask, score_mod, mask_mod
         self.mask_consts, self.scale, self.cap = mask_consts, scale, cap
         self.has_dynamic_mask = mask_mod is not None or mask.has_array_fields
-        self.full = jnp.asarray(np.array(g.full, dtype=bool))
+        # numpy, made a JAX array where it is read: this object is a nondiff argument of the custom_jvp, so an
+        # array built here would be a tracer of the caller's trace and leak into the rule's (grad inside lax.cond)
+        self.full = np.array(g.full, dtype=bool)
 
     def logits(self, q_i, k_j, bias_ij, score_consts, i, j):
         """float32 [B, K, G, bq, bk] logits of query block i against key block j, modifiers applied."""
@@ -203,7 +205,8 @@ class _Blocks:
         """Set excluded logits to -inf, skipping the work on blocks that are statically fully visible."""
         if self.has_dynamic_mask:
             return jnp.where(self.allowed(i, j), s, -jnp.inf)
-        return lax.cond(self.full[i, j], lambda s: s, lambda s: jnp.where(self.allowed(i, j), s, -jnp.inf), s)
+        return lax.cond(jnp.asarray(self.full)[i, j], lambda s: s,
+                        lambda s: jnp.where(self.allowed(i, j), s, -jnp.inf), s)
 
 
 def _pad_axis(x, axis, size):
@@ -250,8 +253,9 @@ def _forward(g: _Geometry, blocks: _Blocks, q, k, v, bias, sinks, score_consts, 
 
             return lax.cond(live[i, j], compute, lambda c: c, carry)
 
-        init = (jnp.full((B, K, G, g.bq), -jnp.inf, F32), jnp.zeros((B, K, G, g.bq), F32),
-                jnp.zeros((B, K, G, g.bq, g.V), F32))
+        init = tuple(common.match_varying(z, q, k, v, bias, score_consts, live) for z in (
+            jnp.full((B, K, G, g.bq), -jnp.inf, F32), jnp.zeros((B, K, G, g.bq), F32),
+            jnp.zeros((B, K, G, g.bq, g.V), F32)))
         m, l, acc = lax.fori_loop(lo[i], hi[i], kv_step, init)
         if sinks is not None:
             sink = sinks.astype(F32).reshape(1, K, G, 1)
@@ -291,6 +295,10 @@ def _tangent(g: _Geometry, blocks: _Blocks, primals, tangents, out, lse):
     use = dict(q=not _is_zero(dq), k=not _is_zero(dk), v=not _is_zero(dv), bias=not _is_zero(dbias),
                sinks=not _is_zero(dsinks), score=not all(_is_zero(t) for t in dscore))
     lo = jnp.asarray(g.lo, jnp.int32)
+    # Inside a shard_map the accumulators must vary over the mesh axes the inputs vary over (common.match_varying);
+    # made here, outside the checkpointed scan bodies, whose partial evaluation cannot take the cast of a constant.
+    tangent_init = tuple(common.match_varying(z, primals, tangents, out, lse) for z in (
+        jnp.zeros((B, K, G, g.bq, g.V), F32), jnp.zeros((B, K, G, g.bq), F32)))
 
     def split_rows(x):  # [..., Tp, X] -> [nq, ..., bq, X]
         return jnp.moveaxis(x.reshape(x.shape[:3] + (g.nq, g.bq) + x.shape[4:]), 3, 0)
@@ -372,8 +380,7 @@ def _tangent(g: _Geometry, blocks: _Blocks, primals, tangents, out, lse):
 
             return lax.cond(live[i, j], compute, lambda c: c, carry), None
 
-        init = (jnp.zeros((B, K, G, g.bq, g.V), F32), jnp.zeros((B, K, G, g.bq), F32))
-        (a, c), _ = lax.scan(jax.checkpoint(kv_step), init, inner)
+        (a, c), _ = lax.scan(jax.checkpoint(kv_step), tangent_init, inner)
         if use["sinks"]:
             sink = sinks.astype(F32).reshape(1, K, G, 1)
             p_sink = jnp.where(jnp.isfinite(lse_i), jnp.exp(sink - lse_safe), 0.0)

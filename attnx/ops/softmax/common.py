@@ -17,6 +17,23 @@ from attnx.mask import Mask
 F32 = jnp.float32
 
 
+def varying_axes(x) -> frozenset:
+    """The manual mesh axes x varies over inside a `shard_map` (`manual_axis_type.varying` in jax 0.10, `vma` in
+    other versions); empty outside one."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(manual.varying) if manual is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def match_varying(x: jax.Array, *references) -> jax.Array:
+    """x marked as varying over every mesh axis its references (arrays; anything else is ignored) vary over.
+    Inside a `shard_map`, loop carries and cond branches must keep one type, and fresh constants (accumulators
+    started at 0 / -inf) are device-invariant while what the loop adds to them varies: ring attention runs these
+    kernels per device. Outside a shard_map this returns x unchanged."""
+    axes = frozenset().union(*(varying_axes(r) for r in jax.tree.leaves(references) if isinstance(r, jax.Array)))
+    return jax.lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x
+
+
 def group_heads(x: jax.Array | None, K: int, G: int, head_axis: int = 1) -> jax.Array | None:
     """[B, N|1, ...] -> [B, K|1, G|1, ...] splitting the head axis into (K, G)."""
     if x is None:

@@ -31,6 +31,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from attnx.api import dot_product_attention, dot_product_attention_with_lse
 from attnx.mask import Mask
+from attnx.ops.softmax.common import match_varying
 
 
 def _merge(out_a, lse_a, out_b, lse_b):
@@ -41,21 +42,6 @@ def _merge(out_a, lse_a, out_b, lse_b):
     weight = lambda part: jnp.where(jnp.isfinite(part), jnp.exp(part - safe), 0.0)[..., None]
     out = out_a.astype(jnp.float32) * weight(lse_a) + out_b.astype(jnp.float32) * weight(lse_b)
     return out, lse
-
-
-def _varying_axes(x) -> frozenset:
-    """The manual mesh axes x varies over inside a shard_map (`manual_axis_type.varying` in jax 0.10, `vma` in
-    other versions)."""
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)
-    return frozenset(manual.varying) if manual is not None else frozenset(getattr(aval, "vma", ()))
-
-
-def _varying_like(x, *references):
-    """x marked as varying over the mesh axes its references vary over: shard_map's type check wants loop carries
-    and switch branches of one type, and fresh constants are device-invariant."""
-    axes = tuple(sorted(frozenset().union(*map(_varying_axes, references))))
-    return lax.pcast(x, axes, to="varying") if axes else x
 
 
 def ring_attention_local(query, key, value, *, axis_name: str, causal: bool = False, scale: float | None = None,
@@ -79,8 +65,8 @@ def ring_attention_local(query, key, value, *, axis_name: str, causal: bool = Fa
         return run
 
     def empty():
-        return (_varying_like(jnp.zeros((B, T, N, V), jnp.float32), query, key, value),
-                _varying_like(jnp.full((B, T, N), -jnp.inf, jnp.float32), query, key, value))
+        return (match_varying(jnp.zeros((B, T, N, V), jnp.float32), query, key, value),
+                match_varying(jnp.full((B, T, N), -jnp.inf, jnp.float32), query, key, value))
 
     def skip(k, v):  # a chunk wholly in this device's future: nothing visible
         return empty()
