@@ -36,25 +36,20 @@ __all__ = ["dot_product_attention", "dot_product_attention_with_lse", "explain",
            "implementation_names"]
 
 
-def _no_check(args: AttentionArgs, return_lse: bool) -> None:
+def _no_check(args: AttentionArgs, return_lse: bool, cfg) -> None:
     return None
 
 
-def _not_written(name: str):
-    def check(args: AttentionArgs, return_lse: bool) -> None:
-        raise NotImplementedError(f"{name}: this Pallas kernel is not written yet (planned: issue 7); use 'chunked'")
-    return check
-
-
-# name -> (check(args, return_lse) raising NotImplementedError, run(args, cfg, return_lse))
+# name -> (check(args, return_lse, cfg) raising NotImplementedError, run(args, cfg, return_lse)). The check sees
+# the config, so that `explain` knows e.g. that a Pallas kernel neither on its device nor interpreted cannot run.
 _BACKENDS: dict[str, tuple[Callable, Callable]] = {
     "reference": (_no_check, lambda args, cfg, lse: reference_attention(args, return_lse=lse)),
     "chunked": (_no_check, lambda args, cfg, lse: chunked_attention(args, cfg, return_lse=lse)),
-    "xla": (xla_impl.check_xla, xla_impl.run_xla),
-    "cudnn": (xla_impl.check_cudnn, xla_impl.run_cudnn),
-    "pallas_gpu": (lambda args, lse: pallas_gpu_impl.check(args, lse),
+    "xla": (lambda args, lse, cfg: xla_impl.check_xla(args, lse), xla_impl.run_xla),
+    "cudnn": (lambda args, lse, cfg: xla_impl.check_cudnn(args, lse), xla_impl.run_cudnn),
+    "pallas_gpu": (lambda args, lse, cfg: pallas_gpu_impl.check(args, lse, cfg),
                    lambda args, cfg, lse: pallas_gpu_impl.run(args, cfg, return_lse=lse)),
-    "pallas_tpu": (lambda args, lse: pallas_tpu_impl.check(args, lse),
+    "pallas_tpu": (lambda args, lse, cfg: pallas_tpu_impl.check(args, lse, cfg),
                    lambda args, cfg, lse: pallas_tpu_impl.run(args, cfg, return_lse=lse)),
 }
 
@@ -65,8 +60,8 @@ _SMALL_LOGITS = 256 * 256
 
 
 def implementation_names() -> tuple[str, ...]:
-    """Names of the implementations that exist ("pallas_gpu" runs on GPUs, or on CPU in interpret mode; a Pallas
-    name whose kernel is not written yet is accepted but left out here)."""
+    """Names of the implementations that exist ("pallas_gpu" / "pallas_tpu" run on their devices, or anywhere in
+    interpret mode)."""
     return tuple(name for name, (_, run) in _BACKENDS.items() if run is not None)
 
 
@@ -111,7 +106,7 @@ def _run(args: AttentionArgs, implementation: Any, return_lse: bool):
     for cfg in candidates:
         check, run = _BACKENDS[cfg.name]
         try:
-            check(args, return_lse)
+            check(args, return_lse, cfg)
             return run(args, cfg, return_lse)
         except NotImplementedError as err:
             if single:
@@ -211,9 +206,10 @@ def explain(query, key, value, bias=None, mask=None, *, scale=None, logits_soft_
     considered = tuple(c.name for c in candidates)
     rejected = {}
     chosen = None
+    configs = {cfg.name: cfg for cfg in candidates}
     for name, (check, _) in _BACKENDS.items():
         try:
-            check(args, with_lse)
+            check(args, with_lse, configs.get(name) or IMPLEMENTATIONS[name]())
         except NotImplementedError as err:
             rejected[name] = str(err)
     for cfg in candidates:

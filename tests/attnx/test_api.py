@@ -270,7 +270,7 @@ def test_vmap_over_mask_arrays():
 def test_errors_other_than_not_implemented_do_not_fall_through(monkeypatch):
     from attnx import api
 
-    def broken(args, return_lse):
+    def broken(args, return_lse, cfg):
         raise RuntimeError("a real bug")
 
     monkeypatch.setitem(api._BACKENDS, "xla", (broken, api._BACKENDS["xla"][1]))
@@ -279,14 +279,19 @@ def test_errors_other_than_not_implemented_do_not_fall_through(monkeypatch):
         attnx.dot_product_attention(q, k, v, implementation=["xla", "reference"])
 
 
-def test_pallas_names_fall_through_until_the_kernels_exist():
+def test_pallas_kernels_off_their_device_fall_through_and_explain_says_so():
     q, k, v = _qkv()
-    out = attnx.dot_product_attention(q, k, v, implementation=["pallas_tpu", "pallas_gpu", "chunked"])
+    kernels = [attnx.PallasTpu(interpret=False), attnx.PallasGpu(interpret=False), "chunked"]
+    out = attnx.dot_product_attention(q, k, v, implementation=kernels)
     assert out.shape == (2, 6, 4, 8)
-    if jax.default_backend() != "gpu":
-        # Named alone, a kernel that cannot run here raises instead of falling back.
+    if jax.default_backend() not in ("gpu", "tpu"):
+        # Named alone, a kernel that cannot run here raises instead of falling back; explain agrees.
         with pytest.raises(NotImplementedError, match="needs a GPU"):
             attnx.dot_product_attention(q, k, v, implementation=attnx.PallasGpu(interpret=False))
+        info = attnx.explain(q, k, v, implementation=kernels)
+        assert info.chosen == "chunked", info
+        assert "needs a GPU" in info.rejected["pallas_gpu"] and "needs a TPU" in info.rejected["pallas_tpu"]
+        assert attnx.explain(q, k, v, implementation=attnx.PallasGpu(interpret=True)).chosen == "pallas_gpu"
 
 
 def test_explain_with_lse_reports_what_actually_runs():

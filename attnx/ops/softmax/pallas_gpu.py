@@ -67,8 +67,7 @@ def check(args: AttentionArgs, return_lse: bool, cfg: PallasGpu | None = None) -
         raise NotImplementedError(f"pallas_gpu: head dims up to {MAX_HEAD_DIM} (got H={H}, V={V})")
     if args.q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
         raise NotImplementedError(f"pallas_gpu: dtypes float32/bfloat16/float16, got {args.q.dtype}")
-    # The dispatcher calls check without the config; the backend test needs `interpret`, so it runs only when
-    # the config is known (from `run`, inside the same NotImplementedError fall-through).
+    # The backend test needs the config's `interpret` (the dispatcher and `explain` pass it).
     if cfg is not None and not resolve_interpret(cfg.interpret) and _backend() != "gpu":
         raise NotImplementedError(f"pallas_gpu: needs a GPU (backend is {_backend()}); pass "
                                   "attnx.PallasGpu(interpret=True) or set ATTNX_PALLAS_INTERPRET=1 to interpret it")

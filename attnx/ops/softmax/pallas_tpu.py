@@ -55,8 +55,12 @@ __all__ = ["check", "run"]
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
-def check(args: AttentionArgs, return_lse: bool) -> None:
-    """Raise NotImplementedError for arguments this kernel does not handle (the API then tries the next one)."""
+def check(args: AttentionArgs, return_lse: bool, cfg=None) -> None:
+    """Raise NotImplementedError for arguments this kernel does not handle (the API then tries the next one);
+    with the config, also when it would run neither on a TPU nor interpreted."""
+    if cfg is not None and not _interpreting(cfg) and not _on_tpu():
+        raise NotImplementedError(f"pallas_tpu: needs a TPU (backend is {jax.default_backend()}) or interpret "
+                                  "mode (PallasTpu(interpret=True) or ATTNX_PALLAS_INTERPRET=1)")
     if args.score_mod is not None:
         raise NotImplementedError("pallas_tpu: score_mod is not traced into the kernel yet; use 'chunked'")
     if args.q.dtype.name not in _DTYPES:
