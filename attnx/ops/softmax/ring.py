@@ -64,27 +64,26 @@ def ring_attention_local(query, key, value, *, axis_name: str, causal: bool = Fa
             return out.astype(jnp.float32), lse
         return run
 
-    def empty():
+    def skip(k, v):  # a chunk wholly in this device's future: nothing visible (typed like the others' results)
         return (match_varying(jnp.zeros((B, T, N, V), jnp.float32), query, key, value),
                 match_varying(jnp.full((B, T, N), -jnp.inf, jnp.float32), query, key, value))
 
-    def skip(k, v):  # a chunk wholly in this device's future: nothing visible
-        return empty()
-
     branches = [attend(None)] if not causal else [attend(None), attend(Mask(causal=True)), skip]
 
+    ring = [(d, (d + 1) % n) for d in range(n)]
+
     def step(s, carry):
+        """Receive the next chunk (the one that started on device me - s, in this device's past when s <= me),
+        attend to it and merge: n - 1 passes after the device's own chunk, so no chunk travels further."""
         out, lse, k, v = carry
-        source = (me - s) % n  # the chunk held at step s started on device me - s
-        case = 0 if not causal else jnp.where(source < me, 0, jnp.where(source == me, 1, 2))
+        k, v = lax.ppermute(k, axis_name, ring), lax.ppermute(v, axis_name, ring)
+        case = 0 if not causal else jnp.where(s <= me, 0, 2)  # past chunk: all visible; future: skipped
         part_out, part_lse = lax.switch(case, branches, k, v)
         out, lse = _merge(out, lse, part_out, part_lse)
-        ring = [(d, (d + 1) % n) for d in range(n)]
-        k, v = lax.ppermute(k, axis_name, ring), lax.ppermute(v, axis_name, ring)
         return out, lse, k, v
 
-    init = (*empty(), key, value)
-    out, _, _, _ = lax.fori_loop(0, n, step, init)
+    own_out, own_lse = (branches[1] if causal else branches[0])(key, value)  # the diagonal chunk first
+    out, _, _, _ = lax.fori_loop(1, n, step, (own_out, own_lse, key, value))
     return out.astype(query.dtype)
 
 
