@@ -384,6 +384,20 @@ def _pad(x, sizes):
     return jnp.pad(x, widths) if any(w for _, w in widths) else x
 
 
+def checked_entry(owner: str, config, config_type: type, kernel: str, backend: str, q, k, v, slopes):
+    """The entry checks both scan kernels share: the config's type, the inputs (`check_inputs`) and that the kernel
+    can run here (on its `backend`, or interpreted). Returns (canonical args, slopes, interpret)."""
+    if not isinstance(config, config_type):
+        raise ValueError(f"{owner}.config: expected a {config_type.__name__}, got {config!r}")
+    args, slopes = check_inputs(owner, q, k, v, slopes)
+    interpret = config.resolved_interpret()
+    if not interpret and jax.default_backend() != backend:
+        raise NotImplementedError(f"{owner}: the {kernel} kernel needs a {backend.upper()} (backend is "
+                                  f"{jax.default_backend()!r}); pass interpret=True or set ATTNX_PALLAS_INTERPRET=1 "
+                                  "to run it in the Pallas interpreter")
+    return args, slopes, interpret
+
+
 def check_inputs(owner: str, q, k, v, slopes):
     """Shapes as `lightning_chunked` takes them (after `canonicalize`), self attention, slopes None or float [N]."""
     args = canonicalize(q, k, v)
@@ -416,16 +430,10 @@ def lightning_pallas(q, k, v, slopes=None, *, block_size: int = 64, block_v: int
 
 def lightning_pallas_with_config(q, k, v, slopes, config: LinearScanPallas):
     """`lightning_pallas` with its options as one `LinearScanPallas` (what the mechanisms' dispatch passes)."""
-    if not isinstance(config, LinearScanPallas):
-        raise ValueError(f"lightning_pallas.config: expected a LinearScanPallas, got {config!r}")
-    args, slopes = check_inputs("lightning_pallas", q, k, v, slopes)
+    args, slopes, interpret = checked_entry("lightning_pallas", config, LinearScanPallas, "Triton", "gpu", q, k, v,
+                                            slopes)
     B, T, N, H = args.q.shape
     K, V = args.k.shape[2], args.v.shape[-1]
-    interpret = config.resolved_interpret()
-    if not interpret and jax.default_backend() != "gpu":
-        raise NotImplementedError(f"lightning_pallas: the Triton kernel needs a GPU (backend is "
-                                  f"{jax.default_backend()!r}); pass interpret=True or set ATTNX_PALLAS_INTERPRET=1 "
-                                  "to run it in the Pallas interpreter")
     out_dtype = args.q.dtype
     if B * T == 0:
         return jnp.zeros((*args.batch_shape, T, N, V), out_dtype)

@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from attnx.ops.linear.pallas_gpu import _pad, _split, check_inputs, symbolic_zero_bwd, symbolic_zero_fwd
+from attnx.ops.linear.pallas_gpu import _pad, _split, checked_entry, symbolic_zero_bwd, symbolic_zero_fwd
 
 _LANES = 128
 
@@ -269,16 +269,10 @@ def lightning_pallas_tpu(q, k, v, slopes=None, *, block_size: int = 128, interpr
 
 def lightning_pallas_tpu_with_config(q, k, v, slopes, config: LinearScanPallasTpu):
     """`lightning_pallas_tpu` with its options as one `LinearScanPallasTpu` (what the mechanisms' dispatch passes)."""
-    if not isinstance(config, LinearScanPallasTpu):
-        raise ValueError(f"lightning_pallas_tpu.config: expected a LinearScanPallasTpu, got {config!r}")
-    args, slopes = check_inputs("lightning_pallas_tpu", q, k, v, slopes)
+    args, slopes, interpret = checked_entry("lightning_pallas_tpu", config, LinearScanPallasTpu, "Mosaic", "tpu",
+                                            q, k, v, slopes)
     B, T, N, H = args.q.shape
     K, V = args.k.shape[2], args.v.shape[-1]
-    interpret = config.resolved_interpret()
-    if not interpret and jax.default_backend() != "tpu":
-        raise NotImplementedError(f"lightning_pallas_tpu: the Mosaic kernel needs a TPU (backend is "
-                                  f"{jax.default_backend()!r}); pass interpret=True or set ATTNX_PALLAS_INTERPRET=1 "
-                                  "to run it in the Pallas interpreter")
     out_dtype = args.q.dtype
     if B * T == 0:
         return jnp.zeros((*args.batch_shape, T, N, V), out_dtype)
