@@ -3,6 +3,13 @@
 The gin files configure `train.trainer.train` (see configs/quickstart.gin); bindings override them; the resolved
 configuration is written to `<workdir>/config.gin` before training starts. Exit status: 0 when training finished or
 was stopped by SIGTERM with a checkpoint, 1 on a non-finite loss, 2 on a configuration error.
+
+Multi-process (multi-host) runs: every process runs the same command. Right after the gin files are parsed, and before
+anything touches a JAX device, `train.distributed.initialize` joins the job described by the fields of
+`distributed.DistributedConfig` bound in a gin file (one that imports `from train import distributed`), else by the
+environment (ATTNX_COORDINATOR_ADDRESS, ATTNX_NUM_PROCESSES, ATTNX_PROCESS_ID); with none of them it is a
+single-process run. `distributed.DistributedConfig.auto = True` lets JAX detect the job on SLURM, Open MPI and TPU
+pods. Only process 0 writes the resolved config.
 """
 
 import argparse
@@ -30,16 +37,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     began = time.perf_counter()
     # Imported after argument parsing so that `--help` and argument errors are instant.
-    from train import trainer
+    import jax
+
+    from train import distributed, trainer  # neither initialises a JAX backend on import (checked by a test)
 
     try:
         gin_config.parse(args.gin_file, args.gin_bindings)
         run = gin_config.configured(trainer.train)
-        config_path = gin_config.write_resolved_config(args.workdir)
-    except gin_config.GinConfigError as error:
+        # First, before any device is touched: a multi-process job must be joined before JAX's backends start.
+        distributed.initialize(_distributed_config())
+    except ValueError as error:  # gin errors and bad distributed settings (from gin or the environment)
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"Resolved config written to {config_path}")
+    if jax.process_index() == 0:  # one writer for the shared workdir
+        print(f"Resolved config written to {gin_config.write_resolved_config(args.workdir)}")
     try:
         result = run(workdir=args.workdir)
     except trainer.NonFiniteLossError as error:
@@ -52,6 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Training {status} at step {result.final_step}; wall time {time.perf_counter() - began:.1f} s; "
           f"outputs in {args.workdir}")
     return 0
+
+
+def _distributed_config():
+    """The gin-bound `distributed.DistributedConfig()`, or None when no gin file mentions it."""
+    import gin
+
+    from train import distributed
+
+    try:
+        configurable = gin.get_configurable(distributed.DistributedConfig)
+    except ValueError:  # not in gin's registry: no file imported train.distributed and bound it
+        return None
+    return configurable()
 
 
 if __name__ == "__main__":
