@@ -23,6 +23,7 @@ from attnx.testing.tolerances import assert_close
 from train import __main__ as cli
 from train import distributed
 from train import metrics as metrics_lib
+from train.data.byte_lm import ByteWindows
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 WORKER = pathlib.Path(__file__).with_name("multiprocess_worker.py")
@@ -106,13 +107,16 @@ def series(report: dict, name: str) -> np.ndarray:
     return np.asarray([report["metrics"][str(step)][name] for step in range(1, STEPS + 1)], np.float32)
 
 
-def test_process_shares_union_to_the_single_process_batch(corpus):
+def test_process_shares_union_to_the_single_process_batch(tmp_path, write_corpus):
     """The data half of the claim: at every step, process 0's and process 1's rows together are exactly the rows
-    one process reads (as a multiset; their order on the devices differs, which a mean loss does not see)."""
-    data = multiprocess_worker.tiny_task(corpus).data
+    one process reads (as a multiset; their order on the devices differs, which a mean loss does not see), also
+    across epoch boundaries (an odd window count, so the boundary falls inside a process's share) and reshuffles."""
+    data = multiprocess_worker.tiny_task(write_corpus(tmp_path / "corpus", files=4)).data
+    windows = len(ByteWindows(data.train_bytes, data.seq_len + 1, data.seq_len))
+    assert windows % 2 == 1
     single = data.train_iterator(0, 1)
     shares = [data.train_iterator(index, 2) for index in range(2)]
-    for _ in range(STEPS + 2):
+    for _ in range(-(-5 * windows // (2 * data.batch_size))):  # two and a half epochs
         whole = next(single)["tokens"]
         parts = [next(share)["tokens"] for share in shares]
         assert [len(part) for part in parts] == [len(whole) // 2] * 2

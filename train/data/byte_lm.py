@@ -85,8 +85,11 @@ class ByteLMData:
         if self.batch_size % process_count:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by process_count={process_count}")
         windows = ByteWindows(self.train_bytes, self.seq_len + 1, self.seq_len)
-        dataset = grain.MapDataset.source(windows).shuffle(seed=self.seed)
-        dataset = dataset[process_index::process_count].repeat()
+        # Repeat, then slice: the processes split one endless reshuffled stream, so at every step their shares are
+        # exactly the windows one process would read (slicing first gave each process its own epoch, unshuffled
+        # and ending at a different step when the window count is not a multiple of process_count).
+        dataset = grain.MapDataset.source(windows).shuffle(seed=self.seed).repeat()
+        dataset = dataset[process_index::process_count]
         dataset = dataset.map(lambda window: {"tokens": window})
         dataset = dataset.batch(self.batch_size // process_count, drop_remainder=True)
         read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=self.prefetch)
