@@ -86,8 +86,8 @@ class ByteLMData:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by process_count={process_count}")
         windows = ByteWindows(self.train_bytes, self.seq_len + 1, self.seq_len)
         # Repeat, then slice: the processes split one endless reshuffled stream, so at every step their shares are
-        # exactly the windows one process would read (slicing first gave each process its own epoch, unshuffled
-        # and ending at a different step when the window count is not a multiple of process_count).
+        # exactly the windows one process would read (slicing first made each process's share an epoch of its
+        # own, ending at a different step when the window count is not a multiple of process_count).
         dataset = grain.MapDataset.source(windows).shuffle(seed=self.seed).repeat()
         dataset = dataset[process_index::process_count]
         dataset = dataset.map(lambda window: {"tokens": window})
