@@ -63,6 +63,7 @@ from models.layers.dit_block import DiTBlock, FinalLayer
 from models.layers.ip_adapter import ImageProjModel, check_image_prompt_options
 from models.layers.mixers import SPATIAL_MIXERS
 from models.layers.patch import PatchEmbed, sincos_2d, unpatchify
+from models.layers.sharding import constrain
 
 # DiT's forward_with_cfg guides only channels [:3] "for exact reproducibility reasons" (its comment); with 4 latent
 # channels that leaves the 4th unguided. `all_channels=False` reproduces that.
@@ -355,7 +356,8 @@ class DiT(nnx.Module):
         tokens = self.patch_embed(x) + self.position_embedding().astype(x.dtype)
         intermediates = {"conditioning": c, "tokens": tokens}
         for index, block in enumerate(self.blocks):
-            tokens = block(tokens, c, prompts[index], condition=condition, cross_attention_kwargs=cross_kwargs)
+            tokens = block(constrain(tokens, "btd"), c, prompts[index], condition=condition,
+                           cross_attention_kwargs=cross_kwargs)
             intermediates[f"block_{index}"] = tokens
         patches = self.final_layer(tokens, c)
         grid = (self.grid_size, self.grid_size)

@@ -64,6 +64,7 @@ from models.layers.mixers.multimodal import attention_inputs as publish_attentio
 from models.layers.mixers.tnl import TNLMixer, check_slopes, resolve_slopes
 from models.layers.mlp import SwiGLU
 from models.layers.norm import RMSNorm
+from models.layers.sharding import constrain
 
 # The LLM's own token mixers: modules that replace the attention layer, built as
 # `cls(width, num_heads, num_kv_heads, head_dim, layer_index=, num_layers=, norm_eps=, rngs=, param_dtype=, **kwargs)`
@@ -378,8 +379,9 @@ class LLM(nnx.Module):
         ids = {"token_ids": token_ids} if self.representation_embeddings else {}
         with self._run_time_inputs(attention_inputs):
             for block in self.blocks:
-                x = block(x, positions, **ids)
-        return x
+                # The residual stream: batch over data x fsdp, tokens over sequence, width whole.
+                x = block(constrain(x, "btd"), positions, **ids)
+        return constrain(x, "btd")
 
     def init_cache(self, batch_size: int, length: int) -> list[KVCache]:
         """An empty KV cache of `length` positions per layer, in the parameters' dtype."""
@@ -413,4 +415,5 @@ class LLM(nnx.Module):
             logits = self.embed.attend(x)
         else:
             logits = jnp.einsum("...d,dv->...v", x, self.unembed_dv[...])
+        logits = constrain(logits, "btv") if logits.ndim == 3 else logits
         return logits.astype(jnp.float32)

@@ -28,6 +28,7 @@ from models.layers.attention import Attention, check_attention_choice, layer_ent
 from models.layers.mixers import SPATIAL_MIXERS
 from models.layers.norm import LayerNorm
 from models.layers.patch import sincos_2d
+from models.layers.sharding import constrain
 from models.layers.vision import EMBEDDINGS, MERGES, MLPS, check_part
 
 POOLINGS = ("cls", "mean")
@@ -588,7 +589,7 @@ class ViT(nnx.Module):
             if stage.position_td is not None:
                 x = x + stage.position_td[...].astype(x.dtype)
             for i, block in enumerate(stage.blocks):
-                x = block(x, intermediates, self._block_name(s, i))
+                x = block(constrain(x, "btd"), intermediates, self._block_name(s, i))
             if stage.output_norm is not None:
                 x = stage.output_norm(x)
             if self.hierarchical:

@@ -48,6 +48,7 @@ class TrainResult:
     interrupted: bool
     evaluations: dict[int, dict[str, float]]
     params: Any
+    compilations: int = 1  # times the train step was compiled in this run (1: no recompilation)
 
 
 def train(
@@ -70,8 +71,9 @@ def train(
 ) -> TrainResult:
     """Trains `task` for `steps` optimizer steps in total (counting steps of earlier runs in `workdir`).
 
-    eval_every=0 evaluates only at the end. `stop_event` (set by SIGTERM, or by a caller) stops after the current
-    step with a checkpoint. `on_step(step, metrics)` is called after every step, e.g. by tests.
+    eval_every=0 evaluates only at the end. checkpoint_every=0 saves no checkpoints at all (benchmarks, tests; a run
+    stopped early is then lost); otherwise one is saved every `checkpoint_every` steps and at the end. `stop_event`
+    (set by SIGTERM, or by a caller) stops after the current step with a checkpoint. `on_step(step, metrics)` is called after every step, e.g. by tests.
     """
     _validate(steps=steps, eval_every=eval_every, log_every=log_every, checkpoint_every=checkpoint_every,
               on_nonfinite=on_nonfinite)
@@ -119,11 +121,15 @@ def train(
                     writer.write(step, "eval", results)
                 describe = getattr(task, "describe_evaluation", None)
                 say(describe(step, results) if describe else f"step {step}: {results}")
-            if step % checkpoint_every == 0 or step == steps:
+            if checkpoint_every and (step % checkpoint_every == 0 or step == steps):
                 run.save_checkpoint()
             if stop_event.is_set() and step < steps:
-                run.save_checkpoint()
-                say(f"Stop requested: saved a checkpoint at step {step}; run again with the same workdir to resume")
+                if checkpoint_every:
+                    run.save_checkpoint()
+                    say(f"Stop requested: saved a checkpoint at step {step}; run again with the same workdir to "
+                        "resume")
+                else:
+                    say(f"Stop requested: stopped at step {step} without a checkpoint (checkpoint_every=0)")
                 interrupted = True
                 break
     # Here every checkpoint is on disk (the checkpointer's close waited for the asynchronous writes).
@@ -136,7 +142,7 @@ def train(
         rng = jax.random.fold_in(jax.random.wrap_key_data(run.state["rng"]), run.step)
         task.finish(run.model(), rng, workdir=str(workdir_path))
     return TrainResult(final_step=run.step, start_step=run.start_step, losses=losses, interrupted=interrupted,
-                       evaluations=evaluations, params=run.state["params"])
+                       evaluations=evaluations, params=run.state["params"], compilations=run.compilations())
 
 
 class _Run:
@@ -148,7 +154,15 @@ class _Run:
         self.on_nonfinite = on_nonfinite
         self.say = say
         tx = make_optimizer(optimizer, steps)
-        self.graphdef, self.train_graphdef, self.state, self.other_state = _initialize(task, seed, tx, self.mesh)
+        self.graphdef, self.train_graphdef, self.state, self.state_sharding, self.other_state = _initialize(
+            task, seed, tx, self.mesh)
+        split = sharding.describe_shardings(self.state, self.state_sharding)
+        if jax.process_index() == 0:
+            (workdir / "sharding.txt").write_text(
+                f"mesh {dict(self.mesh.shape)}\n" + "".join(line + "\n" for line in split))
+        if split:
+            say(f"Mesh {dict(self.mesh.shape)}: {len(split)} train-state arrays split over devices "
+                f"(listed in {workdir / 'sharding.txt'})")
         self.data_iterator = task.train_iterator(jax.process_index(), jax.process_count())
         self.checkpointer = checkpoint_lib.Checkpointer(
             workdir / "checkpoints", keep=keep_checkpoints, async_save=async_checkpoints)
@@ -162,9 +176,12 @@ class _Run:
             say(f"Resumed from the checkpoint at step {self.start_step} in {self.checkpointer.directory}")
         # Non-parameter variables (if any) are closed over: constant during training. The step runs the model in
         # NNX training mode (`model.train()`: deterministic=False), everything else in evaluation mode.
-        self._train_step = make_train_step(
+        step_fn = make_train_step(
             lambda p: nnx.merge(self.train_graphdef, p, self.other_state), task.loss_fn, tx,
             skip_nonfinite=on_nonfinite == "skip")
+        # The state leaves the step where it came in, so every step reuses the one compiled executable.
+        self._train_step = jax.jit(step_fn, donate_argnums=0,
+                                   out_shardings=(self.state_sharding, sharding.replicated(self.mesh)))
 
     def model(self) -> nnx.Module:
         """The current model in evaluation mode (`model.eval()`), for evaluation and the task's finish."""
@@ -173,7 +190,8 @@ class _Run:
     def train_one_step(self) -> tuple[int, dict[str, float], bool]:
         """Runs one step; returns (step number after it, its metrics, whether it was finite)."""
         batch = sharding.put_batch(self.mesh, next(self.data_iterator))
-        self.state, step_metrics = self._train_step(self.state, batch)
+        with sharding.activation_rules(self.mesh):
+            self.state, step_metrics = self._train_step(self.state, batch)
         step_metrics = {name: float(value) for name, value in jax.device_get(step_metrics).items()}
         self.step += 1
         finite = step_metrics.pop("finite") > 0
@@ -186,6 +204,11 @@ class _Run:
                      f"{step_metrics['grad_norm']} (parameters and optimizer state left unchanged)")
         return self.step, step_metrics, finite
 
+    def compilations(self) -> int:
+        """How many executables the train step compiled (0 before the first step): more than 1 means a shape,
+        dtype or sharding changed between steps, which costs a full compile each time."""
+        return self._train_step._cache_size()
+
     def save_checkpoint(self) -> None:
         if self.last_saved != self.step:
             self.checkpointer.save(self.step, self.state, self.data_iterator)
@@ -193,12 +216,14 @@ class _Run:
 
 
 def _initialize(task, seed: int, tx, mesh):
-    """Builds the model and the initial train state in one compiled function, placed replicated on `mesh`.
+    """Builds the model and the initial train state in one compiled function, placed on `mesh` by the rules of
+    train/sharding.py (weights and optimizer moments split over fsdp/tensor where their axis letters say so).
 
     Built eagerly, every parameter initializer would be a separately compiled tiny computation (seconds of
-    start-up for a small model); under jit they are one. Returns the graph definitions of the model in evaluation
-    and in training mode (NNX keeps the mode flags, `deterministic` / `use_running_average`, in the graph
-    definition), the train state and the non-parameter state.
+    start-up for a small model); under jit they are one, and each device materialises only its own shards. Returns
+    the graph definitions of the model in evaluation and in training mode (NNX keeps the mode flags,
+    `deterministic` / `use_running_average`, in the graph definition), the train state, its shardings and the
+    non-parameter state.
     """
     abstract = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(seed)))
     abstract.train()
@@ -210,15 +235,19 @@ def _initialize(task, seed: int, tx, mesh):
         _, params, other_state = nnx.split(task.build_model(nnx.Rngs(seed)), nnx.Param, ...)
         return init_train_state(params, tx, seed), other_state
 
-    state, other_state = jax.jit(initial_state, out_shardings=sharding.replicated(mesh))()
-    return graphdef, train_graphdef, state, other_state
+    abstract_state, _ = jax.eval_shape(initial_state)
+    state_sharding = sharding.state_shardings(abstract_state, mesh)
+    with sharding.activation_rules(mesh):
+        state, other_state = jax.jit(
+            initial_state, out_shardings=(state_sharding, sharding.replicated(mesh)))()
+    return graphdef, train_graphdef, state, state_sharding, other_state
 
 
 def _validate(*, steps, eval_every, log_every, checkpoint_every, on_nonfinite):
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"train: steps must be an int >= 1, got {steps!r}")
     for name, value in (("eval_every", eval_every), ("log_every", log_every), ("checkpoint_every", checkpoint_every)):
-        minimum = 0 if name == "eval_every" else 1
+        minimum = 1 if name == "log_every" else 0
         if not isinstance(value, int) or value < minimum:
             raise ValueError(f"train: {name} must be an int >= {minimum}, got {value!r}")
     if on_nonfinite not in NONFINITE_POLICIES:

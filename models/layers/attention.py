@@ -17,6 +17,7 @@ import attnx
 from models.layers.mixers import ROUTERS, SPATIAL_MIXERS
 from models.layers.norm import RMSNorm
 from models.layers.rope import rotary_embedding
+from models.layers.sharding import constrain
 
 # {"key": [B, L, K, H], "value": [B, L, K, V]}; slot j holds position j (mechanisms with a CacheRule keep their own)
 KVCache = dict[str, jax.Array]
@@ -264,8 +265,12 @@ class Attention(nnx.Module):
         index the representation table (value_vocab layers only)."""
         heads = self.project_heads(x, token_ids)
         query, key, value = self.rotate(*heads, positions)
+        # Megatron-style: heads split over the tensor axis from the column-parallel projections on, until the
+        # row-parallel output projection sums them (a constraint is a no-op without a mesh and rules in context).
+        query, key, value = constrain(query, "btnh"), constrain(key, "bskh"), constrain(value, "bskh")
         attention_fn = resolve_attention(self.kind, causal=self.causal)  # by name: keeps the graph def hashable
-        return self.output(attention_fn(query, key, value, **self._call_kwargs(x, *heads[:2])))
+        mixed = attention_fn(query, key, value, **self._call_kwargs(x, *heads[:2]))
+        return self.output(constrain(mixed, "btnh") if mixed.ndim == 4 else mixed)
 
     def _call_kwargs(self, x: jax.Array, query: jax.Array, key: jax.Array) -> dict[str, Any]:
         """The configured attention kwargs plus those of the mechanism's own weights (ROUTERS), which see the layer

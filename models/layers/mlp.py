@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.layers.sharding import constrain
+
 
 class SwiGLU(nnx.Module):
     """down(silu(x @ gate) * (x @ up)).
@@ -22,6 +24,7 @@ class SwiGLU(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         gate_up = jnp.einsum("...d,dcf->...cf", x, self.gate_up_d2f[...])
         hidden = jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+        hidden = constrain(hidden, "btf") if hidden.ndim == 3 else hidden  # column-parallel: F over tensor
         return jnp.einsum("...f,fd->...d", hidden, self.down_fd[...])
 
 
@@ -43,4 +46,5 @@ class GeluMlp(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         hidden = jnp.einsum("...d,df->...f", x, self.fc1_df[...]) + self.fc1_bias_f[...]
         hidden = jax.nn.gelu(hidden, approximate=self.approximate)
+        hidden = constrain(hidden, "btf") if hidden.ndim == 3 else hidden  # column-parallel: F over tensor
         return jnp.einsum("...f,fd->...d", hidden, self.fc2_fd[...]) + self.fc2_bias_d[...]

@@ -123,7 +123,7 @@ def test_metrics_are_written_as_jsonl_tensorboard_and_plot(corpus, tmp_path, cap
 
 
 @pytest.mark.parametrize("bad, message", [(dict(steps=0), "steps"), (dict(on_nonfinite="ignore"), "on_nonfinite"),
-                                          (dict(checkpoint_every=0), "checkpoint_every")])
+                                          (dict(checkpoint_every=-1), "checkpoint_every")])
 def test_bad_arguments_are_reported(corpus, tmp_path, bad, message, tiny_task):
     kwargs = dict(steps=2, **RUN) | bad
     with pytest.raises(ValueError, match=message):
