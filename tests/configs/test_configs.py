@@ -12,7 +12,7 @@ from train import gin_config
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
 GIN_FILES = sorted(CONFIG_DIR.rglob("*.gin"))
 # Overlays (ARCHITECTURE §5) are single-purpose and need a base; they are built on top of the quickstart.
-OVERLAY_DIRS = ("attention",)
+OVERLAY_DIRS = ("attention", "sharding")
 # Model-size files only set macros; each family's are built on top of its experiment (skipped until it exists).
 SIZE_FILE_BASES = {"models/vit": "experiments/vit_digits.gin", "models/dit": "experiments/dit_digits.gin",
                    "models/llm": "experiments/llm_stdlib.gin"}
@@ -73,6 +73,10 @@ def test_config_parses_and_builds_its_model(gin_file):
                 assert gin_file.stem in kinds and kinds <= {gin_file.stem, "softmax"}, kinds
             else:
                 assert kinds == {gin_file.stem}, kinds
+        if gin_file.parent.name == "sharding":  # a sharding preset builds a mesh on the suite's 8 devices
+            from train import sharding
+            mesh = sharding.make_mesh(gin.query_parameter("trainer.train.mesh").scoped_configurable_fn())
+            assert mesh.devices.size == 8, dict(mesh.shape)
         text = gin_file.read_text()
         for header in ("Provides:", "Required:", "Commonly overridden:"):
             assert header in text, f"{gin_file.name} lacks the {header!r} header line (ARCHITECTURE §5)"
