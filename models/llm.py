@@ -47,7 +47,7 @@ each SwiGLU by BAM's top-k SwiGLU experts with a sown balance loss (models/layer
 """
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +56,7 @@ from flax import nnx
 import attnx
 from models.layers import PARAM_DTYPES, check_param_dtype
 from models.layers.attention import Attention, KVCache, check_attention_choice
+from models.layers.block_stack import check_identical_blocks, checkpointed_call, scan_blocks
 from models.layers.embed import Embed
 from models.layers.mixers.base_conv import BaseConv
 from models.layers.mixers.moa_experts import ExpertSwiGLU, check_ffn_experts
@@ -71,6 +72,8 @@ from models.layers.sharding import constrain
 # with the methods of `Attention` that a block uses: __call__(x, positions), init_cache, decode;
 # `check_options(kwargs, num_heads=)` validates their kwargs at config time.
 MIXERS = {"tnl": TNLMixer, "base_conv": BaseConv}
+
+REMAT_CHOICES = ("none", "attention", "full")  # LLMConfig.remat
 
 
 def _entry(owner: str, entry: Any, attention: str, attention_kwargs: Mapping[str, Any]
@@ -131,6 +134,11 @@ class LLMConfig:
     representation_embeddings: DARE's per-layer token-id value tables; parallel_block: BAM's parallel attention +
     FFN block; ffn_experts: {} (dense SwiGLU) or BAM's top-k FFN experts {'num_experts', 'top_k' (2),
     'balance_weight' (0.01)} (all in the module docstring).
+    Memory and compile-time knobs (training; decoding is unaffected, the parameter tree is the same either way, so
+    checkpoints load across them): remat 'none' saves every activation for the backward pass, 'attention'
+    rematerialises each block's token-mixer call (recomputed in the backward pass; the MLP's activations are kept),
+    'full' each whole block (only block inputs are kept); scan_layers=True runs the blocks as one lax.scan over
+    their stacked parameters (compile time flat in depth), which needs the same mixer in every layer.
     """
 
     vocab_size: int = 256
@@ -155,6 +163,8 @@ class LLMConfig:
     representation_embeddings: bool = False
     parallel_block: bool = False
     ffn_experts: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    remat: Literal["none", "attention", "full"] = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         if not isinstance(self.qk_head_dim, int) or self.qk_head_dim < 0:
@@ -184,6 +194,7 @@ class LLMConfig:
         _check_mixer("LLMConfig", self.attention, self.attention_kwargs, self.num_heads, layer_entry=False)
         self._check_layer_attention()
         self._check_block_options()
+        self._check_memory_options()
 
     def _check_block_options(self) -> None:
         for name in ("representation_embeddings", "parallel_block"):
@@ -204,6 +215,22 @@ class LLMConfig:
                 raise ValueError(f"LLMConfig.representation_embeddings=True feeds the values of attention layers; "
                                  f"layer_attention also has the LLM's own mixers {mixers}, which have no value "
                                  f"table: use registered attention mechanisms only")
+
+    def _check_memory_options(self) -> None:
+        if self.remat not in REMAT_CHOICES:
+            raise ValueError(f"LLMConfig.remat={self.remat!r}; allowed: {REMAT_CHOICES} ('none' keeps every "
+                             f"activation, 'attention' recomputes the token mixers, 'full' whole blocks)")
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"LLMConfig.scan_layers must be a bool, got {self.scan_layers!r}")
+        if self.scan_layers:  # one scanned body for every layer: every layer must build the same block
+            first = self.layer_mixer(0)
+            for layer in range(1, self.depth):
+                if self.layer_mixer(layer) != first:
+                    raise ValueError(
+                        f"LLMConfig.scan_layers=True runs one block body for every layer, but layer_attention="
+                        f"{self.layer_attention!r} (with attention={self.attention!r}) gives layer {layer} the "
+                        f"mixer {self.layer_mixer(layer)!r} and layer 0 {first!r}; use one mixer with the same "
+                        f"options in every layer, or scan_layers=False")
 
     def _check_layer_attention(self) -> None:
         entries = self.layer_attention
@@ -301,6 +328,7 @@ class DecoderBlock(nnx.Module):
             param_dtype=dtype,
         )
         self.parallel = config.parallel_block
+        self.remat_attention = config.remat == "attention"
         self.mlp_norm = RMSNorm(config.width, eps=config.norm_eps, param_dtype=dtype) \
             if config.use_mlp and not config.parallel_block else None
         if not config.use_mlp:
@@ -316,8 +344,10 @@ class DecoderBlock(nnx.Module):
         """token_ids [B, T]: for the representation tables only (mixers keep their two-argument call)."""
         normed = self.attention_norm(x)
         ids = {} if token_ids is None else {"token_ids": token_ids}
-        with residual_stream(x):  # routers that read the residual stream h see it (VAR's sink detector)
-            mixed = self.attention(normed, positions, **ids)
+        if self.remat_attention:  # LLMConfig.remat='attention': the backward pass recomputes the mixer call
+            mixed = checkpointed_call(self.attention, _mix, normed, x, positions, ids)
+        else:
+            mixed = _mix(self.attention, normed, x, positions, ids)
         return self._add_mlp(x, normed, mixed)
 
     def decode(self, x: jax.Array, cache: KVCache, cache_index: jax.Array,
@@ -335,6 +365,15 @@ class DecoderBlock(nnx.Module):
             return x + mixed + self.mlp(normed)
         x = x + mixed
         return x + self.mlp(self.mlp_norm(x))
+
+
+def _mix(mixer: nnx.Module, normed: jax.Array, residual: jax.Array, positions: jax.Array | None,
+         ids: dict[str, jax.Array]) -> jax.Array:
+    """A block's token-mixer call. The residual stream is an argument (not closed over), so that under
+    remat='attention' it is an input of the rematerialised call, published inside it for routers that read it
+    (VAR's sink detector)."""
+    with residual_stream(residual):
+        return mixer(normed, positions, **ids)
 
 
 def _block(config: LLMConfig, layer: int, rngs: nnx.Rngs) -> DecoderBlock:
@@ -359,6 +398,10 @@ class LLM(nnx.Module):
         dtype = PARAM_DTYPES[config.param_dtype]
         self.embed = Embed(config.vocab_size, config.width, rngs=rngs, param_dtype=dtype)
         self.blocks = nnx.List([_block(config, layer, rngs) for layer in range(config.depth)])
+        self.full_remat = config.remat == "full"  # 'attention' is the blocks' own option
+        self.scan_layers = config.scan_layers
+        if config.scan_layers:
+            check_identical_blocks(self.blocks, "LLMConfig.scan_layers=True")
         self.final_norm = RMSNorm(config.width, eps=config.norm_eps, param_dtype=dtype)
         if not config.tie_embeddings:
             init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
@@ -377,10 +420,17 @@ class LLM(nnx.Module):
         score a few positions (MQAR) gather those rows first and skip the vocabulary projection of the rest."""
         x = self.embed(token_ids)
         ids = {"token_ids": token_ids} if self.representation_embeddings else {}
+        def run_block(block: DecoderBlock, x: jax.Array) -> jax.Array:
+            # The residual stream: batch over data x fsdp, tokens over sequence, width whole.
+            return block(constrain(x, "btd"), positions, **ids)
+
         with self._run_time_inputs(attention_inputs):
-            for block in self.blocks:
-                # The residual stream: batch over data x fsdp, tokens over sequence, width whole.
-                x = block(constrain(x, "btd"), positions, **ids)
+            if self.scan_layers:  # LLMConfig.scan_layers: one lax.scan over the stacked block states
+                x = scan_blocks(list(self.blocks), run_block, x, remat=self.full_remat,
+                                owner="LLMConfig.scan_layers=True")
+            else:
+                for block in self.blocks:  # LLMConfig.remat='full': only each block's input is kept
+                    x = checkpointed_call(block, run_block, x) if self.full_remat else run_block(block, x)
         return constrain(x, "btd")
 
     def init_cache(self, batch_size: int, length: int) -> list[KVCache]:
