@@ -39,6 +39,7 @@ see into (cuDNN on GPU is a custom call, counted as 0) or skips causal blocks (t
     python bench/mfu.py                                  # the sizes that fit the backend (CPU: the small ones)
     python bench/mfu.py --families llm --sizes 125m --batch 4 --seq 128 --json out.json
     python bench/mfu.py --dtype bfloat16                 # bf16 parameters and compute, bf16 peak
+    python bench/mfu.py --budget 400 --json $OUT/mfu.json  # on a GPU lease: cases past 400 s are skipped, listed
 
 Needs jax, flax, optax (and scikit-learn for the diffusion task's digits check); not grain or gin (see
 `_allow_missing_grain`).
@@ -372,8 +373,9 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| family | size | params | tokens/step | step ms | model TFLOP/s | XLA / analytic | MFU % |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
-        if "error" in row:
-            lines.append(f"| {row['family']} | {row['size']} | failed: {row['error'][:80]} | | | | | |")
+        if "error" in row or "skipped" in row:
+            what = f"failed: {row['error'][:80]}" if "error" in row else f"skipped: {row['skipped']}"
+            lines.append(f"| {row['family']} | {row['size']} | {what} | | | | | |")
             continue
         ratio = "n/a" if row["xla_ratio"] is None else f"{row['xla_ratio']:.3f}"
         lines.append(f"| {row['family']} | {row['size']} | {row['params'] / 1e6:,.2f}M | {row['tokens']:,} | "
@@ -416,6 +418,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", help=f"parameter and compute dtype, one of {DTYPES}")
     parser.add_argument("--peak-size", type=int, default=None,
                         help="side of the peak matmul (default 2048 on CPU, 8192 on accelerators)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for all cases; cases that would start after it are skipped and listed")
     parser.add_argument("--json", default=None, help="write the results as JSON to this path")
     args = parser.parse_args(argv)
     args.families = tuple(name.strip() for name in args.families.split(",") if name.strip())
@@ -427,6 +431,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("batch", "seq", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.budget is not None and args.budget <= 0:
+        parser.error(f"--budget must be > 0 seconds, got {args.budget}")
     if args.peak_size is not None and args.peak_size < 16:
         parser.error(f"--peak-size must be >= 16, got {args.peak_size}")
     if args.sizes is None:
@@ -454,11 +460,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"jax {jax.__version__} on {info['device_kind']}; {len(args.plan)} case(s), batch {args.batch}, "
           f"LLM seq {args.seq}, {args.dtype}, {args.repeats} timed steps each", flush=True)
     rows = []
+    began = time.perf_counter()
     for family, size in args.plan:
+        if args.budget is not None and time.perf_counter() - began > args.budget:
+            rows.append({"family": family, "size": size, "skipped": f"over the {args.budget:g} s budget"})
+            continue
         try:
             row = run_case(family, size, args, peaks[args.dtype])
             print(f"  {family} {size}: {row['step_ms']:,.1f} ms/step (compiled in {row['compile_s']:.1f} s), "
-                  f"MFU {100 * row['mfu']:.1f}%", flush=True)
+                  f"{row['tflops']:.4g} model TFLOP/s", flush=True)
         except Exception as error:  # one case (e.g. out of memory) must not lose the others  # noqa: BLE001
             row = {"family": family, "size": size, "error": f"{type(error).__name__}: {error}"}
             print(f"  {family} {size}: FAILED {row['error']}", flush=True)
@@ -468,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name in peak_dtypes:
         peaks[name] = max(peaks[name], matmul_peak(name, info["peak_size"]))
     for row in rows:
-        if "error" not in row:
+        if "mfu" in row:
             row["mfu"] = row["model_flops"] / (row["step_ms"] / 1e3) / peaks[args.dtype]
     info["load_after"] = _load()
     print(machine_line(info, peaks, args.dtype))

@@ -96,6 +96,14 @@ def test_cli_end_to_end(cli_run, capsys):
     assert "| llm | tiny | 0.82M | 64 |" in table
 
 
+def test_budget_skips_and_lists(capsys):
+    # A budget already spent before the first case: nothing compiles, every case is listed as skipped.
+    result = mfu.main(["--families", "llm,dit", "--sizes", "tiny", "--budget", "1e-9", "--peak-size", "32"])
+    assert [(r["family"], r["size"], "skipped" in r) for r in result["rows"]] == [("llm", "tiny", True),
+                                                                                   ("dit", "tiny", True)]
+    assert "| llm | tiny | skipped: over the 1e-09 s budget |" in capsys.readouterr().out
+
+
 def test_refusals():
     with pytest.raises(SystemExit):
         mfu.parse_args(["--sizes", "no_such_size"])
