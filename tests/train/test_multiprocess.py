@@ -68,9 +68,9 @@ def run_together(jobs: dict[str, tuple[list[str], dict[str, str]]], logs: pathli
             running[name] = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + TIMEOUT_S
     try:
-        while any(p.poll() is None for p in running.values()):
-            failed = [n for n, p in running.items() if p.returncode not in (None, 0)]
-            if failed or time.monotonic() > deadline:
+        while True:
+            status = [process.poll() for process in running.values()]  # poll every one: it sets returncode
+            if None not in status or any(code not in (None, 0) for code in status) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
     finally:
@@ -80,9 +80,9 @@ def run_together(jobs: dict[str, tuple[list[str], dict[str, str]]], logs: pathli
                 process.wait()
     if any(p.returncode != 0 for p in running.values()):
         report = "\n".join(
-            f"---- {name}: exit {p.returncode} (killed after {TIMEOUT_S} s or after another job failed if "
-            f"negative) ----\n" + (logs / f"{name}.log").read_text()[-3000:] for name, p in running.items())
-        pytest.fail(f"subprocesses failed:\n{report}")
+            f"---- {name}: exit status {p.returncode} ----\n" + (logs / f"{name}.log").read_text()[-3000:]
+            for name, p in running.items())
+        pytest.fail(f"subprocesses failed (exit status -9: killed at {TIMEOUT_S} s, or when another failed):\n{report}")
 
 
 def worker_command(corpus: pathlib.Path, workdir: pathlib.Path, out: pathlib.Path) -> list[str]:
