@@ -117,7 +117,16 @@ def initialize(config: DistributedConfig | None = None) -> bool:
             "Call it first, right after parsing the configuration.")
     if config.cpu_collectives is not None:
         jax.config.update("jax_cpu_collectives_implementation", config.cpu_collectives)
-    jax.distributed.initialize(**request)
+    try:
+        jax.distributed.initialize(**request)
+    except ValueError as error:  # with auto: JAX found no cluster to fill in what is unset
+        if not config.auto:
+            raise
+        unset = [name for name in ("coordinator_address", "num_processes", "process_id") if request[name] is None]
+        raise ValueError(f"DistributedConfig.auto=True, but JAX's cluster detection (SLURM, Open MPI, Cloud TPU, "
+                         f"Kubernetes, ...) found no job to take {', '.join(unset) or 'the settings'} from ({error}); "
+                         f"set them in DistributedConfig or as {ENV_COORDINATOR_ADDRESS}, {ENV_NUM_PROCESSES}, "
+                         f"{ENV_PROCESS_ID}") from error
     _first_request = request
     return True
 
@@ -170,7 +179,7 @@ def _check_int(name: str, value, *, minimum: int) -> None:
 
 
 def _check_address(name: str, value) -> None:
-    """"host:port" with a port in 1..65535 (IPv6 hosts in brackets, "[::1]:1234", as gRPC expects)."""
+    """'host:port' with a port in 1..65535 (IPv6 hosts in brackets, "[::1]:1234", as gRPC expects)."""
     host, _, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ValueError(f"{name} must be 'host:port' with a port in 1..65535 (e.g. '10.0.0.1:1234'), got {value!r}")

@@ -184,6 +184,16 @@ def test_auto_leaves_the_unset_settings_to_jax_cluster_detection(fresh_initializ
                                      local_device_ids=None, initialization_timeout=300)]
 
 
+def test_auto_without_a_cluster_says_what_is_missing(fresh_initialize, monkeypatch):
+    def no_cluster(**kwargs):  # what jax.distributed.initialize raises when its detection finds nothing
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
+    with pytest.raises(ValueError, match="auto=True, but JAX's cluster detection .* found no job to take "
+                                         "coordinator_address, process_id"):
+        distributed.initialize(distributed.DistributedConfig(auto=True, num_processes=2))
+
+
 def test_joining_after_the_backends_started_says_to_call_it_first(monkeypatch):
     monkeypatch.setattr(distributed, "_first_request", distributed._NOT_CALLED)
     jax.devices()  # this pytest process has started its backends
