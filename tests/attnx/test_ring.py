@@ -27,11 +27,12 @@ def _inputs(dtype=jnp.float32, seed=0):
     return f(B, T, N, H), f(B, T, K, H), f(B, T, K, V), f(B, T, N, V)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "causal", "ring", "implementation"))
-def _value_and_grads(q, k, v, cotangent, *, mesh, causal, ring, implementation=None):
+@functools.partial(jax.jit, static_argnames=("mesh", "causal", "ring", "implementation", "head_axis"))
+def _value_and_grads(q, k, v, cotangent, *, mesh, causal, ring, implementation=None, head_axis=None):
     def loss(q, k, v):
         if ring:
-            out = ring_attention(q, k, v, mesh=mesh, batch_axes="data", causal=causal, implementation=implementation)
+            out = ring_attention(q, k, v, mesh=mesh, batch_axes="data", head_axis=head_axis, causal=causal,
+                                 implementation=implementation)
         else:
             out = attnx.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
                                               mask=attnx.Mask(causal=causal), implementation="reference")
@@ -57,6 +58,18 @@ def test_ring_equals_single_device_attention_with_gradients(mesh, causal, implem
         assert_close(got, expected, jnp.float32, kind="gradient", what=f"ring d{name}")
 
 
+def test_ring_with_heads_split_over_a_tensor_axis():
+    """GQA heads split 2 ways (query heads 0-1 with key/value head 0 on one device) beside a 2-way ring."""
+    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 2, 2), ("data", "tensor", "sequence"))
+    q, k, v, cotangent = _inputs()
+    out, grads = _value_and_grads(q, k, v, cotangent, mesh=mesh, causal=True, ring=True, head_axis="tensor")
+    want, want_grads = _value_and_grads(q, k, v, cotangent, mesh=mesh, causal=True, ring=False)
+    assert out.sharding.spec == jax.sharding.PartitionSpec("data", "sequence", "tensor")
+    assert_close(out, want, jnp.float32, what="ring forward, heads split")
+    for name, got, expected in zip("qkv", grads, want_grads):
+        assert_close(got, expected, jnp.float32, kind="gradient", what=f"ring d{name}, heads split")
+
+
 def test_ring_in_bfloat16_over_eight_sequence_chunks():
     mesh = Mesh(np.asarray(jax.devices()[:8]), ("sequence",))
     q, k, v, _ = _inputs(jnp.bfloat16, seed=1)
@@ -71,6 +84,7 @@ def test_ring_in_bfloat16_over_eight_sequence_chunks():
 @pytest.mark.parametrize("kwargs, length, message", [
     (dict(axis_name="seq"), T, "not an axis of the mesh"),
     ({}, 22, "not divisible"),
+    (dict(head_axis="sequence"), T, "other than axis_name"),
 ])
 def test_errors_name_the_argument(mesh, kwargs, length, message):
     q, k, v, _ = _inputs()
@@ -82,3 +96,10 @@ def test_causal_needs_equal_chunks(mesh):
     q, k, v, _ = _inputs()
     with pytest.raises(ValueError, match="equal query and key chunks"):
         ring_attention(q[:, :8], k, v, mesh=mesh, causal=True)
+
+
+def test_heads_must_divide_over_the_head_axis():
+    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), ("tensor", "sequence"))
+    q, k, v, _ = _inputs()  # K = 2 key/value heads cannot split 4 ways
+    with pytest.raises(ValueError, match="must both be divisible by the 4 devices"):
+        ring_attention(q, k, v, mesh=mesh, head_axis="tensor")

@@ -88,11 +88,16 @@ def ring_attention_local(query, key, value, *, axis_name: str, causal: bool = Fa
 
 
 def ring_attention(query, key, value, *, mesh: Mesh, axis_name: str = "sequence", batch_axes=None,
-                   causal: bool = False, scale: float | None = None, implementation=None):
+                   head_axis: str | None = None, causal: bool = False, scale: float | None = None,
+                   implementation=None):
     """Exact attention of global query [B, T, N, H], key [B, S, K, H], value [B, S, K, V] with T and S split
-    over mesh axis `axis_name` (each divisible by its size) and B over `batch_axes` (a mesh axis name, a tuple
-    of them, or None: replicated) -> [B, T, N, V], sharded like the query. Equals
-    `attnx.dot_product_attention(..., mask=Mask(causal=causal))` (tests/attnx/test_ring.py)."""
+    over mesh axis `axis_name` (each divisible by its size), B over `batch_axes` (a mesh axis name, a tuple
+    of them, or None: replicated) and the heads over `head_axis` (tensor parallelism; None: replicated) ->
+    [B, T, N, V], sharded like the query. Equals `attnx.dot_product_attention(..., mask=Mask(causal=causal))`
+    (tests/attnx/test_ring.py).
+
+    Splitting heads needs N and K divisible by the axis size: query head n reads key/value head n // (N / K), so
+    contiguous slices of N / size query heads and K / size key/value heads stay together on a device."""
     if axis_name not in mesh.axis_names:
         raise ValueError(f"ring_attention.axis_name: {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
     size = mesh.shape[axis_name]
@@ -102,7 +107,15 @@ def ring_attention(query, key, value, *, mesh: Mesh, axis_name: str = "sequence"
         if x.shape[1] % size:
             raise ValueError(f"ring_attention.{name}: length {x.shape[1]} is not divisible by the {size} devices "
                              f"of mesh axis {axis_name!r}; pad the sequence to a multiple of {size}")
-    spec = P(batch_axes, axis_name)
+    if head_axis is not None:
+        if head_axis not in mesh.axis_names or head_axis == axis_name:
+            raise ValueError(f"ring_attention.head_axis: {head_axis!r} must be an axis of the mesh "
+                             f"{mesh.axis_names} other than axis_name {axis_name!r}")
+        heads = mesh.shape[head_axis]
+        if query.shape[2] % heads or key.shape[2] % heads:
+            raise ValueError(f"ring_attention.head_axis: {query.shape[2]} query and {key.shape[2]} key/value heads "
+                             f"must both be divisible by the {heads} devices of mesh axis {head_axis!r}")
+    spec = P(batch_axes, axis_name, head_axis)
     body = lambda q, k, v: ring_attention_local(q, k, v, axis_name=axis_name, causal=causal, scale=scale,
                                                 implementation=implementation)
     return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(query, key, value)
@@ -119,8 +132,11 @@ def ring_mechanism(query, key, value, *, causal: bool = False, axis_name: str = 
         return dot_product_attention(query, key, value, mask=Mask(causal=causal), scale=scale,
                                      implementation=implementation)
     batch = tuple(name for name in ("data", "fsdp") if name in mesh.axis_names and mesh.shape[name] > 1)
+    # Heads stay split over the tensor axis (as the layer's projections left them) when both counts divide it.
+    tensor = mesh.shape.get("tensor", 1)
+    head_axis = "tensor" if tensor > 1 and not query.shape[2] % tensor and not key.shape[2] % tensor else None
     return ring_attention(query, key, value, mesh=mesh, axis_name=axis_name, batch_axes=batch or None,
-                          causal=causal, scale=scale, implementation=implementation)
+                          head_axis=head_axis, causal=causal, scale=scale, implementation=implementation)
 
 
 def ring_reference(query, key, value, *, causal: bool = False, scale=None, **unused):
