@@ -80,6 +80,18 @@ def test_xla_count_of_a_tiny_llm_step(cli_run):
     assert row["xla_ratio"] == pytest.approx(ratio)
 
 
+# slow: two train-step compiles (~60 CPU-s); the default suite checks the same count on the LLM and the formulas.
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["vit", "dit"])
+def test_xla_count_of_tiny_vision_steps(family):
+    # As for the LLM, at batch 64 so that AdamW's per-parameter work is small beside the per-example work. The
+    # bound is looser (1.25): at width 64 (ViT) or 128 (DiT) and 4-5 tokens, LayerNorm, GELU, softmax, adaLN's
+    # modulate and the loss are a larger share of the matmuls than in the LLM (measured ViT 1.16, DiT 1.07).
+    case = mfu.build_case(family, "tiny", batch=64, seq=0)
+    ratio = mfu.xla_flops(case.compiled) / case.count.total
+    assert 1.0 <= ratio <= 1.25, ratio
+
+
 def test_cli_end_to_end(cli_run, capsys):
     result, saved = cli_run
     assert saved == json.loads(json.dumps(result))  # the JSON file is the returned record
