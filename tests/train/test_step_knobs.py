@@ -116,3 +116,36 @@ def test_bad_values_are_refused(model_parts):
     step = make_train_step(merge, cross_entropy, TX, skip_nonfinite=False, gradient_accumulation=3)
     with pytest.raises(ValueError, match=r"gradient_accumulation=3 must divide .* batch\['tokens'\] has shape \(4, 9\)"):
         step(init_train_state(params, TX, seed=0), BATCH)
+
+
+@pytest.mark.slow  # two trainer runs with their own compiles (~30 s on 2 cores)
+def test_scanned_rematerialised_model_trains_on_a_mesh_like_the_plain_model(corpus, tiny_task, tmp_path):
+    """The knobs together through the real trainer: an LLM with scan_layers and remat='full' on a data 2 x fsdp 2 x
+    tensor 2 mesh (stacked parameters sharded by the same rules) reaches the plain single-device model's losses."""
+    import dataclasses
+
+    from train import sharding, trainer
+
+    model = dataclasses.replace(CONFIG, vocab_size=256, tie_embeddings=False)
+    losses = {}
+    for name, config, mesh in (
+            ("plain", model, sharding.MeshConfig(data=1)),
+            ("knobs", dataclasses.replace(model, scan_layers=True, remat="full"),
+             sharding.MeshConfig(data=2, fsdp=2, tensor=2))):
+        task = _TrainOnly(dataclasses.replace(tiny_task(corpus), model=config))
+        result = trainer.train(task, workdir=str(tmp_path / name), steps=3, mesh=mesh, progress_bar=False,
+                               checkpoint_every=0, async_checkpoints=False)
+        losses[name] = [result.losses[step] for step in (1, 2, 3)]
+    assert_close(np.array(losses["knobs"]), np.array(losses["plain"]), jnp.float32, "gradient", "losses")
+
+
+class _TrainOnly:
+    """A task without evaluation and finish (their compiles are not what is tested)."""
+
+    def __init__(self, task):
+        self.task = task
+
+    def __getattr__(self, name):
+        if name in ("evaluate", "finish", "describe_evaluation"):
+            raise AttributeError(name)
+        return getattr(self.task, name)
