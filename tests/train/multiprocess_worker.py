@@ -1,5 +1,5 @@
 """One process of tests/train/test_multiprocess.py: trains the tiny byte LM with `train.trainer.train` and writes
-what it saw (process index and count, device counts, per-step metrics) as JSON.
+what it saw (process index and count, device counts, per-step metrics) as JSON. `--mesh` sets the MeshConfig.
 
 Run as a script in a fresh interpreter, since the device count is fixed when JAX starts: the parent sets
 XLA_FLAGS=--xla_force_host_platform_device_count=N, JAX_PLATFORMS=cpu and, for a multi-process run,
@@ -44,11 +44,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--mesh", default="-1,1,1,1", help="data,fsdp,tensor,sequence axis sizes (MeshConfig)")
     args = parser.parse_args(argv)
 
     from jax._src import xla_bridge
 
-    from train import distributed, trainer
+    from train import distributed, sharding, trainer
 
     # What train/__main__.py relies on: importing the trainer starts no JAX backend, so initialize can still run.
     assert not xla_bridge.backends_are_initialized(), "importing train.trainer initialised a JAX backend"
@@ -57,9 +58,11 @@ def main(argv: list[str]) -> int:
 
     import jax
 
+    mesh = sharding.MeshConfig(**dict(zip(sharding.MESH_AXES, map(int, args.mesh.split(",")))))
     metrics: dict[int, dict[str, float]] = {}
-    result = trainer.train(_TrainingOnly(tiny_task(pathlib.Path(args.corpus))), workdir=args.workdir, steps=args.steps,
-                           progress_bar=False, on_step=lambda step, values: metrics.__setitem__(step, dict(values)))
+    result = trainer.train(_TrainingOnly(tiny_task(pathlib.Path(args.corpus))), workdir=args.workdir,
+                           steps=args.steps, mesh=mesh, progress_bar=False,
+                           on_step=lambda step, values: metrics.__setitem__(step, dict(values)))
     report = {
         "joined": joined,
         "process_index": jax.process_index(),

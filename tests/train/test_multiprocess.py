@@ -85,22 +85,20 @@ def run_together(jobs: dict[str, tuple[list[str], dict[str, str]]], logs: pathli
         pytest.fail(f"subprocesses failed (exit status -9: killed at {TIMEOUT_S} s, or when another failed):\n{report}")
 
 
-def worker_command(corpus: pathlib.Path, workdir: pathlib.Path, out: pathlib.Path) -> list[str]:
+def worker_command(corpus: pathlib.Path, workdir: pathlib.Path, out: pathlib.Path, mesh: str) -> list[str]:
     return [sys.executable, str(WORKER), "--corpus", str(corpus), "--workdir", str(workdir), "--out", str(out),
-            "--steps", str(STEPS)]
+            "--steps", str(STEPS), f"--mesh={mesh}"]  # "=": a value may start with "-"
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, corpus):
-    """Two processes x 2 devices (one shared workdir, as on a cluster's shared file system) and one process x 4
-    devices, on the same task; all three started at once. Returns (reports by name, the two-process workdir)."""
-    root = tmp_path_factory.mktemp("multiprocess")
+def train_two_ways(root: pathlib.Path, corpus: pathlib.Path, mesh: str) -> dict[str, dict]:
+    """Two processes x 2 devices (one shared workdir `root/two`, as on a cluster's shared file system) and one
+    process x 4 devices (`root/one`), same task and mesh, all three started at once; their reports by name."""
     port = free_port()
-    jobs = {f"process{i}": (worker_command(corpus, root / "two", root / f"process{i}.json"),
+    jobs = {f"process{i}": (worker_command(corpus, root / "two", root / f"process{i}.json", mesh),
                             child_env(2, (port, 2, i))) for i in range(2)}
-    jobs["single"] = (worker_command(corpus, root / "one", root / "single.json"), child_env(4))
+    jobs["single"] = (worker_command(corpus, root / "one", root / "single.json", mesh), child_env(4))
     run_together(jobs, root / "logs")
-    return {name: json.loads((root / f"{name}.json").read_text()) for name in jobs}, root / "two"
+    return {name: json.loads((root / f"{name}.json").read_text()) for name in jobs}
 
 
 def series(report: dict, name: str) -> np.ndarray:
@@ -123,8 +121,15 @@ def test_process_shares_union_to_the_single_process_batch(tmp_path, write_corpus
         assert sorted(map(bytes, np.concatenate(parts))) == sorted(map(bytes, whole))
 
 
-def test_two_processes_train_together_like_one(runs):
-    reports, workdir = runs
+@pytest.mark.parametrize("mesh", [
+    "-1,1,1,1",  # data parallel over the 4 devices of both processes, the train state replicated
+    # Slow: three more interpreters (~55 CPU-s). FSDP across the processes x tensor parallel inside each: weights
+    # and Adam moments split, so the checkpoint holds shards written by both processes.
+    pytest.param("1,2,2,1", marks=pytest.mark.slow),
+])
+def test_two_processes_train_together_like_one(tmp_path, corpus, mesh):
+    reports = train_two_ways(tmp_path, corpus, mesh)
+    workdir = tmp_path / "two"
     first, second, single = reports["process0"], reports["process1"], reports["single"]
     assert [(r["joined"], r["process_index"], r["process_count"], r["device_count"], r["local_device_count"])
             for r in (first, second, single)] == [(True, 0, 2, 4, 2), (True, 1, 2, 4, 2), (False, 0, 1, 4, 4)]
