@@ -12,7 +12,7 @@ from train import gin_config
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
 GIN_FILES = sorted(CONFIG_DIR.rglob("*.gin"))
 # Overlays (ARCHITECTURE §5) are single-purpose and need a base; they are built on top of the quickstart.
-OVERLAY_DIRS = ("attention", "sharding")
+OVERLAY_DIRS = ("attention", "sharding", "distributed")
 # Model-size files only set macros; each family's are built on top of its experiment (skipped until it exists).
 SIZE_FILE_BASES = {"models/vit": "experiments/vit_digits.gin", "models/dit": "experiments/dit_digits.gin",
                    "models/llm": "experiments/llm_stdlib.gin"}
