@@ -4,7 +4,7 @@ MFU (Chowdhery et al., 2022, "PaLM", arXiv 2204.02311, Appendix B) is the model'
 time, over the machine's peak rate. "Model FLOPs" count only the work the model needs (forward plus backward, no
 rematerialisation, no padding), so the number is comparable across implementations. The peak here is not a data
 sheet's: it is the rate of a large matrix multiply in the run's dtype, measured in the same run on the same device
-(best of a few), so CPU and GPU numbers are comparable and a busy machine lowers the peak and the step alike.
+(best of a few, before the first case and after each), so CPU and GPU numbers are comparable.
 
 The step is the one the trainer runs: `train.step.make_train_step` with `train.optim.make_optimizer` (clipping +
 AdamW), the model built as `train.trainer._initialize` builds it (training-mode graph definition, parameters
@@ -84,11 +84,13 @@ def _allow_missing_grain() -> None:
             self._name = name
 
         def __getattr__(self, attribute: str):
+            if attribute.startswith("__"):  # introspection (hasattr, copy, typing) sees a plain object
+                raise AttributeError(attribute)
             raise ImportError(f"grain.{self._name} is unavailable: grain is not installed (bench/mfu.py put a "
                               f"stand-in in its place; the data pipelines need the real package)")
 
         def __call__(self, *args, **kwargs):
-            return self.__getattr__("__call__")
+            return self.__getattr__("call")
 
     stand_in = types.ModuleType("grain", "stand-in for the missing grain package, installed by bench/mfu.py")
     stand_in.__getattr__ = _Missing  # module-level __getattr__ (PEP 562): grain.X -> a placeholder
@@ -391,7 +393,8 @@ def machine_line(info: dict[str, Any], peaks: dict[str, float], dtype: str) -> s
             f"{peak}; MFU against the {dtype} peak")
 
 
-def run_case(family: str, size: str, args, peak: float) -> dict[str, Any]:
+def run_case(family: str, size: str, args) -> dict[str, Any]:
+    """One case's row (its MFU is added once the run's peak is known)."""
     case = build_case(family, size, batch=args.batch, seq=args.seq, dtype=args.dtype)
     times = time_steps(case, args.repeats)
     step = statistics.median(times)
@@ -403,7 +406,7 @@ def run_case(family: str, size: str, args, peak: float) -> dict[str, Any]:
             "model_flops": count.total, "matmul_flops": count.matmul, "attention_flops": count.attention,
             "attention_flops_causal": count.attention_causal, "xla_flops": counted,
             "xla_ratio": None if counted is None else counted / count.total,
-            "tflops": count.total / step / 1e12, "mfu": count.total / step / peak}
+            "tflops": count.total / step / 1e12}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -456,7 +459,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     info["peak_size"] = args.peak_size or (2048 if info["backend"] == "cpu" else 8192)
     # Both dtypes on accelerators (their bf16 rate is many times the f32 one); the run's dtype on CPU.
     peak_dtypes = DTYPES if info["backend"] != "cpu" else (args.dtype,)
-    peaks = {name: matmul_peak(name, info["peak_size"]) for name in peak_dtypes}
+    samples: dict[str, list[float]] = {name: [] for name in peak_dtypes}
+
+    def measure_peaks():
+        for name in peak_dtypes:
+            samples[name].append(matmul_peak(name, info["peak_size"]))
+
+    # The peak is measured before the first case and after each one, and the best sample counts: load from other
+    # processes during one measurement must not inflate every MFU, and a quiet moment anywhere in the run is found.
+    measure_peaks()
     print(f"jax {jax.__version__} on {info['device_kind']}; {len(args.plan)} case(s), batch {args.batch}, "
           f"LLM seq {args.seq}, {args.dtype}, {args.repeats} timed steps each", flush=True)
     rows = []
@@ -466,25 +477,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             rows.append({"family": family, "size": size, "skipped": f"over the {args.budget:g} s budget"})
             continue
         try:
-            row = run_case(family, size, args, peaks[args.dtype])
+            row = run_case(family, size, args)
             print(f"  {family} {size}: {row['step_ms']:,.1f} ms/step (compiled in {row['compile_s']:.1f} s), "
                   f"{row['tflops']:.4g} model TFLOP/s", flush=True)
         except Exception as error:  # one case (e.g. out of memory) must not lose the others  # noqa: BLE001
             row = {"family": family, "size": size, "error": f"{type(error).__name__}: {error}"}
             print(f"  {family} {size}: FAILED {row['error']}", flush=True)
         rows.append(row)
-    # The peak again after the cases, best of both: a burst of load elsewhere during one measurement must not
-    # inflate every MFU.
-    for name in peak_dtypes:
-        peaks[name] = max(peaks[name], matmul_peak(name, info["peak_size"]))
+        measure_peaks()
+    peaks = {name: max(values) for name, values in samples.items()}
     for row in rows:
-        if "mfu" in row:
-            row["mfu"] = row["model_flops"] / (row["step_ms"] / 1e3) / peaks[args.dtype]
+        if "tflops" in row:
+            row["mfu"] = row["tflops"] * 1e12 / peaks[args.dtype]
     info["load_after"] = _load()
     print(machine_line(info, peaks, args.dtype))
     print(markdown_table(rows))
-    results = {"machine": info, "peaks_flops": peaks, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
-               "repeats": args.repeats, "rows": rows}
+    results = {"machine": info, "peaks_flops": peaks, "peak_samples_flops": samples, "dtype": args.dtype,
+               "batch": args.batch, "seq": args.seq, "repeats": args.repeats, "rows": rows}
     if args.json:
         with open(args.json, "w") as out:
             json.dump(results, out, indent=2)
