@@ -40,7 +40,8 @@ def init_train_state(params: nnx.State, tx: optax.GradientTransformation, seed: 
 
 
 def make_train_step(merge: Callable[[nnx.State], nnx.Module], loss_fn: LossFn, tx: optax.GradientTransformation,
-                    *, skip_nonfinite: bool, gradient_accumulation: int = 1, compute_dtype: str | None = None):
+                    *, skip_nonfinite: bool, gradient_accumulation: int = 1, compute_dtype: str | None = None,
+                    out_shardings: Any = None):
     """Returns jit(state, batch) -> (state, metrics); the input state's buffers are donated (updated in place).
 
     `merge(params)` rebuilds the model from its parameters, e.g. `lambda p: nnx.merge(graphdef, p)`.
@@ -64,8 +65,11 @@ def make_train_step(merge: Callable[[nnx.State], nnx.Module], loss_fn: LossFn, t
     compute_dtype: None (default) computes in the parameters' own dtype; 'bfloat16' casts the floating-point
     parameters to bfloat16 inside the differentiated function (float32 master weights, gradients and optimizer
     state; the loss is returned as float32); 'float32' casts them to float32 (e.g. for bfloat16-stored parameters).
+
+    out_shardings: (state shardings, metrics sharding) for `jax.jit`; the trainer passes the shardings the state
+    came in with, so the state never changes layout between steps and the step compiles once. None: XLA chooses.
     """
-    _check_options(gradient_accumulation, compute_dtype)
+    check_step_options(gradient_accumulation, compute_dtype)
     cast = _caster(COMPUTE_DTYPES[compute_dtype])
 
     def loss_and_grads(params, batch, rng):
@@ -91,7 +95,9 @@ def make_train_step(merge: Callable[[nnx.State], nnx.Module], loss_fn: LossFn, t
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
         return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite, **aux}
 
-    return jax.jit(train_step, donate_argnums=0)
+    if out_shardings is None:
+        return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(train_step, donate_argnums=0, out_shardings=out_shardings)
 
 
 def _accumulate(loss_and_grads, params, batch, rng, count: int):
@@ -133,7 +139,7 @@ def _caster(dtype) -> Callable[[Any], Any]:
         lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
 
 
-def _check_options(gradient_accumulation, compute_dtype) -> None:
+def check_step_options(gradient_accumulation, compute_dtype) -> None:
     if isinstance(gradient_accumulation, bool) or not isinstance(gradient_accumulation, int) \
             or gradient_accumulation < 1:
         raise ValueError(f"make_train_step: gradient_accumulation must be an int >= 1 (the number of microbatches "

@@ -31,7 +31,7 @@ from train import checkpoint as checkpoint_lib
 from train import metrics as metrics_lib
 from train import sharding
 from train.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
-from train.step import init_train_state, make_train_step
+from train.step import check_step_options, init_train_state, make_train_step
 
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -65,6 +65,8 @@ def train(
     async_checkpoints: bool = True,
     on_nonfinite: Literal["stop", "skip"] = "stop",
     mesh: sharding.MeshConfig = sharding.MeshConfig(),
+    gradient_accumulation: int = 1,
+    compute_dtype: Literal["float32", "bfloat16"] | None = None,
     progress_bar: bool = True,
     stop_event: threading.Event | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
@@ -73,10 +75,17 @@ def train(
 
     eval_every=0 evaluates only at the end. checkpoint_every=0 saves no checkpoints at all (benchmarks, tests; a run
     stopped early is then lost); otherwise one is saved every `checkpoint_every` steps and at the end. `stop_event`
-    (set by SIGTERM, or by a caller) stops after the current step with a checkpoint. `on_step(step, metrics)` is called after every step, e.g. by tests.
+    (set by SIGTERM, or by a caller) stops after the current step with a checkpoint.
+
+    gradient_accumulation=n splits each batch into n microbatches, one optimizer update (same result, 1/n of the
+    activation memory); compute_dtype='bfloat16' computes in bfloat16 with float32 master weights and optimizer
+    state (train/step.py). Model-side memory knobs live in the model's config (LLMConfig.remat, scan_layers).
+
+    `on_step(step, metrics)` is called after every step, e.g. by tests.
     """
     _validate(steps=steps, eval_every=eval_every, log_every=log_every, checkpoint_every=checkpoint_every,
               on_nonfinite=on_nonfinite)
+    check_step_options(gradient_accumulation, compute_dtype)
     workdir_path = pathlib.Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)
     is_main_process = jax.process_index() == 0
@@ -85,7 +94,7 @@ def train(
     with contextlib.ExitStack() as cleanup:  # undone in reverse order on every exit path, errors included
         cleanup.callback(_stop_on_sigterm(stop_event, say))
         run = _Run(task, workdir_path, steps, optimizer, seed, mesh, keep_checkpoints, async_checkpoints,
-                   on_nonfinite, say, cleanup)
+                   on_nonfinite, gradient_accumulation, compute_dtype, say, cleanup)
         writer = metrics_lib.MetricsWriter(workdir_path) if is_main_process else None
         if writer:
             cleanup.callback(writer.close)
@@ -149,7 +158,7 @@ class _Run:
     """The mutable part of one `train` call: model structure, train state, data iterator, checkpointer, step."""
 
     def __init__(self, task, workdir, steps, optimizer, seed, mesh, keep_checkpoints, async_checkpoints,
-                 on_nonfinite, say, cleanup: contextlib.ExitStack):
+                 on_nonfinite, gradient_accumulation, compute_dtype, say, cleanup: contextlib.ExitStack):
         self.mesh = sharding.make_mesh(mesh)
         self.on_nonfinite = on_nonfinite
         self.say = say
@@ -176,12 +185,11 @@ class _Run:
             say(f"Resumed from the checkpoint at step {self.start_step} in {self.checkpointer.directory}")
         # Non-parameter variables (if any) are closed over: constant during training. The step runs the model in
         # NNX training mode (`model.train()`: deterministic=False), everything else in evaluation mode.
-        step_fn = make_train_step(
-            lambda p: nnx.merge(self.train_graphdef, p, self.other_state), task.loss_fn, tx,
-            skip_nonfinite=on_nonfinite == "skip")
         # The state leaves the step where it came in, so every step reuses the one compiled executable.
-        self._train_step = jax.jit(step_fn, donate_argnums=0,
-                                   out_shardings=(self.state_sharding, sharding.replicated(self.mesh)))
+        self._train_step = make_train_step(
+            lambda p: nnx.merge(self.train_graphdef, p, self.other_state), task.loss_fn, tx,
+            skip_nonfinite=on_nonfinite == "skip", gradient_accumulation=gradient_accumulation,
+            compute_dtype=compute_dtype, out_shardings=(self.state_sharding, sharding.replicated(self.mesh)))
 
     def model(self) -> nnx.Module:
         """The current model in evaluation mode (`model.eval()`), for evaluation and the task's finish."""
