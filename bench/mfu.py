@@ -38,7 +38,7 @@ see into (cuDNN on GPU is a custom call, counted as 0) or skips causal blocks (t
 
     python bench/mfu.py                                  # the sizes that fit the backend (CPU: the small ones)
     python bench/mfu.py --families llm --sizes 125m --batch 4 --seq 128 --json out.json
-    python bench/mfu.py --dtype bfloat16                 # bf16 parameters and compute, bf16 peak
+    python bench/mfu.py --dtype bfloat16                 # bf16 compute, float32 masters; against the bf16 peak
     python bench/mfu.py --budget 400 --json $OUT/mfu.json  # on a GPU lease: cases past 400 s are skipped, listed
 
 Needs jax, flax, optax (and scikit-learn for the diffusion task's digits check); not grain or gin (see
@@ -247,13 +247,13 @@ class Case:
     compile_seconds: float
 
 
-def model_config(family: str, size: str, dtype: str):
-    """The preset's config with parameters (and so compute) in `dtype`."""
+def model_config(family: str, size: str):
+    """The preset's config (float32 parameters: the trainer's master weights)."""
     if size not in family_sizes(family):
         raise ValueError(f"size {size!r} is not a {family} preset this benchmark counts; allowed: "
                          f"{', '.join(family_sizes(family))}")
     make = {"llm": llm_config, "vit": vit_config, "dit": dit_config}[family]
-    return make(size, param_dtype=dtype)
+    return make(size)
 
 
 def _task_and_model(family: str, config) -> tuple[Any, Callable]:
@@ -284,8 +284,12 @@ def synthetic_batch(family: str, config, batch: int, seq: int, rng: np.random.Ge
 
 
 def build_case(family: str, size: str, *, batch: int, seq: int, dtype: str = "float32", seed: int = 0) -> Case:
-    """Builds the model and train state as the trainer does, and compiles the train step once."""
-    config = model_config(family, size, dtype)
+    """Builds the model and train state as the trainer does, and compiles the train step once. dtype 'bfloat16'
+    is the trainer's mixed precision (`make_train_step(compute_dtype='bfloat16')`: bfloat16 forward and backward,
+    float32 master weights, gradients and AdamW state)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"build_case: dtype={dtype!r}; allowed: {DTYPES}")
+    config = model_config(family, size)
     task, model_class = _task_and_model(family, config)
     tx = make_optimizer(OptimizerConfig(), total_steps=1000)
     # As train.trainer._initialize: the training-mode graph definition from an abstract model, the parameters
@@ -301,7 +305,7 @@ def build_case(family: str, size: str, *, batch: int, seq: int, dtype: str = "fl
 
     state, other_state = jax.jit(initial_state)()
     step = make_train_step(lambda p: nnx.merge(train_graphdef, p, other_state), task.loss_fn, tx,
-                           skip_nonfinite=False)
+                           skip_nonfinite=False, compute_dtype=None if dtype == "float32" else dtype)
     data = synthetic_batch(family, config, batch, seq, np.random.default_rng(seed))
     began = time.perf_counter()
     compiled = step.lower(state, data).compile()  # timed and counted: the very executable that runs
@@ -418,7 +422,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="examples per step (every family)")
     parser.add_argument("--seq", type=int, default=256, help="LLM tokens per example (ViT/DiT: set by the preset)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per case (median reported)")
-    parser.add_argument("--dtype", default="float32", help=f"parameter and compute dtype, one of {DTYPES}")
+    parser.add_argument("--dtype", default="float32",
+                        help=f"compute dtype, one of {DTYPES} (bfloat16: float32 master weights, as the trainer's "
+                             "compute_dtype); the MFU is against the peak of the same dtype")
     parser.add_argument("--peak-size", type=int, default=None,
                         help="side of the peak matmul (default 2048 on CPU, 8192 on accelerators)")
     parser.add_argument("--budget", type=float, default=None,

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 from flax import nnx
 
@@ -92,6 +93,20 @@ def test_xla_count_of_tiny_vision_steps(family):
     assert 1.0 <= ratio <= 1.25, ratio
 
 
+# slow: one more train-step compile (~10 CPU-s); the trainer's own tests cover compute_dtype.
+@pytest.mark.slow
+def test_bfloat16_is_the_trainers_mixed_precision():
+    # --dtype bfloat16 runs the step with compute_dtype='bfloat16': float32 masters, the same analytic count.
+    case = mfu.build_case("llm", "tiny", batch=BATCH, seq=SEQ, dtype="bfloat16")
+    plain = mfu.flop_count("llm", llm_config("tiny"), abstract_params(LLM, llm_config("tiny")), BATCH, SEQ)
+    assert case.count == plain
+    (step_ms,) = mfu.time_steps(case, repeats=1, warmup=0)
+    assert step_ms > 0 and int(case.state["step"]) == 1
+    assert {str(leaf.dtype) for leaf in jax.tree.leaves(case.state["params"])} == {"float32"}
+    with pytest.raises(ValueError, match="dtype='float16'"):
+        mfu.build_case("llm", "tiny", batch=BATCH, seq=SEQ, dtype="float16")
+
+
 def test_cli_end_to_end(cli_run, capsys):
     result, saved = cli_run
     assert saved == json.loads(json.dumps(result))  # the JSON file is the returned record
@@ -126,7 +141,7 @@ def test_refusals():
     assert mfu.parse_args(["--sizes", "tiny,125m", "--families", "llm,vit"]).plan == [
         ("llm", "tiny"), ("llm", "125m"), ("vit", "tiny")]
     with pytest.raises(ValueError, match="not a vit preset this benchmark counts"):
-        mfu.model_config("vit", "transnext_micro", "float32")  # hierarchical: not in the count's table
+        mfu.model_config("vit", "transnext_micro")  # hierarchical: not in the count's table
     with pytest.raises(ValueError, match="not in the count's table"):
         mfu._weight_uses("llm", llm_config("tiny"), "new_layer/kernel_dd", 8)
 
