@@ -142,6 +142,9 @@ def train(
                 interrupted = True
                 break
     # Here every checkpoint is on disk (the checkpointer's close waited for the asynchronous writes).
+    if run.compilations() > 1:
+        say(f"WARNING: the train step compiled {run.compilations()} times; a batch shape, dtype or sharding changed "
+            "between steps (each change costs a full compile)")
 
     if is_main_process:
         plot = metrics_lib.plot_losses(workdir_path)
