@@ -86,6 +86,16 @@ class Checkpointer:
                        "trying the previous checkpoint")
         return None
 
+    def restore_state(self, step: int, sharding: jax.sharding.Sharding) -> dict[str, Any]:
+        """Reads only the "state" item of checkpoint `step` (no data iterator: export and inspection), every array
+        placed with `sharding`; the target tree comes from the checkpoint's own metadata, so no optimizer is needed."""
+        if step not in self.all_steps():
+            raise ValueError(f"no checkpoint at step {step} in {self.directory}; available steps: {self.all_steps()}")
+        target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                              self._manager.item_metadata(step)["state"])
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        return restored["state"]
+
     def _check_compatible(self, step: int, abstract_state: Any) -> None:
         """Compares the shapes and dtypes stored in the checkpoint's metadata with the state to restore into."""
         stored = jax.tree.leaves(self._manager.item_metadata(step)["state"])
