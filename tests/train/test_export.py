@@ -90,6 +90,17 @@ def test_llm_export_writes_the_artifacts_and_check_passes(llm_export, capsys):
     assert "params.safetensors: max abs error" in output and "model.stablehlo: max abs error" in output
 
 
+def test_export_for_several_platforms_at_highest_matmul_precision(workdirs, tmp_path):
+    """What a GPU server needs: a cuda lowering beside cpu, with full-float32 dots (default GPU dots are TF32)."""
+    assert export.main(["--workdir", str(workdirs("llm")), "--out", str(tmp_path), "--platforms", "cpu,cuda",
+                        "--matmul_precision", "highest"]) == 0
+    record = json.loads((tmp_path / export.SIGNATURE_FILE).read_text())
+    assert record["platforms"] == ["cpu", "cuda"] and record["matmul_precision"] == "highest"
+    exported = jax.export.deserialize(bytearray((tmp_path / export.MODEL_FILE).read_bytes()))
+    assert exported.platforms == ("cpu", "cuda") and "HIGHEST" in exported.mlir_module()
+    assert export.main(["--check", str(tmp_path)]) == 0
+
+
 # The DiT case is slow (about 20 s: its training step compiles the diffusion loss); the LLM and ViT cases cover the
 # shared path by default.
 @pytest.mark.parametrize("family, inputs, output", [
@@ -156,6 +167,8 @@ def test_usage_errors_are_clear(workdirs, tmp_path, capsys):
          "no checkpoint at step 7 in " + str(workdir / "checkpoints") + "; available steps: [1]"),
         (["--workdir", str(workdir), "--out", str(tmp_path / "o"), "--platforms", "cpu,gpu"],
          "unknown ['gpu']; allowed: cpu, cuda, rocm, tpu"),
+        (["--workdir", str(workdir), "--out", str(tmp_path / "o"), "--matmul_precision", "fp64"],
+         "--matmul_precision 'fp64'; allowed: default, high, highest"),
         (["--check", str(tmp_path)], "params.safetensors not found"),
     ]
     for argv, message in cases:
