@@ -1,3 +1,4 @@
 """Weights in and out of the formats users already have: Hugging Face `transformers` Llama checkpoints, timm ViTs and
 diffusers / original-repository DiTs (issue 9). Each converter is a pure function of a state dict (or a path to one)
 and the attnx model config; nothing here imports PyTorch except to read `.bin` files, and nothing downloads."""
+from models.interop.hf_llama import from_hf_llama, hf_llama_config_to_attnx, to_hf_llama  # noqa: F401
