@@ -2,3 +2,4 @@
 diffusers / original-repository DiTs (issue 9). Each converter is a pure function of a state dict (or a path to one)
 and the attnx model config; nothing here imports PyTorch except to read `.bin` files, and nothing downloads."""
 from models.interop.hf_llama import from_hf_llama, hf_llama_config_to_attnx, to_hf_llama  # noqa: F401
+from models.interop.timm_vit import from_timm_vit, resample_position_grid, to_timm_vit  # noqa: F401
