@@ -84,11 +84,19 @@ class Meta:
         return self.nk * self.bk
 
 
+
+def _dot(a, b, trans_a: bool = False, trans_b: bool = False):
+    """Triton dot with float32 accumulation; float32 operands at full IEEE precision. Without `HIGHEST` the GPU runs
+    float32 dots as TF32 (10-bit mantissa): measured on an H200, 1.6e-3 off the reference, 80x the float32
+    tolerance. bfloat16/float16 operands are unaffected."""
+    full = a.dtype == jnp.float32 and b.dtype == jnp.float32
+    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=lax.Precision.HIGHEST if full else None)
+
 def tile_logits(meta: Meta, q, k, bias, b, n, rows, cols, derivative: bool = False):
     """float32 [bq, bk] logits: scale·q·kᵀ (+ bias) -> soft cap -> score_mod(s, b, n, t, j) (the order of
     `common.apply_logit_mods`). With `derivative`, also d logits / d(scale·q·kᵀ + bias) elementwise (None when it
     is 1), which turns dS of the final logits into the gradient of q·kᵀ and of the bias."""
-    s = plgpu.dot(q, k, trans_b=True) * meta.scale
+    s = _dot(q, k, trans_b=True) * meta.scale
     if bias is not None:
         s = s + bias.astype(F32)
     dsds = None
@@ -169,7 +177,7 @@ def forward_kernel(meta: Meta, in_names: tuple[str, ...], *refs):
         m_use = jnp.where(m_new == NEG_INF, 0.0, m_new)
         p = jnp.exp(s - m_use[:, None])
         alpha = jnp.exp(m - m_use)
-        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
         return m_new, l * alpha + jnp.sum(p, axis=1), acc
 
     init = (jnp.full((bq,), NEG_INF, F32), jnp.zeros((bq,), F32), jnp.zeros((bq, meta.Vp), F32))
@@ -194,7 +202,7 @@ def _probabilities_and_ds(meta, q, k, v, do, lse, delta, bias, b, n, rows, cols,
     if allowed is not None:
         s = jnp.where(allowed, s, NEG_INF)
     p = jnp.exp(s - lse[:, None])
-    dp = plgpu.dot(do, v, trans_b=True)
+    dp = _dot(do, v, trans_b=True)
     ds = p * (dp - delta[:, None])
     if dsds is not None:
         ds = ds * dsds if allowed is None else jnp.where(allowed, ds * dsds, 0.0)
@@ -237,7 +245,7 @@ def dq_kernel(meta: Meta, in_names: tuple[str, ...], *refs):
         _, ds = _probabilities_and_ds(meta, q, k, v, do, lse, delta, bias, b, n, rows, col_idx, allowed)
         if dbias_ref is not None:
             dbias_ref[:, cols] = ds
-        return dq + plgpu.dot(ds.astype(k.dtype), k)
+        return dq + _dot(ds.astype(k.dtype), k)
 
     dq = _two_phase(ids, body, jnp.zeros((bq, meta.Hp), F32))
     dq_ref[...] = dq * meta.scale
@@ -277,8 +285,8 @@ def dkv_kernel(meta: Meta, in_names: tuple[str, ...], *refs):
             allowed = tile_allowed(meta, rows, cols, qlen, kvlen, r["qseg"][tsl] if meta.has_seg else None, kseg,
                                    dense, b, n)
         p, ds = _probabilities_and_ds(meta, q, k, v, do, lse, delta, bias, b, n, rows, cols, allowed)
-        dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
-        dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True)
+        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
 
     dk, dv = _two_phase(ids, body, (jnp.zeros((bk, meta.Hp), F32), jnp.zeros((bk, meta.Vp), F32)))
