@@ -124,6 +124,9 @@ class DiTConfig:
     condition_dim: int | None = None
     condition_shared_tokens: int = 1
     condition_class_tokens: int = 2
+    # Diffusers' DiTTransformer2DModel spaces the timestep frequencies by half - 1 (downscale_freq_shift=1), not half:
+    # the same sinusoids as DiT's with max_period 10000^(half / (half - 1)) (models/interop/diffusers_dit.py).
+    timestep_max_period: float = 10_000.0
 
     def __post_init__(self):
         if isinstance(self.layer_attention, list):  # gin gives lists; a tuple keeps the config hashable
@@ -147,6 +150,8 @@ class DiTConfig:
             raise ValueError(f"DiTConfig.learn_sigma must be a bool, got {self.learn_sigma!r}")
         if not 0 <= self.class_dropout_prob < 1:
             raise ValueError(f"DiTConfig.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob!r}")
+        if not isinstance(self.timestep_max_period, (int, float)) or not self.timestep_max_period > 1:
+            raise ValueError(f"DiTConfig.timestep_max_period must be a number > 1, got {self.timestep_max_period!r}")
         check_param_dtype("DiTConfig", self.param_dtype)
         check_image_prompt_options("DiTConfig", tokens=self.image_prompt_tokens, dim=self.image_prompt_dim,
                                    scale=self.image_prompt_scale, merge=self.image_prompt_merge,
@@ -284,7 +289,8 @@ class DiT(nnx.Module):
         dtype = PARAM_DTYPES[config.param_dtype]
         self.patch_embed = PatchEmbed(config.patch_size, config.in_channels, config.width, rngs=rngs,
                                       param_dtype=dtype)
-        self.timestep_embedder = TimestepEmbedder(config.width, rngs=rngs, param_dtype=dtype)
+        self.timestep_embedder = TimestepEmbedder(config.width, max_period=config.timestep_max_period, rngs=rngs,
+                                                  param_dtype=dtype)
         self.label_embedder = LabelEmbedder(config.num_classes, config.width, dropout_prob=config.class_dropout_prob,
                                             rngs=rngs, param_dtype=dtype)
         self.blocks = nnx.List([DiTBlock(config, rngs=rngs, layer=index) for index in range(config.depth)])
