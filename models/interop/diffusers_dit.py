@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from models.dit import DiT, DiTConfig
+from models.interop._common import check_keys, flat_params, param_shapes, state_from_flat, to_numpy
 from models.layers.patch import sincos_2d
 
 FREQUENCY_DIM = 256  # both libraries embed t with 256 sinusoids before the MLP
@@ -39,50 +40,8 @@ def diffusers_max_period(frequency_dim: int = FREQUENCY_DIM) -> float:
     return 10_000.0 ** (half / (half - 1))
 
 
-def _numpy(value) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor, without importing torch
-        value = value.detach().cpu().float().numpy() if str(value.dtype) == "torch.bfloat16" else \
-            value.detach().cpu().numpy()
-    elif hasattr(value, "get_value"):
-        value = value.get_value()
-    elif hasattr(value, "value") and not isinstance(value, np.ndarray):
-        value = value.value
-    return np.asarray(value)
-
-
-def _check_keys(where: str, state: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]],
-                ignore: tuple[str, ...] = ()) -> None:
-    """Raises ValueError listing missing, unexpected and wrongly shaped keys."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(k for k in set(state) - set(expected) if k not in ignore)
-    shapes = sorted(f"{k}: got {tuple(np.shape(_numpy(state[k])))}, expected {expected[k]}" for k in expected
-                    if k in state and tuple(np.shape(_numpy(state[k]))) != tuple(expected[k]))
-    if missing or unexpected or shapes:
-        raise ValueError(f"{where}: state dict does not match the DiT layout; missing keys {missing}, unexpected "
-                         f"keys {unexpected}, wrong shapes {shapes}")
-
-
-def _params_of(params_or_model) -> dict[str, np.ndarray]:
-    """Flat {'a.b.c': array} of a DiT module, an nnx.State or a flat dict."""
-    if isinstance(params_or_model, nnx.Module):
-        params_or_model = nnx.state(params_or_model, nnx.Param)
-    if isinstance(params_or_model, nnx.State):
-        return {".".join(map(str, k)): _numpy(v) for k, v in nnx.to_flat_state(params_or_model)}
-    return {k: _numpy(v) for k, v in dict(params_or_model).items()}
-
-
-def _expected_attnx(config: DiTConfig) -> dict[str, tuple[int, ...]]:
-    model = nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0)))
-    return {".".join(map(str, k)): tuple(v.shape) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-def _to_state(config: DiTConfig, flat: dict[str, np.ndarray]) -> nnx.State:
-    model = nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0)))
-    state = nnx.state(model, nnx.Param)
-    leaves = []
-    for key, variable in nnx.to_flat_state(state):
-        leaves.append((key, variable.replace(np.asarray(flat[".".join(map(str, key))], np.float32))))
-    return nnx.from_flat_state(leaves)
+def _state(config: DiTConfig, flat: dict[str, np.ndarray]) -> nnx.State:
+    return state_from_flat(lambda: DiT(config, rngs=nnx.Rngs(0)), flat, np.float32)
 
 
 def _check_representable(config: DiTConfig, where: str) -> None:
@@ -272,8 +231,8 @@ def from_diffusers_dit(source, config: DiTConfig | None = None) -> tuple[DiTConf
                              "config=config_from_diffusers(model.config)")
         config = config_from_diffusers(hf)
     config_to_diffusers(config)  # refuses what the diffusers layout cannot hold
-    _check_keys("from_diffusers_dit", state, _expected_diffusers(config))
-    state = {k: _numpy(v).astype(np.float32) for k, v in state.items()}
+    check_keys("from_diffusers_dit", state, _expected_diffusers(config))
+    state = {k: to_numpy(v).astype(np.float32) for k, v in state.items()}
     for role in _DIFFUSERS_EMBED:  # every block carries a copy of the embedders; attnx shares one
         first = state[_diffusers_name(role, None, 0)]
         differing = [_diffusers_name(role, None, i) for i in range(1, config.depth)
@@ -282,7 +241,7 @@ def from_diffusers_dit(source, config: DiTConfig | None = None) -> tuple[DiTConf
             raise ValueError(f"from_diffusers_dit: {differing} differ from block 0's copy; attnx's DiT shares one "
                              f"timestep and label embedder across blocks")
     flat = _from_torch_parts(config, lambda role, block=None: state[_diffusers_name(role, block)])
-    return config, _to_state(config, flat)
+    return config, _state(config, flat)
 
 
 def to_diffusers_dit(params_or_model, config: DiTConfig, out: str | os.PathLike | None = None
@@ -290,8 +249,8 @@ def to_diffusers_dit(params_or_model, config: DiTConfig, out: str | os.PathLike 
     """The `DiTTransformer2DModel` state dict of a DiT (module, nnx.State or flat dict); with `out`, also writes
     out/config.json and out/diffusion_pytorch_model.safetensors (loadable by `from_pretrained`)."""
     hf = config_to_diffusers(config)
-    flat = _params_of(params_or_model)
-    _check_keys("to_diffusers_dit", flat, _expected_attnx(config))
+    flat = flat_params(params_or_model)
+    check_keys("to_diffusers_dit", flat, param_shapes(lambda: DiT(config, rngs=nnx.Rngs(0))))
     parts = _to_torch_parts(config, flat)
     result = {}
     for (role, block), value in parts.items():
@@ -352,8 +311,8 @@ def from_dit_original(state_dict: Mapping[str, Any], config: DiTConfig) -> tuple
     """(config, params) from a facebookresearch/DiT state dict (e.g. torch.load of DiT-XL-2-256x256.pt). The fixed
     `pos_embed` buffer, if present, must equal the sin-cos table attnx computes."""
     _check_original_config(config, "from_dit_original")
-    state = {k: _numpy(v).astype(np.float32) for k, v in dict(state_dict).items()}
-    _check_keys("from_dit_original", state, _original_names(config), ignore=("pos_embed",))
+    state = {k: to_numpy(v).astype(np.float32) for k, v in dict(state_dict).items()}
+    check_keys("from_dit_original", state, _original_names(config), ignore=("pos_embed",))
     if "pos_embed" in state:
         ours = sincos_2d(config.width, (config.grid_size, config.grid_size))
         theirs = state["pos_embed"].reshape(-1, config.width) if state["pos_embed"].size == ours.size else None
@@ -369,7 +328,7 @@ def from_dit_original(state_dict: Mapping[str, Any], config: DiTConfig) -> tuple
             return np.split(fused, 3, axis=0)[_QKV[role[0]]]
         return state[f"blocks.{block}.{_ORIGINAL_BLOCK[role]}"]
 
-    return config, _to_state(config, _from_torch_parts(config, get))
+    return config, _state(config, _from_torch_parts(config, get))
 
 
 def to_dit_original(params_or_model, config: DiTConfig, out: str | os.PathLike | None = None,
@@ -377,8 +336,8 @@ def to_dit_original(params_or_model, config: DiTConfig, out: str | os.PathLike |
     """The facebookresearch/DiT state dict (numpy) of a DiT, with its `pos_embed` buffer [1, T, D] unless
     include_pos_embed=False; with `out`, also writes it as a .safetensors file."""
     _check_original_config(config, "to_dit_original")
-    flat = _params_of(params_or_model)
-    _check_keys("to_dit_original", flat, _expected_attnx(config))
+    flat = flat_params(params_or_model)
+    check_keys("to_dit_original", flat, param_shapes(lambda: DiT(config, rngs=nnx.Rngs(0))))
     parts = _to_torch_parts(config, flat)
     result = {}
     for (role, block), value in parts.items():

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 from flax import nnx
 
+from models.interop._common import check_keys, flat_params, param_shapes, state_from_flat, to_numpy
 from models.llm import LLM, LLMConfig
 
 __all__ = ["from_hf_llama", "to_hf_llama", "hf_llama_config_to_attnx"]
@@ -118,26 +119,6 @@ def _expected_hf_shapes(config: LLMConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_keys(what: str, got: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]],
-                ignorable: tuple[str, ...] = ()) -> None:
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(k for k in set(got) - set(expected) if k not in ignorable)
-    wrong = sorted(f"{k}: got {tuple(np.shape(got[k]))}, expected {expected[k]}" for k in set(got) & set(expected)
-                   if tuple(np.shape(got[k])) != tuple(expected[k]))
-    if missing or unexpected or wrong:
-        raise ValueError(f"{what} does not match the config: missing keys {missing}; unexpected keys {unexpected}; "
-                         f"wrong shapes {wrong}")
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor: bfloat16 has no numpy dtype, so widen it first
-        value = value.detach().cpu()
-        if str(value.dtype) == "torch.bfloat16":
-            value = value.float()
-        return value.numpy()
-    return np.asarray(value)
-
-
 def _read_directory(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
@@ -153,7 +134,7 @@ def _read_directory(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         import torch  # only for the legacy pickle format
 
         state = torch.load(os.path.join(path, _TORCH_BIN), map_location="cpu", weights_only=True)
-        return hf_config, {k: _to_numpy(v) for k, v in state.items()}
+        return hf_config, {k: to_numpy(v) for k, v in state.items()}
     else:
         raise ValueError(f"source={path!r} has none of {_SAFETENSORS}, {_SAFETENSORS_INDEX}, {_TORCH_BIN}")
     from safetensors.numpy import load_file
@@ -165,7 +146,7 @@ def _read_directory(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         except TypeError:  # bfloat16 tensors have no numpy dtype: read through torch, then widen
             from safetensors.torch import load_file as load_torch
 
-            state |= {k: _to_numpy(v) for k, v in load_torch(os.path.join(path, name)).items()}
+            state |= {k: to_numpy(v) for k, v in load_torch(os.path.join(path, name)).items()}
     return hf_config, state
 
 
@@ -184,7 +165,7 @@ def from_hf_llama(source: str | os.PathLike | Mapping[str, Any], hf_config: Mapp
     elif isinstance(source, Mapping):
         if hf_config is None:
             raise ValueError("hf_config is required when source is a state dict (the config.json dict)")
-        state = {k: _to_numpy(v) for k, v in source.items()}
+        state = {k: to_numpy(v) for k, v in source.items()}
     else:
         raise ValueError(f"source must be a directory path or a state dict, got {type(source).__name__}")
     if hasattr(hf_config, "to_dict"):
@@ -192,7 +173,7 @@ def from_hf_llama(source: str | os.PathLike | Mapping[str, Any], hf_config: Mapp
     config = hf_llama_config_to_attnx(hf_config)
     # A tied checkpoint may still carry lm_head.weight (older transformers); it must equal the embedding.
     ignorable = ("lm_head.weight",) if config.tie_embeddings else ()
-    _check_keys("state dict", state, _expected_hf_shapes(config), ignorable)
+    check_keys("state dict", state, _expected_hf_shapes(config), ignorable)
     if config.tie_embeddings and "lm_head.weight" in state and not np.array_equal(
             state["lm_head.weight"], state["model.embed_tokens.weight"]):
         raise ValueError("tie_word_embeddings=True but lm_head.weight differs from model.embed_tokens.weight")
@@ -201,37 +182,26 @@ def from_hf_llama(source: str | os.PathLike | Mapping[str, Any], hf_config: Mapp
     def w(name):
         return state[name].astype(np.float64)  # exact for float32/bfloat16 inputs; cast once at the end
 
-    flat: dict[tuple, np.ndarray] = {("embed", "embedding_vd"): w("model.embed_tokens.weight")}
+    flat: dict[str, np.ndarray] = {"embed.embedding_vd": w("model.embed_tokens.weight")}
     final_scale = w("model.norm.weight")
     if config.tie_embeddings:
         final_scale = final_scale * math.sqrt(d)  # see the module docstring: attend() divides by sqrt(D)
     else:
-        flat[("unembed_dv",)] = w("lm_head.weight").T
-    flat[("final_norm", "scale_d")] = final_scale
+        flat["unembed_dv"] = w("lm_head.weight").T
+    flat["final_norm.scale_d"] = final_scale
     for i in range(config.depth):
-        p, b = f"model.layers.{i}.", ("blocks", i)
-        flat[b + ("attention", "query_dnh")] = w(p + "self_attn.q_proj.weight").T.reshape(d, n, h)
-        flat[b + ("attention", "key_dkh")] = w(p + "self_attn.k_proj.weight").T.reshape(d, k, h)
-        flat[b + ("attention", "value_dkh")] = w(p + "self_attn.v_proj.weight").T.reshape(d, k, h)
-        flat[b + ("attention", "out_nhd")] = w(p + "self_attn.o_proj.weight").T.reshape(n, h, d)
-        flat[b + ("attention_norm", "scale_d")] = w(p + "input_layernorm.weight")
-        flat[b + ("mlp_norm", "scale_d")] = w(p + "post_attention_layernorm.weight")
-        flat[b + ("mlp", "gate_up_d2f")] = np.stack(
+        p, b = f"model.layers.{i}.", f"blocks.{i}."
+        flat[b + "attention.query_dnh"] = w(p + "self_attn.q_proj.weight").T.reshape(d, n, h)
+        flat[b + "attention.key_dkh"] = w(p + "self_attn.k_proj.weight").T.reshape(d, k, h)
+        flat[b + "attention.value_dkh"] = w(p + "self_attn.v_proj.weight").T.reshape(d, k, h)
+        flat[b + "attention.out_nhd"] = w(p + "self_attn.o_proj.weight").T.reshape(n, h, d)
+        flat[b + "attention_norm.scale_d"] = w(p + "input_layernorm.weight")
+        flat[b + "mlp_norm.scale_d"] = w(p + "post_attention_layernorm.weight")
+        flat[b + "mlp.gate_up_d2f"] = np.stack(
             [w(p + "mlp.gate_proj.weight").T, w(p + "mlp.up_proj.weight").T], axis=1)
-        flat[b + ("mlp", "down_fd")] = w(p + "mlp.down_proj.weight").T
-    return config, _build_state(config, flat, dtype)
-
-
-def _build_state(config: LLMConfig, flat: dict[tuple, np.ndarray], dtype: Any) -> nnx.State:
-    """Places the arrays in the LLM's own parameter tree, so a key mismatch with models/llm.py fails here."""
-    abstract = nnx.eval_shape(lambda: LLM(config, rngs=nnx.Rngs(0)))
-    params = nnx.state(abstract, nnx.Param)
-    leaves = dict(nnx.to_flat_state(params))
-    _check_keys("converted tree", {".".join(map(str, k)): v for k, v in flat.items()},
-                {".".join(map(str, k)): tuple(v.shape) for k, v in leaves.items()})
-    for key, variable in leaves.items():
-        variable.set_value(np.asarray(flat[key], dtype=dtype))
-    return nnx.from_flat_state(leaves)
+        flat[b + "mlp.down_fd"] = w(p + "mlp.down_proj.weight").T
+    # Placed in the LLM's own parameter tree, so a key mismatch with models/llm.py fails here.
+    return config, state_from_flat(lambda: LLM(config, rngs=nnx.Rngs(0)), flat, dtype)
 
 
 def to_hf_llama(params_or_model: nnx.Module | nnx.State | Mapping, config: LLMConfig,
@@ -244,33 +214,27 @@ def to_hf_llama(params_or_model: nnx.Module | nnx.State | Mapping, config: LLMCo
     if not isinstance(config, LLMConfig):
         raise ValueError(f"config must be an LLMConfig, got {type(config).__name__}")
     _check_convertible(config)
-    if isinstance(params_or_model, nnx.Module):
-        params_or_model = nnx.state(params_or_model, nnx.Param)
-    items = (nnx.to_flat_state(params_or_model) if isinstance(params_or_model, nnx.State)
-             else nnx.to_flat_state(nnx.State(params_or_model)))
-    flat = {tuple(k): np.asarray(v.get_value() if isinstance(v, nnx.Variable) else v, dtype=np.float64) for k, v in items}
-    expected_tree = {k: tuple(v.shape) for k, v in nnx.to_flat_state(
-        nnx.state(nnx.eval_shape(lambda: LLM(config, rngs=nnx.Rngs(0))), nnx.Param))}
-    _check_keys("params", {".".join(map(str, k)): v for k, v in flat.items()},
-                {".".join(map(str, k)): v for k, v in expected_tree.items()})
+    params = flat_params(params_or_model)
+    check_keys("params", params, param_shapes(lambda: LLM(config, rngs=nnx.Rngs(0))))
+    flat = {name: value.astype(np.float64) for name, value in params.items()}
     d, n, k, h = config.width, config.num_heads, config.num_kv_heads, _head_dim(config)
-    state = {"model.embed_tokens.weight": flat[("embed", "embedding_vd")]}
-    final_scale = flat[("final_norm", "scale_d")]
+    state = {"model.embed_tokens.weight": flat["embed.embedding_vd"]}
+    final_scale = flat["final_norm.scale_d"]
     state["model.norm.weight"] = final_scale / math.sqrt(d) if config.tie_embeddings else final_scale
     if not config.tie_embeddings:
-        state["lm_head.weight"] = flat[("unembed_dv",)].T
+        state["lm_head.weight"] = flat["unembed_dv"].T
     for i in range(config.depth):
-        p, b = f"model.layers.{i}.", ("blocks", i)
-        state[p + "self_attn.q_proj.weight"] = flat[b + ("attention", "query_dnh")].reshape(d, n * h).T
-        state[p + "self_attn.k_proj.weight"] = flat[b + ("attention", "key_dkh")].reshape(d, k * h).T
-        state[p + "self_attn.v_proj.weight"] = flat[b + ("attention", "value_dkh")].reshape(d, k * h).T
-        state[p + "self_attn.o_proj.weight"] = flat[b + ("attention", "out_nhd")].reshape(n * h, d).T
-        state[p + "input_layernorm.weight"] = flat[b + ("attention_norm", "scale_d")]
-        state[p + "post_attention_layernorm.weight"] = flat[b + ("mlp_norm", "scale_d")]
-        gate_up = flat[b + ("mlp", "gate_up_d2f")]
+        p, b = f"model.layers.{i}.", f"blocks.{i}."
+        state[p + "self_attn.q_proj.weight"] = flat[b + "attention.query_dnh"].reshape(d, n * h).T
+        state[p + "self_attn.k_proj.weight"] = flat[b + "attention.key_dkh"].reshape(d, k * h).T
+        state[p + "self_attn.v_proj.weight"] = flat[b + "attention.value_dkh"].reshape(d, k * h).T
+        state[p + "self_attn.o_proj.weight"] = flat[b + "attention.out_nhd"].reshape(n * h, d).T
+        state[p + "input_layernorm.weight"] = flat[b + "attention_norm.scale_d"]
+        state[p + "post_attention_layernorm.weight"] = flat[b + "mlp_norm.scale_d"]
+        gate_up = flat[b + "mlp.gate_up_d2f"]
         state[p + "mlp.gate_proj.weight"] = gate_up[:, 0, :].T
         state[p + "mlp.up_proj.weight"] = gate_up[:, 1, :].T
-        state[p + "mlp.down_proj.weight"] = flat[b + ("mlp", "down_fd")].T
+        state[p + "mlp.down_proj.weight"] = flat[b + "mlp.down_fd"].T
     state = {name: np.ascontiguousarray(v, dtype=dtype) for name, v in state.items()}
     if out is not None:
         _write_directory(os.fspath(out), config, state, dtype)

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 import numpy as np
 from flax import nnx
 
-from models.interop.hf_llama import _check_keys, _to_numpy
+from models.interop._common import check_keys, flat_params, param_shapes, state_from_flat, to_numpy
 from models.vit import ViT, ViTConfig
 
 # Heads of timm's named ViT sizes (the width alone does not determine them).
@@ -56,7 +56,7 @@ _UNSUPPORTED = {
 
 def _read(source: Any) -> dict[str, np.ndarray]:
     if isinstance(source, Mapping):
-        return {k: _to_numpy(v) for k, v in source.items()}
+        return {k: to_numpy(v) for k, v in source.items()}
     if not isinstance(source, (str, os.PathLike)):
         raise ValueError(f"source must be a state dict or a .safetensors/.pth/.bin path, got {type(source).__name__}")
     path = os.fspath(source)
@@ -73,7 +73,7 @@ def _read(source: Any) -> dict[str, np.ndarray]:
         for wrapper in ("state_dict", "model"):  # training checkpoints nest the weights
             if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
                 state = state[wrapper]
-        return {k: _to_numpy(v) for k, v in state.items()}
+        return {k: to_numpy(v) for k, v in state.items()}
     raise ValueError(f"source={path!r}: expected a .safetensors, .pth, .pt or .bin file")
 
 
@@ -214,7 +214,7 @@ def from_timm_vit(source: Mapping[str, Any] | str | os.PathLike, config: ViTConf
     trained = ViTConfig(image_size=side * patch, patch_size=patch, channels=channels,
                         num_classes=state["head.weight"].shape[0], width=width, depth=depth, num_heads=heads[0],
                         mlp_width=state["blocks.0.mlp.fc1.weight"].shape[0] if depth else 4 * width)
-    _check_keys("timm state dict", state, _expected_timm_shapes(trained, (side, side)))
+    check_keys("timm state dict", state, _expected_timm_shapes(trained, (side, side)))
     if image_size is None:
         image_size = config.image_size if config is not None else trained.image_size
     inferred = dataclasses.replace(trained, image_size=image_size)
@@ -238,44 +238,34 @@ def from_timm_vit(source: Mapping[str, Any] | str | os.PathLike, config: ViTConf
     position = w("pos_embed")[0]
     grid = position[1:].reshape(side, side, d)
     position = np.concatenate([position[:1], resample_position_grid(grid, _grid(config), antialias=antialias).reshape(-1, d)])
-    flat: dict[tuple, np.ndarray] = {
-        ("cls_token_d",): w("cls_token").reshape(d),
-        ("position_td",): position,
+    flat: dict[str, np.ndarray] = {
+        "cls_token_d": w("cls_token").reshape(d),
+        "position_td": position,
         # [D, C, p, p] -> [p, p, C, D] -> [p * p * C, D]: the (row, column, channel) order of patchify.
-        ("patch_embed", "kernel_pd"): w("patch_embed.proj.weight").transpose(2, 3, 1, 0).reshape(-1, d),
-        ("patch_embed", "bias_d"): w("patch_embed.proj.bias"),
-        ("final_norm", "scale_d"): w("norm.weight"), ("final_norm", "bias_d"): w("norm.bias"),
-        ("head_dc",): w("head.weight").T, ("head_bias_c",): w("head.bias"),
+        "patch_embed.kernel_pd": w("patch_embed.proj.weight").transpose(2, 3, 1, 0).reshape(-1, d),
+        "patch_embed.bias_d": w("patch_embed.proj.bias"),
+        "final_norm.scale_d": w("norm.weight"), "final_norm.bias_d": w("norm.bias"),
+        "head_dc": w("head.weight").T, "head_bias_c": w("head.bias"),
     }
     for i in range(config.depth):
-        p, b = f"blocks.{i}.", ("stages", 0, "blocks", i)
+        p, b = f"blocks.{i}.", f"stages.0.blocks.{i}."
         qkv = w(p + "attn.qkv.weight").reshape(3, n, h, d)  # rows: (q|k|v, head, head dim)
         qkv_bias = w(p + "attn.qkv.bias").reshape(3, n, h)
         for j, (kernel, bias) in enumerate((("query_dnh", "query_bias_nh"), ("key_dkh", "key_bias_kh"),
                                             ("value_dkh", "value_bias_kh"))):
-            flat[b + ("attention", kernel)] = qkv[j].transpose(2, 0, 1)
-            flat[b + ("attention", bias)] = qkv_bias[j]
-        flat[b + ("attention", "out_nhd")] = w(p + "attn.proj.weight").T.reshape(n, h, d)
-        flat[b + ("attention", "out_bias_d")] = w(p + "attn.proj.bias")
+            flat[f"{b}attention.{kernel}"] = qkv[j].transpose(2, 0, 1)
+            flat[f"{b}attention.{bias}"] = qkv_bias[j]
+        flat[b + "attention.out_nhd"] = w(p + "attn.proj.weight").T.reshape(n, h, d)
+        flat[b + "attention.out_bias_d"] = w(p + "attn.proj.bias")
         for ours, theirs in (("attention_norm", "norm1"), ("mlp_norm", "norm2")):
-            flat[b + (ours, "scale_d")] = w(p + theirs + ".weight")
-            flat[b + (ours, "bias_d")] = w(p + theirs + ".bias")
-        flat[b + ("mlp", "fc1_df")] = w(p + "mlp.fc1.weight").T
-        flat[b + ("mlp", "fc1_bias_f")] = w(p + "mlp.fc1.bias")
-        flat[b + ("mlp", "fc2_fd")] = w(p + "mlp.fc2.weight").T
-        flat[b + ("mlp", "fc2_bias_d")] = w(p + "mlp.fc2.bias")
-    return config, _build_state(config, flat)
-
-
-def _build_state(config: ViTConfig, flat: dict[tuple, np.ndarray]) -> nnx.State:
-    """Places the arrays in the ViT's own parameter tree, so a naming drift in models/vit.py fails here."""
-    abstract = nnx.eval_shape(lambda: ViT(config, rngs=nnx.Rngs(0)))
-    leaves = dict(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
-    _check_keys("converted tree", {".".join(map(str, k)): v for k, v in flat.items()},
-                {".".join(map(str, k)): tuple(v.shape) for k, v in leaves.items()})
-    for key, variable in leaves.items():
-        variable.set_value(np.asarray(flat[key], dtype=np.dtype(config.param_dtype)))
-    return nnx.from_flat_state(leaves)
+            flat[f"{b}{ours}.scale_d"] = w(p + theirs + ".weight")
+            flat[f"{b}{ours}.bias_d"] = w(p + theirs + ".bias")
+        flat[b + "mlp.fc1_df"] = w(p + "mlp.fc1.weight").T
+        flat[b + "mlp.fc1_bias_f"] = w(p + "mlp.fc1.bias")
+        flat[b + "mlp.fc2_fd"] = w(p + "mlp.fc2.weight").T
+        flat[b + "mlp.fc2_bias_d"] = w(p + "mlp.fc2.bias")
+    # Placed in the ViT's own parameter tree, so a naming drift in models/vit.py fails here.
+    return config, state_from_flat(lambda: ViT(config, rngs=nnx.Rngs(0)), flat, np.dtype(config.param_dtype))
 
 
 def to_timm_vit(params_or_model: nnx.Module | nnx.State, config: ViTConfig,
@@ -287,12 +277,8 @@ def to_timm_vit(params_or_model: nnx.Module | nnx.State, config: ViTConfig,
     writes the file, which timm reads with `pretrained_cfg_overlay=dict(file=out)`.
     """
     _check_representable(config)
-    state = nnx.state(params_or_model, nnx.Param) if isinstance(params_or_model, nnx.Module) else params_or_model
-    flat = {".".join(map(str, k)): np.asarray(v.get_value() if hasattr(v, "get_value") else v)
-            for k, v in nnx.to_flat_state(state)}
-    abstract = nnx.eval_shape(lambda: ViT(config, rngs=nnx.Rngs(0)))
-    _check_keys("attnx parameters", flat, {".".join(map(str, k)): tuple(v.shape) for k, v in
-                                           nnx.to_flat_state(nnx.state(abstract, nnx.Param))})
+    flat = flat_params(params_or_model)
+    check_keys("attnx parameters", flat, param_shapes(lambda: ViT(config, rngs=nnx.Rngs(0))))
     d, n, p, c = config.width, config.num_heads, config.patch_size, config.channels
     out_state = {
         "cls_token": flat["cls_token_d"].reshape(1, 1, d),
