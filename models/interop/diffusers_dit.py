@@ -44,6 +44,14 @@ def _state(config: DiTConfig, flat: dict[str, np.ndarray]) -> nnx.State:
     return state_from_flat(lambda: DiT(config, rngs=nnx.Rngs(0)), flat, np.float32)
 
 
+
+def _parts_of(params_or_model, config: DiTConfig, where: str) -> dict[tuple, np.ndarray]:
+    """The DiT's parameters (checked against `config`'s tree) as torch-layout parts, for both export layouts."""
+    flat = flat_params(params_or_model)
+    check_keys(where, flat, param_shapes(lambda: DiT(config, rngs=nnx.Rngs(0))))
+    return _to_torch_parts(config, flat)
+
+
 def _check_representable(config: DiTConfig, where: str) -> None:
     plain = DiTConfig(input_size=config.input_size, patch_size=config.patch_size, in_channels=config.in_channels,
                       num_classes=config.num_classes, width=config.width, depth=config.depth,
@@ -249,9 +257,7 @@ def to_diffusers_dit(params_or_model, config: DiTConfig, out: str | os.PathLike 
     """The `DiTTransformer2DModel` state dict of a DiT (module, nnx.State or flat dict); with `out`, also writes
     out/config.json and out/diffusion_pytorch_model.safetensors (loadable by `from_pretrained`)."""
     hf = config_to_diffusers(config)
-    flat = flat_params(params_or_model)
-    check_keys("to_diffusers_dit", flat, param_shapes(lambda: DiT(config, rngs=nnx.Rngs(0))))
-    parts = _to_torch_parts(config, flat)
+    parts = _parts_of(params_or_model, config, "to_diffusers_dit")
     result = {}
     for (role, block), value in parts.items():
         if role in _DIFFUSERS_EMBED:
@@ -336,9 +342,7 @@ def to_dit_original(params_or_model, config: DiTConfig, out: str | os.PathLike |
     """The facebookresearch/DiT state dict (numpy) of a DiT, with its `pos_embed` buffer [1, T, D] unless
     include_pos_embed=False; with `out`, also writes it as a .safetensors file."""
     _check_original_config(config, "to_dit_original")
-    flat = flat_params(params_or_model)
-    check_keys("to_dit_original", flat, param_shapes(lambda: DiT(config, rngs=nnx.Rngs(0))))
-    parts = _to_torch_parts(config, flat)
+    parts = _parts_of(params_or_model, config, "to_dit_original")
     result = {}
     for (role, block), value in parts.items():
         if role in _ORIGINAL_GLOBAL:
