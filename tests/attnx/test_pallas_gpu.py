@@ -19,8 +19,7 @@ IMPL = attnx.PallasGpu(block_q=16, block_kv=16, interpret=True)
 
 class TestPallasGpu(AttentionConformance):
     implementation = IMPL
-    # jvp: a custom_vjp kernel (jax.jvp cannot enter it).
-    unsupported = frozenset({"jvp"})
+    unsupported = frozenset()
     # Default share (the suite's time budget): causal + bias + ragged tile and segment ids; lengths, block lists
     # and skipping are covered by the module-level tests below (ragged multi-tile, never-read tiles, explicit
     # lists); every other case (block_mask, lengths, bf16, f16, sinks, mods, ...) runs with -m slow.
@@ -77,6 +76,28 @@ def test_ragged_multi_tile_lengths_with_gqa_window_bias_sinks():
                 q, k, v, b, mask, sinks=s, logits_soft_cap=2.5, implementation=impl), q, k, v, b, s))
 
     _assert_matches(make(IMPL)(q, k, v, bias, sinks), make("reference")(q, k, v, bias, sinks), what="ragged")
+
+
+def test_vmap_of_forward_and_reverse_mode():
+    """Forward mode is a custom_jvp whose tangent is a `linear_call` (attnx.ops.forward_mode); JAX has no batching
+    rule for it, attnx registers one: vmap of jvp (batched tangents) and of grad (per-example gradients) through the
+    kernel against the reference, causal GQA with ragged tiles."""
+    q, k, v = _inputs(B=2, T=20, S=20, N=2, K=1, H=8, V=8)
+    mask = Mask(causal=True)
+
+    def per_example(impl):
+        def attend(q, k, v):
+            return attnx.dot_product_attention(q[None], k[None], v[None], mask=mask, implementation=impl)[0]
+
+        def both(q, k, v):
+            tangent = jax.jvp(attend, (q, k, v), (jnp.sin(q), jnp.cos(k), v))[1]
+            grads = jax.grad(lambda *a: jnp.sum(attend(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
+            return tangent, grads
+        return jax.jit(jax.vmap(both))
+
+    got, want = per_example(IMPL)(q, k, v), per_example("reference")(q, k, v)
+    for what, g, w in zip(("jvp", "dq", "dk", "dv"), jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert_close(g, w, jnp.float32, "gradient", f"vmap {what}")
 
 
 def test_skipped_tiles_are_never_read():
@@ -201,7 +222,8 @@ _LOWERING = {
 
 @pytest.mark.parametrize("name", sorted(_LOWERING))
 def test_lowers_to_triton_for_cuda(name, monkeypatch):
-    """Interpret mode does not check the Triton lowering's limits, so lower forward and backward for CUDA on this
+    """Interpret mode does not check the Triton lowering's limits, so lower forward, backward and the forward-mode
+    tangent for CUDA on this
     CPU (jax.export, no GPU needed): the Pallas -> Triton IR step must accept every kernel (power-of-two tiles,
     supported primitives, scalar list reads). Triton's own compilation to PTX still needs a GPU."""
     monkeypatch.setattr(pallas_gpu, "_backend", lambda: "gpu")
@@ -225,6 +247,11 @@ def test_lowers_to_triton_for_cuda(name, monkeypatch):
         jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes)
     # forward + dQ + dK/dV kernels
     assert exported.mlir_module().count("xla.gpu.triton") == 3
+    # forward mode: forward + tangent kernels (the tangents' layout and the tangent kernel's body lower too)
+    jvp = jax.jit(lambda *p: jax.jvp(loss, p, p))
+    exported = jax.export.export(jvp, platforms=["cuda"], disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes)
+    assert exported.mlir_module().count("xla.gpu.triton") == 2
 
 
 def test_mask_mod_takes_part_in_skipping():
@@ -242,7 +269,7 @@ def test_mask_mod_takes_part_in_skipping():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_compiled_on_gpu_matches_reference(dtype):
     """The Triton-compiled kernels (not the interpreter) on a GPU: ragged lengths, GQA, causal with segment ids and
-    kv lengths, H=128; forward and gradients against the float32 reference."""
+    kv lengths, H=128; forward, gradients and the jvp against the float32 reference."""
     if jax.default_backend() != "gpu":
         pytest.skip("needs a GPU")
     q, k, v = _inputs(B=2, T=333, S=333, N=8, K=2, H=128, V=128, dtype=dtype)
@@ -259,3 +286,11 @@ def test_compiled_on_gpu_matches_reference(dtype):
     got = make(impl, lambda x: x)(q, k, v)
     want = make("reference", f32)(q, k, v)
     _assert_matches(got, want, dtype, what=f"compiled {jnp.dtype(dtype).name}")
+
+    def tangent(impl, cast):  # forward mode: the tangent kernel
+        attend = lambda q, k, v: attnx.dot_product_attention(  # noqa: E731
+            cast(q), cast(k), cast(v), mask=mask, implementation=impl).astype(jnp.float32)
+        return jax.jit(lambda q, k, v: jax.jvp(attend, (q, k, v), (jnp.sin(q), jnp.cos(k), v))[1])
+
+    assert_close(tangent(impl, lambda x: x)(q, k, v), tangent("reference", f32)(q, k, v), dtype, "gradient",
+                 f"compiled {jnp.dtype(dtype).name}: jvp")

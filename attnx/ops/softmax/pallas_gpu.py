@@ -1,7 +1,8 @@
 """Pallas GPU (Triton lowering) softmax flash attention with block skipping, forward and backward.
 
-FlashAttention-2 (Dao, 2023, arXiv 2307.08691): forward Alg. 1, backward Alg. 2 as a `jax.custom_vjp` (kernels in
-`pallas_gpu_kernels.py`). What this wrapper does around the kernels:
+FlashAttention-2 (Dao, 2023, arXiv 2307.08691): forward Alg. 1, backward Alg. 2, and a forward-mode tangent kernel
+(kernels in `pallas_gpu_kernels.py`), tied together by `attnx.ops.forward_mode.differentiable`: `jax.jvp` runs the
+tangent kernel, `jax.grad` the backward kernels. What this wrapper does around the kernels:
 
 - layout: heads-major, GQA groups stacked on the query axis ([B, K, G·Tp, H]) so the kernel for query head n reads
   key/value head n // G and keys/values are never repeated;
@@ -17,7 +18,9 @@ FlashAttention-2 (Dao, 2023, arXiv 2307.08691): forward Alg. 1, backward Alg. 2 
   formed as [B, N, T, S] float32 before the sum over its broadcast axes.
 
 Gradients: q, k, v, bias (dS summed over its broadcast axes), sinks (-Σ P_sink·(D - dlse), from lse in the wrapper)
-and the lse cotangent (it enters as D - dlse). Forward-mode `jax.jvp` is not available through a custom_vjp.
+and the lse cotangent (it enters as D - dlse). Forward mode (`jax.jvp`): one more kernel pass over the forward's
+key lists computes the tangents of the output and lse from the primal output and lse (`tangent_kernel`); the
+derivatives of derivatives (e.g. `jax.jvp` of `jax.grad`) are not available.
 score_mod(s, b, n, t, j) and mask_mod(b, n, t, j) are traced into the kernel body (b, n scalars, t [bq, 1] and
 j [1, bk] absolute indices); to lower to Triton they must use elementwise jnp only (no gathers), and they may not
 close over arrays (refused: their gradients are not computed). mask_mod takes part in block skipping (evaluated
@@ -27,6 +30,7 @@ Not supported (`check` raises NotImplementedError): head dims > 256, float64.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -38,6 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from attnx.mask import Mask
+from attnx.ops import forward_mode
 from attnx.ops.softmax import block_list as bl
 from attnx.ops.softmax import pallas_gpu_kernels as kern
 from attnx.ops.softmax.config import PallasGpu
@@ -192,7 +197,7 @@ def _backward(meta: kern.Meta, ops: dict, out, lse, do, dlse):
     row = lambda b, n, i: (b, lax.div(n, G), lax.rem(n, G) * meta.nq + i)  # noqa: E731
     out_shape = [jax.ShapeDtypeStruct((B, K, G * meta.Tp, meta.Hp), F32)]
     out_specs = [pl.BlockSpec((None, None, meta.bq, meta.Hp), lambda b, n, i: row(b, n, i) + (0,))]
-    if meta.bias_dims is not None:
+    if meta.bias_dims is not None and meta.bias_grad:
         out_shape.append(jax.ShapeDtypeStruct((B, N, meta.Tp, meta.Sp), F32))
         out_specs.append(pl.BlockSpec((None, None, meta.bq, meta.Sp), lambda b, n, i: (b, n, i, 0)))
     res = _call(meta, kern.dq_kernel, (B, N, meta.nq), arrays, specs, tuple(out_shape), tuple(out_specs))
@@ -207,7 +212,7 @@ def _backward(meta: kern.Meta, ops: dict, out, lse, do, dlse):
     dk, dv = _call(meta, kern.dkv_kernel, (B, K, meta.nk), arrays, specs, out_shape, out_specs)
 
     grads = dict(q=dq.astype(ops["q"].dtype), k=dk.astype(ops["k"].dtype), v=dv.astype(ops["v"].dtype))
-    if meta.bias_dims is not None:
+    if meta.bias_dims is not None and meta.bias_grad:
         dbias = res[1]
         axes = tuple(ax for ax, varies in zip((0, 1), meta.bias_dims) if not varies)
         grads["bias"] = jnp.sum(dbias, axis=axes, keepdims=True).astype(ops["bias"].dtype)
@@ -219,28 +224,46 @@ def _backward(meta: kern.Meta, ops: dict, out, lse, do, dlse):
     return grads
 
 
+def _tangent(meta: kern.Meta, ops: dict, out, lse, tangents: dict):
+    """Forward-mode tangents (dO, dL) of (out, lse) in the kernel layout, given the tangents of q, k, v, bias, sinks
+    in that layout, for the perturbed inputs only (absent ones are zero)."""
+    B, G = meta.B, meta.G
+    arrays = {n: ops[n] for n in ("ids", "qlen", "kvlen", "q", "k", "v", "qseg", "kseg", "bias", "dense", "sinks")
+              if ops.get(n) is not None}
+    arrays.update(out=out, lse=jnp.where(lse == -jnp.inf, jnp.inf, lse))
+    arrays.update({"t" + n: t.astype(ops[n].dtype) for n, t in tangents.items()})
+    specs = _common_specs(meta, arrays, per_query_tile=True)
+    specs["out"] = specs["do"]
+    for n in tangents:
+        specs["t" + n] = specs[n]
+    row = lambda b, n, i: (b, lax.div(n, G), lax.rem(n, G) * meta.nq + i)  # noqa: E731
+    out_shape = (jax.ShapeDtypeStruct(out.shape, out.dtype), jax.ShapeDtypeStruct(lse.shape, F32))
+    out_specs = (pl.BlockSpec((None, None, meta.bq, meta.Vp), lambda b, n, i: row(b, n, i) + (0,)),
+                 pl.BlockSpec((None, None, meta.bq), row))
+    return _call(meta, kern.tangent_kernel, (B, meta.N, meta.nq), arrays, specs, out_shape, out_specs)
+
+
 _DIFF = ("q", "k", "v", "bias", "sinks")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(meta, diff: dict, rest: dict):
+def _flash_forward(meta, diff: dict, rest: dict):
     return _forward(meta, {**rest, **diff})
 
 
-def _flash_fwd(meta, diff, rest):
-    out, lse = _forward(meta, {**rest, **diff})
-    return (out, lse), (diff, rest, out, lse)
+def _flash_tangent(meta, diff, rest, outs, t_diff):
+    return _tangent(meta, {**rest, **diff}, *outs, t_diff)
 
 
-def _flash_bwd(meta, res, cts):
-    diff, rest, out, lse = res
-    do, dlse = cts
-    grads = _backward(meta, {**rest, **diff}, out, lse, do, dlse)
-    d_diff = {n: grads.get(n) for n in diff}
-    return d_diff, jax.tree.map(lambda _: None, rest)
+def _flash_backward(meta, diff, rest, outs, cts_and_names):
+    cts, names = cts_and_names
+    # dS is materialised as the bias gradient only when the bias is differentiated.
+    meta = dataclasses.replace(meta, bias_grad="bias" in names)
+    grads = _backward(meta, {**rest, **diff}, *outs, *cts)
+    return {n: grads[n] for n in names}
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+# Reverse mode runs the dQ and dK/dV kernels (as the transpose of the tangent kernel); forward mode the tangent kernel.
+_flash = forward_mode.differentiable(_flash_forward, _flash_tangent, _flash_backward)
 
 
 # ---- preparation -------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Pallas (Triton lowering) kernel bodies of block-skipping softmax flash attention: forward, dQ and dK/dV.
+"""Pallas (Triton lowering) kernel bodies of block-skipping softmax flash attention: forward, dQ, dK/dV and the
+forward-mode tangent.
 
 FlashAttention-2 (Dao, 2023, arXiv 2307.08691): the forward is Alg. 1 (online softmax over key tiles, float32
 statistics, one normalisation at the end), the backward Alg. 2 split into a dQ kernel (one program per query tile,
@@ -34,7 +35,7 @@ NEG_INF = float("-inf")
 
 @dataclasses.dataclass(frozen=True)
 class Meta:
-    """Static description of one call (hashable: it is a nondiff argument of the custom_vjp)."""
+    """Static description of one call (hashable: it is a nondiff argument of the custom_jvp)."""
 
     B: int
     T: int
@@ -62,6 +63,7 @@ class Meta:
     num_warps: int
     num_stages: int
     interpret: bool
+    bias_grad: bool = True   # the dQ kernel writes dS (the bias gradient) when there is a bias and this is set
 
     @property
     def G(self) -> int:
@@ -215,7 +217,7 @@ def dq_kernel(meta: Meta, in_names: tuple[str, ...], *refs):
     r = dict(zip(in_names, refs))
     outs = refs[len(in_names):]
     dq_ref = outs[0]
-    dbias_ref = outs[1] if meta.bias_dims is not None else None
+    dbias_ref = outs[1] if meta.bias_dims is not None and meta.bias_grad else None
     b, n, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bq, bk = meta.bq, meta.bk
     q, do = r["q"][...], r["do"][...]
@@ -292,3 +294,60 @@ def dkv_kernel(meta: Meta, in_names: tuple[str, ...], *refs):
     dk, dv = _two_phase(ids, body, (jnp.zeros((bk, meta.Hp), F32), jnp.zeros((bk, meta.Vp), F32)))
     dk_ref[...] = dk * meta.scale
     dv_ref[...] = dv
+
+
+def tangent_kernel(meta: Meta, in_names: tuple[str, ...], *refs):
+    """Grid (B, N, nq): forward-mode tangent of one query tile over the forward's key list, from the primal output
+    O and lse (one pass, no online softmax: P = exp(S - lse) is exact). With dS the tangent of the logits,
+        dO = P·dV + (P∘dS)·V - O·dL,    dL = rowsum(P∘dS) (+ P_sink·d sink),
+    the derivative of O = P·V with dP = P∘(dS - dL). dS = scale·(dQ·Kᵀ + Q·dKᵀ) + d bias, through the soft cap and
+    score_mod by their elementwise derivative (`tile_logits(derivative=True)`)."""
+    r = dict(zip(in_names, refs))
+    to_ref, tlse_ref = refs[len(in_names):]
+    b, n, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bq, bk = meta.bq, meta.bk
+    q, lse = r["q"][...], r["lse"][...]
+    tq = r["tq"][...] if "tq" in r else None
+    rows = i * bq + jnp.arange(bq)
+    qlen, kvlen = r["qlen"][b], r["kvlen"][b]
+    qseg = r["qseg"][...] if meta.has_seg else None
+    ids = r["ids"]
+
+    def body(masked, t, carry):
+        acc, dl = carry
+        start = pl.multiple_of(ids[t + 2] * bk, bk)
+        cols = pl.ds(start, bk)
+        k, v = r["k"][cols, :], r["v"][cols, :]
+        bias = r["bias"][:, cols] if meta.bias_dims is not None else None
+        col_idx = start + jnp.arange(bk)
+        s, dsds = tile_logits(meta, q, k, bias, b, n, rows, col_idx, derivative=True)
+        # Only the perturbed inputs' tangents are passed (the others are zero).
+        ds = jnp.zeros((bq, bk), F32)
+        if tq is not None:
+            ds = ds + _dot(tq, k, trans_b=True) * meta.scale
+        if "tk" in r:
+            ds = ds + _dot(q, r["tk"][cols, :], trans_b=True) * meta.scale
+        if "tbias" in r:
+            ds = ds + r["tbias"][:, cols].astype(F32)
+        if dsds is not None:
+            ds = ds * dsds
+        if masked:
+            allowed = tile_allowed(meta, rows, col_idx, qlen, kvlen, qseg,
+                                   r["kseg"][cols] if meta.has_seg else None,
+                                   r["dense"][:, cols] if meta.dense_dims is not None else None, b, n)
+            s = jnp.where(allowed, s, NEG_INF)
+            ds = jnp.where(allowed, ds, 0.0)  # a masked logit may have an infinite derivative (0 * inf)
+        p = jnp.exp(s - lse[:, None])
+        pds = p * ds
+        acc = acc + _dot(pds.astype(v.dtype), v)
+        if "tv" in r:
+            acc = acc + _dot(p.astype(v.dtype), r["tv"][cols, :])
+        return acc, dl + jnp.sum(pds, axis=1)
+
+    acc, dl = _two_phase(ids, body, (jnp.zeros((bq, meta.Vp), F32), jnp.zeros((bq,), F32)))
+    if "tsinks" in r:
+        # The sink is a logit of a zero value: it moves the normaliser only.
+        p_sink = jnp.exp(r["sinks"][n] - lse)
+        dl = dl + p_sink * r["tsinks"][n]
+    to_ref[...] = (acc - r["out"][...].astype(F32) * dl[:, None]).astype(to_ref.dtype)
+    tlse_ref[...] = dl
