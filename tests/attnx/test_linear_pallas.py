@@ -1,5 +1,5 @@
 """The Lightning Attention-2 Pallas scans (attnx/ops/linear/pallas_gpu.py, Triton; pallas_tpu.py, Mosaic) in
-interpret mode: forward and gradients (query, key, value and the decay slopes) against the quadratic reference, with
+interpret mode: forward, gradients (query, key, value and the decay slopes) and jvp against the quadratic reference, with
 and without decay, GQA/MQA, ragged lengths, several value tiles, float32 and bfloat16, vmap; the kernels' IR built
 for CUDA and TPU on CPU; the dispatch of `lightning_attention` and `based_attention`; errors that name the argument.
 Interpret-mode compiles dominate the cost, so every compiled function is module-level and each returns the output
@@ -72,8 +72,8 @@ def test_decayed_scan_and_gradients_match_the_reference(dtype):
 
 
 def test_constant_slopes_skip_their_gradient():
-    """Slopes that are not differentiated (custom_vjp symbolic zeros) take the cheaper backward without the dL/ds
-    terms; dQ, dK, dV are unchanged."""
+    """Slopes that are not differentiated (symbolic zeros, attnx.ops.forward_mode) take the cheaper backward without
+    the dL/ds terms; dQ, dK, dV are unchanged."""
     q, k, v, cotangent = inputs(seed=11)
     s = jnp.asarray(alibi_slopes(N))
     fn = lambda q, k, v: lightning_pallas(q, k, v, s, block_size=BLOCK, block_v=BLOCK_V, interpret=True)
@@ -319,3 +319,34 @@ def test_environment_variable_and_gradients_through_lightning_attention(monkeypa
     assert_close(got[0], want[0], jnp.float32, what="output")
     for name, g, w in zip(("query", "key", "value"), got[1], want[1]):
         assert_close(g, w, jnp.float32, "gradient", what=name)
+
+
+def _tangents(q, k, v, s):
+    return jnp.cos(q), jnp.sin(k), v[::-1], s * 0.5 + 0.01
+
+
+@pytest.mark.parametrize("kernel", ["pallas_gpu", "pallas_tpu"])
+def test_jvp_through_the_kernels(kernel):
+    """Forward mode (attnx.ops.forward_mode): the forward kernel on each perturbed input's tangent plus the slope
+    term; every input perturbed (decay, GQA, ragged blocks), and under vmap (the linear_call batching rule) with
+    constant slopes, both against the reference's jvp."""
+    if kernel == "pallas_gpu":
+        q, k, v, _ = inputs(seed=12)
+        s = jnp.asarray(alibi_slopes(N))
+        attend = lambda q, k, v, s: lightning_pallas(q, k, v, s, block_size=BLOCK, block_v=BLOCK_V, interpret=True)
+    else:
+        (q, k, v, _), s = tpu_inputs(seed=13)
+        attend = lambda q, k, v, s: lightning_pallas_tpu(q, k, v, s, interpret=True)
+
+    @jax.jit
+    def both(q, k, v, s):
+        full = jax.jvp(attend, (q, k, v, s), _tangents(q, k, v, s))[1]
+        ref = jax.jvp(lightning_reference, (q, k, v, s), _tangents(q, k, v, s))[1]
+        # vmap over the batch with the slopes constant: the tangent of k only
+        per_example = lambda f: jax.vmap(lambda q, k, v: jax.jvp(  # noqa: E731
+            lambda k: f(q[None], k[None], v[None], s), (k,), (jnp.sin(k),))[1])(q, k, v)
+        return full, ref, per_example(attend), per_example(lightning_reference)
+
+    full, ref, mapped, mapped_ref = both(q, k, v, s)
+    assert_close(full, ref, jnp.float32, "gradient", what=f"{kernel} jvp")
+    assert_close(mapped, mapped_ref, jnp.float32, "gradient", what=f"{kernel} vmap jvp")

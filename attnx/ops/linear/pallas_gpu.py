@@ -15,7 +15,7 @@ Grid and layout. Arrays stay in the attnx layout [B, T, N, H]; one program per (
 value tiles are independent: every product above is linear in V's columns). GQA reads kv head n // (N / K); nothing
 is repeated in memory.
 
-Backward (Algorithm 2, as a jax.custom_vjp), on the same grid, with dO the output cotangent:
+Backward (Algorithm 2; reverse mode of `attnx.ops.forward_mode.differentiable`), on the same grid, with dO the output cotangent:
 - dQ, forward loop:   dQ_i = [(dO_i V_i^T) ⊙ Λ] K_i + lambda^r ⊙ (dO_i KV^T), KV updated as in the forward;
 - dK, dV, reverse loop carrying dKV = sum over later blocks of decayed Q^T dO:
       dK_i = [(dO_i V_i^T) ⊙ Λ]^T Q_i + lambda^(C - c) ⊙ (V_i dKV^T)
@@ -29,8 +29,8 @@ Backward (Algorithm 2, as a jax.custom_vjp), on the same grid, with dO the outpu
   [(Q_i K_i^T) ⊙ (gap ⊙ Λ)] V_i, inter r lambda^r ⊙ (Q_i KV) + lambda^r ⊙ (Q_i KV'), with a second carried state
   KV' <- lambda^C (C KV + KV') + ((C - c) lambda^(C - c) ⊙ K_i)^T V_i. Every term is local, so it keeps float32
   accuracy at any T. (The closed form sum_j j (k_j . dK_j) - sum_t t (q_t . dQ_t) needs no kernel work but cancels:
-  at T=4096 with s=0.5 it lost 1.5e-4 relative, outside the float32 gradient tolerance.) The custom_vjp uses
-  symbolic zeros, so when the slopes are constants (the usual case) none of this runs.
+  at T=4096 with s=0.5 it lost 1.5e-4 relative, outside the float32 gradient tolerance.) Only perturbed inputs
+  take part (symbolic zeros), so when the slopes are constants (the usual case) none of this runs.
 
 Padding in the wrapper: T to a multiple of C, H and V to powers of two >= 16 (Triton dot tiles). Zeros are exact for
 linear attention (no normaliser): padded keys and values add nothing, padded rows and columns are sliced off.
@@ -40,8 +40,8 @@ float32. Where such a float32 intermediate meets a bf16/f16 operand it enters th
 (hi + lo, two products), not rounded once as in the official Triton kernel: the outputs are unnormalised and grow
 with T, and rounding P and the state once to bf16 put 7 of 9472 outputs outside the bfloat16 tolerance table at
 T=37 (tests/attnx/test_linear_pallas.py, first version). float32 inputs use IEEE float32 dots (not TF32), so the
-float32 tolerance holds on GPUs too. The custom_vjp blocks `jax.jvp` (ARCHITECTURE §4): use `lightning_chunked` for
-forward-mode derivatives.
+float32 tolerance holds on GPUs too. Forward mode (`jax.jvp`): the output is linear in
+each of q, k, v, so its tangent is the forward kernel run on each perturbed input's tangent (`scan_tangent`).
 """
 
 from __future__ import annotations
@@ -54,9 +54,10 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from attnx.ops import forward_mode
 
 from attnx.validation import canonicalize
 
@@ -108,7 +109,7 @@ class LinearScanPallas:
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    """Everything static about one call (hashable: the custom_vjp's non-differentiable argument)."""
+    """Everything static about one call (hashable: the custom_jvp's non-differentiable argument)."""
 
     N: int  # query heads
     G: int  # query heads per kv head
@@ -314,37 +315,39 @@ def _backward(plan: _Plan, q, k, v, s, do):
     return dq_outs[0].sum(0), dk_part.sum(0), dv, ds
 
 
-# ---- custom_vjp over padded arrays ----
+# ---- forward and reverse mode over padded arrays ----
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scan(plan: _Plan, q, k, v, s):
-    return _forward(plan, q, k, v, s)
+def scan_tangent(forward, diff: dict, t: dict, tokens_major=lambda x: x, heads_major=lambda x: x):
+    """Forward-mode tangent of a scan kernel's output. The output is linear in each of q, k and v (decay fixed), so
+    dO = F(dq, k, v) + F(q, dk, v) + F(q, k, dv) with the forward kernel F itself, one call per perturbed input.
+    The decay term (slopes perturbed in forward mode, rare) is the jvp of `lightning_chunked` in s: the kernel's own
+    blockwise form, no T-sized cancellation. `tokens_major`/`heads_major` convert the kernel layout to and from
+    the [B, T, N, H] layout of lightning_chunked."""
+    from attnx.ops.linear.chunked import lightning_chunked
+
+    q, k, v, s = diff["q"], diff["k"], diff["v"], diff.get("s")
+    terms = [forward(t["q"].astype(q.dtype), k, v, s) if name == "q" else
+             forward(q, t["k"].astype(k.dtype), v, s) if name == "k" else
+             forward(q, k, t["v"].astype(v.dtype), s) for name in ("q", "k", "v") if name in t]
+    if "s" in t:
+        qt, kt, vt = tokens_major(q), tokens_major(k), tokens_major(v)
+        _, ds = jax.jvp(lambda x: lightning_chunked(qt, kt, vt, x).astype(jnp.float32), (s,),
+                        (t["s"].astype(s.dtype),))
+        terms.append(heads_major(ds))
+    return sum(x.astype(jnp.float32) for x in terms).astype(q.dtype)
 
 
-def symbolic_zero_fwd(forward):
-    """A custom_vjp fwd rule (symbolic_zeros=True) around forward(plan, q, k, v, s): the residuals carry, in their
-    pytree structure (static), whether the slopes are perturbed, so the backward skips dL/ds when nobody asks."""
+def scan_backward(backward):
+    """The reverse-mode rule of `forward_mode.differentiable` around backward(plan, (q, k, v, s), do) -> (dq, dk,
+    dv, ds): dL/ds is computed only when the slopes are differentiated (`plan.slope_grad`)."""
 
-    def fwd(plan, q, k, v, s):
-        q, k, v = q.value, k.value, v.value
-        slope_grad = s is not None and s.perturbed
-        s = None if s is None else s.value
-        return forward(plan, q, k, v, s), (q, k, v, s) + (((),) if slope_grad else ())
+    def rule(plan, diff, rest, out, cts_and_names):
+        do, names = cts_and_names
+        plan = dataclasses.replace(plan, slope_grad="s" in names)
+        grads = dict(zip("qkvs", backward(plan, (diff["q"], diff["k"], diff["v"], diff.get("s")), do)))
+        return {n: grads[n] for n in names}
 
-    return fwd
-
-
-def symbolic_zero_bwd(backward):
-    """The matching bwd rule: backward(plan with slope_grad set, (q, k, v, s), do) with a dense cotangent."""
-
-    def bwd(plan, res, do):
-        q, k, v, s = res[:4]
-        plan = dataclasses.replace(plan, slope_grad=len(res) == 5)
-        if isinstance(do, SymbolicZero):
-            return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), None
-        return backward(plan, (q, k, v, s), do)
-
-    return bwd
+    return rule
 
 
 def _scan_bwd(plan: _Plan, res, do):
@@ -358,7 +361,11 @@ def _scan_bwd(plan: _Plan, res, do):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), ds
 
 
-_scan.defvjp(symbolic_zero_fwd(_forward), symbolic_zero_bwd(_scan_bwd), symbolic_zeros=True)
+# jax.jvp: the forward kernel on the tangents (scan_tangent); jax.grad: Algorithm 2's kernels (its transpose).
+_scan = forward_mode.differentiable(
+    lambda plan, diff, rest: _forward(plan, diff["q"], diff["k"], diff["v"], diff.get("s")),
+    lambda plan, diff, rest, out, t: scan_tangent(functools.partial(_forward, plan), diff, t),
+    scan_backward(_scan_bwd))
 
 
 # ---- Public entry ----
@@ -448,7 +455,8 @@ def lightning_pallas_with_config(q, k, v, slopes, config: LinearScanPallas):
     kp = _pad(args.k.astype(dtype), (B, Tp, K, Hp))
     vp = _pad(args.v.astype(dtype), (B, Tp, K, Vp))
     s = None if slopes is None else slopes.astype(jnp.float32)
-    out = _scan(plan, qp, kp, vp, s)[:, :T, :, :V]
+    diff = dict(q=qp, k=kp, v=vp) if s is None else dict(q=qp, k=kp, v=vp, s=s)
+    out = _scan(plan, diff, ())[:, :T, :, :V]
     return out.reshape(*args.batch_shape, T, N, V).astype(out_dtype)
 
 

@@ -15,9 +15,10 @@ same block equations as `attnx.ops.linear.pallas_gpu` (see its docstring), laid 
 - Precision: MXU products on the input dtype with float32 accumulation; a float32 intermediate meeting a bf16 operand
   enters as hi + lo parts of that dtype (as on GPU), so bf16 results stay inside the tolerance table.
 
-Backward (jax.custom_vjp): dQ in a forward pass, dK/dV in a reverse pass over dKV, per query head in float32; the
-wrapper sums the G query heads of each kv head (GQA); the dQ pass also writes the slope gradient's terms, with a
-second VMEM state KV' (see pallas_gpu's docstring). The custom_vjp blocks `jax.jvp`: use `lightning_chunked` for it.
+Backward (reverse mode of `attnx.ops.forward_mode.differentiable`): dQ in a forward pass, dK/dV in a reverse pass
+over dKV, per query head in float32; the wrapper sums the G query heads of each kv head (GQA); the dQ pass also
+writes the slope gradient's terms, with a second VMEM state KV' (see pallas_gpu's docstring). Forward mode: the
+forward kernel on each perturbed input's tangent (`pallas_gpu.scan_tangent`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from attnx.ops.linear.pallas_gpu import _pad, _split, checked_entry, symbolic_zero_bwd, symbolic_zero_fwd
+from attnx.ops import forward_mode
+from attnx.ops.linear.pallas_gpu import _pad, _split, checked_entry, scan_backward, scan_tangent
 
 _LANES = 128
 
@@ -229,11 +231,6 @@ def _forward(plan: _Plan, q, k, v, s):
                  [("query", q, plan.Hp), ("kv", k, plan.Hp), ("kv", v, plan.Vp)], [("query", out, plan.Vp)])[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scan(plan: _Plan, q, k, v, s):
-    return _forward(plan, q, k, v, s)
-
-
 def _scan_bwd(plan: _Plan, res, do):
     q, k, v, s = res  # [B, N, Tp, Hp], [B, K, Tp, Hp], [B, K, Tp, Vp], [N]
     do = do.astype(q.dtype)
@@ -253,7 +250,14 @@ def _scan_bwd(plan: _Plan, res, do):
     return dq.astype(q.dtype), group(dk_heads).astype(k.dtype), group(dv_heads).astype(v.dtype), ds
 
 
-_scan.defvjp(symbolic_zero_fwd(_forward), symbolic_zero_bwd(_scan_bwd), symbolic_zeros=True)
+_heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, T, N, H] <-> [B, N, T, H]
+
+# jax.jvp: the forward kernel on the tangents (scan_tangent); jax.grad: the dQ / dK-dV kernels (its transpose).
+_scan = forward_mode.differentiable(
+    lambda plan, diff, rest: _forward(plan, diff["q"], diff["k"], diff["v"], diff["s"]),
+    lambda plan, diff, rest, out, t: scan_tangent(functools.partial(_forward, plan), diff, t, _heads_major,
+                                                  _heads_major),
+    scan_backward(_scan_bwd))
 
 
 def lightning_pallas_tpu(q, k, v, slopes=None, *, block_size: int = 128, interpret: bool | None = None):
@@ -283,6 +287,7 @@ def lightning_pallas_tpu_with_config(q, k, v, slopes, config: LinearScanPallasTp
     plan = _Plan(N=N, G=N // K, Tp=Tp, Hp=Hp, Vp=Vp, C=C, decay=slopes is not None, interpret=interpret)
     heads_first = lambda x, heads, width: jnp.swapaxes(_pad(x.astype(dtype), (B, Tp, heads, width)), 1, 2)
     s = jnp.zeros((N,), jnp.float32) if slopes is None else slopes.astype(jnp.float32)  # read only with decay
-    out = _scan(plan, heads_first(args.q, N, Hp), heads_first(args.k, K, Hp), heads_first(args.v, K, Vp), s)
+    out = _scan(plan, dict(q=heads_first(args.q, N, Hp), k=heads_first(args.k, K, Hp), v=heads_first(args.v, K, Vp),
+                           s=s), ())
     out = jnp.swapaxes(out, 1, 2)[:, :T, :, :V]
     return out.reshape(*args.batch_shape, T, N, V).astype(out_dtype)
