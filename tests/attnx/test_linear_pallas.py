@@ -1,6 +1,6 @@
 """The Lightning Attention-2 Pallas scans (attnx/ops/linear/pallas_gpu.py, Triton; pallas_tpu.py, Mosaic) in
-interpret mode: forward, gradients (query, key, value and the decay slopes) and jvp against the quadratic reference, with
-and without decay, GQA/MQA, ragged lengths, several value tiles, float32 and bfloat16, vmap; the kernels' IR built
+interpret mode: forward, gradients (query, key, value and the decay slopes) and jvp against the quadratic reference,
+with and without decay, GQA/MQA, ragged lengths, several value tiles, float32 and bfloat16, vmap; the kernels' IR built
 for CUDA and TPU on CPU; the dispatch of `lightning_attention` and `based_attention`; errors that name the argument.
 Interpret-mode compiles dominate the cost, so every compiled function is module-level and each returns the output
 and all gradients at once (one compile per configuration)."""
