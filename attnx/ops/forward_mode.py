@@ -30,7 +30,8 @@ from jax.custom_derivatives import SymbolicZero, linear_call
 __all__ = ["differentiable"]
 
 
-def differentiable(forward: Callable, tangent: Callable, backward: Callable):
+def differentiable(forward: Callable, tangent: Callable, backward: Callable,
+                   reverse_only: Callable[[object], bool] = lambda static: False):
     """f(static, diff, rest) = forward(static, diff, rest), differentiable in `diff` in both modes.
 
     static: hashable (a nondiff argument); diff: a dict of float arrays; rest: a pytree of arrays that are not
@@ -39,6 +40,9 @@ def differentiable(forward: Callable, tangent: Callable, backward: Callable):
     perturbed entries of diff only (absent = zero); backward(static, diff, rest, out, ct) -> the cotangents of the
     entries named in `ct[1]` (a tuple of names, the perturbed ones), linear in ct[0], a pytree like out (zeros where
     an output is unused). So a backward can skip what nobody differentiates (a constant bias or decay rate).
+    reverse_only(static): True selects a plain `jax.custom_vjp` around the same forward and backward for that call
+    (no `jax.jvp`): for kernels whose body carries effects (e.g. the io callbacks of Pallas' TPU emulation on CPU),
+    which `linear_call` cannot carry through lowering.
     """
 
     @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -58,7 +62,24 @@ def differentiable(forward: Callable, tangent: Callable, backward: Callable):
                             (diff, rest, out), live)
         return out, t_out
 
-    return f
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def f_vjp(static, diff, rest):
+        return forward(static, diff, rest)
+
+    def f_vjp_fwd(static, diff, rest):
+        out = forward(static, diff, rest)
+        return out, (diff, rest, out)
+
+    def f_vjp_bwd(static, res, ct):
+        diff, rest, out = res
+        return backward(static, diff, rest, out, (ct, tuple(diff))), jax.tree.map(lambda _: None, rest)
+
+    f_vjp.defvjp(f_vjp_fwd, f_vjp_bwd)
+
+    def call(static, diff, rest):
+        return (f_vjp if reverse_only(static) else f)(static, diff, rest)
+
+    return call
 
 
 def _register_linear_call_batching() -> bool:

@@ -20,8 +20,8 @@ SMALL = attnx.PallasTpu(block_q=8, block_kv=8, interpret=True)
 
 class TestPallasTpu(AttentionConformance):
     implementation = SMALL
-    # score_mod is not traced into the kernel (NotImplementedError); the kernel is a custom_vjp, so no jax.jvp.
-    unsupported = frozenset({"score_mod", "jvp"})
+    # score_mod is not traced into the kernel (NotImplementedError).
+    unsupported = frozenset({"score_mod"})
     # Interpret mode is slow to compile on CPU (~4.5 CPU-s per forward + backward case with the reference): for
     # the suite's time budget the default share covers causal attention with ragged blocks and a bias (+ lse) and
     # causal segment ids (+ lse); MQA, GQA, windows, lengths, block masks and fully masked rows (lse -inf) are in
@@ -161,7 +161,7 @@ def test_static_tables_mark_partial_blocks():
 
 @pytest.mark.parametrize("dtype,masks", [("bfloat16", "segments"), ("float32", "dense")])
 def test_lowers_to_mosaic_at_tpu_block_sizes(monkeypatch, dtype, masks):
-    """The forward, dQ and dK/dV kernels pass Pallas's Mosaic lowering (block-shape rules, supported ops) for a TPU
+    """The forward, dQ, dK/dV and tangent kernels pass Pallas's Mosaic lowering (block-shape rules, supported ops) for a TPU
     at 128 x 128 blocks, with ragged lengths, GQA, soft cap, sinks and either a causal window with segment ids,
     lengths and a full bias, or a dense int8 mask with a [1, N, 1, S] bias. Only the lowering runs: compiling for a
     TPU needs one."""
@@ -186,6 +186,9 @@ def test_lowers_to_mosaic_at_tpu_block_sizes(monkeypatch, dtype, masks):
     shapes = [jax.ShapeDtypeStruct(s, dt) for s in ((B, T, N, H), (B, S, K, H), (B, S, K, H), bias_shape)]
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*shapes).lower(lowering_platforms=("tpu",))
     assert lowered.as_text().count("tpu_custom_call") == 3
+    # forward mode: the forward and tangent kernels
+    jvp = jax.jit(lambda *p: jax.jvp(loss, p, p))
+    assert jvp.trace(*shapes).lower(lowering_platforms=("tpu",)).as_text().count("tpu_custom_call") == 2
 
 
 def test_config_is_validated():

@@ -13,7 +13,9 @@ element-wise masks apply only inside blocks that need them. GQA/MQA read key/val
 Layout: the wrapper moves heads before sequence ([B, N, T, H]), pads sequences to whole blocks and head dims to
 the 128-lane width; row statistics (m, l, lse) are kept lane-replicated [rows, 128] as Mosaic wants. Sinks are
 folded in after the kernel (exactly: lse' = logaddexp(lse, sink), out' = out * exp(lse - lse')), so plain autodiff
-gives their gradient. Differentiation is a `jax.custom_vjp`: reverse mode only (`jax.jvp` raises).
+gives their gradient (and tangent). Both modes (`attnx.ops.forward_mode`): `jax.grad` runs the backward kernels,
+`jax.jvp` a tangent kernel (`pallas_tpu_tangent.py`) over the forward's block lists; in interpret mode with TPU
+emulation (`pallas_tpu_blocks.EMULATE_TPU`) reverse mode only.
 
 Not supported (NotImplementedError from `check`): score_mod (not traced into the kernel yet), dtypes other than
 float32/bfloat16/float16. Memory beyond O(T): a dense mask, a `mask_mod` (evaluated in the wrapper into a dense
@@ -43,7 +45,9 @@ from jax.experimental.pallas import tpu as pltpu
 
 from attnx.mask import Mask
 from attnx.ops.softmax import common
+from attnx.ops import forward_mode
 from attnx.ops.softmax import pallas_tpu_backward as bwd_lib
+from attnx.ops.softmax import pallas_tpu_tangent as tangent_lib
 from attnx.ops.softmax.pallas_tpu_blocks import (F32, LANES, NN, NT, SUBLANES, Layout, block_lists,
                                                   block_tables, element_mask, entry_block, fwd_inputs,
                                                   interpret_arg, iotas, logits, run_steps, static_tables,
@@ -154,37 +158,42 @@ def _forward(lay: Layout, q, k, v, bias, aux):
 
 
 # ---- differentiation ---------------------------------------------------------------------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(lay: Layout, q, k, v, bias, aux):
-    return _forward(lay, q, k, v, bias, aux)
+def _flash_forward(lay: Layout, diff: dict, aux: dict):
+    return _forward(lay, diff["q"], diff["k"], diff["v"], diff.get("bias"), aux)
 
 
-def _flash_fwd(lay, q, k, v, bias, aux):
-    out, lse = _forward(lay, q, k, v, bias, aux)
-    return (out, lse), (q, k, v, bias, aux, out, lse)
+def _flash_tangent(lay: Layout, diff: dict, aux: dict, outs, t: dict):
+    return tangent_lib.tangent(lay, diff["q"], diff["k"], diff["v"], diff.get("bias"), aux, *outs, t)
 
 
-def _flash_bwd(lay, res, cts):
-    q, k, v, bias, aux, out, lse = res
-    d_out, d_lse = cts
+def _flash_backward(lay: Layout, diff: dict, aux: dict, outs, cts_and_names):
+    (d_out, d_lse), names = cts_and_names
+    q, k, v, bias = diff["q"], diff["k"], diff["v"], diff.get("bias")
+    out, lse = outs
     # FlashAttention-2 Alg. 2's D = rowsum(dO * O); a cotangent on lse adds P * d_lse to dS, i.e. D - d_lse.
     di = jnp.sum(d_out.astype(F32) * out.astype(F32), axis=-1) - d_lse
     lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)  # masked rows: every logit is -inf, so P = 0 anyway
     rows = lambda x: x[:, :, None, :]  # [B, N, 1, Tp]: lane-dense row vectors
-    dq, ds = bwd_lib.dq(lay, q, k, v, bias, aux, d_out.astype(q.dtype), rows(lse_safe), rows(di))
+    # dS [B, N, Tp, Sp] is written only when the bias is differentiated.
+    bias_for_ds = bias if "bias" in names else None
+    dq, ds = bwd_lib.dq(lay, q, k, v, bias, aux, d_out.astype(q.dtype), rows(lse_safe), rows(di),
+                        write_ds=bias_for_ds is not None)
     dk, dv = bwd_lib.dkv(lay, q, k, v, bias, aux, d_out.astype(q.dtype), rows(lse_safe), rows(di))
-    dbias = None
-    if bias is not None:
+    grads = dict(q=dq, k=dk, v=dv)
+    if bias_for_ds is not None:
         # Blocks no list visits were never written: keep only live ones, then reduce over broadcast axes.
         live = jnp.repeat(jnp.repeat(aux["live"], lay.bq, axis=2), lay.bk, axis=3)
         ds = jnp.where(live, ds, 0.0)
         axes = tuple(a for a in range(4) if bias.shape[a] == 1)
-        dbias = jnp.sum(ds, axis=axes, keepdims=True).astype(bias.dtype)
-    zeros_aux = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), aux)
-    return dq, dk, dv, dbias, zeros_aux
+        grads["bias"] = jnp.sum(ds, axis=axes, keepdims=True).astype(bias.dtype)
+    return {n: grads[n] for n in names}
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+# jax.grad: the dQ and dK/dV kernels; jax.jvp: the tangent kernel (attnx.ops.forward_mode). Under TPU emulation
+# (interpret mode with pltpu.InterpretParams) the kernels carry io callbacks, which forward_mode's linear_call cannot
+# lower: reverse mode only there (the generic interpreter, PallasTpu(interpret=True) with EMULATE_TPU off, has both).
+_flash = forward_mode.differentiable(_flash_forward, _flash_tangent, _flash_backward,
+                                     reverse_only=lambda lay: not isinstance(interpret_arg(lay), bool))
 
 
 # ---- wrapper -----------------------------------------------------------------------------------------------------
@@ -315,7 +324,8 @@ def run(args: AttentionArgs, cfg, return_lse: bool = False):
     q = heads_first(args.q, lay.Tp, lay.Hp)
     k = heads_first(args.k, lay.Sp, lay.Hp)
     v = heads_first(args.v, lay.Sp, lay.Vp)
-    out, lse = _flash(lay, q, k, v, bias, aux)
+    diff = dict(q=q, k=k, v=v) if bias is None else dict(q=q, k=k, v=v, bias=bias)
+    out, lse = _flash(lay, diff, aux)
     out = jnp.swapaxes(out[:, :, :T, :lay.V], 1, 2)  # [B, T, N, V]
     lse = jnp.swapaxes(lse[:, :, :T], 1, 2)  # [B, T, N]
     if args.sinks is not None:

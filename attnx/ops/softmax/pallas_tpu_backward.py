@@ -73,18 +73,20 @@ def _dq_kernel(ents, cnts, lens, *refs, lay: Layout, names: tuple):
         r["dq"][...] = (acc[...] * lay.scale).astype(r["dq"].dtype)
 
 
-def dq(lay: Layout, q, k, v, bias, aux, d_out, lse_rows, di_rows):
-    """dQ [B, N, Tp, Hp] (q's dtype) and, with a bias, dS [B, N, Tp, Sp] float32 (unvisited blocks unwritten)."""
+def dq(lay: Layout, q, k, v, bias, aux, d_out, lse_rows, di_rows, write_ds: bool = True):
+    """dQ [B, N, Tp, Hp] (q's dtype) and, with a bias and `write_ds`, dS [B, N, Tp, Sp] float32 (unvisited blocks
+    unwritten; None otherwise)."""
     specs = fwd_inputs(lay, q, k, v, bias, aux)
     row_map = lambda b, n, i, j, *s: (b, n, 0, i)
     specs += [("do", d_out, (None, None, lay.bq, lay.Vp), lambda b, n, i, j, *s: (b, n, i, 0)),
               ("lse", lse_rows, (None, None, 1, lay.bq), row_map),
               ("di", di_rows, (None, None, 1, lay.bq), row_map)]
-    out_names = ("dq",) + (("ds",) if bias is not None else ())
+    write_ds = write_ds and bias is not None
+    out_names = ("dq",) + (("ds",) if write_ds else ())
     names = tuple(s[0] for s in specs) + out_names + ("dq_acc",)
     out_specs = [pl.BlockSpec((None, None, lay.bq, lay.Hp), lambda b, n, i, j, *s: (b, n, i, 0))]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-    if bias is not None:
+    if write_ds:
         def ds_map(b, n, i, j, ents, cnts, lens):
             return b, n, i, entry_block(ents[table_row(lay, b, n, i, lay.nq) * lay.L + j])
         out_specs.append(pl.BlockSpec((None, None, lay.bq, lay.bk), ds_map))
@@ -102,7 +104,7 @@ def dq(lay: Layout, q, k, v, bias, aux, d_out, lse_rows, di_rows):
         interpret=interpret_arg(lay),
         name="attnx_flash_bwd_dq",
     )(aux["ents"], aux["cnts"], aux["lens"], *[s[1] for s in specs])
-    return res[0], (res[1] if bias is not None else None)
+    return res[0], (res[1] if write_ds else None)
 
 
 # ---- dK / dV -----------------------------------------------------------------------------------------------------

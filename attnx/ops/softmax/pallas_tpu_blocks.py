@@ -31,7 +31,7 @@ NN = (((1,), (0,)), ((), ()))  # a @ b
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Everything the kernels need at trace time (hashable: it is a custom_vjp nondiff argument)."""
+    """Everything the kernels need at trace time (hashable: it is a custom_jvp nondiff argument)."""
 
     B: int
     T: int
