@@ -31,7 +31,8 @@ __all__ = ["differentiable"]
 
 
 def differentiable(forward: Callable, tangent: Callable, backward: Callable,
-                   reverse_only: Callable[[object], bool] = lambda static: False):
+                   reverse_only: Callable[[object], bool] = lambda static: False,
+                   forward_with_residuals: Callable | None = None):
     """f(static, diff, rest) = forward(static, diff, rest), differentiable in `diff` in both modes.
 
     static: hashable (a nondiff argument); diff: a dict of float arrays; rest: a pytree of arrays that are not
@@ -43,7 +44,16 @@ def differentiable(forward: Callable, tangent: Callable, backward: Callable,
     reverse_only(static): True selects a plain `jax.custom_vjp` around the same forward and backward for that call
     (no `jax.jvp`): for kernels whose body carries effects (e.g. the io callbacks of Pallas' TPU emulation on CPU),
     which `linear_call` cannot carry through lowering.
+    forward_with_residuals(static, diff, rest) -> (out, extra): when derivatives are taken, the forward that also
+    saves what tangent/backward need beyond the output (per-stream statistics); they then receive (out, extra) in
+    place of `out`. Without derivatives `forward` runs, and writes no residuals.
     """
+    def saved_forward(static, diff, rest):
+        if forward_with_residuals is None:
+            out = forward(static, diff, rest)
+            return out, out
+        out, extra = forward_with_residuals(static, diff, rest)
+        return out, (out, extra)
 
     @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
     def f(static, diff, rest):
@@ -52,14 +62,14 @@ def differentiable(forward: Callable, tangent: Callable, backward: Callable,
     @functools.partial(f.defjvp, symbolic_zeros=True)
     def f_jvp(static, primals, tangents):
         diff, rest = primals
-        out = forward(static, diff, rest)
+        out, saved = saved_forward(static, diff, rest)
         live = {n: t for n, t in tangents[0].items() if not isinstance(t, SymbolicZero)}
         if not live:
             return out, jax.tree.map(jnp.zeros_like, out)
         names = tuple(live)
         t_out = linear_call(lambda res, t: tangent(static, *res, t),
                             lambda res, ct: backward(static, *res, (ct, names)),
-                            (diff, rest, out), live)
+                            (diff, rest, saved), live)
         return out, t_out
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -67,12 +77,12 @@ def differentiable(forward: Callable, tangent: Callable, backward: Callable,
         return forward(static, diff, rest)
 
     def f_vjp_fwd(static, diff, rest):
-        out = forward(static, diff, rest)
-        return out, (diff, rest, out)
+        out, saved = saved_forward(static, diff, rest)
+        return out, (diff, rest, saved)
 
     def f_vjp_bwd(static, res, ct):
-        diff, rest, out = res
-        return backward(static, diff, rest, out, (ct, tuple(diff))), jax.tree.map(lambda _: None, rest)
+        diff, rest, saved = res
+        return backward(static, diff, rest, saved, (ct, tuple(diff))), jax.tree.map(lambda _: None, rest)
 
     f_vjp.defvjp(f_vjp_fwd, f_vjp_bwd)
 

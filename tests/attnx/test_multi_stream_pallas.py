@@ -1,6 +1,6 @@
 """The fused multi-stream Pallas kernel (attnx/ops/cross/pallas_gpu.py) against `multi_stream_reference`.
 
-Interpret mode on CPU: forward and gradients (query, every stream's key/value, array weights) with streams of
+Interpret mode on CPU: forward, jvp and gradients (query, every stream's key/value, array weights) with streams of
 different lengths (5, 19, 33: one, two and three key blocks, each with padded keys) and kv heads (2, 4, 1: GQA per
 stream), every weight kind, float32 and bfloat16, a literal-0 stream skipped; the Triton lowering of all kernels is
 built for CUDA on this CPU host (no GPU needed), so lowering limits are checked even where nothing can run them.
@@ -74,6 +74,34 @@ def _check(dtype, specs, implementation=CONFIG):
 def test_three_streams_float32_every_weight_kind():
     # lengths 5 / 19 / 33 (1 / 2 / 3 key blocks, all padded), kv heads 2 / 4 / 1, weights static / [B,T] / [B,T,N]
     _check(jnp.float32, ((5, 2, 1.0), (19, 4, "row"), (33, 1, "head")))
+
+
+def test_jvp_and_partial_gradients_every_weight_kind():
+    """Forward mode (each stream's tangent from the softmax tangent kernel, plus dw_s O_s) with every input
+    perturbed; and reverse mode w.r.t. the query and one stream's value only (the other streams' dK/dV kernels are
+    skipped), both against the reference."""
+    specs = ((5, 2, 1.0), (19, 4, "row"), (33, 1, "head"))
+    q, ks, vs, ws, statics, ct = _case(jnp.float32, specs, seed=3)
+
+    def attend(implementation):
+        def f(q, ks, vs, ws):
+            streams = [(k, v, st if w is None else w) for k, v, w, st in zip(ks, vs, ws, statics)]
+            if implementation is None:
+                return multi_stream_reference(q, streams)
+            return multi_stream_cross_attention(q, streams, implementation=implementation)
+        return f
+
+    @functools.partial(jax.jit, static_argnames="implementation")
+    def both(q, ks, vs, ws, implementation):
+        f = attend(implementation)
+        primals = (q, ks, vs, ws)
+        tangent = jax.jvp(f, primals, jax.tree.map(jnp.sin, primals))[1]
+        partial = jax.grad(lambda q, v1: jnp.sum(f(q, ks, (vs[0], v1, vs[2]), ws) * ct), argnums=(0, 1))(q, vs[1])
+        return tangent, partial
+
+    got, want = both(q, ks, vs, ws, CONFIG), both(q, ks, vs, ws, None)
+    for name, g, w in zip(("jvp", "dq", "dv[1]"), jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert_close(g, w, jnp.float32, "gradient", name)
 
 
 def test_two_streams_bfloat16():

@@ -22,13 +22,14 @@ product.
 Weights: a Python number is baked into the kernel (a literal 0 drops its stream, as the JAX version does); an array
 weight (scalar array, [*B, T] or [*B, T, N]) is read per query tile and is differentiable.
 
-Backward (jax.custom_vjp), per stream the FlashAttention-2 backward (Alg. 2) with dO_s = w_s * dO:
+Backward (reverse mode of `attnx.ops.forward_mode.differentiable`), per stream the FlashAttention-2 backward (Alg. 2) with dO_s = w_s * dO:
 - the forward also writes every stream's normalised output O_s and its log-sum-exp (base 2);
 - a dQ kernel on the forward's grid computes D_s = rowsum(dO * O_s) (which is dL/dw_s per position and head, and
   gives FA2's delta_s = w_s * D_s), then sums every stream's dS_s K_s into one dQ accumulator;
 - one dK/dV kernel per stream on a (B*K_s, S_s/block_kv) grid loops over the G_s query heads of its kv head and the
   query blocks (the GQA sum inside the kernel, no [N]-sized dK buffer).
-The custom_vjp blocks `jax.jvp` (ARCHITECTURE §4); use the JAX path for forward-mode derivatives.
+Only the differentiated streams run their dK/dV kernel. Forward mode (`jax.jvp`): dO = sum_s (w_s dO_s + dw_s O_s),
+each dO_s from the softmax kernel's tangent kernel (`attnx.ops.softmax.pallas_gpu`) on that stream.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from attnx.ops import forward_mode
 
 # Finite, so that max/exp arithmetic on fully padded columns never produces inf - inf = NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -107,7 +110,7 @@ class _Stream:
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    """Everything static about one call: hashable, the custom_vjp's non-differentiable argument."""
+    """Everything static about one call: hashable, the custom_jvp's non-differentiable argument."""
 
     N: int
     Tp: int
@@ -376,32 +379,76 @@ def _dkdv(plan: _Plan, stream: _Stream, q, do, lse, d, k, v, w):
                      name="multi_stream_dkdv")(*args)
 
 
-# ---- custom_vjp over padded, flattened arrays ----
+# ---- forward and reverse mode over padded, flattened arrays ----
+# diff: {"q", "k0", "v0", ["w0"], "k1", ...}: stream i's key, value and (array weights only) weight.
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(plan: _Plan, q, ks, vs, ws):
-    return _forward(plan, q, ks, vs, ws, residuals=False)[0]
-
-
-def _fused_fwd(plan: _Plan, q, ks, vs, ws):
-    out, os_, lses = _forward(plan, q, ks, vs, ws, residuals=True)
-    return out, (q, ks, vs, ws, os_, lses)
+def _unpack(plan: _Plan, diff: dict):
+    n = len(plan.streams)
+    return (diff["q"], tuple(diff[f"k{i}"] for i in range(n)), tuple(diff[f"v{i}"] for i in range(n)),
+            tuple(diff.get(f"w{i}") for i in range(n)))
 
 
-def _fused_bwd(plan: _Plan, res, do):
-    q, ks, vs, ws, os_, lses = res
+def _fused_forward(plan: _Plan, diff: dict, rest):
+    return _forward(plan, *_unpack(plan, diff), residuals=False)[0]
+
+
+def _fused_forward_with_residuals(plan: _Plan, diff: dict, rest):
+    out, os_, lses = _forward(plan, *_unpack(plan, diff), residuals=True)
+    return out, (os_, lses)
+
+
+def _fused_tangent(plan: _Plan, diff: dict, rest, saved, t: dict):
+    """Forward mode: out = sum_s w_s O_s, so dO = sum_s (w_s dO_s + dw_s O_s), with dO_s the tangent of stream s's
+    softmax attention from the block-skipping softmax kernel's tangent kernel (`attnx.ops.softmax.pallas_gpu`),
+    padded keys masked by kv_lengths, and O_s the per-stream outputs this kernel saved."""
+    from attnx.api import dot_product_attention
+    from attnx.mask import Mask
+    from attnx.ops.softmax.config import PallasGpu
+
+    _, (os_, _) = saved
+    q = diff["q"]
+    total = jnp.zeros((q.shape[0], plan.Tp, plan.N, plan.Vp), jnp.float32)
+    for i, stream in enumerate(plan.streams):
+        k, v = diff[f"k{i}"], diff[f"v{i}"]
+        if any(n in t for n in ("q", f"k{i}", f"v{i}")):
+            impl = PallasGpu(block_q=plan.block_q, block_kv=stream.block_kv, num_warps=plan.num_warps,
+                             num_stages=plan.num_stages, interpret=plan.interpret)
+            mask = Mask(kv_lengths=stream.length) if stream.padded != stream.length else None
+            attend = functools.partial(dot_product_attention, mask=mask, scale=plan.scale, implementation=impl)
+            tangents = tuple(t[n] if n in t else jnp.zeros_like(x) for n, x in (("q", q), (f"k{i}", k), (f"v{i}", v)))
+            d_stream = jax.jvp(attend, (q, k, v), tangents)[1].astype(jnp.float32)
+            w = stream.weight if stream.weight_kind == "static" else diff[f"w{i}"]
+            total = total + d_stream * _weight_as_rows(stream, w)
+        if f"w{i}" in t:
+            total = total + os_[i].astype(jnp.float32) * _weight_as_rows(stream, t[f"w{i}"])
+    return total.astype(q.dtype)
+
+
+def _weight_as_rows(stream: _Stream, w):
+    """A stream weight broadcast against [B, Tp, N, V]."""
+    if stream.weight_kind == "static":
+        return w
+    return w[:, :, None, None] if stream.weight_kind == "row" else w[..., None]
+
+
+def _fused_backward(plan: _Plan, diff: dict, rest, saved, cts_and_names):
+    do, names = cts_and_names
+    _, (os_, lses) = saved
+    q, ks, vs, ws = _unpack(plan, diff)
     dq, ds = _dq(plan, q, do, ks, vs, ws, os_, lses)
-    dks, dvs, dws = [], [], []
-    for stream, k, v, w, lse, d in zip(plan.streams, ks, vs, ws, lses, ds):
-        dk, dv = _dkdv(plan, stream, q, do, lse, d, k, v, w)
-        dks.append(dk)
-        dvs.append(dv)
-        # d: [B, N, Tp] = dL/dw per position and head; a [B, T] weight is shared by the heads, so their parts add.
-        dws.append(None if w is None else d.sum(axis=1) if stream.weight_kind == "row" else d.transpose(0, 2, 1))
-    return dq, tuple(dks), tuple(dvs), tuple(dws)
+    grads = {"q": dq}
+    for i, (stream, k, v, w, lse, d) in enumerate(zip(plan.streams, ks, vs, ws, lses, ds)):
+        if f"k{i}" in names or f"v{i}" in names:
+            grads[f"k{i}"], grads[f"v{i}"] = _dkdv(plan, stream, q, do, lse, d, k, v, w)
+        if w is not None:
+            # d: [B, N, Tp] = dL/dw per position and head; a [B, T] weight is shared by the heads, so their parts add.
+            grads[f"w{i}"] = d.sum(axis=1) if stream.weight_kind == "row" else d.transpose(0, 2, 1)
+    return {n: grads[n] for n in names}
 
 
-_fused.defvjp(_fused_fwd, _fused_bwd)
+# jax.grad: the dQ and per-stream dK/dV kernels; jax.jvp: per-stream softmax tangent kernels (attnx.ops.forward_mode).
+_fused = forward_mode.differentiable(_fused_forward, _fused_tangent, _fused_backward,
+                                     forward_with_residuals=_fused_forward_with_residuals)
 
 
 # ---- Public entry ----
@@ -472,5 +519,8 @@ def multi_stream_pallas(query, streams, *, scale: float | None = None,
     num_warps = config.num_warps or (4 if max(Hp, Vp) <= 64 else 8)
     plan = _Plan(N=N, Tp=Tp, Hp=Hp, Vp=Vp, block_q=block_q, scale=scale, streams=tuple(plans),
                  num_warps=num_warps, num_stages=config.num_stages, interpret=interpret)
-    out = _fused(plan, q, tuple(ks), tuple(vs), tuple(ws))
+    diff = {"q": q}
+    for i, (k, v, w) in enumerate(zip(ks, vs, ws)):
+        diff.update({f"k{i}": k, f"v{i}": v, **({} if w is None else {f"w{i}": w})})
+    out = _fused(plan, diff, ())
     return out[:, :T, :, :V].reshape(*batch_shape, T, N, V).astype(out_dtype)
