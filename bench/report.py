@@ -199,8 +199,12 @@ def listops(data: dict) -> Blocks:
     if "majority_baseline" in data:
         body.append([f"majority class ({data.get('majority_label', '?')})", _pct(data["majority_baseline"]), "", ""])
     blocks = [markdown_table(["mechanism", "test accuracy", "wall (s)", "CPU (s)"], body)]
+    if data.get("data"):
+        blocks.insert(0, "Data: " + ", ".join(f"{k} {_scalar(v)}" for k, v in data["data"].items())
+                      + f"; load average {_scalar(data.get('load_average_start', '?'))} at the start, "
+                      f"{_scalar(data.get('load_average_end', '?'))} at the end.")
     if data.get("settings"):
-        blocks.insert(0, "Settings: " + ", ".join(f"{k} {v}" for k, v in data["settings"].items()) + ".")
+        blocks.insert(0, "Settings: " + ", ".join(f"{k} {_scalar(v)}" for k, v in data["settings"].items()) + ".")
     return blocks
 
 

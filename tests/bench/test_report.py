@@ -90,11 +90,12 @@ def test_mfu_rows_skipped_and_failed():
 
 
 def test_listops_and_generic_tables():
-    data = {"settings": {"steps": 100}, "majority_label": 7, "majority_baseline": 0.171,
+    data = {"settings": {"steps": 100}, "majority_label": 7, "majority_baseline": 0.171, "data": {"seq_len": 512},
+            "load_average_start": 2.5, "load_average_end": 3.25,
             "rows": [{"mechanism": "softmax", "accuracy": 0.3625, "wall_s": 61.2, "cpu_s": 110.7}]}
     text = "\n\n".join(report.listops(data))
     assert "| `softmax` | 36.2% | 61 | 111 |" in text and "| majority class (7) | 17.1% |  |  |" in text
-    assert text.startswith("Settings: steps 100.")
+    assert text.startswith("Settings: steps 100.\n\nData: seq_len 512; load average 2.5 at the start, 3.25 at the end.")
     table = report.generic({"rows": [{"a": 1, "b": 0.123456, "nested": {"x": 1}}, {"a": 2, "c": True}]})[0]
     assert table.splitlines() == ["| a | b | c |", "|---|---|---|", "| 1 | 0.1235 | - |", "| 2 | - | yes |"]
 
