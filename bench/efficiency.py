@@ -110,8 +110,6 @@ def _crossover(gap, tiny, scale) -> float:
 
 def _module(spec, pattern, args, vanilla=False):
     """f(x, y, weights) -> [B, L, D]: projections, the mechanism in `pattern`, output projection."""
-    import jax.numpy as jnp
-
     causal, cross = pattern in ("CS", "CC"), pattern in ("NC", "CC")
     kw = {"implementation": args.vanilla_implementation} if vanilla else dict(spec.defaults)
     N, H = args.heads, args.model_dim // args.heads
