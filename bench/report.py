@@ -203,9 +203,34 @@ def listops(data: dict) -> Blocks:
         blocks.insert(0, "Data: " + ", ".join(f"{k} {_scalar(v)}" for k, v in data["data"].items())
                       + f"; load average {_scalar(data.get('load_average_start', '?'))} at the start, "
                       f"{_scalar(data.get('load_average_end', '?'))} at the end.")
-    if data.get("settings"):
-        blocks.insert(0, "Settings: " + ", ".join(f"{k} {_scalar(v)}" for k, v in data["settings"].items()) + ".")
-    return blocks
+    return _settings(data) + blocks
+
+
+def efficiency(data: dict) -> Blocks:
+    """`bench/efficiency.py` (issue 10): CAB's efficiency length per mechanism and pattern, against vanilla softmax."""
+    rows = data["rows"]
+    lengths = sorted({n for r in rows for n in r.get("lengths", [])})
+
+    def length(v: float | None) -> str:
+        return "never" if v is None else f"{v:.0f}"
+
+    body = []
+    for r in rows:
+        front = [f"`{r['mechanism']}`", r["pattern"]]
+        if r.get("skipped"):
+            body.append(front + [f"skipped: {r['skipped'][:100]}"] + [""] * (len(lengths) + 3))
+            continue
+        times = dict(zip(r["lengths"], r["time_s"]))
+        memory = " / ".join(f"{m / 2 ** 20:.0f}" for m in r["memory_bytes"])
+        ours = "" if r["mechanism"] == "vanilla" else \
+            f"{length(r.get('efficiency_length_time'))} / {length(r.get('efficiency_length_memory'))}"
+        cab = f"{r['published_time']} / {r['published_memory']}" if r.get("published_time") else "-"
+        note = "; ".join(n for n in (r.get("note"), r.get("fit_error")) if n)
+        body.append(front + [f"{1e3 * times[n]:.1f}" if n in times else "-" for n in lengths]
+                    + [memory, ours, cab, note])
+    header = ["mechanism", "pattern"] + [f"ms at L={n}" for n in lengths] + [
+        "compiled MiB per L", "efficiency length: time / memory", "CAB's published (time / memory)", "note"]
+    return _settings(data) + [markdown_table(header, body)]
 
 
 def _scalar(v: Any) -> str:
@@ -222,10 +247,15 @@ def generic(data: Any) -> Blocks:
     if not rows:
         return ["(no rows in the JSON)"]
     keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, (dict, list))))
-    blocks = [markdown_table(keys, [[_scalar(r[k]) if k in r else "-" for k in keys] for r in rows])]
-    if isinstance(data, dict) and isinstance(data.get("settings"), dict):
-        blocks.insert(0, "Settings: " + ", ".join(f"{k} {_scalar(v)}" for k, v in data["settings"].items()) + ".")
-    return blocks
+    return _settings(data) + [markdown_table(keys, [[_scalar(r[k]) if k in r else "-" for k in keys] for r in rows])]
+
+
+def _settings(data: Any) -> Blocks:
+    """The standard layout's "settings" object as one line (none when absent)."""
+    settings = data.get("settings") if isinstance(data, dict) else None
+    if not isinstance(settings, dict) or not settings:
+        return []
+    return ["Settings: " + ", ".join(f"{k} {_scalar(v)}" for k, v in settings.items()) + "."]
 
 
 # ---- the benchmarks, in the order of RESULTS.md ------------------------------------------------------------------
@@ -257,8 +287,9 @@ BENCHMARKS: tuple[Benchmark, ...] = (
               "python -m bench.tasks mqar --out bench"),
     Benchmark("listops", "ListOps (CPU) — issue 10", "listops.json", listops, ("listops.png",),
               "python -m bench.listops"),
-    Benchmark("efficiency_cpu", "Efficiency (CPU) — issue 10", "efficiency_cpu.json", generic,
-              ("efficiency_cpu.png",)),
+    Benchmark("efficiency_cpu", "CAB efficiency length (CPU) — issue 10", "efficiency_cpu.json", efficiency,
+              ("efficiency_cpu.png",),
+              "python -m bench.efficiency --out bench/efficiency_cpu.json --plot bench/efficiency_cpu.png"),
     Benchmark("train_step", "Train step (CPU)"),
     Benchmark("ring_long", "Ring attention over 8 CPU devices — issue 8"),
     Benchmark("mfu", "Model FLOPs utilisation of the train step (CPU) — issue 8", "mfu.json", mfu, (),

@@ -100,6 +100,25 @@ def test_listops_and_generic_tables():
     assert table.splitlines() == ["| a | b | c |", "|---|---|---|", "| 1 | 0.1235 | - |", "| 2 | - | yes |"]
 
 
+def test_efficiency_lengths_published_skipped_and_never():
+    def row(name, times, el=(None, None), pub=(None, None), **extra):
+        return dict(mechanism=name, pattern="NS", implementation="default", lengths=[256, 512][:len(times)],
+                    time_s=times, memory_bytes=[2 ** 20 * (i + 1) for i in range(len(times))],
+                    efficiency_length_time=el[0], efficiency_length_memory=el[1], published_time=pub[0],
+                    published_memory=pub[1], note=None, skipped=None, **extra)
+    data = {"settings": {"batch": 4}, "rows": [
+        row("vanilla", [0.0012, 0.0041]), row("performer", [0.002, 0.003], (700.4, 300.0), (2361, 37)),
+        row("abc", [0.002], fit_error="time: fewer than 2 lengths"),
+        dict(row("lara", []), skipped="supports ['NC'], none of the patterns run (NS)")]}
+    text = "\n\n".join(report.efficiency(data))
+    assert text.startswith("Settings: batch 4.")
+    assert "| mechanism | pattern | ms at L=256 | ms at L=512 | compiled MiB per L |" in text
+    assert "| `vanilla` | NS | 1.2 | 4.1 | 1 / 2 |  | - |  |" in text
+    assert "| `performer` | NS | 2.0 | 3.0 | 1 / 2 | 700 / 300 | 2361 / 37 |  |" in text
+    assert "| `abc` | NS | 2.0 | - | 1 | never / never | - | time: fewer than 2 lengths |" in text
+    assert "| `lara` | NS | skipped: supports ['NC'], none of the patterns run (NS) |  |  |  |  |  |" in text
+
+
 def test_gpu_tables_reused_on_block_sparse_rows():
     rows = [{"section": "block_sparse", "impl": "pallas_gpu", "mode": "fwd", "sparsity": s, "density": 1 - s,
              "seconds": t, "tflops": 300.0, "status": "ok", "S": 32768, "N": 16, "H": 128, "block": 128}
