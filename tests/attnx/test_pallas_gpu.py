@@ -187,6 +187,9 @@ def test_unsupported_arguments_raise_not_implemented():
         # A learnable temperature: its gradient would need the kernel to differentiate w.r.t. closed-over arrays.
         jax.grad(lambda temp: attnx.dot_product_attention(
             q, k, v, score_mod=lambda s, b, n, t, j: s * temp, implementation=IMPL).sum())(1.0)
+    table = jnp.arange(4.0)  # a concrete table: the kernel body cannot capture it
+    with pytest.raises(NotImplementedError, match="mask_mod closes over arrays"):
+        attnx.dot_product_attention(q, k, v, mask_mod=lambda b, n, t, j: table[t] >= 0, implementation=IMPL)
     big = jnp.zeros((1, 4, 2, 512))
     with pytest.raises(NotImplementedError, match="head dims"):
         attnx.dot_product_attention(big, big, big, implementation=IMPL)

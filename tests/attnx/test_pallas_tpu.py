@@ -20,8 +20,7 @@ SMALL = attnx.PallasTpu(block_q=8, block_kv=8, interpret=True)
 
 class TestPallasTpu(AttentionConformance):
     implementation = SMALL
-    # score_mod is not traced into the kernel (NotImplementedError).
-    unsupported = frozenset({"score_mod"})
+    unsupported = frozenset()
     # Interpret mode is slow to compile on CPU (~4.5 CPU-s per forward + backward case with the reference): for
     # the suite's time budget the default share covers causal attention with ragged blocks and a bias (+ lse) and
     # causal segment ids (+ lse); MQA, GQA, windows, lengths, block masks and fully masked rows (lse -inf) are in
@@ -209,5 +208,9 @@ def test_without_tpu_or_interpret_it_refuses_and_lists_fall_through(monkeypatch)
     monkeypatch.setattr(pallas_tpu, "_on_tpu", lambda: True)
     with pytest.raises(ValueError, match="PallasTpu.block_kv: on a TPU expected a multiple of 128"):
         attnx.dot_product_attention(q, k, v, implementation=attnx.PallasTpu(block_kv=64, interpret=False))
-    with pytest.raises(NotImplementedError, match="score_mod"):
-        attnx.dot_product_attention(q, k, v, score_mod=lambda s, b, n, t, j: s, implementation=SMALL)
+    table = jnp.arange(6.0)  # a score_mod closing over an array (a kernel body cannot capture it): refused
+    with pytest.raises(NotImplementedError, match="pallas_tpu: score_mod closes over arrays"):
+        attnx.dot_product_attention(q, k, v, score_mod=lambda s, b, n, t, j: s + table[t], implementation=SMALL)
+    with pytest.raises(NotImplementedError, match="pallas_tpu: score_mod closes over arrays"):
+        jax.grad(lambda temp: attnx.dot_product_attention(  # a traced one: its gradient would be lost
+            q, k, v, score_mod=lambda s, b, n, t, j: s * temp, implementation=SMALL).sum())(1.0)

@@ -66,7 +66,7 @@ def resolve_interpret(interpret: bool | None) -> bool:
 
 def check(args: AttentionArgs, return_lse: bool, cfg: PallasGpu | None = None) -> None:
     """Raise NotImplementedError (saying why) for what the kernel does not run."""
-    _mod_consts_refused(args)
+    refuse_mod_constants("pallas_gpu", args.score_mod, args.mask_mod)
     H, V = args.q.shape[-1], args.v.shape[-1]
     if max(H, V) > MAX_HEAD_DIM:
         raise NotImplementedError(f"pallas_gpu: head dims up to {MAX_HEAD_DIM} (got H={H}, V={V})")
@@ -78,19 +78,23 @@ def check(args: AttentionArgs, return_lse: bool, cfg: PallasGpu | None = None) -
                                   "attnx.PallasGpu(interpret=True) or set ATTNX_PALLAS_INTERPRET=1 to interpret it")
 
 
-def _mod_consts_refused(args: AttentionArgs) -> None:
-    """score_mod/mask_mod are traced into the kernel body with scalar b, n and index vectors t [bq, 1], j [1, bk].
-    Arrays they close over would need gradients (score_mod) or kernel inputs of arbitrary shape: refused."""
+def refuse_mod_constants(owner: str, score_mod, mask_mod) -> None:
+    """score_mod/mask_mod are traced into the kernel body with scalar b, n and index arrays t, j. Arrays they close
+    over (traced ones, which would need gradients, or concrete tables, which a kernel body cannot capture) would
+    have to be kernel inputs: refused here, naming the fix, so that a list of implementations falls through."""
     i32 = jax.ShapeDtypeStruct((), jnp.int32)
     t, j = jax.ShapeDtypeStruct((16, 1), jnp.int32), jax.ShapeDtypeStruct((1, 16), jnp.int32)
-    for name, fn, example in (("score_mod", args.score_mod, (jax.ShapeDtypeStruct((16, 16), F32),)),
-                              ("mask_mod", args.mask_mod, ())):
+    for name, fn, example in (("score_mod", score_mod, (jax.ShapeDtypeStruct((16, 16), F32),)),
+                              ("mask_mod", mask_mod, ())):
         if fn is None:
             continue
         _, consts = jax.closure_convert(fn, *example, i32, i32, t, j)
+        if not consts:  # closure_convert hoists traced values only; concrete arrays stay jaxpr constants
+            consts = [c for c in jax.make_jaxpr(fn)(*example, i32, i32, t, j).consts if np.ndim(c) > 0]
         if consts:
-            raise NotImplementedError(f"pallas_gpu: {name} closes over arrays ({len(consts)}), whose gradients the "
-                                      "kernel does not compute; use 'chunked' (or make them Python constants)")
+            raise NotImplementedError(f"{owner}: {name} closes over arrays ({len(consts)}), which the kernel body "
+                                      "cannot capture (nor differentiate); use 'chunked' (or make them Python "
+                                      "constants)")
 
 
 def _tile(cfg_block: int, length: int) -> int:

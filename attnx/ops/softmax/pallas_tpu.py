@@ -17,8 +17,9 @@ gives their gradient (and tangent). Both modes (`attnx.ops.forward_mode`): `jax.
 `jax.jvp` a tangent kernel (`pallas_tpu_tangent.py`) over the forward's block lists; in interpret mode with TPU
 emulation (`pallas_tpu_blocks.EMULATE_TPU`) reverse mode only.
 
-Not supported (NotImplementedError from `check`): score_mod (not traced into the kernel yet), dtypes other than
-float32/bfloat16/float16. Memory beyond O(T): a dense mask, a `mask_mod` (evaluated in the wrapper into a dense
+score_mod(s, b, n, t, j) is traced into every kernel body (t, j: the block's absolute query/key indices; it may
+not close over arrays, as on GPU); its derivative in the backward and tangent kernels is a unit-tangent jvp.
+Not supported (NotImplementedError from `check`): dtypes other than float32/bfloat16/float16. Memory beyond O(T): a dense mask, a `mask_mod` (evaluated in the wrapper into a dense
 int8 mask) and a block mask whose blocks do not contain the kernel's blocks (expanded to elements) cost
 O(B·N·T·S) bytes; bias gradients materialise dS [B, N, T, S] in float32. The forward writes its lse
 lane-replicated ([B, N, T, 128] float32, as splash attention does) before slicing it. The block lists live in
@@ -44,10 +45,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from attnx.mask import Mask
-from attnx.ops.softmax import common
 from attnx.ops import forward_mode
+from attnx.ops.softmax import common
 from attnx.ops.softmax import pallas_tpu_backward as bwd_lib
 from attnx.ops.softmax import pallas_tpu_tangent as tangent_lib
+from attnx.ops.softmax.pallas_gpu import refuse_mod_constants
 from attnx.ops.softmax.pallas_tpu_blocks import (F32, LANES, NN, NT, SUBLANES, Layout, block_lists,
                                                   block_tables, element_mask, entry_block, fwd_inputs,
                                                   interpret_arg, iotas, logits, run_steps, static_tables,
@@ -65,8 +67,7 @@ def check(args: AttentionArgs, return_lse: bool, cfg=None) -> None:
     if cfg is not None and not _interpreting(cfg) and not _on_tpu():
         raise NotImplementedError(f"pallas_tpu: needs a TPU (backend is {jax.default_backend()}) or interpret "
                                   "mode (PallasTpu(interpret=True) or ATTNX_PALLAS_INTERPRET=1)")
-    if args.score_mod is not None:
-        raise NotImplementedError("pallas_tpu: score_mod is not traced into the kernel yet; use 'chunked'")
+    refuse_mod_constants("pallas_tpu", args.score_mod, None)
     if args.q.dtype.name not in _DTYPES:
         raise NotImplementedError(f"pallas_tpu: dtype {args.q.dtype} is not supported; allowed {list(_DTYPES)}")
 
@@ -102,9 +103,9 @@ def _fwd_kernel(ents, cnts, lens, *refs, lay: Layout, names: tuple):
 
     def step(masked: bool):
         s = lax.dot_general(r["q"][...], r["k"][...], NT, preferred_element_type=F32)
-        s = logits(lay, s, r["bias"][...] if "bias" in r else None)
+        q_pos, k_pos = iotas((lay.bq, lay.bk), i * lay.bq, kv * lay.bk)
+        s, _ = logits(lay, s, r["bias"][...] if "bias" in r else None, b, n, q_pos, k_pos)
         if masked:
-            q_pos, k_pos = iotas((lay.bq, lay.bk), i * lay.bq, kv * lay.bk)
             seg = (widen(r["qseg"][...], lay.bk) == r["kseg"][:1, :]) if "qseg" in r else None
             dense = (r["dense"][...].astype(jnp.int32) != 0) if "dense" in r else None
             ok = element_mask(lay, q_pos, k_pos, lens[2 * b], lens[2 * b + 1], seg, dense)
@@ -291,7 +292,7 @@ def _layout_and_aux(args: AttentionArgs, cfg, interpret: bool):
                  nq=nq, nk=nk, L=L, Lt=Lt, Bl=Bl, Nl=Nl, left=left, right=right, q_offset=mask.q_offset,
                  scale=args.scale, cap=args.logits_soft_cap, bias_shape=None if bias is None else bias.shape,
                  seg_B=seg_B, dense_shape=None if dense_i8 is None else dense_i8.shape, elementwise=elementwise,
-                 out_f32=args.sinks is not None, interpret=interpret)
+                 out_f32=args.sinks is not None, interpret=interpret, score_mod=args.score_mod)
     live, full = block_tables(lay, mask, dense_i8, nested)
     aux["ents"], aux["cnts"] = block_lists(live, full, L)
     aux["ents_t"], aux["cnts_t"] = block_lists(jnp.swapaxes(live, 2, 3), jnp.swapaxes(full, 2, 3), Lt)

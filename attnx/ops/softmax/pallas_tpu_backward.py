@@ -27,12 +27,13 @@ from attnx.ops.softmax.pallas_tpu_blocks import (F32, LANES, NN, NT, SUBLANES, L
                                                   run_steps, table_row, widen)
 
 
-def _soft_cap_grad(lay: Layout, ds, s_capped):
-    """d(c·tanh(x/c))/dx = 1 - tanh² = 1 - (s/c)², from the capped logits."""
-    if lay.cap is None:
+def _chain(ds, dsds, ok):
+    """dS w.r.t. scale·q·kᵀ + bias from dS w.r.t. the final logits, through the soft cap and score_mod's elementwise
+    derivative; masked entries are 0 (P is 0 there, but a mod's derivative may not be finite)."""
+    if dsds is None:
         return ds
-    t = s_capped / lay.cap
-    return ds * (1.0 - t * t)
+    ds = ds * dsds
+    return ds if ok is None else jnp.where(ok, ds, 0.0)
 
 
 # ---- dQ ----------------------------------------------------------------------------------------------------------
@@ -50,17 +51,18 @@ def _dq_kernel(ents, cnts, lens, *refs, lay: Layout, names: tuple):
 
     def step(masked: bool):
         k = r["k"][...]
-        s_c = logits(lay, lax.dot_general(r["q"][...], k, NT, preferred_element_type=F32),
-                     r["bias"][...] if "bias" in r else None)
-        s = s_c
+        q_pos, k_pos = iotas((lay.bq, lay.bk), i * lay.bq, kv * lay.bk)
+        s, dsds = logits(lay, lax.dot_general(r["q"][...], k, NT, preferred_element_type=F32),
+                         r["bias"][...] if "bias" in r else None, b, n, q_pos, k_pos, derivative=True)
+        ok = None
         if masked:
-            q_pos, k_pos = iotas((lay.bq, lay.bk), i * lay.bq, kv * lay.bk)
             seg = (widen(r["qseg"][...], lay.bk) == r["kseg"][:1, :]) if "qseg" in r else None
             dense = (r["dense"][...].astype(jnp.int32) != 0) if "dense" in r else None
-            s = jnp.where(element_mask(lay, q_pos, k_pos, lens[2 * b], lens[2 * b + 1], seg, dense), s, -jnp.inf)
+            ok = element_mask(lay, q_pos, k_pos, lens[2 * b], lens[2 * b + 1], seg, dense)
+            s = jnp.where(ok, s, -jnp.inf)
         p = jnp.exp(s - r["lse"][0][:, None])
         dp = lax.dot_general(r["do"][...], r["v"][...], NT, preferred_element_type=F32)
-        ds = _soft_cap_grad(lay, p * (dp - r["di"][0][:, None]), s_c)
+        ds = _chain(p * (dp - r["di"][0][:, None]), dsds, ok)
         acc[...] += lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32)
         if "ds" in r:
             r["ds"][...] = ds
@@ -124,18 +126,19 @@ def _dkv_kernel(ents, cnts, lens, *refs, lay: Layout, names: tuple):
 
     def step(masked: bool):
         q, do = r["q"][...], r["do"][...]
-        s_c = logits(lay, lax.dot_general(r["k"][...], q, NT, preferred_element_type=F32),
-                     r["bias"][...] if "bias" in r else None)  # [bk, bq]
-        s = s_c
+        k_pos, q_pos = iotas((lay.bk, lay.bq), j * lay.bk, qi * lay.bq)
+        s, dsds = logits(lay, lax.dot_general(r["k"][...], q, NT, preferred_element_type=F32),
+                         r["bias"][...] if "bias" in r else None, b, n, q_pos, k_pos, derivative=True)  # [bk, bq]
+        ok = None
         if masked:
-            k_pos, q_pos = iotas((lay.bk, lay.bq), j * lay.bk, qi * lay.bq)
             seg = (widen(r["kseg"][...], lay.bq) == r["qseg"][:1, :]) if "qseg" in r else None
             dense = (r["dense"][...].astype(jnp.int32) != 0) if "dense" in r else None
-            s = jnp.where(element_mask(lay, q_pos, k_pos, lens[2 * b], lens[2 * b + 1], seg, dense), s, -jnp.inf)
+            ok = element_mask(lay, q_pos, k_pos, lens[2 * b], lens[2 * b + 1], seg, dense)
+            s = jnp.where(ok, s, -jnp.inf)
         p = jnp.exp(s - r["lse"][...])  # lse [1, bq] broadcasts over the key rows
         dv_acc[...] += lax.dot_general(p.astype(do.dtype), do, NN, preferred_element_type=F32)
         dp = lax.dot_general(r["v"][...], do, NT, preferred_element_type=F32)
-        ds = _soft_cap_grad(lay, p * (dp - r["di"][...]), s_c)
+        ds = _chain(p * (dp - r["di"][...]), dsds, ok)
         dk_acc[...] += lax.dot_general(ds.astype(q.dtype), q, NN, preferred_element_type=F32)
 
     live = t < cnts[row]

@@ -14,6 +14,7 @@ only where some mask component varies over them (`Bl`, `Nl`), which keeps the sc
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,7 @@ class Layout:
     elementwise: bool  # whether any element-wise masking can ever be needed
     out_f32: bool  # forward output in float32 (sinks are folded in afterwards in the wrapper)
     interpret: bool
+    score_mod: Callable | None = None  # traced into every kernel body (elementwise in s, b, n, t, j)
 
     @property
     def G(self) -> int:
@@ -263,11 +265,25 @@ def iotas(shape, row0, col0):
     return (lax.broadcasted_iota(jnp.int32, shape, 0) + row0, lax.broadcasted_iota(jnp.int32, shape, 1) + col0)
 
 
-def logits(lay: Layout, s_raw, bias_blk):
-    """Scaled logits with bias and soft cap (the order of `common.apply_logit_mods`), float32."""
+def logits(lay: Layout, s_raw, bias_blk, b, n, q_pos, k_pos, derivative: bool = False):
+    """float32 logits of a block in either orientation: scale·q·kᵀ (+ bias) -> soft cap -> score_mod(s, b, n, t, j)
+    (the order of `common.apply_logit_mods`; q_pos/k_pos are the block's absolute query/key indices, int32 arrays
+    of its shape). With `derivative`, also d logits / d(scale·q·kᵀ + bias) elementwise (None when it is 1), which
+    turns dS of the final logits into the gradient of q·kᵀ and of the bias (and the tangent the other way)."""
     s = s_raw * lay.scale
     if bias_blk is not None:
         s = s + bias_blk.astype(F32)
+    dsds = None
     if lay.cap is not None:
-        s = lay.cap * jnp.tanh(s / lay.cap)
-    return s
+        t = jnp.tanh(s / lay.cap)
+        s = lay.cap * t
+        dsds = 1.0 - t * t if derivative else None
+    if lay.score_mod is not None:
+        mod = lambda x: lay.score_mod(x, b, n, q_pos, k_pos).astype(F32)  # noqa: E731
+        if derivative:
+            # score_mod acts elementwise on the logits, so a jvp with unit tangent is its derivative.
+            s, dmod = jax.jvp(mod, (s,), (jnp.ones_like(s),))
+            dsds = dmod if dsds is None else dsds * dmod
+        else:
+            s = mod(s)
+    return s, dsds

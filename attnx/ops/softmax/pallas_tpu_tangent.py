@@ -4,7 +4,7 @@ With the primal output O and log-sum-exp L saved by the forward, P = exp(S - L) 
 needs one pass over the forward's key-block lists (grid (B, N, query blocks, L), as the forward and dQ kernels) and
 no online softmax. For tangents dQ, dK, dV, d bias of the inputs:
 
-    dS = c'(z) · (scale · (dQ Kᵀ + Q dKᵀ) + d bias),   z = scale · Q Kᵀ + bias,  c the soft cap (identity without)
+    dS = m'(z) · (scale · (dQ Kᵀ + Q dKᵀ) + d bias),   z = scale · Q Kᵀ + bias,  m = score_mod ∘ soft cap
     dL = rowsum(P ∘ dS),    dO = P dV + (P ∘ dS) V - O ∘ dL
 
 (O = P V with dP = P ∘ (dS - dL)). Only the perturbed inputs' tangents are read. Sinks are folded in after the
@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from attnx.ops.softmax.pallas_tpu_blocks import (F32, LANES, NN, NT, Layout, element_mask, entry_block, fwd_inputs,
-                                                  interpret_arg, iotas, run_steps, table_row, widen)
+                                                  interpret_arg, iotas, logits, run_steps, table_row, widen)
 
 
 def _tangent_kernel(ents, cnts, lens, *refs, lay: Layout, names: tuple):
@@ -40,22 +40,19 @@ def _tangent_kernel(ents, cnts, lens, *refs, lay: Layout, names: tuple):
 
     def step(masked: bool):
         q, k, v = r["q"][...], r["k"][...], r["v"][...]
-        z = lax.dot_general(q, k, NT, preferred_element_type=F32) * lay.scale
-        if "bias" in r:
-            z = z + r["bias"][...].astype(F32)
-        ds = jnp.zeros(z.shape, F32)
+        q_pos, k_pos = iotas((lay.bq, lay.bk), i * lay.bq, kv * lay.bk)
+        s, dsds = logits(lay, lax.dot_general(q, k, NT, preferred_element_type=F32),
+                         r["bias"][...] if "bias" in r else None, b, n, q_pos, k_pos, derivative=True)
+        ds = jnp.zeros(s.shape, F32)
         if "tq" in r:
             ds = ds + lax.dot_general(r["tq"][...], k, NT, preferred_element_type=F32) * lay.scale
         if "tk" in r:
             ds = ds + lax.dot_general(q, r["tk"][...], NT, preferred_element_type=F32) * lay.scale
         if "tbias" in r:
             ds = ds + r["tbias"][...].astype(F32)
-        s = z
-        if lay.cap is not None:
-            t = jnp.tanh(z / lay.cap)
-            s, ds = lay.cap * t, ds * (1.0 - t * t)
+        if dsds is not None:
+            ds = ds * dsds
         if masked:
-            q_pos, k_pos = iotas((lay.bq, lay.bk), i * lay.bq, kv * lay.bk)
             seg = (widen(r["qseg"][...], lay.bk) == r["kseg"][:1, :]) if "qseg" in r else None
             dense = (r["dense"][...].astype(jnp.int32) != 0) if "dense" in r else None
             ok = element_mask(lay, q_pos, k_pos, lens[2 * b], lens[2 * b + 1], seg, dense)
