@@ -160,10 +160,10 @@ def test_static_tables_mark_partial_blocks():
 
 @pytest.mark.parametrize("dtype,masks", [("bfloat16", "segments"), ("float32", "dense")])
 def test_lowers_to_mosaic_at_tpu_block_sizes(monkeypatch, dtype, masks):
-    """The forward, dQ, dK/dV and tangent kernels pass Pallas's Mosaic lowering (block-shape rules, supported ops) for a TPU
-    at 128 x 128 blocks, with ragged lengths, GQA, soft cap, sinks and either a causal window with segment ids,
-    lengths and a full bias, or a dense int8 mask with a [1, N, 1, S] bias. Only the lowering runs: compiling for a
-    TPU needs one."""
+    """The forward, dQ, dK/dV and tangent kernels pass Pallas's Mosaic lowering (block-shape rules, supported ops)
+    for a TPU at 128 x 128 blocks, with ragged lengths, GQA, soft cap, sinks and either a causal window with segment
+    ids, lengths and a full bias, or a dense int8 mask with a [1, N, 1, S] bias and a score_mod. Only the lowering
+    runs: compiling for a TPU needs one."""
     monkeypatch.setattr(pallas_tpu, "_on_tpu", lambda: True)
     dt = jnp.dtype(dtype)
     B, T, S, N, K, H = 1, 300, 260, 4, 2, 64
@@ -178,8 +178,11 @@ def test_lowers_to_mosaic_at_tpu_block_sizes(monkeypatch, dtype, masks):
     cfg = attnx.PallasTpu(interpret=False)
 
     def loss(q, k, v, bias):
+        # With the dense mask also a score_mod (ALiBi-like distance penalty per head) traced into every kernel.
+        mod = None if masks == "segments" else (
+            lambda s, b, n, t, j: s - 0.01 * (n + 1) * jnp.abs(t - j).astype(jnp.float32))
         out, lse = attnx.dot_product_attention_with_lse(q, k, v, bias, mask, logits_soft_cap=3.0,
-                                                       sinks=jnp.ones((N,)), implementation=cfg)
+                                                       sinks=jnp.ones((N,)), score_mod=mod, implementation=cfg)
         return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
 
     shapes = [jax.ShapeDtypeStruct(s, dt) for s in ((B, T, N, H), (B, S, K, H), (B, S, K, H), bias_shape)]
