@@ -23,8 +23,8 @@ key lists computes the tangents of the output and lse from the primal output and
 derivatives of derivatives (e.g. `jax.jvp` of `jax.grad`) are not available.
 score_mod(s, b, n, t, j) and mask_mod(b, n, t, j) are traced into the kernel body (b, n scalars, t [bq, 1] and
 j [1, bk] absolute indices); to lower to Triton they must use elementwise jnp only (no gathers), and they may not
-close over arrays (refused: their gradients are not computed). mask_mod takes part in block skipping (evaluated
-tile by tile in the wrapper).
+close over arrays (refused by `refuse_mod_constants`: a kernel body cannot capture them, nor would their
+gradients be computed). mask_mod takes part in block skipping (evaluated tile by tile in the wrapper).
 Not supported (`check` raises NotImplementedError): head dims > 256, float64.
 """
 
