@@ -63,6 +63,17 @@ def apply_logit_mods(s, bias_blk, cap, score_mod, score_consts, b_idx, n_idx, q_
     return s
 
 
+def score_mod_in_kernel(score_mod, s, b, n, t, j, dsds, derivative: bool):
+    """score_mod(s, b, n, t, j) applied to float32 kernel logits; with `derivative`, its elementwise derivative (a
+    jvp with unit tangent, since the mod acts elementwise) multiplied into `dsds` (None means 1). Shared by the
+    Pallas GPU and TPU kernels. Returns (s, dsds)."""
+    mod = lambda x: score_mod(x, b, n, t, j).astype(jnp.float32)  # noqa: E731
+    if not derivative:
+        return mod(s), dsds
+    s, dmod = jax.jvp(mod, (s,), (jnp.ones_like(s),))
+    return s, dmod if dsds is None else dsds * dmod
+
+
 def mask_block(mask: Mask, mask_mod, mask_consts, q_idx, kv_idx, K: int, G: int, B: int, T: int, S: int):
     """Allowed pairs on the block rows `q_idx` [tq, 1] x cols `kv_idx` [1, sk] (absolute indices, may exceed T/S
     for padding, which is always excluded). Returns bool broadcastable to [B, K, G, tq, sk], or None if nothing is

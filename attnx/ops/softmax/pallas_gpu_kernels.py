@@ -22,12 +22,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-import jax
-
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from attnx.ops.softmax.common import score_mod_in_kernel
 
 F32 = jnp.float32
 NEG_INF = float("-inf")
@@ -107,13 +107,7 @@ def tile_logits(meta: Meta, q, k, bias, b, n, rows, cols, derivative: bool = Fal
         s = meta.cap * t
         dsds = 1.0 - t * t
     if meta.score_mod is not None:
-        mod = lambda x: meta.score_mod(x, b, n, rows[:, None], cols[None, :]).astype(F32)  # noqa: E731
-        if derivative:
-            # score_mod acts elementwise on the logits, so a jvp with unit tangent is its derivative.
-            s, dmod = jax.jvp(mod, (s,), (jnp.ones_like(s),))
-            dsds = dmod if dsds is None else dsds * dmod
-        else:
-            s = mod(s)
+        s, dsds = score_mod_in_kernel(meta.score_mod, s, b, n, rows[:, None], cols[None, :], dsds, derivative)
     return s, dsds
 
 

@@ -23,6 +23,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from attnx.ops.softmax.common import score_mod_in_kernel
+
 F32 = jnp.float32
 LANES = 128  # TPU vector lane width: head dims are padded to it, row statistics are kept lane-replicated
 SUBLANES = 8
@@ -279,11 +281,5 @@ def logits(lay: Layout, s_raw, bias_blk, b, n, q_pos, k_pos, derivative: bool = 
         s = lay.cap * t
         dsds = 1.0 - t * t if derivative else None
     if lay.score_mod is not None:
-        mod = lambda x: lay.score_mod(x, b, n, q_pos, k_pos).astype(F32)  # noqa: E731
-        if derivative:
-            # score_mod acts elementwise on the logits, so a jvp with unit tangent is its derivative.
-            s, dmod = jax.jvp(mod, (s,), (jnp.ones_like(s),))
-            dsds = dmod if dsds is None else dsds * dmod
-        else:
-            s = mod(s)
+        s, dsds = score_mod_in_kernel(lay.score_mod, s, b, n, q_pos, k_pos, dsds, derivative)
     return s, dsds
