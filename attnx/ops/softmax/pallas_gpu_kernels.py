@@ -130,6 +130,13 @@ def tile_allowed(meta: Meta, rows, cols, qlen, kvlen, qseg, kseg, dense, b, n):
     return allowed
 
 
+def key_tile_allowed(meta: Meta, r: dict, rows, cols, col_idx, qlen, kvlen, qseg, b, n):
+    """`tile_allowed` for a query-tile program (forward, dQ, tangent) at key slice `cols` (absolute `col_idx`),
+    reading that slice's key segment ids and dense-mask columns from the refs."""
+    return tile_allowed(meta, rows, col_idx, qlen, kvlen, qseg, r["kseg"][cols] if meta.has_seg else None,
+                        r["dense"][:, cols] if meta.dense_dims is not None else None, b, n)
+
+
 def _two_phase(ids, body, carry):
     """Run body(masked, t, carry) over a list [n_full, n_live, ids...]: the full tiles without the element-wise
     mask, then the partial ones with it (two loops rather than a branch per tile, as FlashAttention-2 separates
@@ -164,9 +171,7 @@ def forward_kernel(meta: Meta, in_names: tuple[str, ...], *refs):
         col_idx = start + jnp.arange(bk)
         s, _ = tile_logits(meta, q, k, bias, b, n, rows, col_idx)
         if masked:
-            allowed = tile_allowed(meta, rows, col_idx, qlen, kvlen, qseg,
-                                   r["kseg"][cols] if meta.has_seg else None,
-                                   r["dense"][:, cols] if meta.dense_dims is not None else None, b, n)
+            allowed = key_tile_allowed(meta, r, rows, cols, col_idx, qlen, kvlen, qseg, b, n)
             s = jnp.where(allowed, s, NEG_INF)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         # A row with nothing allowed so far keeps m = -inf; shift by 0 then so that exp never sees -inf - -inf.
@@ -235,9 +240,7 @@ def dq_kernel(meta: Meta, in_names: tuple[str, ...], *refs):
         col_idx = start + jnp.arange(bk)
         allowed = None
         if masked:
-            allowed = tile_allowed(meta, rows, col_idx, qlen, kvlen, qseg,
-                                   r["kseg"][cols] if meta.has_seg else None,
-                                   r["dense"][:, cols] if meta.dense_dims is not None else None, b, n)
+            allowed = key_tile_allowed(meta, r, rows, cols, col_idx, qlen, kvlen, qseg, b, n)
         _, ds = _probabilities_and_ds(meta, q, k, v, do, lse, delta, bias, b, n, rows, col_idx, allowed)
         if dbias_ref is not None:
             dbias_ref[:, cols] = ds
@@ -326,9 +329,7 @@ def tangent_kernel(meta: Meta, in_names: tuple[str, ...], *refs):
         if dsds is not None:
             ds = ds * dsds
         if masked:
-            allowed = tile_allowed(meta, rows, col_idx, qlen, kvlen, qseg,
-                                   r["kseg"][cols] if meta.has_seg else None,
-                                   r["dense"][:, cols] if meta.dense_dims is not None else None, b, n)
+            allowed = key_tile_allowed(meta, r, rows, cols, col_idx, qlen, kvlen, qseg, b, n)
             s = jnp.where(allowed, s, NEG_INF)
             ds = jnp.where(allowed, ds, 0.0)  # a masked logit may have an infinite derivative (0 * inf)
         p = jnp.exp(s - lse[:, None])
