@@ -207,6 +207,8 @@ def test_chunked_backward_memory_grows_linearly_not_quadratically():
     assert c2 * 8 < r2, (c2, r2)
 
 
+# Slow: forward mode through chunked is checked on every conformance case.
+@pytest.mark.slow
 def test_jacfwd_through_chunked_matches_reference():
     """Forward-mode Jacobians (vmap of jvp), as used by consistency-model / MeanFlow training."""
     q, k, v = _qkv(B=1, T=5, S=7, N=2, K=1)

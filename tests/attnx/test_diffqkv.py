@@ -81,6 +81,8 @@ def test_cache_of_the_sigma_plan_is_20_of_32_gqa16_heads():
     assert cache_bytes(4, 16) / cache_bytes(16, 16) == 20 / 32
 
 
+# Slow: the augmented-query factorisation; the default suite keeps diffqkv's gradient and oracle tests.
+@pytest.mark.slow
 def test_augmented_query_is_two_factors_through_the_hidden_width():
     layer = Attention(12, 4, 1, 4, kind="diffqkv", num_value_heads=2, query_hidden_dim=18, rngs=nnx.Rngs(0))
     assert layer.query_hidden_da.shape == (12, 18) and layer.query_dnh.shape == (18, 4, 4)

@@ -104,6 +104,8 @@ def test_jvp_and_partial_gradients_every_weight_kind():
         assert_close(g, w, jnp.float32, "gradient", name)
 
 
+# Slow: the float32 three-stream test covers the kernel; bf16 adds a compile.
+@pytest.mark.slow
 def test_two_streams_bfloat16():
     _check(jnp.bfloat16, ((33, 1, "scalar"), (5, 2, 0.5)))
 
@@ -124,6 +126,8 @@ def test_all_streams_zero_gives_zeros():
     assert out.shape == (B, T, N, V) and not np.any(np.asarray(out))
 
 
+# Slow: batch-shape plumbing of the wrapper; two extra interpret-mode compiles.
+@pytest.mark.slow
 def test_batch_axes_none_or_two():
     # [*B] = () and (2, 1): the wrapper flattens the batch axes (and a [*B, T, N] weight with them) and restores them
     q, ks, vs, _, _, _ = _case(jnp.float32, ((19, 2, 1.0),))

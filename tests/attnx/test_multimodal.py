@@ -114,6 +114,8 @@ def test_cca_rings_and_positions_reproduce_fig3():
     np.testing.assert_array_equal(mask[39:], causal(length)[39:])
 
 
+# Slow: the CCA decode test (default) checks the same rows through the cache.
+@pytest.mark.slow
 def test_cca_attention_text_rows_equal_causal():
     q, k, v = qkv()
     out = mm.cca_attention(q, k, v, causal=True, **KWARGS["cca"])

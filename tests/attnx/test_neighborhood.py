@@ -270,6 +270,8 @@ def _tiled_pallas(q, k, v, cotangent, **options):
     return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
 
 
+# Slow: the tiled path is tested over chunked, the kernel by its conformance suite.
+@pytest.mark.slow
 def test_tiled_path_over_the_pallas_gpu_kernel_equals_the_reference():
     """Issue 7's neighbourhood kernel: tokens in 4 x 4 tiles (16-token blocks) of an 8 x 8 grid through the
     block-skipping Pallas flash kernel with NATTEN's rule as an in-kernel mask_mod (interpret mode), forward and

@@ -77,6 +77,8 @@ def test_on_each_layer_owns_a_table_and_its_values_are_the_table_rows():
     np.testing.assert_allclose(layer(x, token_ids=TOKENS), expected, rtol=2e-5, atol=2e-5)
 
 
+# Slow: the per-layer table test stays in the default suite.
+@pytest.mark.slow
 def test_the_table_moves_outputs_but_not_the_attention_map():
     model = LLM(ON, rngs=nnx.Rngs(0))
     layer = model.blocks[0].attention

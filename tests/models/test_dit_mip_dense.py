@@ -179,6 +179,8 @@ def test_dit_with_mip_references_is_invariant_to_their_order_and_guidance_one_is
     assert float(jnp.max(jnp.abs(run(state, embeds, ref_labels, 3.0)[1] - out))) > 1e-4
 
 
+# Slow: a DiT-level integration of the dense stream; the stream math is tested in tests/attnx/test_ip_adapter.py.
+@pytest.mark.slow
 def test_dense_features_per_block_reach_their_block_and_reference_features_come_from_a_dit():
     config = DiTConfig(patch_size=4, width=D, depth=2, num_heads=N, dense_prompt_dim=D)
     texture = DiTConfig(patch_size=4, width=D, depth=2, num_heads=N)

@@ -89,6 +89,8 @@ def test_inline_presets_match_the_code_parameter_counts():
     assert PRESETS["inline_deit_t"].qkv_bias is True
 
 
+# Slow: a full-size parameter count (the Swin/DeiT counts stay in the default suite).
+@pytest.mark.slow
 def test_inline_pvt_t_count_and_per_stage_positions():
     """InLine-PVT-T: the code's inline_pvt_tiny has 12,032,232 parameters (12.0M published); here 2,112 more (Swin
     merges for its 2x2 stride-2 convolutions +1,216, no stem LayerNorm -128, the ViT's final LayerNorm +1,024)."""

@@ -72,6 +72,8 @@ def test_gelu_mlp_exact_and_tanh():
     assert not np.allclose(exact(x), tanh(x), atol=1e-7)
 
 
+# Slow: a property of the layer plumbing, covered by the family tests.
+@pytest.mark.slow
 def test_attention_without_rope_is_permutation_equivariant_and_biases_are_used():
     layer = Attention(12, 3, 3, 4, causal=False, use_rope=False, use_bias=True, rngs=nnx.Rngs(4))
     x = jax.random.normal(jax.random.key(5), (2, 5, 12))
@@ -144,6 +146,8 @@ def test_spatial_mechanisms_and_their_weight_modules_get_the_token_grid(monkeypa
     assert isinstance(mixer, WholeLayer) and mixer.grid == (2, 3) and mixer.options == {"window": 2}
 
 
+# Slow: a MoH x spatial-core integration; both are tested alone.
+@pytest.mark.slow
 def test_moh_around_a_spatial_core_passes_the_grid_on():
     """MoH gates around neighbourhood attention in a ViT block: the core sees the layer's grid (a different grid
     gives a different neighbourhood, so a different output), and the layer is gates x core, projected."""

@@ -33,6 +33,8 @@ def _loss_and_grads(model, tokens):
 # sequence8 is slow (~20 s here): eight chunks are covered by tests/attnx/test_ring.py at the function level.
 @pytest.mark.parametrize("shape", [pytest.param((1, 1, 1, 8), marks=pytest.mark.slow), (2, 1, 1, 4)],
                          ids=["sequence8", "data2_sequence4"])
+# Slow: the ring function is tested on 8 devices in tests/attnx/test_ring.py and the trainer on a (1,2,2,2) mesh in tests/train/test_mesh_training.py.
+@pytest.mark.slow
 def test_ring_llm_equals_softmax_llm_on_a_sequence_mesh(shape):
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, T)), jnp.int32)
     ring, softmax = _model("ring"), _model("softmax")

@@ -91,6 +91,8 @@ def vhr_model():
     return filled_from_numpy(lambda: llm.LLM(VHR_CONFIG, rngs=nnx.Rngs(0)), seed=11, scale=0.5)
 
 
+# Slow: VHR's generation loop; its attention is tested at the op level.
+@pytest.mark.slow
 def test_vhr_generate_reselects_heads_per_token_like_the_step_by_step_oracle(vhr_model):
     got = mmodel.vhr_generate(vhr_model, PROMPT, SPAN, NEW, alpha=2.0)
     want_tokens, want_selected = vhr_oracle(vhr_model, PROMPT, NEW)

@@ -210,6 +210,8 @@ def np_paint(first, late, ratio=0.25):
     return local & ~summary, summary
 
 
+# Slow: a ViT-to-LLM integration; the masks are tested at the op level.
+@pytest.mark.slow
 def test_paint_token_sets_from_a_vit_reach_the_llm_per_sequence():
     vision = filled_from_numpy(lambda: vit.ViT(VIT_CONFIG, rngs=nnx.Rngs(0)), seed=7, scale=0.6)
     model = filled_from_numpy(lambda: llm.LLM(PAINT_LLM, rngs=nnx.Rngs(0)), seed=8, scale=0.6)

@@ -199,6 +199,8 @@ def test_patch_merging_concatenates_each_2x2_cell_in_row_major_order():
     np.testing.assert_allclose(merge(grid), expected, rtol=1e-5, atol=1e-6)
 
 
+# Slow: configuration plumbing also exercised by the presets' tests.
+@pytest.mark.slow
 def test_per_stage_attention_reaches_the_layers_and_changes_the_output():
     local = ViTConfig(**{**HIERARCHICAL.__dict__, "stages": (
         ViTStage(width=28, depth=1, num_heads=4, mlp_width=36, attention="sliding_window",
@@ -225,6 +227,8 @@ def test_stages_inherit_the_model_attention_unless_they_name_their_own():
     assert own.stages[0].resolved_mlp_width == 4 * 28
 
 
+# Slow: configuration plumbing also exercised by the presets' tests.
+@pytest.mark.slow
 def test_layer_attention_alternates_blocks_and_stages_can_drop_attention():
     """CrossFormer alternates SDA/LDA blocks, DiNAT dilations: per-block entries repeat over a stage's blocks.
     LITv2's first stages have no attention: use_attention=False leaves MLP-only blocks."""

@@ -127,6 +127,8 @@ def test_process_shares_union_to_the_single_process_batch(tmp_path, write_corpus
     # and Adam moments split, so the checkpoint holds shards written by both processes.
     pytest.param("1,2,2,1", marks=pytest.mark.slow),
 ])
+# Slow: two Python processes (~30 CPU-s); the mesh tests cover the sharded step in one process.
+@pytest.mark.slow
 def test_two_processes_train_together_like_one(tmp_path, corpus, mesh):
     reports = train_two_ways(tmp_path, corpus, mesh)
     workdir = tmp_path / "two"
