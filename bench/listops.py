@@ -13,9 +13,10 @@ different seeds and the test set holds no training example. One seed per mechani
 error over 2,000 examples is about 1.1 points, and seed-to-seed training variation was not measured.
 Model (`ListOpsEncoder`): LRA's ListOps classifier layout (a bidirectional encoder with CLS pooling; LRA's model is
 4 layers, width 512, 8 heads) at toy size: token embedding + learned positions, a learned CLS token first, `depth`
-pre-norm blocks of the project's ViT (`models.vit.EncoderBlock`: LayerNorm, the shared non-causal `Attention` layer with the mechanism picked by registry name, GELU MLP), a final LayerNorm and a linear head on the
-CLS token. There is no key padding mask (the attention layer has none, and several mechanisms take no mask): padding
-is an ordinary token every mechanism sees; every example is padded to the same length, so this is the same for all.
+pre-norm blocks of the project's ViT (`models.vit.EncoderBlock`: LayerNorm, the shared non-causal `Attention` layer
+with the mechanism picked by registry name, GELU MLP), a final LayerNorm and a linear head on the CLS token. There
+is no key padding mask (the attention layer has none, and several mechanisms take no mask): padding is an ordinary
+token every mechanism sees; every example is padded to the same length, so this is the same for all.
 Training: AdamW (wd 0.01), linear warmup then cosine decay, cross-entropy; `steps_per_call` optimizer steps run as one
 compiled lax.scan. Reported: test accuracy, the majority-class baseline (the most frequent training label's share
 of the test set), wall and CPU (process_time, all threads) seconds per mechanism, compilation included.
