@@ -9,6 +9,7 @@ mechanism is cheaper. `efficiency_length` is that recipe as a pure function (num
     python -m bench.efficiency                                   # CPU default: L 256..1024, one pattern each
     python -m bench.efficiency --lengths 256 512 1024 2048 4096 8192 --patterns NS CS NC CC --repeats 100  # GPU
     python -m bench.efficiency --mechanisms performer abc --backward
+    python -m bench.efficiency --refit bench/efficiency_cpu.json                # fits again, no measuring
 
 Every mechanism runs through its registry entry, `spec.fn(q, k, v, causal=..., **spec.defaults)`, the same call
 and default options the CAB pattern tests use (attnx/testing/patterns.py). The module is x [B, L, 512] ->
@@ -18,6 +19,10 @@ Cross patterns (NC, CC) use a second input of length S = L. Vanilla is softmax a
 the same pattern. Time is the mean of the inter-quartile latencies over `--repeats` calls (CAB: 100) after one
 warm-up call; memory is what XLA's compiler reports for the compiled program (temporaries + arguments + outputs,
 as bench/attention.py reports it: deterministic on every backend).
+
+JSON rows: mechanism, pattern, lengths, time_s, memory_bytes, efficiency_length_time/_memory (null: the efficient
+curve never wins in the fit, or the fit could not be made, then fit_error says why), the published CAB values,
+the fit coefficients, a note when a curve stopped early, and skipped (the reason a mechanism did not run).
 """
 
 from __future__ import annotations
@@ -64,9 +69,12 @@ def _as_curve(name, values, n=None):
 def efficiency_length(L, t_vanilla, t_eff, *, min_length: float = 0) -> EfficiencyFit:
     """CAB's efficiency length (Zhang et al., 2023, §4.3): fit vanilla with aL^2 + bL + c and the efficient
     mechanism with dL + e (least squares over the lengths >= `min_length`; CAB's time fit passes 257 to drop
-    L=256), then return the smallest L from which aL^2 + (b-d)L + (c-e) stays positive, i.e. the efficient one
-    stays cheaper: the largest real root when a > 0 (0.0 when there is none, the efficient one is cheaper
-    everywhere), math.inf when a < 0 or the gap never becomes positive (the efficient one never wins for good).
+    L=256), then return where the gap aL^2 + (b-d)L + (c-e) (vanilla minus efficient) turns positive for good:
+    - a > 0 (vanilla grows quadratically, the normal case): the largest real root, from which the efficient one
+      stays cheaper at every longer L (0.0 when the gap is positive at every L > 0);
+    - a <= 0 (a vanilla fit that does not bend upwards: timing noise over a short range of L; it is trusted only
+      up to the longest fitted length L_max): the start of the winning interval that holds L_max;
+    - math.inf when the efficient one never wins (a <= 0 and it loses at L_max, or the gap is never positive).
 
     L, t_vanilla, t_eff: 1-D sequences of equal length; L positive and distinct; at least three lengths left
     after `min_length` (three coefficients)."""
@@ -92,17 +100,19 @@ def efficiency_length(L, t_vanilla, t_eff, *, min_length: float = 0) -> Efficien
 
 
 def _crossover(gap, tiny, scale) -> float:
-    """Smallest L >= 0 beyond which gap[0] L^2 + gap[1] L + gap[2] > 0 (inf if never)."""
+    """Start of the interval of L >= 0 with gap(L) > 0 that holds L_end: L_end -> infinity when the gap bends
+    upwards, else the longest fitted length `scale` (see efficiency_length); inf when gap(L_end) <= 0."""
     a, b, c = gap
     if abs(a) * scale ** 2 <= tiny:  # linear gap
-        if abs(b) * scale <= tiny:
-            return 0.0 if c > 0 else math.inf
-        return max(0.0, -c / b) if b > 0 else math.inf
-    if a < 0:
+        a = 0.0
+        roots = [] if abs(b) * scale <= tiny else [-c / b]
+    else:
+        roots = [float(r.real) for r in np.roots(gap) if abs(r.imag) <= 1e-9 * max(1.0, abs(r.real))]
+    if a > 0:
+        return max([0.0] + roots)
+    if a * scale ** 2 + b * scale + c <= 0:
         return math.inf
-    roots = np.roots(gap)
-    real = [float(r.real) for r in roots if abs(r.imag) <= 1e-9 * max(1.0, abs(r.real))]
-    return max([0.0] + real)
+    return max([0.0] + [r for r in roots if r < scale])
 
 
 # ---- the benchmark ------------------------------------------------------------------------------------------------
@@ -184,15 +194,40 @@ def _curve(spec, pattern, args, dtype, vanilla=False):
     return lengths, secs, mems, note
 
 
-def _fit(lengths, vanilla, eff, min_length):
-    """Efficiency length over the lengths both curves have, or (None, reason)."""
-    common = [L for L in lengths if L in vanilla]
-    try:
-        fit = efficiency_length(common, [vanilla[L] for L in common], [eff[lengths.index(L)] for L in common],
-                                min_length=min_length)
-    except ValueError as err:
-        return None, None, str(err)
-    return fit, (None if math.isinf(fit.length) else round(fit.length, 1)), None
+def fit_row(row, vanilla_row, time_min_length):
+    """Fill a measured row's efficiency lengths (time fit over L >= time_min_length, memory fit over all L), the
+    fit coefficients (a, b, c) and (d, e) ({} when a fit could not be made) and fit_error, against the vanilla
+    row of the same pattern (over the lengths both curves have)."""
+    Ls = row["lengths"]
+    fits = {}
+    for key, unit, min_length in (("time", "time_s", time_min_length), ("memory", "memory_bytes", 0)):
+        van = dict(zip(vanilla_row["lengths"], vanilla_row[unit]))
+        common = [L for L in Ls if L in van]
+        try:
+            fits[key] = efficiency_length(common, [van[L] for L in common],
+                                          [row[unit][Ls.index(L)] for L in common], min_length=min_length)
+        except ValueError as err:
+            fits[key] = str(err)
+    errors = []
+    for key, fit in fits.items():
+        if isinstance(fit, str):
+            row[f"efficiency_length_{key}"], row[f"fit_{key}"] = None, {}
+            errors.append(f"{key}: {fit}")
+        else:
+            row[f"efficiency_length_{key}"] = None if math.isinf(fit.length) else round(fit.length, 1)
+            row[f"fit_{key}"] = dict(vanilla=fit.vanilla, efficient=fit.efficient)
+    row["fit_error"] = "; ".join(errors) or None
+    return row
+
+
+def refit(result, time_min_length):
+    """Recompute every row's efficiency lengths of a saved result from its stored curves (no new measurement)."""
+    vanilla = {r["pattern"]: r for r in result["rows"] if r["mechanism"] == "vanilla"}
+    for row in result["rows"]:
+        if row["mechanism"] != "vanilla" and not row.get("skipped"):
+            fit_row(row, vanilla[row["pattern"]], time_min_length)
+    result["settings"]["time_min_length"] = time_min_length
+    return result
 
 
 def _patterns_for(spec, args):
@@ -223,9 +258,9 @@ def run(args):
         for pat in pats:
             if pat not in vanilla:
                 Ls, ts, ms, note = _curve(softmax, pat, args, dtype, vanilla=True)
-                vanilla[pat] = dict(lengths=Ls, time=dict(zip(Ls, ts)), memory=dict(zip(Ls, ms)), note=note)
                 rows.append(_row("vanilla", pat, lengths=Ls, time_s=ts, memory_bytes=ms, note=note,
                                  implementation=args.vanilla_implementation))
+                vanilla[pat] = rows[-1]
                 _print(rows[-1])
             try:
                 Ls, ts, ms, note = _curve(spec, pat, args, dtype)
@@ -233,14 +268,8 @@ def run(args):
                 rows.append(_row(name, pat, skipped=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"))
                 print(f"{name:<18} {pat}  skipped: {rows[-1]['skipped']}", flush=True)
                 continue
-            v = vanilla[pat]
-            ft, lt, et = _fit(Ls, v["time"], ts, args.time_min_length)
-            fm, lm, em = _fit(Ls, v["memory"], ms, 0)
-            row = _row(name, pat, lengths=Ls, time_s=ts, memory_bytes=ms, note=note,
-                       efficiency_length_time=lt, efficiency_length_memory=lm)
-            row["fit_time"] = None if ft is None else dict(vanilla=ft.vanilla, efficient=ft.efficient)
-            row["fit_memory"] = None if fm is None else dict(vanilla=fm.vanilla, efficient=fm.efficient)
-            row["fit_error"] = "; ".join(e for e in (et and f"time: {et}", em and f"memory: {em}") if e) or None
+            row = _row(name, pat, lengths=Ls, time_s=ts, memory_bytes=ms, note=note)
+            fit_row(row, vanilla[pat], args.time_min_length)
             rows.append(row)
             _print(row)
     return rows
@@ -257,12 +286,14 @@ def _row(name, pattern, lengths=(), time_s=(), memory_bytes=(), note=None, skipp
 
 
 def _print(r):
-    fmt = lambda v: "never" if v is None else f"{v:.0f}"  # noqa: E731
+    def fmt(key):
+        v = r.get(f"efficiency_length_{key}")
+        return ("n/a" if not r.get(f"fit_{key}") else "never") if v is None else f"{v:.0f}"
     pub = f"{r['published_time']}/{r['published_memory']}" if r["published_time"] else "-"
     times = " ".join(f"{t * 1e3:.1f}" for t in r["time_s"])
     mib = " ".join(f"{m / 2 ** 20:.0f}" for m in r["memory_bytes"])
     el = "" if r["mechanism"] == "vanilla" else \
-        f" EL time {fmt(r['efficiency_length_time'])} mem {fmt(r['efficiency_length_memory'])} (CAB {pub})"
+        f" EL time {fmt('time')} mem {fmt('memory')} (CAB {pub})"
     print(f"{r['mechanism']:<18} {r['pattern']}  ms [{times}]  MiB [{mib}]{el}" +
           (f"  ({r['note']})" if r.get("note") else ""), flush=True)
 
@@ -313,6 +344,8 @@ def parse_args(argv=None):
     p.add_argument("--time-min-length", type=int, default=257, help="time fits use L >= this (CAB drops 256)")
     p.add_argument("--max-call-seconds", type=float, default=4.0,
                    help="stop a curve's longer lengths once one call takes longer than this")
+    p.add_argument("--refit", default=None, metavar="JSON",
+                   help="recompute the efficiency lengths of a saved result in place from its curves; no measuring")
     p.add_argument("--out", default="bench/out/efficiency.json")
     p.add_argument("--plot", default="bench/out/efficiency.png")
     args = p.parse_args(argv)
@@ -332,10 +365,21 @@ def main(argv=None):
     args = parse_args(argv)
     from bench.attention import _commit, _machine
 
+    if args.refit:
+        with open(args.refit) as fh:
+            result = refit(json.load(fh), args.time_min_length)
+        result["refit_commit"] = _commit()  # "commit" stays the one that measured the curves
+        for row in result["rows"]:
+            if not row.get("skipped"):
+                _print(row)
+        with open(args.refit, "w") as fh:
+            json.dump(result, fh, indent=1)
+        print(f"# refitted {args.refit} (curves unchanged)")
+        return result
     t0 = time.time()
     rows = run(args)
     settings = {k: (" ".join(map(str, v)) if isinstance(v, list) else v) for k, v in vars(args).items()
-                if k not in ("out", "plot")}
+                if k not in ("out", "plot", "refit")}
     settings["memory"] = "XLA compiled memory analysis: temp + argument + output bytes"
     settings["time"] = "mean of inter-quartile latencies"
     settings["module"] = "attention only" if args.attention_only else "q/k/v/out projections + attention"

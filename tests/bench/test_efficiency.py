@@ -34,13 +34,24 @@ def test_root_between_measured_lengths_and_exact_crossing():
 
 
 def test_efficient_one_that_never_wins_gives_inf():
-    # Efficient curve is quadratic with a larger L^2 coefficient: its linear fit can't beat vanilla for good... here
-    # vanilla is linear-ish (a < 0 after the fit) so the gap eventually goes negative: never wins.
+    # A vanilla curve that bends down (a < 0, as a noisy CPU fit can give): the gap ends negative, never wins.
     vanilla = 1e-3 * L + 0.1 - 1e-9 * L ** 2
     fit = efficiency_length(L, vanilla, 5e-3 * L + 1.0)
     assert math.isinf(fit.length) and fit.vanilla[0] < 0
     # a = 0 exactly and a steeper efficient slope: the linear gap only shrinks.
     assert math.isinf(efficiency_length(L, 1e-3 * L + 1.0, 2e-3 * L + 2.0).length)
+
+
+def test_concave_vanilla_fit_is_trusted_up_to_the_longest_length():
+    # a < 0 (noise can bend a short vanilla curve down): the efficient one wins on (500, 10000), which holds the
+    # longest length 8192: it wins from 500.
+    eff = 2e-3 * L + 1.0
+    fit = efficiency_length(L, eff - 1e-6 * (L - 500) * (L - 10000), eff)
+    assert fit.vanilla[0] < 0 and fit.length == pytest.approx(500.0, rel=1e-9)
+    # Winning on (500, 3000) only, losing at 8192: never (the window is not where the fit ends).
+    assert math.isinf(efficiency_length(L, eff - 1e-6 * (L - 500) * (L - 3000), eff).length)
+    # Winning only below the measured lengths (gap > 0 at L = 0, extrapolated): never.
+    assert math.isinf(efficiency_length(L, eff + 1.0 - 1e-6 * L ** 2, eff).length)
 
 
 def test_efficient_one_cheaper_everywhere_gives_zero():
@@ -114,6 +125,17 @@ def test_benchmark_json_end_to_end(tmp_path):
     assert perf["lengths"] == [8, 16, 24] and perf["skipped"] is None
     assert all(t > 0 for t in perf["time_s"]) and all(m > 0 for m in perf["memory_bytes"])
     assert perf["published_time"] == 2361 and perf["published_memory"] == 37
-    assert perf["fit_time"] is not None and perf["fit_memory"] is not None
+    for fit in (perf["fit_time"], perf["fit_memory"]):
+        assert len(fit["vanilla"]) == 3 and len(fit["efficient"]) == 2
     assert "NC" in rows[("conditional_cross", "-")]["skipped"]
     assert (tmp_path / "eff.png").stat().st_size > 0
+    # --refit recomputes the same efficiency lengths from the stored curves, and a stricter time fit needs 3 lengths.
+    refitted = efficiency.main(["--refit", str(out), "--time-min-length", "0"])
+    again = {(r["mechanism"], r["pattern"]): r for r in refitted["rows"]}[("performer", "NS")]
+    assert again["efficiency_length_time"] == perf["efficiency_length_time"]
+    assert again["efficiency_length_memory"] == perf["efficiency_length_memory"]
+    efficiency.main(["--refit", str(out), "--time-min-length", "10"])
+    strict = {(r["mechanism"], r["pattern"]): r for r in json.loads(out.read_text())["rows"]}[("performer", "NS")]
+    assert strict["efficiency_length_time"] is None and strict["fit_time"] == {}
+    assert "time: efficiency_length: needs at least 3 lengths" in strict["fit_error"]
+    assert strict["efficiency_length_memory"] == perf["efficiency_length_memory"]
