@@ -376,7 +376,7 @@ def main(argv=None):
             json.dump(result, fh, indent=1)
         print(f"# refitted {args.refit} (curves unchanged)")
         return result
-    t0 = time.time()
+    t0, commit = time.time(), _commit()  # the code that measures (HEAD may move while a long run goes on)
     rows = run(args)
     settings = {k: (" ".join(map(str, v)) if isinstance(v, list) else v) for k, v in vars(args).items()
                 if k not in ("out", "plot", "refit")}
@@ -385,7 +385,7 @@ def main(argv=None):
     settings["module"] = "attention only" if args.attention_only else "q/k/v/out projections + attention"
     settings["wall_s"] = round(time.time() - t0, 1)
     result = {"benchmark": "efficiency_length", "machine": _machine(), "date": datetime.date.today().isoformat(),
-              "commit": _commit(), "settings": settings, "rows": rows}
+              "commit": commit, "settings": settings, "rows": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=1)
