@@ -230,7 +230,10 @@ def efficiency(data: dict) -> Blocks:
                     + [memory, ours, cab, note])
     header = ["mechanism", "pattern"] + [f"ms at L={n}" for n in lengths] + [
         "compiled MiB per L", "efficiency length: time / memory", "CAB's published (time / memory)", "note"]
-    return _settings(data) + [markdown_table(header, body)]
+    note = [f"Recorded with the results: {data['commit_note']}"
+            + (f" (refit commit {data['refit_commit']})." if data.get("refit_commit") else "")] \
+        if data.get("commit_note") else []
+    return _settings(data) + note + [markdown_table(header, body)]
 
 
 def _scalar(v: Any) -> str:
@@ -290,6 +293,9 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("efficiency_cpu", "CAB efficiency length (CPU) — issue 10", "efficiency_cpu.json", efficiency,
               ("efficiency_cpu.png",),
               "python -m bench.efficiency --out bench/efficiency_cpu.json --plot bench/efficiency_cpu.png"),
+    Benchmark("efficiency_cpu_cab", "CAB efficiency length of CAB's published mechanisms (CPU) — issue 10",
+              "efficiency_cpu_cab.json", efficiency, ("efficiency_cpu_cab.png",),
+              "python -m bench.efficiency --mechanisms <CAB's eight> --out bench/efficiency_cpu_cab.json"),
     Benchmark("train_step", "Train step (CPU)"),
     Benchmark("ring_long", "Ring attention over 8 CPU devices — issue 8"),
     Benchmark("mfu", "Model FLOPs utilisation of the train step (CPU) — issue 8", "mfu.json", mfu, (),

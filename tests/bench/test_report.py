@@ -106,12 +106,12 @@ def test_efficiency_lengths_published_skipped_and_never():
                     time_s=times, memory_bytes=[2 ** 20 * (i + 1) for i in range(len(times))],
                     efficiency_length_time=el[0], efficiency_length_memory=el[1], published_time=pub[0],
                     published_memory=pub[1], note=None, skipped=None, **extra)
-    data = {"settings": {"batch": 4}, "rows": [
+    data = {"settings": {"batch": 4}, "commit_note": "curves at abc", "refit_commit": "def", "rows": [
         row("vanilla", [0.0012, 0.0041]), row("performer", [0.002, 0.003], (700.4, 300.0), (2361, 37)),
         row("abc", [0.002], fit_error="time: fewer than 2 lengths"),
         dict(row("lara", []), skipped="supports ['NC'], none of the patterns run (NS)")]}
     text = "\n\n".join(report.efficiency(data))
-    assert text.startswith("Settings: batch 4.")
+    assert text.startswith("Settings: batch 4.\n\nRecorded with the results: curves at abc (refit commit def).")
     assert "| mechanism | pattern | ms at L=256 | ms at L=512 | compiled MiB per L |" in text
     assert "| `vanilla` | NS | 1.2 | 4.1 | 1 / 2 |  | - |  |" in text
     assert "| `performer` | NS | 2.0 | 3.0 | 1 / 2 | 700 / 300 | 2361 / 37 |  |" in text
