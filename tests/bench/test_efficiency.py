@@ -96,6 +96,11 @@ def test_too_few_lengths_after_min_length():
 def test_iqr_mean_ignores_outliers():
     assert iqr_mean([1.0, 2.0, 2.0, 2.0, 2.0, 100.0]) == 2.0
     assert iqr_mean([3.0]) == 3.0
+    assert iqr_mean([1.0, 3.0]) == 2.0  # too few calls to drop any
+    assert iqr_mean([5.0, 1.0, 9.0]) == 5.0  # the median
+    assert iqr_mean(list(range(100))) == pytest.approx(np.mean(range(25, 75)))
+    with pytest.raises(ValueError, match="iqr_mean: times must be a non-empty"):
+        iqr_mean([])
 
 
 @pytest.mark.parametrize("argv, match", [(["--lengths", "0", "8"], "--lengths must be positive"),
@@ -139,3 +144,17 @@ def test_benchmark_json_end_to_end(tmp_path):
     assert strict["efficiency_length_time"] is None and strict["fit_time"] == {}
     assert "time: efficiency_length: needs at least 3 lengths" in strict["fit_error"]
     assert strict["efficiency_length_memory"] == perf["efficiency_length_memory"]
+
+
+def test_cross_patterns_backward_and_attention_only(tmp_path):
+    """The other code paths: NC (second input with S = L), forward+backward, no projections; one vanilla per pattern."""
+    out = tmp_path / "eff.json"
+    data = efficiency.main(["--lengths", "8", "16", "24", "--mechanisms", "performer", "--patterns", "NS", "NC",
+                            "--batch", "1", "--model-dim", "16", "--heads", "2", "--repeats", "2", "--backward",
+                            "--attention-only", "--time-min-length", "0", "--out", str(out), "--plot", ""])
+    keys = [(r["mechanism"], r["pattern"]) for r in data["rows"]]
+    assert keys == [("vanilla", "NS"), ("performer", "NS"), ("vanilla", "NC"), ("performer", "NC")]
+    assert data["settings"]["module"] == "attention only" and data["settings"]["backward"] is True
+    assert all(r["skipped"] is None and len(r["time_s"]) == 3 for r in data["rows"])
+    assert all(np.isfinite(r["time_s"]).all() for r in data["rows"])
+    assert data["rows"][1]["fit_error"] is None and data["rows"][3]["fit_error"] is None
