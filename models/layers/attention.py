@@ -5,9 +5,18 @@ attention (K < N) is passed through as is; key/value heads are never repeated he
 
 One layer serves the three families: the LLM (rotary positions, no biases, optional QK-norm, a KV cache for
 decoding), ViT and DiT (no rotary positions, biases on every projection, non-causal).
+
+Probing (attnx.analysis, `python -m train.analyze`), off by default and outside the parameter tree:
+- `capture_attention_probabilities(model, *args)` runs the model with every plain-softmax layer sowing its attention
+  map [B, N, T, S] (an `nnx.Intermediate` named "attention_probs", computed by the reference softmax formula from the
+  layer's own rotated queries and keys) and returns (output, {layer path: map}).
+- `set_head_masks(model, masks)` gives every layer a per-head multiplier [N] on the head outputs before the output
+  projection (circuit-style head ablation; the hook VHR and MoH scale heads at); `masks=None` removes them.
 """
 
-from typing import Any, Callable, Mapping
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +30,14 @@ from models.layers.sharding import constrain
 
 # {"key": [B, L, K, H], "value": [B, L, K, V]}; slot j holds position j (mechanisms with a CacheRule keep their own)
 KVCache = dict[str, jax.Array]
+
+PROBS_NAME = "attention_probs"  # the sown intermediate's name
+_CAPTURE_PROBS = contextvars.ContextVar("attnx_capture_attention_probs", default=False)
+
+
+class HeadMask(nnx.Variable):
+    """A per-head multiplier [N] on an attention layer's head outputs (not a parameter: optimisers and checkpoints
+    of nnx.Param never see it)."""
 
 
 def resolve_attention(kind: str, *, causal: bool) -> Callable[..., jax.Array]:
@@ -256,6 +273,12 @@ class Attention(nnx.Module):
         return query, key, value
 
     def output(self, mixed: jax.Array) -> jax.Array:
+        head_mask = getattr(self, "head_mask", None)
+        if head_mask is not None:  # before the output projection: o_h <- m_h o_h
+            if mixed.ndim != 4 or mixed.shape[2] != head_mask[...].shape[0]:
+                raise ValueError(f"Attention.head_mask: a [N] = [{head_mask[...].shape[0]}] mask needs head outputs "
+                                 f"[B, T, N, V], got {mixed.shape}")
+            mixed = (mixed * head_mask[...].astype(mixed.dtype)[:, None]).astype(mixed.dtype)
         out = jnp.einsum("btnh,nhd->btd", mixed, self.out_nhd[...])
         return out if self.out_bias_d is None else out + self.out_bias_d[...]
 
@@ -270,6 +293,9 @@ class Attention(nnx.Module):
         query, key, value = constrain(query, "btnh"), constrain(key, "bskh"), constrain(value, "bskh")
         attention_fn = resolve_attention(self.kind, causal=self.causal)  # by name: keeps the graph def hashable
         mixed = attention_fn(query, key, value, **self._call_kwargs(x, *heads[:2]))
+        if _CAPTURE_PROBS.get() and hasattr(self, "__captures__") and self.has_softmax_map():
+            self.sow(nnx.Intermediate, PROBS_NAME, self._softmax_map(query, key),
+                     reduce_fn=lambda _, new: new, init_fn=lambda: None)
         return self.output(constrain(mixed, "btnh") if mixed.ndim == 4 else mixed)
 
     def _call_kwargs(self, x: jax.Array, query: jax.Array, key: jax.Array) -> dict[str, Any]:
@@ -330,14 +356,73 @@ class Attention(nnx.Module):
         Other mechanisms do not form a single softmax map (or form it differently), so they raise rather than
         return a map that is not what the model computes.
         """
-        if attnx.get_attention(self.kind).name != "softmax" or self.kind_kwargs:
+        if not self.has_softmax_map():
             raise NotImplementedError(f"attention_probabilities: only plain 'softmax' layers have a softmax map to "
                                       f"show; this layer is {self.kind!r} with {dict(self.kind_kwargs)}")
         query, key, _ = self.project(x, positions, token_ids)
+        return self._softmax_map(query, key)
+
+    def has_softmax_map(self) -> bool:
+        """Whether the layer computes one plain softmax map (the 'softmax' mechanism without options)."""
+        return attnx.get_attention(self.kind).name == "softmax" and not self.kind_kwargs and self.router is None
+
+    def _softmax_map(self, query: jax.Array, key: jax.Array) -> jax.Array:
+        """softmax(q k^T / sqrt(H)) [B, N, T, S] in float32 from rotated heads, causal when the layer is."""
         num_heads, num_kv_heads = query.shape[2], key.shape[2]
         key = jnp.repeat(key, num_heads // num_kv_heads, axis=2)  # probing only: clarity over memory
         logits = jnp.einsum("btnh,bsnh->bnts", query, key).astype(jnp.float32) * query.shape[-1] ** -0.5
         if self.causal:
-            length = x.shape[1]
+            length = query.shape[1]
             logits = jnp.where(jnp.tril(jnp.ones((length, length), bool)), logits, -jnp.inf)
         return jax.nn.softmax(logits, axis=-1)
+
+
+def attention_layers(model: nnx.Module) -> list[tuple[str, Attention]]:
+    """(dotted path, layer) of every shared `Attention` layer of `model`, in module-tree order (blocks.0 first)."""
+    layers = [(".".join(map(str, path)), node) for path, node in nnx.iter_graph(model) if isinstance(node, Attention)]
+    return sorted(layers, key=lambda item: [int(p) if p.isdigit() else p for p in item[0].split(".")])
+
+
+def set_head_masks(model: nnx.Module, masks) -> None:
+    """Gives the model's attention layers (`attention_layers` order) per-head multipliers masks[l] [N] (an [L, N]
+    array or a sequence of [N] arrays); masks=None removes them (the default computation)."""
+    layers = attention_layers(model)
+    if masks is None:
+        for _, layer in layers:
+            if getattr(layer, "head_mask", None) is not None:
+                del layer.head_mask
+        return
+    if len(masks) != len(layers):
+        raise ValueError(f"set_head_masks.masks: expected one [N] mask per attention layer ({len(layers)}: "
+                         f"{[name for name, _ in layers]}), got {len(masks)}")
+    for (name, layer), mask in zip(layers, masks):
+        mask = jnp.asarray(mask, jnp.float32)
+        num_heads = layer.out_nhd.shape[0]
+        if mask.shape != (num_heads,):
+            raise ValueError(f"set_head_masks.masks: layer {name} has {num_heads} heads, expected a mask of shape "
+                             f"({num_heads},), got {mask.shape}")
+        layer.head_mask = HeadMask(mask)
+
+
+@contextlib.contextmanager
+def _capturing() -> Iterator[None]:
+    token = _CAPTURE_PROBS.set(True)
+    try:
+        yield
+    finally:
+        _CAPTURE_PROBS.reset(token)
+
+
+def capture_attention_probabilities(model: nnx.Module, *args, **kwargs) -> tuple[Any, dict[str, jax.Array]]:
+    """(model(*args, **kwargs), {layer path: softmax map [B, N, T, S]}) for every plain-softmax `Attention` layer
+    the call runs (other mechanisms form no single softmax map and are left out). Works under jit; the model itself
+    is not modified (a merged copy is run, as `call_with_auxiliary_loss` does)."""
+    graphdef, state = nnx.split(model)
+    with _capturing():
+        output, intermediates = nnx.capture(nnx.merge(graphdef, state), nnx.Intermediate)(*args, **kwargs)
+    maps = {}
+    for path, variable in nnx.to_flat_state(intermediates):
+        if path and path[-1] == PROBS_NAME:
+            maps[".".join(map(str, path[:-1]))] = variable.get_value()
+    order = lambda name: [int(p) if p.isdigit() else p for p in name.split(".")]
+    return output, dict(sorted(maps.items(), key=lambda item: order(item[0])))
