@@ -106,7 +106,7 @@ def _captured(model, *inputs) -> dict[str, np.ndarray]:
 
 
 def _heat_grid(panels: list[list[np.ndarray]], row_labels: list[str], title: str, path: pathlib.Path,
-               col_label: str = "head") -> None:
+               panel_titles: list[list[str]] | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -119,7 +119,8 @@ def _heat_grid(panels: list[list[np.ndarray]], row_labels: list[str], title: str
             ax.set_xticks([]), ax.set_yticks([])
             if c < len(row):
                 ax.imshow(row[c], cmap="viridis", interpolation="nearest")
-                ax.set_title(f"{row_labels[r]} {col_label} {c}", fontsize=7)
+                label = panel_titles[r][c] if panel_titles else f"{row_labels[r]} head {c}"
+                ax.set_title(label, fontsize=7)
             else:
                 ax.axis("off")
     fig.suptitle(title, fontsize=9)
@@ -146,8 +147,8 @@ def run_maps(task, model, kind: str, out: pathlib.Path, seed: int = 0) -> dict[s
         num_prefix = 1 if model.pooling == "cls" else 0
         grid = tuple(model.stages[-1].grid)
         image = np.asarray(rollout_to_grid(rollout, grid, num_prefix=num_prefix))[0]
-        _heat_grid([[inputs[0][0, ..., 0], image]], ["input / rollout"], "attention rollout (class token)",
-                   out / "rollout.png", col_label="panel")
+        _heat_grid([[inputs[0][0, ..., 0], image]], [""], "attention rollout (class token)", out / "rollout.png",
+                   panel_titles=[["input (channel 0)", "rollout over the patches"]])
         record["rollout"] = image.tolist()
         record["files"].append("rollout.png")
     return record
