@@ -142,9 +142,10 @@ def run_maps(task, model, kind: str, out: pathlib.Path, seed: int = 0) -> dict[s
                .tolist() for name, m in maps.items()}
     record = {"family": kind, "layers": names, "shapes": {n: list(m.shape) for n, m in maps.items()},
               "mean_row_entropy_nats": entropy, "files": ["maps.png"]}
-    if kind == "vit" and len({m.shape for m in maps.values()}) == 1:
+    plain_vit = hasattr(model, "stages") and hasattr(model, "cls_token_d")  # models.vit.ViT (not DCAL's wrapper)
+    if kind == "vit" and plain_vit and len({m.shape for m in maps.values()}) == 1:
         rollout = np.asarray(attention_rollout([m for m in maps.values()]))  # [B, T, T]
-        num_prefix = 1 if model.pooling == "cls" else 0
+        num_prefix = 0 if model.cls_token_d is None else 1
         grid = tuple(model.stages[-1].grid)
         image = np.asarray(rollout_to_grid(rollout, grid, num_prefix=num_prefix))[0]
         _heat_grid([[inputs[0][0, ..., 0], image]], [""], "attention rollout (class token)", out / "rollout.png",
