@@ -78,3 +78,14 @@ def test_head_mask_errors_name_the_argument():
         set_head_masks(model, jnp.ones((3, 2)))
     with pytest.raises(ValueError, match=r"2 heads, expected a mask of shape \(2,\)"):
         set_head_masks(model, jnp.ones((2, 3)))
+
+
+def test_head_masks_apply_to_cached_decoding_too():
+    """An ablated model decodes as it runs whole sequences (retrieval-head ablations decode with a cache)."""
+    model = llm()
+    set_head_masks(model, jnp.array([[1.0, 0.0], [0.5, 1.0]]))
+    full = model(TOKENS)
+    cache = model.init_cache(1, 12)
+    prefix, cache = model.decode(TOKENS[:, :8], cache, jnp.int32(0))
+    rest, _ = model.decode(TOKENS[:, 8:], cache, jnp.int32(8))
+    np.testing.assert_allclose(jnp.concatenate([prefix, rest], axis=1), full, rtol=1e-4, atol=1e-4)
