@@ -335,7 +335,8 @@ class Attention(nnx.Module):
         heads = self.project_heads(x, token_ids)
         rule = attnx.get_attention(self.kind).cache
         if rule is not None:  # the mechanism keeps its own cache and places rotary positions itself
-            mixed, cache = rule.decode(*heads, cache, cache_index, rope_theta=self.rope_theta if self.use_rope else None,
+            rope_theta = self.rope_theta if self.use_rope else None
+            mixed, cache = rule.decode(*heads, cache, cache_index, rope_theta=rope_theta,
                                        **self._call_kwargs(x, *heads[:2]))
             return self.output(mixed), cache
         query, key, value = self.rotate(*heads, positions)
