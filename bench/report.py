@@ -296,6 +296,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("efficiency_cpu_cab", "CAB efficiency length of CAB's published mechanisms (CPU) — issue 10",
               "efficiency_cpu_cab.json", efficiency, ("efficiency_cpu_cab.png",),
               "python -m bench.efficiency --mechanisms <CAB's eight> --out bench/efficiency_cpu_cab.json"),
+    Benchmark("analysis", "Looking inside trained tiny models (CPU) — issue 10"),
     Benchmark("train_step", "Train step (CPU)"),
     Benchmark("ring_long", "Ring attention over 8 CPU devices — issue 8"),
     Benchmark("mfu", "Model FLOPs utilisation of the train step (CPU) — issue 8", "mfu.json", mfu, (),
