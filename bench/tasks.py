@@ -2,7 +2,8 @@
 key-value pairs, model widths and attention mechanisms (Arora et al., 2023, arXiv 2312.04927, §3-4, Fig. 2).
 
     nice -n 5 python -m bench.tasks mqar --jobs 2 [--quick] [--mechanisms softmax based ...] [--widths 64 128]
-        [--cells 64x4 128x8] [--steps 600] [--width-learning-rate 64=3e-3 128=1e-3] [--replot]
+        [--cells 64x4 128x8] [--steps 600] [--width-learning-rate 64=3e-3 128=1e-3] [--positions learned]
+        [--warmup 0.1] [--replot]
 
 Model: the project's LLM with 2 layers, no MLP, one head for the exact mechanisms, re-initialised the way Zoology's
 `_init_weights` does (`zoology_init`: normal(0, 0.02) matrices, output projections 0.02 / sqrt(2 L)), tied
@@ -10,7 +11,8 @@ embeddings (as Zoology); the final norm keeps its unit gain. (The tied output pr
 here, models/layers/embed.py, so the initial logits are smaller than Zoology's; restoring Zoology's scale with a
 final-norm gain of sqrt(d_model) was tried and kept softmax on the 1/D plateau: 25.9% after 1,600 steps at T = 64,
 D = 4, d_model 64, against 97.6% with unit gain, bench/RESULTS.md.) Departures from Zoology's Fig. 2
-model: rotary positions instead of learned absolute ones, RMSNorm instead of LayerNorm, no attention/embedding
+model: rotary positions instead of learned absolute ones (`--positions learned` restores Zoology's: a normal(0.02)
+[T, d] table added to the token embedding, rotary off; a probe, it did not lift d_model 128 off the plateau), RMSNorm instead of LayerNorm, no attention/embedding
 dropout (0.1 there). Per mechanism: sliding_window sees 16 keys; based projects queries and keys to 16 features (the
 Based paper's feature dimension; Zoology's Fig. 2 config uses 8) in layer 2, after a BaseConv layer (short
 convolution k = 3), as Zoology's Hybrid[BaseConv, Based]; performer uses 64 random features; moh routes 2 of 3 heads
@@ -86,6 +88,7 @@ class Budget:
     init: str = "zoology"  # "zoology": GPT-2 style normal(0.02) weights as Zoology's _init_weights; "model": ours
     final_norm_gain: str = "one"  # "sqrt": gain sqrt(d_model), Zoology's initial logit scale (see zoology_init)
     warmup: float = 0.1  # share of the steps with a linear warmup before the cosine decay
+    positions: str = "rope"  # "learned": Zoology's learned absolute positions (normal(0.02)) and no rotary
 
 
 def model_config(mechanism: str, width: int, vocab_size: int) -> LLMConfig:
@@ -122,6 +125,35 @@ def zoology_init(model: LLM, key: jax.Array, depth: int = 2, std: float = 0.02, 
         model.final_norm.scale_d[...] = jnp.full((width,), width**0.5, model.final_norm.scale_d.dtype)
 
 
+class LearnedPositions(nnx.Module):
+    """The token embedding plus a learned absolute position table [T, D], as Zoology's TokenEmbeddings
+    (zoology/model.py, max_position_embeddings > 0); `attend` is the token table's (tied output)."""
+
+    def __init__(self, embed: nnx.Module, seq_len: int, width: int, key: jax.Array, std: float = 0.02):
+        self.inner = embed
+        self.position_td = nnx.Param(std * jax.random.normal(key, (seq_len, width), embed.embedding_vd.dtype))
+
+    @property
+    def embedding_vd(self):
+        return self.inner.embedding_vd
+
+    def __call__(self, token_ids: jax.Array) -> jax.Array:
+        return self.inner(token_ids) + self.position_td[: token_ids.shape[-1]]
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return self.inner.attend(x)
+
+
+def use_learned_positions(model: LLM, seq_len: int, key: jax.Array) -> None:
+    """Zoology's positional scheme: learned absolute positions added to the token embedding, rotary turned off in
+    every attention layer that has it (Zoology's MHA mixer has no rotary)."""
+    if not all(hasattr(block.attention, "use_rope") for block in model.blocks):
+        raise ValueError("positions='learned' needs attention layers with a `use_rope` switch (softmax-like ones)")
+    for block in model.blocks:
+        block.attention.use_rope = False
+    model.embed = LearnedPositions(model.embed, seq_len, model.embed.embedding_vd.shape[1], key)
+
+
 def _query_rows(model, inputs, labels, num_pairs):
     """Logits [B, D, V] and labels [B, D] at the D query positions (the only scored ones)."""
     positions = jnp.argsort(labels == IGNORE, axis=1, stable=True)[:, :num_pairs]  # query positions first
@@ -141,6 +173,8 @@ def run_cell(mechanism: str, width: int, seq_len: int, num_pairs: int, budget: B
     model = LLM(model_config(mechanism, width, budget.vocab_size), rngs=nnx.Rngs(seed))
     if budget.init == "zoology":
         zoology_init(model, jax.random.key(seed), final_norm_gain=budget.final_norm_gain)
+    if budget.positions == "learned":
+        use_learned_positions(model, seq_len, jax.random.key(seed + 7))
     steps = budget.steps
     batch_size = max(1, budget.batch_size * 64 // seq_len)
     learning_rate = dict(budget.width_learning_rates).get(width, budget.learning_rate)
@@ -274,6 +308,9 @@ def main(argv=None) -> None:
     parser.add_argument("--final-norm-gain", choices=["one", "sqrt"], default=Budget.final_norm_gain,
                         help="with --init zoology: the final norm's gain, 1 (default) or sqrt(d_model) (Zoology's "
                              "initial logit scale under our tied 1/sqrt(d) output)")
+    parser.add_argument("--positions", choices=["rope", "learned"], default=Budget.positions,
+                        help="rope: rotary (the LLM's); learned: Zoology's learned absolute positions, no rotary")
+    parser.add_argument("--warmup", type=float, default=Budget.warmup, help="share of steps with linear warmup")
     parser.add_argument("--jobs", type=int, default=1,
                         help="cells run in this many worker processes, each with single-threaded XLA")
     parser.add_argument("--verbose", action="store_true", help="print loss and accuracy every steps_per_call steps")
@@ -298,7 +335,8 @@ def main(argv=None) -> None:
                      f"expected WIDTH=LR items, got {args.width_learning_rate}")
     budget = Budget(train_examples=args.train_examples, steps=args.steps, learning_rate=args.learning_rate,
                     width_learning_rates=width_lrs, vocab_size=args.vocab_size, batch_size=args.batch_size,
-                    init=args.init, final_norm_gain=args.final_norm_gain)
+                    init=args.init, final_norm_gain=args.final_norm_gain, positions=args.positions,
+                    warmup=args.warmup)
     if args.quick:
         budget = dataclasses.replace(budget, train_examples=512, test_examples=250, steps=8, steps_per_call=4)
         cells = CELLS[:1]

@@ -63,3 +63,29 @@ def test_benchmark_grid_builds_the_zoology_models():
         model = nnx.eval_shape(lambda: LLM(model_config(mechanism, 16, 64), rngs=nnx.Rngs(0)))
         assert {m.kind for _, m in nnx.iter_graph(model) if hasattr(m, "kind")} == kinds, mechanism
     assert set(MECHANISMS) == {"softmax", "sliding_window", "based", "lightning", "performer", "moh"}
+
+
+def test_learned_positions_replace_rotary():
+    """bench/tasks.py --positions learned (Zoology's scheme): rotary off, a [T, D] table added to the token embedding,
+    the tied output unchanged; a mixer without a rotary switch is refused by name."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from bench.tasks import model_config, use_learned_positions
+    from models.llm import LLM
+
+    model = LLM(model_config("softmax", 16, 64), rngs=nnx.Rngs(0))
+    ids = jnp.array([[3, 5, 7, 9, 3, 5, 7, 9]])
+    tokens_only = model.embed(ids)
+    use_learned_positions(model, 8, jax.random.key(1))
+    assert not any(block.attention.use_rope for block in model.blocks)
+    table = model.embed.position_td[...]
+    assert table.shape == (8, 16) and 0.01 < float(jnp.std(table)) < 0.03
+    np.testing.assert_allclose(model.embed(ids), tokens_only + table[None], rtol=1e-6)
+    np.testing.assert_allclose(model.embed.attend(tokens_only), model.embed.inner.attend(tokens_only), rtol=1e-6)
+    assert nnx.state(model, nnx.Param)["embed"]["position_td"].shape == (8, 16)  # trained with the rest
+    assert model(ids).shape == (1, 8, 64)
+    based = LLM(model_config("based", 16, 64), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="use_rope"):
+        use_learned_positions(based, 8, jax.random.key(1))
