@@ -88,14 +88,15 @@ class Budget:
     init: str = "zoology"  # "zoology": GPT-2 style normal(0.02) weights as Zoology's _init_weights; "model": ours
     final_norm_gain: str = "one"  # "sqrt": gain sqrt(d_model), Zoology's initial logit scale (see zoology_init)
     warmup: float = 0.1  # share of the steps with a linear warmup before the cosine decay
+    tie_embeddings: bool = True  # False: a separate output matrix, logits x W without the tied 1/sqrt(d) (a probe)
     positions: str = "rope"  # "learned": Zoology's learned absolute positions (normal(0.02)) and no rotary
 
 
-def model_config(mechanism: str, width: int, vocab_size: int) -> LLMConfig:
+def model_config(mechanism: str, width: int, vocab_size: int, tie_embeddings: bool = True) -> LLMConfig:
     options = dict(MECHANISMS[mechanism])
     heads = options.pop("num_heads", 1)
     return LLMConfig(vocab_size=vocab_size, width=width, depth=2, num_heads=heads, num_kv_heads=options.pop(
-        "num_kv_heads", heads), use_mlp=False, attention=mechanism, **options)
+        "num_kv_heads", heads), use_mlp=False, attention=mechanism, tie_embeddings=tie_embeddings, **options)
 
 
 def zoology_init(model: LLM, key: jax.Array, depth: int = 2, std: float = 0.02, final_norm_gain: str = "one") -> None:
@@ -170,7 +171,7 @@ def run_cell(mechanism: str, width: int, seq_len: int, num_pairs: int, budget: B
     test_examples = max(1, budget.test_examples * 64 // seq_len)
     test_x, test_y = (jnp.asarray(a) for a in mqar(test_examples, seq_len, num_pairs, budget.vocab_size,
                                                     seed=seed + 1))
-    model = LLM(model_config(mechanism, width, budget.vocab_size), rngs=nnx.Rngs(seed))
+    model = LLM(model_config(mechanism, width, budget.vocab_size, budget.tie_embeddings), rngs=nnx.Rngs(seed))
     if budget.init == "zoology":
         zoology_init(model, jax.random.key(seed), final_norm_gain=budget.final_norm_gain)
     if budget.positions == "learned":
@@ -310,6 +311,8 @@ def main(argv=None) -> None:
                              "initial logit scale under our tied 1/sqrt(d) output)")
     parser.add_argument("--positions", choices=["rope", "learned"], default=Budget.positions,
                         help="rope: rotary (the LLM's); learned: Zoology's learned absolute positions, no rotary")
+    parser.add_argument("--untied", action="store_true",
+                        help="a separate output matrix (Zoology ties; ours divides the tied output by sqrt(d_model))")
     parser.add_argument("--warmup", type=float, default=Budget.warmup, help="share of steps with linear warmup")
     parser.add_argument("--jobs", type=int, default=1,
                         help="cells run in this many worker processes, each with single-threaded XLA")
@@ -336,7 +339,7 @@ def main(argv=None) -> None:
     budget = Budget(train_examples=args.train_examples, steps=args.steps, learning_rate=args.learning_rate,
                     width_learning_rates=width_lrs, vocab_size=args.vocab_size, batch_size=args.batch_size,
                     init=args.init, final_norm_gain=args.final_norm_gain, positions=args.positions,
-                    warmup=args.warmup)
+                    warmup=args.warmup, tie_embeddings=not args.untied)
     if args.quick:
         budget = dataclasses.replace(budget, train_examples=512, test_examples=250, steps=8, steps_per_call=4)
         cells = CELLS[:1]

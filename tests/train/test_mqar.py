@@ -89,3 +89,15 @@ def test_learned_positions_replace_rotary():
     based = LLM(model_config("based", 16, 64), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="use_rope"):
         use_learned_positions(based, 8, jax.random.key(1))
+
+
+def test_untied_probe_config():
+    """bench/tasks.py --untied: a separate [d, V] output matrix (no tied 1/sqrt(d) output); tied by default."""
+    from flax import nnx
+
+    from bench.tasks import Budget, model_config
+    from models.llm import LLM
+
+    assert Budget().tie_embeddings and model_config("softmax", 16, 64).tie_embeddings
+    model = nnx.eval_shape(lambda: LLM(model_config("softmax", 16, 64, tie_embeddings=False), rngs=nnx.Rngs(0)))
+    assert model.unembed_dv.shape == (16, 64)
