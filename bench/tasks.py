@@ -3,7 +3,7 @@ key-value pairs, model widths and attention mechanisms (Arora et al., 2023, arXi
 
     nice -n 5 python -m bench.tasks mqar --jobs 2 [--quick] [--mechanisms softmax based ...] [--widths 64 128]
         [--cells 64x4 128x8] [--steps 600] [--width-learning-rate 64=3e-3 128=1e-3] [--positions learned]
-        [--warmup 0.1] [--replot]
+        [--warmup 0.1] [--untied] [--replot]
 
 Model: the project's LLM with 2 layers, no MLP, one head for the exact mechanisms, re-initialised the way Zoology's
 `_init_weights` does (`zoology_init`: normal(0, 0.02) matrices, output projections 0.02 / sqrt(2 L)), tied
