@@ -3,13 +3,14 @@ its files with sane values; the DiT's maps run under -m slow; usage errors exit 
 
 import json
 import pathlib
-import threading
 
 import gin
 import numpy as np
 import pytest
 
-from train import analyze, gin_config, trainer
+from train import analyze
+
+import gin_runs  # tests/train/gin_runs.py
 
 FAMILIES = {
     "llm": (["configs/quickstart.gin"],
@@ -30,19 +31,8 @@ def clear_gin():
 
 
 def train_one_step(family: str, workdir: pathlib.Path, corpus: pathlib.Path) -> pathlib.Path:
-    """One training step with a checkpoint, as `python -m train` runs it (stop event set: no evaluation)."""
     files, bindings = FAMILIES[family]
-    bindings = bindings + ["STEPS = 2"] + ([f"TEXT_GLOB = '{corpus}/*.py'"] if family == "llm" else [])
-    try:
-        gin_config.parse(files, bindings)
-        gin_config.write_resolved_config(workdir)
-        stop = threading.Event()
-        stop.set()
-        gin_config.configured(trainer.train)(workdir=str(workdir), checkpoint_every=1, progress_bar=False,
-                                             async_checkpoints=False, stop_event=stop)
-    finally:
-        gin.clear_config()
-    return workdir
+    return gin_runs.train_one_step(files, bindings, workdir, corpus if family == "llm" else None)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 import pathlib
 import subprocess
 import sys
-import threading
 
 import gin
 import jax
@@ -15,7 +14,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from attnx.testing.tolerances import assert_close
-from train import export, gin_config, trainer
+from train import export
+
+import gin_runs  # tests/train/gin_runs.py
 
 # Tiny versions of the three families' experiments (batch 8: the 8 fake devices of tests/conftest.py).
 FAMILIES = {
@@ -37,22 +38,8 @@ def clear_gin():
 
 
 def train_one_step(family: str, workdir: pathlib.Path, corpus: pathlib.Path) -> pathlib.Path:
-    """Trains the family's tiny run for one step, as `python -m train` would (resolved config.gin in the workdir).
-    The stop event is set beforehand: the run stops after step 1 with its checkpoint, before evaluation and the
-    task's finish (sampling), which export does not need."""
     files, bindings = FAMILIES[family]
-    bindings = bindings + ["STEPS = 2"] + ([f"TEXT_GLOB = '{corpus}/*.py'"] if family == "llm" else [])
-    try:
-        gin_config.parse(files, bindings)
-        gin_config.write_resolved_config(workdir)
-        stop = threading.Event()
-        stop.set()
-        result = gin_config.configured(trainer.train)(
-            workdir=str(workdir), checkpoint_every=1, progress_bar=False, async_checkpoints=False, stop_event=stop)
-    finally:
-        gin.clear_config()
-    assert result.final_step == 1 and result.interrupted
-    return workdir
+    return gin_runs.train_one_step(files, bindings, workdir, corpus if family == "llm" else None)
 
 
 @pytest.fixture(scope="module")
