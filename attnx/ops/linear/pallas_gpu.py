@@ -326,9 +326,12 @@ def scan_tangent(forward, diff: dict, t: dict, tokens_major=lambda x: x, heads_m
     from attnx.ops.linear.chunked import lightning_chunked
 
     q, k, v, s = diff["q"], diff["k"], diff["v"], diff.get("s")
-    terms = [forward(t["q"].astype(q.dtype), k, v, s) if name == "q" else
-             forward(q, t["k"].astype(k.dtype), v, s) if name == "k" else
-             forward(q, k, t["v"].astype(v.dtype), s) for name in ("q", "k", "v") if name in t]
+    terms = []
+    for name in ("q", "k", "v"):
+        if name in t:  # the forward with this one input replaced by its tangent
+            qkv = dict(q=q, k=k, v=v)
+            qkv[name] = t[name].astype(qkv[name].dtype)
+            terms.append(forward(qkv["q"], qkv["k"], qkv["v"], s))
     if "s" in t:
         qt, kt, vt = tokens_major(q), tokens_major(k), tokens_major(v)
         _, ds = jax.jvp(lambda x: lightning_chunked(qt, kt, vt, x).astype(jnp.float32), (s,),

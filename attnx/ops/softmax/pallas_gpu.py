@@ -125,10 +125,28 @@ def _call(meta: kern.Meta, kernel, grid, arrays: dict, specs: dict, out_shape, o
         interpret=meta.interpret, name=kernel.__name__)(*arrays.values())
 
 
+def _query_row(meta: kern.Meta):
+    """Index map of grid (b, n, i) onto the [B, K, G·Tp] layout: query head n = k·G + g owns rows g·Tp ..."""
+    G, nq = meta.G, meta.nq
+    return lambda b, n, i: (b, lax.div(n, G), lax.rem(n, G) * nq + i)
+
+
+def _out_and_lse_specs(meta: kern.Meta):
+    """BlockSpecs of a query-tile program's [bq, Vp] output tile and [bq] row statistic (forward, tangent)."""
+    row = _query_row(meta)
+    return (pl.BlockSpec((None, None, meta.bq, meta.Vp), lambda b, n, i: row(b, n, i) + (0,)),
+            pl.BlockSpec((None, None, meta.bq), row))
+
+
+def _lse_for_probabilities(lse):
+    """Rows without any allowed key have lse = -inf and P = 0; +inf makes exp(s - lse) exactly 0 there."""
+    return jnp.where(lse == -jnp.inf, jnp.inf, lse)
+
+
 def _common_specs(meta: kern.Meta, ops: dict, per_query_tile: bool) -> dict:
-    """BlockSpecs of the inputs shared by the three kernels. per_query_tile: grid (B, N, nq) (forward, dQ);
+    """BlockSpecs of the inputs shared by the kernels. per_query_tile: grid (B, N, nq) (forward, dQ, tangent);
     otherwise grid (B, K, nk) (dK/dV)."""
-    G, nq, bq, bk, Tp, Sp = meta.G, meta.nq, meta.bq, meta.bk, meta.Tp, meta.Sp
+    G, bq, bk, Tp, Sp = meta.G, meta.bq, meta.bk, meta.Tp, meta.Sp
     B = meta.B
     full1 = pl.BlockSpec((B,), lambda *_: (0,))
     specs = dict(qlen=full1, kvlen=full1)
@@ -136,7 +154,7 @@ def _common_specs(meta: kern.Meta, ops: dict, per_query_tile: bool) -> dict:
         specs["sinks"] = pl.BlockSpec((meta.N,), lambda *_: (0,))
     sb = meta.seg_batched
     if per_query_tile:
-        row = lambda b, n, i: (b, lax.div(n, G), lax.rem(n, G) * nq + i)  # noqa: E731
+        row = _query_row(meta)
         specs.update(
             q=pl.BlockSpec((None, None, bq, meta.Hp), lambda b, n, i: row(b, n, i) + (0,)),
             k=pl.BlockSpec((None, None, Sp, meta.Hp), lambda b, n, i: (b, lax.div(n, G), 0, 0)),
@@ -177,12 +195,10 @@ def _forward(meta: kern.Meta, ops: dict):
               if ops.get(n) is not None}
     arrays["ids"] = ops["ids"]
     specs = _common_specs(meta, arrays, per_query_tile=True)
-    row = lambda b, n, i: (b, lax.div(n, G), lax.rem(n, G) * meta.nq + i)  # noqa: E731
     out_shape = (jax.ShapeDtypeStruct((B, K, G * meta.Tp, meta.Vp), ops["q"].dtype),
                  jax.ShapeDtypeStruct((B, K, G * meta.Tp), F32))
-    out_specs = (pl.BlockSpec((None, None, meta.bq, meta.Vp), lambda b, n, i: row(b, n, i) + (0,)),
-                 pl.BlockSpec((None, None, meta.bq), row))
-    return _call(meta, kern.forward_kernel, (B, meta.N, meta.nq), arrays, specs, out_shape, out_specs)
+    return _call(meta, kern.forward_kernel, (B, meta.N, meta.nq), arrays, specs, out_shape,
+                 _out_and_lse_specs(meta))
 
 
 def _backward(meta: kern.Meta, ops: dict, out, lse, do, dlse):
@@ -190,15 +206,14 @@ def _backward(meta: kern.Meta, ops: dict, out, lse, do, dlse):
     do = do.astype(ops["q"].dtype)
     # D = rowsum(dO * O) (Alg. 2 line 4); the lse cotangent enters as -dlse since d lse / d s = P.
     delta = jnp.sum(do.astype(F32) * out.astype(F32), axis=-1) - dlse
-    # Rows without any allowed key have lse = -inf and P = 0; +inf makes exp(s - lse) exactly 0 there.
-    lse_b = jnp.where(lse == -jnp.inf, jnp.inf, lse)
+    lse_b = _lse_for_probabilities(lse)
     base = {n: ops[n] for n in ("qlen", "kvlen", "q", "k", "v", "qseg", "kseg", "bias", "dense")
             if ops.get(n) is not None}
     base.update(do=do, lse=lse_b, delta=delta)
 
     arrays = dict(ids=ops["ids"], **base)
     specs = _common_specs(meta, arrays, per_query_tile=True)
-    row = lambda b, n, i: (b, lax.div(n, G), lax.rem(n, G) * meta.nq + i)  # noqa: E731
+    row = _query_row(meta)
     out_shape = [jax.ShapeDtypeStruct((B, K, G * meta.Tp, meta.Hp), F32)]
     out_specs = [pl.BlockSpec((None, None, meta.bq, meta.Hp), lambda b, n, i: row(b, n, i) + (0,))]
     if meta.bias_dims is not None and meta.bias_grad:
@@ -231,20 +246,17 @@ def _backward(meta: kern.Meta, ops: dict, out, lse, do, dlse):
 def _tangent(meta: kern.Meta, ops: dict, out, lse, tangents: dict):
     """Forward-mode tangents (dO, dL) of (out, lse) in the kernel layout, given the tangents of q, k, v, bias, sinks
     in that layout, for the perturbed inputs only (absent ones are zero)."""
-    B, G = meta.B, meta.G
     arrays = {n: ops[n] for n in ("ids", "qlen", "kvlen", "q", "k", "v", "qseg", "kseg", "bias", "dense", "sinks")
               if ops.get(n) is not None}
-    arrays.update(out=out, lse=jnp.where(lse == -jnp.inf, jnp.inf, lse))
+    arrays.update(out=out, lse=_lse_for_probabilities(lse))
     arrays.update({"t" + n: t.astype(ops[n].dtype) for n, t in tangents.items()})
     specs = _common_specs(meta, arrays, per_query_tile=True)
     specs["out"] = specs["do"]
     for n in tangents:
         specs["t" + n] = specs[n]
-    row = lambda b, n, i: (b, lax.div(n, G), lax.rem(n, G) * meta.nq + i)  # noqa: E731
     out_shape = (jax.ShapeDtypeStruct(out.shape, out.dtype), jax.ShapeDtypeStruct(lse.shape, F32))
-    out_specs = (pl.BlockSpec((None, None, meta.bq, meta.Vp), lambda b, n, i: row(b, n, i) + (0,)),
-                 pl.BlockSpec((None, None, meta.bq), row))
-    return _call(meta, kern.tangent_kernel, (B, meta.N, meta.nq), arrays, specs, out_shape, out_specs)
+    return _call(meta, kern.tangent_kernel, (meta.B, meta.N, meta.nq), arrays, specs, out_shape,
+                 _out_and_lse_specs(meta))
 
 
 _DIFF = ("q", "k", "v", "bias", "sinks")

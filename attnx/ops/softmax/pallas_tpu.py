@@ -176,12 +176,12 @@ def _flash_backward(lay: Layout, diff: dict, aux: dict, outs, cts_and_names):
     lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)  # masked rows: every logit is -inf, so P = 0 anyway
     rows = lambda x: x[:, :, None, :]  # [B, N, 1, Tp]: lane-dense row vectors
     # dS [B, N, Tp, Sp] is written only when the bias is differentiated.
-    bias_for_ds = bias if "bias" in names else None
+    bias_grad = bias is not None and "bias" in names
     dq, ds = bwd_lib.dq(lay, q, k, v, bias, aux, d_out.astype(q.dtype), rows(lse_safe), rows(di),
-                        write_ds=bias_for_ds is not None)
+                        write_ds=bias_grad)
     dk, dv = bwd_lib.dkv(lay, q, k, v, bias, aux, d_out.astype(q.dtype), rows(lse_safe), rows(di))
     grads = dict(q=dq, k=dk, v=dv)
-    if bias_for_ds is not None:
+    if bias_grad:
         # Blocks no list visits were never written: keep only live ones, then reduce over broadcast axes.
         live = jnp.repeat(jnp.repeat(aux["live"], lay.bq, axis=2), lay.bk, axis=3)
         ds = jnp.where(live, ds, 0.0)
