@@ -41,6 +41,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from bench.scanned_training import scanned_train_steps, shuffled_batches
 from models.layers.norm import LayerNorm
 from models.vit import EncoderBlock
 from train.data.listops import NUM_CLASSES, VOCAB_SIZE, listops_generate
@@ -144,15 +145,7 @@ def train_one(mechanism: str, settings: Settings, data, attention_kwargs: Mappin
     def loss_fn(model, x, y):
         return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
-    @jax.jit
-    def train_steps(state, batches):
-        def step(state, batch):
-            model, optimizer = nnx.merge(graphdef, state)
-            loss, grads = nnx.value_and_grad(loss_fn)(model, train_x[batch], train_y[batch])
-            optimizer.update(model, grads)
-            return nnx.state((model, optimizer)), loss
-
-        return jax.lax.scan(step, state, batches)
+    train_steps = scanned_train_steps(graphdef, loss_fn)
 
     @jax.jit
     def correct(state, x, y):
@@ -163,13 +156,11 @@ def train_one(mechanism: str, settings: Settings, data, attention_kwargs: Mappin
         hits = sum(int(correct(state, test_x[i : i + 500], test_y[i : i + 500])) for i in range(0, len(test_y), 500))
         return hits / len(test_y)
 
-    order = np.random.default_rng(settings.seed)
-    passes = -(-settings.steps * settings.batch_size // len(train_y))
-    batches = np.concatenate([order.permutation(len(train_y)) for _ in range(passes)])
-    batches = batches[: settings.steps * settings.batch_size].reshape(settings.steps, settings.batch_size)
+    batches = shuffled_batches(len(train_y), settings.steps, settings.batch_size, settings.seed)
     done, loss, history = 0, float("nan"), []
     while done < settings.steps:
-        state, losses = train_steps(state, jnp.asarray(batches[done : done + settings.steps_per_call]))
+        chunk = jnp.asarray(batches[done : done + settings.steps_per_call])
+        state, losses = train_steps(state, train_x, train_y, chunk)
         done = min(settings.steps, done + settings.steps_per_call)
         loss = float(losses[-1])
         score = accuracy(state)

@@ -45,6 +45,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from bench.scanned_training import scanned_train_steps, shuffled_batches
 from models.llm import LLM, LLMConfig
 from train.data.mqar import IGNORE, mqar
 
@@ -187,17 +188,7 @@ def run_cell(mechanism: str, width: int, seq_len: int, num_pairs: int, budget: B
         logits, targets = _query_rows(model, x, y, num_pairs)
         return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
-    # Many optimizer steps per compiled call (a lax.scan over batch indices): at these model sizes a step costs
-    # less than the Python dispatch of a single jitted step.
-    @jax.jit
-    def train_steps(state, train_x, train_y, batches):
-        def step(state, batch):
-            model, optimizer = nnx.merge(graphdef, state)
-            loss, grads = nnx.value_and_grad(loss_fn)(model, train_x[batch], train_y[batch])
-            optimizer.update(model, grads)
-            return nnx.state((model, optimizer)), loss
-
-        return jax.lax.scan(step, state, batches)
+    train_steps = scanned_train_steps(graphdef, loss_fn)
 
     @jax.jit
     def correct(state, x, y):
@@ -210,10 +201,7 @@ def run_cell(mechanism: str, width: int, seq_len: int, num_pairs: int, budget: B
         return hits / (test_examples * num_pairs)
 
     began, cpu_began, load_began = time.perf_counter(), time.process_time(), os.getloadavg()[0]
-    order = np.random.default_rng(seed)
-    passes = -(-steps * batch_size // budget.train_examples)
-    batches = np.concatenate([order.permutation(budget.train_examples) for _ in range(passes)])
-    batches = batches[: steps * batch_size].reshape(steps, batch_size)
+    batches = shuffled_batches(budget.train_examples, steps, batch_size, seed)
     done, loss, score = 0, float("nan"), 0.0
     while done < steps:
         chunk = batches[done : done + budget.steps_per_call]
