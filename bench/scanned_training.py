@@ -10,13 +10,15 @@ from flax import nnx
 def scanned_train_steps(graphdef, loss_fn):
     """jit fn(state, x, y, batches) -> (state, losses): one optimizer step per row of `batches` (example indices into
     x and y), the rows run as one `lax.scan`. state is `nnx.state((model, optimizer))` of `graphdef`;
-    loss_fn(model, x_batch, y_batch) -> scalar."""
+    loss_fn(model, x_batch, y_batch) -> scalar. x, y and batches may also be matching tuples (one per dataset, e.g.
+    sequence lengths of a training mixture): each step then indexes every dataset with its own row."""
 
     @jax.jit
     def train_steps(state, x, y, batches):
         def step(state, batch):
             model, optimizer = nnx.merge(graphdef, state)
-            loss, grads = nnx.value_and_grad(loss_fn)(model, x[batch], y[batch])
+            pick = lambda data: jax.tree.map(lambda array, rows: array[rows], data, batch)
+            loss, grads = nnx.value_and_grad(loss_fn)(model, pick(x), pick(y))
             optimizer.update(model, grads)
             return nnx.state((model, optimizer)), loss
 

@@ -1,38 +1,49 @@
 """Task-quality benchmarks. `mqar`: Zoology's multi-query associative recall over a grid of sequence lengths,
-key-value pairs, model widths and attention mechanisms (Arora et al., 2023, arXiv 2312.04927, §3-4, Fig. 2).
+key-value pairs, model widths and attention mechanisms (Arora et al., 2023, arXiv 2312.04927, §3-4, Fig. 2; the
+Based paper's Fig. 2 protocol, Arora et al., 2024, arXiv 2402.18668).
 
     nice -n 5 python -m bench.tasks mqar --jobs 2 [--quick] [--mechanisms softmax based ...] [--widths 64 128]
-        [--cells 64x4 128x8] [--steps 600] [--width-learning-rate 64=3e-3 128=1e-3] [--positions learned]
-        [--warmup 0.1] [--untied] [--replot]
+        [--cells 64x4 128x8] [--steps 2000] [--protocol mixture|per_cell] [--learning-rate 6e-3]
+        [--matrix-lr-base-width 32] [--positions learned] [--warmup 0.1] [--untied] [--replot]
 
-Model: the project's LLM with 2 layers, no MLP, one head for the exact mechanisms, re-initialised the way Zoology's
-`_init_weights` does (`zoology_init`: normal(0, 0.02) matrices, output projections 0.02 / sqrt(2 L)), tied
-embeddings (as Zoology); the final norm keeps its unit gain. (The tied output projection divides by sqrt(d_model)
-here, models/layers/embed.py, so the initial logits are smaller than Zoology's; restoring Zoology's scale with a
-final-norm gain of sqrt(d_model) was tried and kept softmax on the 1/D plateau: 25.9% after 1,600 steps at T = 64,
-D = 4, d_model 64, against 97.6% with unit gain, bench/RESULTS.md.) Departures from Zoology's Fig. 2
-model: rotary positions instead of learned absolute ones (`--positions learned` restores Zoology's: a normal(0.02)
-[T, d] table added to the token embedding, rotary off; a probe, it did not lift d_model 128 off the plateau), RMSNorm instead of LayerNorm, no attention/embedding
-dropout (0.1 there). Per mechanism: sliding_window sees 16 keys; based projects queries and keys to 16 features (the
-Based paper's feature dimension; Zoology's Fig. 2 config uses 8) in layer 2, after a BaseConv layer (short
-convolution k = 3), as Zoology's Hybrid[BaseConv, Based]; performer uses 64 random features; moh routes 2 of 3 heads
-around 1 shared head (4 heads); lightning is TransNormerLLM's mixer (Lightning attention with its per-layer decay,
-SRMSNorm and output gate; Zoology has no Lightning baseline, and the bare function, which has neither a normaliser
-nor a norm, did not learn MQAR).
-Training: AdamW (lr 3e-3 unless `--width-learning-rate`, wd 0.1, 10% linear warmup then cosine to 0 over `--steps`;
-Zoology: no warmup, cosine over 64 epochs, lr swept over logspace(-4, -2, 4)), cross-entropy on the query positions
-only (Zoology's -100 labels); accuracy = share of query positions whose argmax is the paired value, on held-out
-examples of another seed, checked every `steps_per_call` steps (that many optimizer steps run as one compiled
-lax.scan); a cell stops once it reaches 99%, as Zoology's early stopping does. Batch 64 at T = 64 and 64 * 64 / T
-beyond (Zoology: 512 / 256 / 128 for T = 64 / 128 / 256, the same halving), test examples likewise (1,000 at T = 64).
+Protocol (`--protocol mixture`, the default): as the Based paper's Fig. 2 sweep (zoology
+`experiments/paper_configs/arxiv24_based_figure2/configs.py`), one model per (mechanism, d_model) is trained on
+the union of the cells' training sets (20k examples of (64, 4), 4k of each longer cell: Based's 100k / 20k / 20k
+ratio) and scored on each cell's held-out set; each step draws 48 / 8 / 4 rows of the three lengths. `per_cell`
+trains one model per cell, as Zoology's ICLR Fig. 2 sweep. Why mixture: per cell, softmax at (128, 8) and (256, 16)
+stayed at chance (loss ln 256) or on the 1/D plateau for 2,400 steps at every setting tried, while the mixture's
+short examples teach the recall circuit, which then serves the longer cells (softmax, d_model 128: 99.7 / 99.4 /
+98.8% after 700 steps; bench/RESULTS.md).
+
+Model (bench/mqar_setup.py): the project's LLM with 2 layers, no MLP, one head for the exact mechanisms, weights
+re-drawn as Zoology's `_init_weights` (`zoology_init`: normal(0, 0.02) matrices, output projections
+0.02 / sqrt(2 L)), tied embeddings (as Zoology), final norm gain 1 (our tied output divides by sqrt(d_model);
+`--final-norm-gain sqrt` restores Zoology's initial logit scale and kept softmax on the plateau). Departures from
+Zoology's model: rotary positions instead of learned absolute ones (`--positions learned` restores Zoology's),
+RMSNorm instead of LayerNorm, no attention/embedding dropout (0.1 there), and the exact baselines have no BaseConv
+layer (Based's Fig. 2 puts one before every mixer; Zoology's Fig. 2 attention has none). Per mechanism:
+sliding_window sees 16 keys; based is Zoology's Hybrid[BaseConv (k = 3), Based] with 16 Taylor features (Zoology's
+Fig. 2 config: 8); performer uses 64 random features; moh routes 2 of 3 heads around 1 shared head (4 heads);
+lightning is TransNormerLLM's mixer (Lightning attention with its per-layer decay, SRMSNorm and output gate;
+Zoology has no Lightning baseline, and the bare function, which has neither a normaliser nor a norm, did not learn).
+
+Training: AdamW (wd 0.1, 10% linear warmup then cosine to 0 over `--steps`; Zoology: no warmup, cosine over 64
+epochs, lr swept over logspace(-4, -2, 4)) with muP's width rule: the embedding, norms and positions at the base lr
+(6e-3), every other matrix at lr * 32 / d_model (`matrix_learning_rate_labels` says why: with one lr, d_model 128
+never left the plateau). Cross-entropy on the query positions only (Zoology's -100 labels), averaged over every
+query of the step; accuracy = share of query positions whose argmax is the paired value, on held-out examples of
+other seeds (1,000 x 64 / T per cell: 4,000 queries each), checked every `steps_per_call` steps (that many optimizer
+steps run as one compiled lax.scan); a run stops once every cell reaches 99%, as Zoology's early stopping does.
 Budget (CPU): vocabulary 512 (Zoology 8,192: with 20k examples each value token is then seen too rarely to learn its
-embedding), 20k training examples (Zoology 100k), at most `--steps` steps. `--jobs N` runs cells in N worker
-processes with single-threaded XLA (two single-threaded cells use two cores better than one two-threaded cell at
-these sizes). Each cell records wall and CPU (process_time) seconds and the load average. See bench/RESULTS.md.
+embedding), 28k training examples (Based: 140k+), at most 2,000 steps of 64 rows (Zoology: batch 512 at T <= 128
+and 256 at T = 256, up to 64 epochs). `--jobs N` runs training runs in N worker processes with single-threaded XLA
+(two single-threaded runs use two cores better than one two-threaded run at these sizes). Each run records wall
+and CPU (process_time) seconds and the load average. See bench/RESULTS.md.
 """
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -45,178 +56,89 @@ import numpy as np
 import optax
 from flax import nnx
 
+from bench.mqar_setup import (CELLS, MECHANISMS, Budget, model_config, optimizer_for, query_rows, use_learned_positions,
+                               zoology_init)
 from bench.scanned_training import scanned_train_steps, shuffled_batches
-from models.llm import LLM, LLMConfig
-from train.data.mqar import IGNORE, mqar
-
-CELLS = ((64, 4), (128, 8), (256, 16))
-MECHANISMS = {
-    "softmax": dict(),
-    "sliding_window": dict(attention_kwargs={"window": 16}),
-    # The linear-attention mechanisms train through their quadratic view ("reference"; tested equal to the chunked
-    # one): at T <= 256 it is several times faster on CPU, and Zoology trains Based the same way (train_view
-    # "quadratic").
-    # Zoology's Fig. 2 "based" model is Hybrid[BaseConv, Based]: layer 0 a gated short convolution (k = 3), layer 1
-    # Taylor linear attention; the convolution is what moves a key next to its value.
-    "based": dict(qk_head_dim=16, attention_kwargs={"implementation": "reference"},
-                  layer_attention=(("base_conv", {"kernel_size": 3}), None)),
-    # Lightning as its authors use it: TransNormerLLM's token mixer (the official `tnl_attn.py` module: SiLU q/k/v,
-    # Lightning attention with the per-layer decay, SRMSNorm on the output, sigmoid output gate). Zoology has no
-    # Lightning baseline; its linear attentions (zoology/mixers/based.py) normalise by the feature sum instead. The
-    # bare `lightning` function has neither a normaliser nor a norm, and did not learn MQAR at all (1.6%).
-    "lightning": dict(layer_attention=(("tnl", {"slopes": "tnl"}),)),
-    "performer": dict(attention_kwargs={"num_features": 64, "implementation": "reference"}),
-    "moh": dict(num_heads=4, num_kv_heads=4, attention_kwargs={"n_shared": 1, "top_k": 2}),
-}
+from models.llm import LLM
+from train.data.mqar import mqar
 
 
-@dataclasses.dataclass(frozen=True)
-class Budget:
-    """Per cell: at most `steps` optimizer steps drawn from `train_examples` (reshuffled every pass), stopping early
-    once held-out accuracy reaches `stop_accuracy` (Zoology stops at 0.99), checked every `steps_per_call` steps.
-    `batch_size` is the batch at T = 64; longer sequences use batch_size * 64 / T, as Zoology's 512 / 256 / 128,
-    so every step sees the same number of tokens and of queried pairs."""
-
-    train_examples: int = 20_000
-    test_examples: int = 1_000
-    batch_size: int = 64
-    steps: int = 600
-    learning_rate: float = 3e-3
-    width_learning_rates: tuple = ()  # ((d_model, lr), ...): overrides learning_rate for those widths
-    vocab_size: int = 512  # Zoology uses 8,192; must exceed the longest sequence
-    steps_per_call: int = 100
-    stop_accuracy: float = 0.99
-    init: str = "zoology"  # "zoology": GPT-2 style normal(0.02) weights as Zoology's _init_weights; "model": ours
-    final_norm_gain: str = "one"  # "sqrt": gain sqrt(d_model), Zoology's initial logit scale (see zoology_init)
-    warmup: float = 0.1  # share of the steps with a linear warmup before the cosine decay
-    tie_embeddings: bool = True  # False: a separate output matrix, logits x W without the tied 1/sqrt(d) (a probe)
-    positions: str = "rope"  # "learned": Zoology's learned absolute positions (normal(0.02)) and no rotary
+def training_plan(cells, budget: Budget) -> list[tuple[int, int, int, int]]:
+    """(T, D, training examples, rows per step) per cell of one training run. mixture: the shortest cell has
+    `train_examples`, each longer one a fifth of that (Based's 100k / 20k / 20k); a step takes 3/4 of `batch_size`
+    rows from the shortest cell and, from each longer cell, the tokens of batch_size / 4 rows of 64 (48 / 8 / 4 rows
+    at batch 64). Why not rows in the examples' ratio (46 / 9 / 9): the long cells then carried 54% of the step's
+    queries, and softmax at d_model 64 sat at chance (loss ln 256) for 1,100 steps where 48 / 8 / 4 had solved 97 /
+    93 / 84% by 700. per_cell (one cell): batch_size * 64 / T rows."""
+    cells = sorted(cells)
+    if budget.protocol == "per_cell" or len(cells) == 1:
+        if len(cells) != 1:
+            raise ValueError(f"protocol 'per_cell' trains one cell at a time, got {len(cells)} cells")
+        (seq_len, num_pairs), = cells
+        return [(seq_len, num_pairs, budget.train_examples, max(1, budget.batch_size * 64 // seq_len))]
+    (short_len, short_pairs), longer = cells[0], cells[1:]
+    plan = [(short_len, short_pairs, budget.train_examples, max(1, 3 * budget.batch_size // 4))]
+    return plan + [(t, d, max(1, budget.train_examples // 5), max(1, budget.batch_size * 64 // (4 * t)))
+                   for t, d in longer]
 
 
-def model_config(mechanism: str, width: int, vocab_size: int, tie_embeddings: bool = True) -> LLMConfig:
-    options = dict(MECHANISMS[mechanism])
-    heads = options.pop("num_heads", 1)
-    return LLMConfig(vocab_size=vocab_size, width=width, depth=2, num_heads=heads, num_kv_heads=options.pop(
-        "num_kv_heads", heads), use_mlp=False, attention=mechanism, tie_embeddings=tie_embeddings, **options)
-
-
-def zoology_init(model: LLM, key: jax.Array, depth: int = 2, std: float = 0.02, final_norm_gain: str = "one") -> None:
-    """Re-draws the model's weights as Zoology's `_init_weights` does (zoology/model.py): every matrix (embedding,
-    projections, routers; not BaseConv's convolution, a torch Conv1d there) from normal(0, 0.02), the attention
-    output projections from normal(0, 0.02 / sqrt(2 * n_layers)); norm scales and biases stay as they are.
-    Why: the LLM's own init (unit-variance embeddings, fan-in projections) makes each AdamW step a much smaller
-    *relative* change of the weights (lr / std: 6x smaller for d_model 64 projections, 50x for the embedding), which
-    is what made MQAR learn ~10x slower here than in Zoology (bench/RESULTS.md)."""
-    params = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    keys = jax.random.split(key, len(leaves))
-    fresh = []
-    for (path, leaf), leaf_key in zip(leaves, keys):
-        name = jax.tree_util.keystr(path)
-        if leaf.ndim < 2 or "conv_kd" in name or "filter" in name:  # norms, biases; Conv1d keeps torch's init
-            fresh.append(leaf)
-            continue
-        scale = std / (2 * depth) ** 0.5 if "out_nhd" in name else std
-        fresh.append(scale * jax.random.normal(leaf_key, leaf.shape, leaf.dtype))
-    nnx.update(model, jax.tree_util.tree_unflatten(treedef, fresh))
-    # The final norm keeps its unit gain by default although our tied output divides by sqrt(d_model) and Zoology's
-    # does not: a gain of sqrt(d_model) (final_norm_gain="sqrt", Zoology's initial logit scale) held softmax on the
-    # 1/D plateau (module docstring) but helped based (the 600-step grid of bench/RESULTS.md ran with it).
-    if final_norm_gain == "sqrt":
-        width = model.final_norm.scale_d.shape[0]
-        model.final_norm.scale_d[...] = jnp.full((width,), width**0.5, model.final_norm.scale_d.dtype)
-
-
-class LearnedPositions(nnx.Module):
-    """The token embedding plus a learned absolute position table [T, D], as Zoology's TokenEmbeddings
-    (zoology/model.py, max_position_embeddings > 0); `attend` is the token table's (tied output)."""
-
-    def __init__(self, embed: nnx.Module, seq_len: int, width: int, key: jax.Array, std: float = 0.02):
-        self.inner = embed
-        self.position_td = nnx.Param(std * jax.random.normal(key, (seq_len, width), embed.embedding_vd.dtype))
-
-    @property
-    def embedding_vd(self):
-        return self.inner.embedding_vd
-
-    def __call__(self, token_ids: jax.Array) -> jax.Array:
-        return self.inner(token_ids) + self.position_td[: token_ids.shape[-1]]
-
-    def attend(self, x: jax.Array) -> jax.Array:
-        return self.inner.attend(x)
-
-
-def use_learned_positions(model: LLM, seq_len: int, key: jax.Array) -> None:
-    """Zoology's positional scheme: learned absolute positions added to the token embedding, rotary turned off in
-    every attention layer that has it (Zoology's MHA mixer has no rotary)."""
-    if not all(hasattr(block.attention, "use_rope") for block in model.blocks):
-        raise ValueError("positions='learned' needs attention layers with a `use_rope` switch (softmax-like ones)")
-    for block in model.blocks:
-        block.attention.use_rope = False
-    model.embed = LearnedPositions(model.embed, seq_len, model.embed.embedding_vd.shape[1], key)
-
-
-def _query_rows(model, inputs, labels, num_pairs):
-    """Logits [B, D, V] and labels [B, D] at the D query positions (the only scored ones)."""
-    positions = jnp.argsort(labels == IGNORE, axis=1, stable=True)[:, :num_pairs]  # query positions first
-    features = jnp.take_along_axis(model.features(inputs), positions[..., None], axis=1)
-    return model.logits(features), jnp.take_along_axis(labels, positions, axis=1)
-
-
-def run_cell(mechanism: str, width: int, seq_len: int, num_pairs: int, budget: Budget, seed: int = 0,
-             verbose: bool = False) -> dict:
-    train_x, train_y = (jnp.asarray(a) for a in mqar(budget.train_examples, seq_len, num_pairs, budget.vocab_size,
-                                                      seed=seed))
-    # Test examples scale as the batch (1,000 at T = 64): every cell scores the same 4,000 query positions, and a
+def train_mqar(mechanism: str, width: int, cells, budget: Budget, seed: int = 0, verbose: bool = False) -> list[dict]:
+    """Trains one model on the cells' training sets (`training_plan`) and returns one result per cell: held-out
+    accuracy (share of query positions whose argmax is the paired value), steps, seconds of the whole run."""
+    plan = training_plan(cells, budget)
+    train = [mqar(n, t, d, budget.vocab_size, seed=seed + 10 * i) for i, (t, d, n, _) in enumerate(plan)]
+    # Test examples scale as the per-cell batch (1,000 at T = 64): every cell scores 4,000 query positions, and a
     # check costs the same forward tokens.
-    test_examples = max(1, budget.test_examples * 64 // seq_len)
-    test_x, test_y = (jnp.asarray(a) for a in mqar(test_examples, seq_len, num_pairs, budget.vocab_size,
-                                                    seed=seed + 1))
+    tests = [mqar(max(1, budget.test_examples * 64 // t), t, d, budget.vocab_size, seed=seed + 10 * i + 1)
+             for i, (t, d, _, _) in enumerate(plan)]
+    train_x, train_y = (tuple(jnp.asarray(pair[k]) for pair in train) for k in (0, 1))
     model = LLM(model_config(mechanism, width, budget.vocab_size, budget.tie_embeddings), rngs=nnx.Rngs(seed))
     if budget.init == "zoology":
-        zoology_init(model, jax.random.key(seed), final_norm_gain=budget.final_norm_gain)
+        zoology_init(model, jax.random.key(seed), std=budget.init_std, final_norm_gain=budget.final_norm_gain)
     if budget.positions == "learned":
-        use_learned_positions(model, seq_len, jax.random.key(seed + 7))
+        use_learned_positions(model, max(t for t, *_ in plan), jax.random.key(seed + 7))
     steps = budget.steps
-    batch_size = max(1, budget.batch_size * 64 // seq_len)
-    learning_rate = dict(budget.width_learning_rates).get(width, budget.learning_rate)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, int(steps * budget.warmup)), steps)
-    optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=0.1), wrt=nnx.Param)
+    optimizer, learning_rate, matrix_rate = optimizer_for(model, budget, width, steps)
     graphdef, state = nnx.split((model, optimizer))
+    pairs = [d for _, d, _, _ in plan]
 
-    def loss_fn(model, x, y):
-        logits, targets = _query_rows(model, x, y, num_pairs)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    def loss_fn(model, xs, ys):  # the mean over every scored query of the step, whatever its length
+        total = sum(optax.softmax_cross_entropy_with_integer_labels(*query_rows(model, x, y, d)).sum()
+                    for x, y, d in zip(xs, ys, pairs))
+        return total / sum(x.shape[0] * d for x, d in zip(xs, pairs))
 
     train_steps = scanned_train_steps(graphdef, loss_fn)
 
-    @jax.jit
-    def correct(state, x, y):
+    @functools.partial(jax.jit, static_argnums=3)
+    def correct(state, x, y, num_pairs):
         model, _ = nnx.merge(graphdef, state)
-        logits, targets = _query_rows(model, x, y, num_pairs)
+        logits, targets = query_rows(model, x, y, num_pairs)
         return jnp.sum(jnp.argmax(logits, -1) == targets)
 
-    def accuracy(state):
-        hits = sum(int(correct(state, test_x[i : i + 250], test_y[i : i + 250])) for i in range(0, test_examples, 250))
-        return hits / (test_examples * num_pairs)
+    def accuracies(state):
+        return [sum(int(correct(state, x[i : i + 250], y[i : i + 250], d)) for i in range(0, len(x), 250))
+                / (len(x) * d) for (x, y), d in zip(tests, pairs)]
 
     began, cpu_began, load_began = time.perf_counter(), time.process_time(), os.getloadavg()[0]
-    batches = shuffled_batches(budget.train_examples, steps, batch_size, seed)
-    done, loss, score = 0, float("nan"), 0.0
+    batches = [shuffled_batches(n, steps, rows, seed + i) for i, (_, _, n, rows) in enumerate(plan)]
+    done, loss, scores = 0, float("nan"), [0.0] * len(plan)
     while done < steps:
-        chunk = batches[done : done + budget.steps_per_call]
-        state, losses = train_steps(state, train_x, train_y, jnp.asarray(chunk))
-        done += len(chunk)
-        loss, score = float(losses[-1]), accuracy(state)
+        chunk = tuple(jnp.asarray(b[done : done + budget.steps_per_call]) for b in batches)
+        state, losses = train_steps(state, train_x, train_y, chunk)
+        done += len(chunk[0])
+        loss, scores = float(losses[-1]), accuracies(state)
         if verbose:
-            print(f"  step {done:6d}  loss {loss:.3f}  accuracy {100 * score:5.1f}%  "
-                  f"{time.perf_counter() - began:.0f} s, {time.process_time() - cpu_began:.0f} CPU s", flush=True)
-        if score >= budget.stop_accuracy or not np.isfinite(loss):  # a diverged run cannot recover
+            print(f"  {mechanism} d={width} step {done:6d}  loss {loss:.3f}  accuracy "
+                  + " / ".join(f"{100 * a:5.1f}%" for a in scores)
+                  + f"  {time.perf_counter() - began:.0f} s, {time.process_time() - cpu_began:.0f} CPU s", flush=True)
+        if min(scores) >= budget.stop_accuracy or not np.isfinite(loss):  # a diverged run cannot recover
             break
-    return {"mechanism": mechanism, "width": width, "seq_len": seq_len, "num_pairs": num_pairs,
-            "learning_rate": learning_rate, "batch_size": batch_size, "accuracy": score, "final_loss": loss,
-            "steps": done, "seconds": time.perf_counter() - began, "cpu_seconds": time.process_time() - cpu_began,
-            "load_average": [load_began, os.getloadavg()[0]]}
+    common = {"mechanism": mechanism, "width": width, "protocol": budget.protocol, "learning_rate": learning_rate,
+              "matrix_learning_rate": matrix_rate, "final_loss": loss, "steps": done,
+              "seconds": time.perf_counter() - began, "cpu_seconds": time.process_time() - cpu_began,
+              "load_average": [load_began, os.getloadavg()[0]]}
+    return [dict(common, seq_len=t, num_pairs=d, train_examples=n, batch_size=rows, accuracy=score)
+            for (t, d, n, rows), score in zip(plan, scores)]
 
 
 def _entry(result: dict | None) -> str:
@@ -259,15 +181,16 @@ def plot(results: list[dict], widths, cells, mechanisms, path: pathlib.Path) -> 
     figure.savefig(path, dpi=120)
 
 
-def _cell_worker(job):
-    """One cell in a worker process (module level, so that a spawned process can import it)."""
-    (mechanism, width, seq_len, num_pairs), budget, verbose = job
+def _run_worker(job) -> list[dict]:
+    """One training run in a worker process (module level, so that a spawned process can import it)."""
+    (mechanism, width, cells), budget, verbose = job
     try:
-        return run_cell(mechanism, width, seq_len, num_pairs, budget, verbose=verbose)
-    except Exception as error:  # one broken cell is reported in the table, not the end of the grid
-        return {"mechanism": mechanism, "width": width, "seq_len": seq_len, "num_pairs": num_pairs,
-                "error": f"{type(error).__name__}: {error}", "accuracy": float("nan"), "final_loss": float("nan"),
-                "steps": 0, "seconds": 0.0, "cpu_seconds": 0.0, "load_average": list(os.getloadavg()[:1]) * 2}
+        return train_mqar(mechanism, width, cells, budget, verbose=verbose)
+    except Exception as error:  # one broken run is reported in the table, not the end of the grid
+        return [{"mechanism": mechanism, "width": width, "seq_len": t, "num_pairs": d,
+                 "error": f"{type(error).__name__}: {error}", "accuracy": float("nan"), "final_loss": float("nan"),
+                 "steps": 0, "seconds": 0.0, "cpu_seconds": 0.0, "load_average": list(os.getloadavg()[:1]) * 2}
+                for t, d in cells]
 
 
 def _write(out: pathlib.Path, budget: Budget, results: list[dict], began: float, jobs: int) -> None:
@@ -285,13 +208,19 @@ def main(argv=None) -> None:
     parser.add_argument("--cells", nargs="+", default=[f"{t}x{d}" for t, d in CELLS],
                         help="sequence length x key-value pairs, e.g. 64x4 128x8")
     parser.add_argument("--quick", action="store_true", help="one small cell and budget: a smoke test")
-    parser.add_argument("--steps", type=int, default=Budget.steps, help="most optimizer steps per cell")
+    parser.add_argument("--protocol", choices=["mixture", "per_cell"], default=Budget.protocol,
+                        help="mixture: one model per mechanism and width trained on all cells (Based's Fig. 2); "
+                             "per_cell: one model per cell (Zoology's Fig. 2)")
+    parser.add_argument("--steps", type=int, default=Budget.steps, help="most optimizer steps per training run")
     parser.add_argument("--train-examples", type=int, default=Budget.train_examples)
     parser.add_argument("--learning-rate", type=float, default=Budget.learning_rate)
     parser.add_argument("--width-learning-rate", nargs="+", default=[], metavar="WIDTH=LR",
                         help="per-width learning rates, e.g. 64=3e-3 128=1e-3 (others use --learning-rate)")
+    parser.add_argument("--matrix-lr-base-width", type=int, default=Budget.matrix_lr_base_width,
+                        help="matrices train at lr * this / d_model (muP's Adam rule); 0: one lr for every parameter")
     parser.add_argument("--vocab-size", type=int, default=Budget.vocab_size)
-    parser.add_argument("--batch-size", type=int, default=Budget.batch_size, help="batch at T = 64 (scaled by 64/T)")
+    parser.add_argument("--batch-size", type=int, default=Budget.batch_size,
+                        help="rows per step: split over the cells (mixture) or at T = 64, scaled by 64/T (per_cell)")
     parser.add_argument("--init", choices=["zoology", "model"], default=Budget.init,
                         help="zoology: Zoology's normal(0.02) weights (default); model: the LLM's own init")
     parser.add_argument("--final-norm-gain", choices=["one", "sqrt"], default=Budget.final_norm_gain,
@@ -301,9 +230,11 @@ def main(argv=None) -> None:
                         help="rope: rotary (the LLM's); learned: Zoology's learned absolute positions, no rotary")
     parser.add_argument("--untied", action="store_true",
                         help="a separate output matrix (Zoology ties; ours divides the tied output by sqrt(d_model))")
+    parser.add_argument("--init-std", type=float, default=Budget.init_std,
+                        help="with --init zoology: the weights' standard deviation (Zoology: 0.02)")
     parser.add_argument("--warmup", type=float, default=Budget.warmup, help="share of steps with linear warmup")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="cells run in this many worker processes, each with single-threaded XLA")
+                        help="training runs in this many worker processes, each with single-threaded XLA")
     parser.add_argument("--verbose", action="store_true", help="print loss and accuracy every steps_per_call steps")
     parser.add_argument("--out", default="bench/out/mqar")
     parser.add_argument("--replot", action="store_true",
@@ -324,45 +255,50 @@ def main(argv=None) -> None:
     except ValueError:
         parser.error(f"--cells: expected LENGTHxPAIRS items such as 64x4, got {args.cells}; --width-learning-rate: "
                      f"expected WIDTH=LR items, got {args.width_learning_rate}")
-    budget = Budget(train_examples=args.train_examples, steps=args.steps, learning_rate=args.learning_rate,
-                    width_learning_rates=width_lrs, vocab_size=args.vocab_size, batch_size=args.batch_size,
+    budget = Budget(protocol=args.protocol, train_examples=args.train_examples, steps=args.steps, learning_rate=args.learning_rate,
+                    width_learning_rates=width_lrs, matrix_lr_base_width=args.matrix_lr_base_width,
+                    vocab_size=args.vocab_size, batch_size=args.batch_size,
                     init=args.init, final_norm_gain=args.final_norm_gain, positions=args.positions,
-                    warmup=args.warmup, tie_embeddings=not args.untied)
+                    init_std=args.init_std, warmup=args.warmup, tie_embeddings=not args.untied)
     if args.quick:
         budget = dataclasses.replace(budget, train_examples=512, test_examples=250, steps=8, steps_per_call=4)
-        cells = CELLS[:1]
+        cells = CELLS[:2]
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"MQAR on {platform.processor() or platform.machine()} ({os.cpu_count()} cores), jax {jax.__version__}, "
           f"{args.jobs} job(s), load average {os.getloadavg()}, {budget}", flush=True)
-    # Cheapest cells first: a run stopped at its deadline then holds whole rows of the table.
-    grid = sorted(((m, w, t, d) for t, d in cells for w in args.widths for m in args.mechanisms),
-                  key=lambda c: (c[2], c[1], args.mechanisms.index(c[0])))
+    # Cheapest runs first: a grid stopped at its deadline then holds whole rows of the table.
+    if budget.protocol == "mixture":
+        runs = [(m, w, cells) for w in args.widths for m in args.mechanisms]
+    else:
+        runs = [(m, w, (cell,)) for cell in sorted(cells) for w in args.widths for m in args.mechanisms]
     results = []
     began = time.perf_counter()
 
-    def record(result):
-        results.append(result)
-        _write(out, budget, results, began, args.jobs)  # after every cell: a stopped run keeps what it measured
-        print(f"T={result['seq_len']:4d} D={result['num_pairs']:3d} d={result['width']:4d} "
-              f"{result['mechanism']:15s} accuracy {100 * result['accuracy']:5.1f}%  loss {result['final_loss']:.3f}"
-              f"  {result['steps']} steps  {result['seconds']:.0f} s  {result['cpu_seconds']:.0f} CPU s  "
-              f"load {result['load_average'][0]:.1f}-{result['load_average'][1]:.1f}", flush=True)
+    def record(run_results):
+        results.extend(run_results)
+        _write(out, budget, results, began, args.jobs)  # after every run: a stopped grid keeps what it measured
+        for result in run_results:
+            print(f"T={result['seq_len']:4d} D={result['num_pairs']:3d} d={result['width']:4d} "
+                  f"{result['mechanism']:15s} accuracy {100 * result['accuracy']:5.1f}%  "
+                  f"loss {result['final_loss']:.3f}  {result['steps']} steps  {result['seconds']:.0f} s  "
+                  f"{result['cpu_seconds']:.0f} CPU s  load {result['load_average'][0]:.1f}-"
+                  f"{result['load_average'][1]:.1f}", flush=True)
 
     if args.jobs > 1:
         import multiprocessing
 
-        # Each worker is one XLA CPU thread: at these sizes, two single-threaded cells use two cores better than
-        # one two-threaded cell (the per-op work is too small to split). Spawned workers read the flag at start.
+        # Each worker is one XLA CPU thread: at these sizes, two single-threaded runs use two cores better than
+        # one two-threaded run (the per-op work is too small to split). Spawned workers read the flag at start.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
                                    "intra_op_parallelism_threads=1").strip()
         context = multiprocessing.get_context("spawn")
         with context.Pool(args.jobs) as pool:
-            for result in pool.imap_unordered(_cell_worker, [(c, budget, args.verbose) for c in grid]):
-                record(result)
+            for run_results in pool.imap_unordered(_run_worker, [(r, budget, args.verbose) for r in runs]):
+                record(run_results)
     else:
-        for cell in grid:
-            record(_cell_worker((cell, budget, args.verbose)))
+        for run in runs:
+            record(_run_worker((run, budget, args.verbose)))
     results.sort(key=lambda r: (r["seq_len"], r["width"], args.mechanisms.index(r["mechanism"])))
     _write(out, budget, results, began, args.jobs)
     plot(results, args.widths, cells, args.mechanisms, out / "mqar.png")

@@ -55,7 +55,7 @@ def test_benchmark_grid_builds_the_zoology_models():
     (the bare function did not learn MQAR), based is Zoology's Hybrid[BaseConv, Based]."""
     from flax import nnx
 
-    from bench.tasks import MECHANISMS, model_config
+    from bench.mqar_setup import MECHANISMS, model_config
     from models.llm import LLM
 
     expected = {"lightning": {"tnl"}, "based": {"base_conv", "based"}, "performer": {"performer"}}
@@ -72,7 +72,7 @@ def test_learned_positions_replace_rotary():
     import jax.numpy as jnp
     from flax import nnx
 
-    from bench.tasks import model_config, use_learned_positions
+    from bench.mqar_setup import model_config, use_learned_positions
     from models.llm import LLM
 
     model = LLM(model_config("softmax", 16, 64), rngs=nnx.Rngs(0))
@@ -95,9 +95,72 @@ def test_untied_probe_config():
     """bench/tasks.py --untied: a separate [d, V] output matrix (no tied 1/sqrt(d) output); tied by default."""
     from flax import nnx
 
-    from bench.tasks import Budget, model_config
+    from bench.mqar_setup import Budget, model_config
     from models.llm import LLM
 
     assert Budget().tie_embeddings and model_config("softmax", 16, 64).tie_embeddings
     model = nnx.eval_shape(lambda: LLM(model_config("softmax", 16, 64, tie_embeddings=False), rngs=nnx.Rngs(0)))
     assert model.unembed_dv.shape == (16, 64)
+
+
+def test_matrices_train_at_the_width_scaled_learning_rate():
+    """bench/tasks.py's muP-style optimizer: the embedding (tied output), norm scales and learned positions take the
+    base lr; projections and an untied output take lr * base_width / d_model. One Adam step from a constant gradient
+    moves each weight by about its lr, so the moves' ratio is the rates' ratio."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from bench.mqar_setup import Budget, matrix_learning_rate_labels, model_config, optimizer_for
+    from models.llm import LLM
+
+    model = LLM(model_config("softmax", 16, 64, tie_embeddings=False), rngs=nnx.Rngs(0))
+    labels = nnx.to_flat_state(nnx.State(matrix_learning_rate_labels(nnx.state(model, nnx.Param))))
+    by_name = {".".join(map(str, path)): label for path, label in labels}
+    assert by_name["embed.embedding_vd"] == "other" and by_name["final_norm.scale_d"] == "other"
+    assert by_name["unembed_dv"] == "matrix" and by_name["blocks.0.attention.query_dnh"] == "matrix"
+    optimizer, rate, matrix_rate = optimizer_for(model, Budget(learning_rate=1e-3, matrix_lr_base_width=64, warmup=0.5),
+                                                  16, steps=4)
+    assert (rate, matrix_rate) == (1e-3, 4e-3)  # base width 64 over d_model 16
+    before = jax.tree_util.tree_map(np.array, nnx.state(model, nnx.Param).to_pure_dict())  # a copy, not a view
+    ones = jax.tree_util.tree_map(jnp.ones_like, nnx.state(model, nnx.Param))
+    for _ in range(3):  # the warmup's first step has lr 0; the third runs at the peak
+        optimizer.update(model, ones)
+    moved = jax.tree_util.tree_map(lambda new, old: float(np.mean(np.abs(new - old))),
+                                   nnx.state(model, nnx.Param).to_pure_dict(), before)
+    ratio = moved["blocks"][0]["attention"]["key_dkh"] / moved["embed"]["embedding_vd"]
+    assert 3.6 < ratio < 4.4, ratio
+    assert optimizer_for(model, Budget(matrix_lr_base_width=0), 16, 4)[1:] == (Budget().learning_rate,) * 2
+
+
+def test_training_plan_splits_the_mixture_as_based():
+    """bench/tasks.py's protocols: the mixture trains on 5 : 1 : 1 examples of (64, 4), (128, 8), (256, 16) (the
+    Based paper's 100k / 20k / 20k), each step 3/4 of its rows from the shortest cell and the tokens of 1/4 of them
+    from each longer one; per_cell keeps Zoology's halving of the
+    batch with the length and refuses several cells."""
+    from bench.mqar_setup import Budget
+    from bench.tasks import training_plan
+
+    cells = [(256, 16), (64, 4), (128, 8)]
+    assert training_plan(cells, Budget()) == [(64, 4, 20_000, 48), (128, 8, 4_000, 8), (256, 16, 4_000, 4)]
+    per_cell = Budget(protocol="per_cell")
+    assert training_plan([(128, 8)], per_cell) == [(128, 8, 20_000, 32)]
+    with pytest.raises(ValueError, match="one cell at a time"):
+        training_plan(cells, per_cell)
+
+
+def test_one_mixture_run_scores_every_cell():
+    """A tiny mixture run (width 16, 3 steps): one model, one result per cell with that cell's plan and the run's
+    shared steps; accuracies are shares of the cell's queries."""
+    import dataclasses
+
+    from bench.mqar_setup import Budget
+    from bench.tasks import train_mqar
+
+    budget = dataclasses.replace(Budget(), train_examples=64, test_examples=64, batch_size=8, steps=3,
+                                 steps_per_call=3, vocab_size=160)
+    results = train_mqar("softmax", 16, [(64, 4), (128, 8)], budget)
+    assert [(r["seq_len"], r["num_pairs"], r["train_examples"], r["batch_size"]) for r in results] == [
+        (64, 4, 64, 6), (128, 8, 12, 1)]
+    assert all(r["steps"] == 3 and r["protocol"] == "mixture" and 0.0 <= r["accuracy"] <= 1.0 for r in results)
+    assert all(np.isfinite(r["final_loss"]) for r in results)
