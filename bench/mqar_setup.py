@@ -13,36 +13,40 @@ from models.llm import LLM, LLMConfig
 from train.data.mqar import IGNORE
 
 CELLS = ((64, 4), (128, 8), (256, 16))
+# final_norm_gain: the final norm's initial gain, 1 or sqrt(d_model) (Zoology's initial logit scale, see
+# zoology_init), picked per mechanism from a d_model 64 probe of each at the grid's budget and seed, as Zoology picks
+# each model's best learning rate (bench/RESULTS.md: with 1 / sqrt, softmax 96.5 / 32.0% at T = 64, sliding window
+# 0.4 / 78.8%, based 69.2 / 99.7%, lightning 9.9 / 24.9%, performer 2.3 / 22.2%, moh 95.9 / 99.8%).
 MECHANISMS = {
     "softmax": dict(),
-    "sliding_window": dict(attention_kwargs={"window": 16}),
+    "sliding_window": dict(attention_kwargs={"window": 16}, final_norm_gain="sqrt"),
     # The linear-attention mechanisms train through their quadratic view ("reference"; tested equal to the chunked
     # one): at T <= 256 it is several times faster on CPU, and Zoology trains Based the same way (train_view
     # "quadratic").
     # Zoology's Fig. 2 "based" model is Hybrid[BaseConv, Based]: layer 0 a gated short convolution (k = 3), layer 1
     # Taylor linear attention; the convolution is what moves a key next to its value.
     "based": dict(qk_head_dim=16, attention_kwargs={"implementation": "reference"},
-                  layer_attention=(("base_conv", {"kernel_size": 3}), None)),
+                  layer_attention=(("base_conv", {"kernel_size": 3}), None), final_norm_gain="sqrt"),
     # Lightning as its authors use it: TransNormerLLM's token mixer (the official `tnl_attn.py` module: SiLU q/k/v,
     # Lightning attention with the per-layer decay, SRMSNorm on the output, sigmoid output gate). Zoology has no
     # Lightning baseline; its linear attentions (zoology/mixers/based.py) normalise by the feature sum instead. The
     # bare `lightning` function has neither a normaliser nor a norm, and did not learn MQAR at all (1.6%).
-    "lightning": dict(layer_attention=(("tnl", {"slopes": "tnl"}),)),
-    "performer": dict(attention_kwargs={"num_features": 64, "implementation": "reference"}),
-    "moh": dict(num_heads=4, num_kv_heads=4, attention_kwargs={"n_shared": 1, "top_k": 2}),
+    "lightning": dict(layer_attention=(("tnl", {"slopes": "tnl"}),), final_norm_gain="sqrt"),
+    "performer": dict(attention_kwargs={"num_features": 64, "implementation": "reference"}, final_norm_gain="sqrt"),
+    "moh": dict(num_heads=4, num_kv_heads=4, attention_kwargs={"n_shared": 1, "top_k": 2}, final_norm_gain="sqrt"),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
     """One training run: at most `steps` optimizer steps, stopping early once every cell's held-out accuracy reaches
-    `stop_accuracy` (Zoology stops at 0.99), checked every `steps_per_call` steps.
-    protocol "mixture" (default; the Based paper's Fig. 2 protocol, zoology `arxiv24_based_figure2/configs.py`): one
-    model per (mechanism, d_model) trained on the union of the cells' training sets, `train_examples` of the
-    shortest cell and a fifth as many of each longer one (Based: 100k / 20k / 20k), every step drawing
-    48 / 8 / 4 rows at batch_size 64 (bench/tasks.py `training_plan`), each cell scored on its own held-out set. protocol
-    "per_cell" (Zoology's ICLR Fig. 2): one model per cell, `train_examples` each, batch_size * 64 / T rows per step
-    (the same tokens per step at every length)."""
+    `stop_accuracy` (Zoology stops at 0.99), checked every `steps_per_call` steps. protocol "mixture" (default; the
+    Based paper's Fig. 2 protocol, zoology `arxiv24_based_figure2/configs.py`): one model per (mechanism, d_model)
+    trained on the union of the cells' training sets, `train_examples` of the shortest cell and a fifth as many of
+    each longer one (Based: 100k / 20k / 20k), every step drawing 48 / 8 / 4 rows at batch_size 64 (bench/tasks.py
+    `training_plan`), each cell scored on its own held-out set. protocol "per_cell" (Zoology's ICLR Fig. 2): one
+    model per cell, `train_examples` each, batch_size * 64 / T rows per step (the same tokens per step at every
+    length)."""
 
     protocol: str = "mixture"  # or "per_cell"
     train_examples: int = 20_000
@@ -58,7 +62,8 @@ class Budget:
     steps_per_call: int = 100
     stop_accuracy: float = 0.99
     init: str = "zoology"  # "zoology": GPT-2 style normal(0.02) weights as Zoology's _init_weights; "model": ours
-    final_norm_gain: str = "one"  # "sqrt": gain sqrt(d_model), Zoology's initial logit scale (see zoology_init)
+    # "auto": each mechanism's own (MECHANISMS, 1 where unset); "one" or "sqrt" for every mechanism
+    final_norm_gain: str = "auto"
     warmup: float = 0.1  # share of the steps with a linear warmup before the cosine decay
     tie_embeddings: bool = True  # False: a separate output matrix, logits x W without the tied 1/sqrt(d) (a probe)
     positions: str = "rope"  # "learned": Zoology's learned absolute positions (normal(0.02)) and no rotary
@@ -67,9 +72,17 @@ class Budget:
 
 def model_config(mechanism: str, width: int, vocab_size: int, tie_embeddings: bool = True) -> LLMConfig:
     options = dict(MECHANISMS[mechanism])
+    options.pop("final_norm_gain", None)  # an init setting (final_norm_gain_for), not a model option
     heads = options.pop("num_heads", 1)
     return LLMConfig(vocab_size=vocab_size, width=width, depth=2, num_heads=heads, num_kv_heads=options.pop(
         "num_kv_heads", heads), use_mlp=False, attention=mechanism, tie_embeddings=tie_embeddings, **options)
+
+
+def final_norm_gain_for(mechanism: str, budget: Budget) -> str:
+    """The final norm's initial gain for this mechanism: Budget.final_norm_gain unless "auto", then MECHANISMS'."""
+    if budget.final_norm_gain == "auto":
+        return MECHANISMS[mechanism].get("final_norm_gain", "one")
+    return budget.final_norm_gain
 
 
 def zoology_init(model: LLM, key: jax.Array, depth: int = 2, std: float = 0.02, final_norm_gain: str = "one") -> None:
@@ -91,9 +104,9 @@ def zoology_init(model: LLM, key: jax.Array, depth: int = 2, std: float = 0.02, 
         scale = std / (2 * depth) ** 0.5 if "out_nhd" in name else std
         fresh.append(scale * jax.random.normal(leaf_key, leaf.shape, leaf.dtype))
     nnx.update(model, jax.tree_util.tree_unflatten(treedef, fresh))
-    # The final norm keeps its unit gain by default although our tied output divides by sqrt(d_model) and Zoology's
-    # does not: a gain of sqrt(d_model) (final_norm_gain="sqrt", Zoology's initial logit scale) held softmax on the
-    # 1/D plateau (module docstring) but helped based (the 600-step grid of bench/RESULTS.md ran with it).
+    # The final norm keeps its unit gain unless asked, although our tied output divides by sqrt(d_model) and
+    # Zoology's does not: a gain of sqrt(d_model) (final_norm_gain="sqrt", Zoology's initial logit scale) held
+    # softmax on the 1/D plateau but is what the linear attentions and the sliding window need (MECHANISMS).
     if final_norm_gain == "sqrt":
         width = model.final_norm.scale_d.shape[0]
         model.final_norm.scale_d[...] = jnp.full((width,), width**0.5, model.final_norm.scale_d.dtype)
@@ -136,9 +149,9 @@ def matrix_learning_rate_labels(params) -> object:
     twice as large a step in function space at d_model 128 as at 64, while an embedding row's step does not grow with
     d. muP (Yang et al. 2022, "Tensor Programs V", arXiv 2203.03466, Table 3: Adam, hidden weights lr ~ 1/fan_in,
     input weights and vectors lr ~ 1) scales only the matrices. MQAR at d_model 128 with one lr for all parameters
-    stayed on the 1/D plateau for 2,400 steps at lr 1e-3, 1.5e-3, 3e-3 and 1e-2, with layer 2 attending to the
-    matching *key* (a dead end) or to no value at all; with matrices at lr * 64 / 128 two seeds reached 99.9% and
-    99.7% by 1,000 steps (bench/RESULTS.md)."""
+    stayed on the 1/D plateau (T = 64, D = 4) for 1,200-2,400 steps at lr 1e-3, 1.5e-3, 3e-3 and 1e-2, with layer 2
+    attending to the matching *key* (a dead end) or to no value at all; with the embedding at 3e-3 and the matrices
+    at half that, two seeds reached 99.9% and 99.7% by 1,000 steps (bench/RESULTS.md)."""
     def label(path, leaf):
         in_embedding = getattr(path[0], "key", None) == "embed"  # the token table and learned positions
         return "other" if in_embedding or getattr(leaf, "ndim", 0) < 2 else "matrix"

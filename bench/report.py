@@ -135,11 +135,12 @@ def mqar(data: dict) -> Blocks:
     mechanisms = list(dict.fromkeys(r["mechanism"] for r in results))
     widths = sorted({r["width"] for r in results})
     solved, most = budget.get("stop_accuracy", 1.0), budget.get("steps")
+    mixture = budget.get("protocol") == "mixture"  # one run per row: its seconds and steps go in the first cell
     body = []
     for m in mechanisms:
         for w in widths:
             row = [m, str(w)]
-            for t, d in cells:
+            for i, (t, d) in enumerate(cells):
                 r = next((r for r in results if (r["mechanism"], r["width"], r["seq_len"], r["num_pairs"])
                           == (m, w, t, d)), None)
                 if r is None:
@@ -150,13 +151,15 @@ def mqar(data: dict) -> Blocks:
                     acc = _pct(r["accuracy"])
                     acc = f"**{acc}**" if r["accuracy"] >= solved else acc
                     stop = f", stopped at {r['steps']} steps" if most and r["steps"] < most else ""
-                    row.append(f"{acc} ({r['seconds']:.0f} / {r['cpu_seconds']:.0f}{stop})")
+                    row.append(acc if mixture and i else f"{acc} ({r['seconds']:.0f} / {r['cpu_seconds']:.0f}{stop})")
             if any(c != "not run" for c in row[2:]):
                 body.append(row)
     header = ["mechanism", "d_model"] + [
         f"T={t}, D={d}" + (": accuracy (wall / CPU s)" if i == 0 else "") for i, (t, d) in enumerate(cells)]
     head = ("Budget: " + ", ".join(f"{k} {v}" for k, v in budget.items() if v not in ([], None))
-            + f". Bold: solved (>= {_pct(solved)}).")
+            + f". Bold: solved (>= {_pct(solved)})."
+            + (" One training run per row (the cells' mixture): its wall / CPU seconds in the first column." if mixture
+               else ""))
     blocks = [head, markdown_table(header, body)]
     if data.get("note"):
         blocks.append("Run note recorded in the JSON: " + data["note"])
@@ -285,8 +288,8 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("image_prompt", "Digits DiT with image-prompt conditioning (CPU) — issue 6", "image_prompt.json",
               image_prompt, ("image_prompt_samples.png",),
               "python -m bench.image_prompt, then its workdir's image_prompt.json copied here"),
-    Benchmark("mqar", "MQAR (CPU) — issue 5: the full grid at a short budget (not concluded), and the first "
-              "partial grid", "mqar.json", mqar, ("mqar.png",),
+    Benchmark("mqar", "MQAR (CPU) — issue 5: the grid (Based's mixture protocol, muP learning rates) and the "
+              "probes that led to it", "mqar.json", mqar, ("mqar.png",),
               "python -m bench.tasks mqar --out bench"),
     Benchmark("listops", "ListOps (CPU) — issue 10", "listops.json", listops, ("listops.png",),
               "python -m bench.listops"),

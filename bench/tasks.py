@@ -56,8 +56,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from bench.mqar_setup import (CELLS, MECHANISMS, Budget, model_config, optimizer_for, query_rows, use_learned_positions,
-                               zoology_init)
+from bench.attention import _commit
+from bench.mqar_setup import (CELLS, MECHANISMS, Budget, final_norm_gain_for, model_config, optimizer_for,
+                               query_rows, use_learned_positions, zoology_init)
 from bench.scanned_training import scanned_train_steps, shuffled_batches
 from models.llm import LLM
 from train.data.mqar import mqar
@@ -94,7 +95,8 @@ def train_mqar(mechanism: str, width: int, cells, budget: Budget, seed: int = 0,
     train_x, train_y = (tuple(jnp.asarray(pair[k]) for pair in train) for k in (0, 1))
     model = LLM(model_config(mechanism, width, budget.vocab_size, budget.tie_embeddings), rngs=nnx.Rngs(seed))
     if budget.init == "zoology":
-        zoology_init(model, jax.random.key(seed), std=budget.init_std, final_norm_gain=budget.final_norm_gain)
+        zoology_init(model, jax.random.key(seed), std=budget.init_std,
+                     final_norm_gain=final_norm_gain_for(mechanism, budget))
     if budget.positions == "learned":
         use_learned_positions(model, max(t for t, *_ in plan), jax.random.key(seed + 7))
     steps = budget.steps
@@ -176,7 +178,7 @@ def plot(results: list[dict], widths, cells, mechanisms, path: pathlib.Path) -> 
         axis.set_ylim(0, 102)
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("MQAR accuracy (%)")
-    axes[0][-1].legend(fontsize=8, loc="lower left")
+    axes[0][-1].legend(fontsize=8, loc="center right")  # the curves sit near 0% and 100%
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -193,8 +195,9 @@ def _run_worker(job) -> list[dict]:
                 for t, d in cells]
 
 
-def _write(out: pathlib.Path, budget: Budget, results: list[dict], began: float, jobs: int) -> None:
+def _write(out: pathlib.Path, budget: Budget, results: list[dict], began: float, jobs: int, commit: str) -> None:
     (out / "mqar.json").write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%d"), "commit": commit,
         "budget": dataclasses.asdict(budget), "jobs": jobs, "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "results": results, "wall_seconds": time.perf_counter() - began}, indent=1))
@@ -223,9 +226,10 @@ def main(argv=None) -> None:
                         help="rows per step: split over the cells (mixture) or at T = 64, scaled by 64/T (per_cell)")
     parser.add_argument("--init", choices=["zoology", "model"], default=Budget.init,
                         help="zoology: Zoology's normal(0.02) weights (default); model: the LLM's own init")
-    parser.add_argument("--final-norm-gain", choices=["one", "sqrt"], default=Budget.final_norm_gain,
-                        help="with --init zoology: the final norm's gain, 1 (default) or sqrt(d_model) (Zoology's "
-                             "initial logit scale under our tied 1/sqrt(d) output)")
+    parser.add_argument("--final-norm-gain", choices=["auto", "one", "sqrt"], default=Budget.final_norm_gain,
+                        help="with --init zoology: the final norm's initial gain: auto (default; sqrt(d_model) for "
+                             "based, 1 otherwise), one, or sqrt (Zoology's initial logit scale under our tied "
+                             "1/sqrt(d) output) for every mechanism")
     parser.add_argument("--positions", choices=["rope", "learned"], default=Budget.positions,
                         help="rope: rotary (the LLM's); learned: Zoology's learned absolute positions, no rotary")
     parser.add_argument("--untied", action="store_true",
@@ -255,7 +259,8 @@ def main(argv=None) -> None:
     except ValueError:
         parser.error(f"--cells: expected LENGTHxPAIRS items such as 64x4, got {args.cells}; --width-learning-rate: "
                      f"expected WIDTH=LR items, got {args.width_learning_rate}")
-    budget = Budget(protocol=args.protocol, train_examples=args.train_examples, steps=args.steps, learning_rate=args.learning_rate,
+    budget = Budget(protocol=args.protocol, train_examples=args.train_examples, steps=args.steps,
+                    learning_rate=args.learning_rate,
                     width_learning_rates=width_lrs, matrix_lr_base_width=args.matrix_lr_base_width,
                     vocab_size=args.vocab_size, batch_size=args.batch_size,
                     init=args.init, final_norm_gain=args.final_norm_gain, positions=args.positions,
@@ -267,17 +272,19 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(f"MQAR on {platform.processor() or platform.machine()} ({os.cpu_count()} cores), jax {jax.__version__}, "
           f"{args.jobs} job(s), load average {os.getloadavg()}, {budget}", flush=True)
-    # Cheapest runs first: a grid stopped at its deadline then holds whole rows of the table.
+    # Mixture: widest runs first, so that the longest runs start first and the workers finish together (in width
+    # order, the last d_model 128 run trained alone for 8 minutes). Per cell: cheapest cells first, so that a grid
+    # stopped at its deadline holds whole rows of the table.
     if budget.protocol == "mixture":
-        runs = [(m, w, cells) for w in args.widths for m in args.mechanisms]
+        runs = [(m, w, cells) for w in sorted(args.widths, reverse=True) for m in args.mechanisms]
     else:
         runs = [(m, w, (cell,)) for cell in sorted(cells) for w in args.widths for m in args.mechanisms]
     results = []
-    began = time.perf_counter()
+    began, commit = time.perf_counter(), _commit()  # the code that trains (HEAD may move during a long grid)
 
     def record(run_results):
         results.extend(run_results)
-        _write(out, budget, results, began, args.jobs)  # after every run: a stopped grid keeps what it measured
+        _write(out, budget, results, began, args.jobs, commit)  # after every run: a stopped grid keeps what it measured
         for result in run_results:
             print(f"T={result['seq_len']:4d} D={result['num_pairs']:3d} d={result['width']:4d} "
                   f"{result['mechanism']:15s} accuracy {100 * result['accuracy']:5.1f}%  "
@@ -300,7 +307,7 @@ def main(argv=None) -> None:
         for run in runs:
             record(_run_worker((run, budget, args.verbose)))
     results.sort(key=lambda r: (r["seq_len"], r["width"], args.mechanisms.index(r["mechanism"])))
-    _write(out, budget, results, began, args.jobs)
+    _write(out, budget, results, began, args.jobs, commit)
     plot(results, args.widths, cells, args.mechanisms, out / "mqar.png")
     print(f"\n{table(results, args.widths, cells, args.mechanisms)}\n\nwall {time.perf_counter() - began:.0f} s; "
           f"wrote {out / 'mqar.json'} and {out / 'mqar.png'}")

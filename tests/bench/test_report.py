@@ -74,6 +74,9 @@ def test_mqar_grid_cells_not_run_stopped_and_solved():
     assert "| softmax | 64 | 25.3% (100 / 21) | 10.5% (100 / 21) |" in text
     assert "| based | 128 | **99.2%** (100 / 21, stopped at 500 steps) | not run |" in text
     assert "| softmax | 128 |" not in text and "| based | 64 |" not in text  # rows with no cell at all are left out
+    data["budget"]["protocol"] = "mixture"  # one run per row: its seconds only in the first column
+    text = "\n\n".join(report.mqar(data))
+    assert "| softmax | 64 | 25.3% (100 / 21) | 10.5% |" in text and "first column" in text
 
 
 def test_mfu_rows_skipped_and_failed():

@@ -164,3 +164,17 @@ def test_one_mixture_run_scores_every_cell():
         (64, 4, 64, 6), (128, 8, 12, 1)]
     assert all(r["steps"] == 3 and r["protocol"] == "mixture" and 0.0 <= r["accuracy"] <= 1.0 for r in results)
     assert all(np.isfinite(r["final_loss"]) for r in results)
+
+
+def test_final_norm_gain_is_per_mechanism_unless_forced():
+    """Budget.final_norm_gain "auto": each mechanism's own initial gain (the probes' pick: 1 for softmax, sqrt(d_model)
+    for the Based hybrid and the other linear attentions); "one" / "sqrt" apply to all; the option never reaches
+    LLMConfig."""
+    from bench.mqar_setup import Budget, final_norm_gain_for, model_config
+
+    auto = Budget()
+    assert final_norm_gain_for("softmax", auto) == "one"
+    assert {final_norm_gain_for(m, auto) for m in ("based", "lightning", "performer")} == {"sqrt"}
+    assert final_norm_gain_for("based", Budget(final_norm_gain="one")) == "one"
+    assert final_norm_gain_for("softmax", Budget(final_norm_gain="sqrt")) == "sqrt"
+    assert model_config("based", 16, 64).attention == "based"  # built without the init-only key
