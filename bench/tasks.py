@@ -17,8 +17,9 @@ short examples teach the recall circuit, which then serves the longer cells (sof
 
 Model (bench/mqar_setup.py): the project's LLM with 2 layers, no MLP, one head for the exact mechanisms, weights
 re-drawn as Zoology's `_init_weights` (`zoology_init`: normal(0, 0.02) matrices, output projections
-0.02 / sqrt(2 L)), tied embeddings (as Zoology), final norm gain 1 (our tied output divides by sqrt(d_model);
-`--final-norm-gain sqrt` restores Zoology's initial logit scale and kept softmax on the plateau). Departures from
+0.02 / sqrt(2 L)), tied embeddings (as Zoology); the final norm starts at gain 1 for softmax and sqrt(d_model),
+Zoology's initial logit scale under our tied output (which divides by sqrt(d_model)), for the other mechanisms: each
+one's better setting in a d_model 64 probe (`--final-norm-gain auto`, mqar_setup.MECHANISMS). Departures from
 Zoology's model: rotary positions instead of learned absolute ones (`--positions learned` restores Zoology's),
 RMSNorm instead of LayerNorm, no attention/embedding dropout (0.1 there), and the exact baselines have no BaseConv
 layer (Based's Fig. 2 puts one before every mixer; Zoology's Fig. 2 attention has none). Per mechanism:
