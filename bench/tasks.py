@@ -10,10 +10,10 @@ Protocol (`--protocol mixture`, the default): as the Based paper's Fig. 2 sweep 
 `experiments/paper_configs/arxiv24_based_figure2/configs.py`), one model per (mechanism, d_model) is trained on
 the union of the cells' training sets (20k examples of (64, 4), 4k of each longer cell: Based's 100k / 20k / 20k
 ratio) and scored on each cell's held-out set; each step draws 48 / 8 / 4 rows of the three lengths. `per_cell`
-trains one model per cell, as Zoology's ICLR Fig. 2 sweep. Why mixture: per cell, softmax at (128, 8) and (256, 16)
-stayed at chance (loss ln 256) or on the 1/D plateau for 2,400 steps at every setting tried, while the mixture's
-short examples teach the recall circuit, which then serves the longer cells (softmax, d_model 128: 99.7 / 99.4 /
-98.8% after 700 steps; bench/RESULTS.md).
+trains one model per cell, as Zoology's ICLR Fig. 2 sweep. Why mixture: per cell, softmax at (128, 8) stayed at
+chance (loss ln 256) or on the 1/D plateau for 1,000-1,900 steps at every setting tried, while the mixture's short
+examples teach the recall circuit, which then serves the longer cells (softmax, d_model 128: 99.7 / 99.4 / 98.8%
+after 700 steps; bench/RESULTS.md).
 
 Model (bench/mqar_setup.py): the project's LLM with 2 layers, no MLP, one head for the exact mechanisms, weights
 re-drawn as Zoology's `_init_weights` (`zoology_init`: normal(0, 0.02) matrices, output projections
