@@ -115,19 +115,19 @@ def test_matrices_train_at_the_width_scaled_learning_rate():
     from models.llm import LLM
 
     model = LLM(model_config("softmax", 16, 64, tie_embeddings=False), rngs=nnx.Rngs(0))
-    labels = nnx.to_flat_state(nnx.State(matrix_learning_rate_labels(nnx.state(model, nnx.Param))))
+    labels = nnx.to_flat_state(matrix_learning_rate_labels(nnx.state(model, nnx.Param)))
     by_name = {".".join(map(str, path)): label for path, label in labels}
     assert by_name["embed.embedding_vd"] == "other" and by_name["final_norm.scale_d"] == "other"
     assert by_name["unembed_dv"] == "matrix" and by_name["blocks.0.attention.query_dnh"] == "matrix"
     optimizer, rate, matrix_rate = optimizer_for(model, Budget(learning_rate=1e-3, matrix_lr_base_width=64, warmup=0.5),
                                                   16, steps=4)
     assert (rate, matrix_rate) == (1e-3, 4e-3)  # base width 64 over d_model 16
-    before = jax.tree_util.tree_map(np.array, nnx.state(model, nnx.Param).to_pure_dict())  # a copy, not a view
+    before = jax.tree_util.tree_map(np.array, nnx.to_pure_dict(nnx.state(model, nnx.Param)))  # a copy, not a view
     ones = jax.tree_util.tree_map(jnp.ones_like, nnx.state(model, nnx.Param))
     for _ in range(3):  # the warmup's first step has lr 0; the third runs at the peak
         optimizer.update(model, ones)
     moved = jax.tree_util.tree_map(lambda new, old: float(np.mean(np.abs(new - old))),
-                                   nnx.state(model, nnx.Param).to_pure_dict(), before)
+                                   nnx.to_pure_dict(nnx.state(model, nnx.Param)), before)
     ratio = moved["blocks"][0]["attention"]["key_dkh"] / moved["embed"]["embedding_vd"]
     assert 3.6 < ratio < 4.4, ratio
     assert optimizer_for(model, Budget(matrix_lr_base_width=0), 16, 4)[1:] == (Budget().learning_rate,) * 2
