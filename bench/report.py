@@ -156,7 +156,7 @@ def mqar(data: dict) -> Blocks:
                 body.append(row)
     header = ["mechanism", "d_model"] + [
         f"T={t}, D={d}" + (": accuracy (wall / CPU s)" if i == 0 else "") for i, (t, d) in enumerate(cells)]
-    head = ("Budget: " + ", ".join(f"{k} {v}" for k, v in budget.items() if v not in ([], None))
+    head = ("Budget: " + ", ".join(f"{k} {v}" for k, v in budget.items() if v not in ([], (), None))
             + f". Bold: solved (>= {_pct(solved)})."
             + (" One training run per row (the cells' mixture): its wall / CPU seconds in the first column." if mixture
                else ""))

@@ -57,6 +57,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from bench import report
 from bench.attention import _commit
 from bench.mqar_setup import (CELLS, MECHANISMS, Budget, final_norm_gain_for, model_config, optimizer_for,
                                query_rows, use_learned_positions, zoology_init)
@@ -142,24 +143,6 @@ def train_mqar(mechanism: str, width: int, cells, budget: Budget, seed: int = 0,
               "load_average": [load_began, os.getloadavg()[0]]}
     return [dict(common, seq_len=t, num_pairs=d, train_examples=n, batch_size=rows, accuracy=score)
             for (t, d, n, rows), score in zip(plan, scores)]
-
-
-def _entry(result: dict | None) -> str:
-    if result is None:
-        return "—"
-    return (f"{100 * result['accuracy']:.1f}% ({result['seconds']:.0f} s / {result['cpu_seconds']:.0f} CPU s"
-            f"{'' if result['accuracy'] < 0.99 else ', ' + str(result['steps']) + ' steps'})")
-
-
-def table(results: list[dict], widths, cells, mechanisms) -> str:
-    header = "| mechanism | d_model | " + " | ".join(f"T={t}, D={d}: accuracy (wall / CPU)" for t, d in cells) + " |"
-    lines = [header, "|" + "---|" * (len(cells) + 2)]
-    index = {(r["mechanism"], r["width"], r["seq_len"], r["num_pairs"]): r for r in results}
-    for mechanism in mechanisms:
-        for width in widths:
-            row = [_entry(index.get((mechanism, width, t, d))) for t, d in cells]
-            lines.append(f"| {mechanism} | {width} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
 
 
 def plot(results: list[dict], widths, cells, mechanisms, path: pathlib.Path) -> None:
@@ -252,7 +235,7 @@ def main(argv=None) -> None:
         cells = sorted({(r["seq_len"], r["num_pairs"]) for r in results})
         mechanisms = [m for m in MECHANISMS if any(r["mechanism"] == m for r in results)]
         plot(results, widths, cells, mechanisms, pathlib.Path(args.out) / "mqar.png")
-        print(table(results, widths, cells, mechanisms))
+        print("\n\n".join(report.mqar(saved)))
         return
     try:
         width_lrs = tuple((int(w), float(lr)) for w, lr in (item.split("=") for item in args.width_learning_rate))
@@ -285,7 +268,7 @@ def main(argv=None) -> None:
 
     def record(run_results):
         results.extend(run_results)
-        _write(out, budget, results, began, args.jobs, commit)  # after every run: a stopped grid keeps what it measured
+        _write(out, budget, results, began, args.jobs, commit)  # after every run: a stopped grid keeps its results
         for result in run_results:
             print(f"T={result['seq_len']:4d} D={result['num_pairs']:3d} d={result['width']:4d} "
                   f"{result['mechanism']:15s} accuracy {100 * result['accuracy']:5.1f}%  "
@@ -310,8 +293,8 @@ def main(argv=None) -> None:
     results.sort(key=lambda r: (r["seq_len"], r["width"], args.mechanisms.index(r["mechanism"])))
     _write(out, budget, results, began, args.jobs, commit)
     plot(results, args.widths, cells, args.mechanisms, out / "mqar.png")
-    print(f"\n{table(results, args.widths, cells, args.mechanisms)}\n\nwall {time.perf_counter() - began:.0f} s; "
-          f"wrote {out / 'mqar.json'} and {out / 'mqar.png'}")
+    table = "\n\n".join(report.mqar({"budget": dataclasses.asdict(budget), "results": results}))  # as RESULTS.md
+    print(f"\n{table}\n\nwall {time.perf_counter() - began:.0f} s; wrote {out / 'mqar.json'} and {out / 'mqar.png'}")
 
 
 if __name__ == "__main__":
