@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import attnx
+from bench.provenance import git_commit
 
 
 def _median_time(fn, *args, repeats: int) -> float:
@@ -141,14 +141,6 @@ def _machine():
                 cores=os.cpu_count(), jax=jax.__version__, python=platform.python_version())
 
 
-def _commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def plot(rows, path):
     import matplotlib
 
@@ -212,7 +204,7 @@ def main(argv=None):
     impls = _implementations(args.impl)
     rates = {dt: matmul_rate(jnp.dtype(dt)) for dt in args.dtype}
     machine = _machine()
-    print(f"# {machine}  commit {_commit()}")
+    print(f"# {machine}  commit {git_commit()}")
     for dt, r in rates.items():
         print(f"# matmul rate {dt}: {r / 1e9:.1f} GFLOP/s (2048^3, best of 10)")
     rows = []
@@ -248,7 +240,7 @@ def main(argv=None):
     goals = _goals(rows)
     for line in goals:
         print(line)
-    result = dict(machine=machine, commit=_commit(), date=datetime.date.today().isoformat(),
+    result = dict(machine=machine, commit=git_commit(), date=datetime.date.today().isoformat(),
                   matmul_rate=rates and {k: v for k, v in rates.items()}, args=vars(args), rows=rows, goals=goals)
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=1)

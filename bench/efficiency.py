@@ -366,12 +366,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from bench.attention import _commit, _machine
+    from bench.attention import _machine
+    from bench.provenance import git_commit
 
     if args.refit:
         with open(args.refit) as fh:
             result = refit(json.load(fh), args.time_min_length)
-        result["refit_commit"] = _commit()  # "commit" stays the one that measured the curves
+        result["refit_commit"] = git_commit()  # "commit" stays the one that measured the curves
         for row in result["rows"]:
             if not row.get("skipped"):
                 _print(row)
@@ -379,7 +380,7 @@ def main(argv=None):
             json.dump(result, fh, indent=1)
         print(f"# refitted {args.refit} (curves unchanged)")
         return result
-    t0, commit = time.time(), _commit()  # the code that measures (HEAD may move while a long run goes on)
+    t0, commit = time.time(), git_commit()  # the code that measures (HEAD may move while a long run goes on)
     rows = run(args)
     settings = {k: (" ".join(map(str, v)) if isinstance(v, list) else v) for k, v in vars(args).items()
                 if k not in ("out", "plot", "refit")}

@@ -31,7 +31,6 @@ import json
 import os
 import pathlib
 import platform
-import subprocess
 import time
 from typing import Any, Mapping
 
@@ -41,12 +40,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from bench.provenance import git_commit
 from bench.scanned_training import scanned_train_steps, shuffled_batches
 from models.layers.norm import LayerNorm
 from models.vit import EncoderBlock
 from train.data.listops import NUM_CLASSES, VOCAB_SIZE, listops_generate
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Mechanism -> attention_kwargs. Linear-attention mechanisms run their quadratic reference view, which is the
 # faster one at T <= 100 on CPU (and tested equal to their chunked view).
@@ -179,14 +178,6 @@ def majority_baseline(train_y: np.ndarray, test_y: np.ndarray) -> tuple[int, flo
     return label, float(np.mean(test_y == label))
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -249,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     label, baseline = majority_baseline(data[1], data[3])
     result = {"benchmark": "listops", "machine": _machine(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "commit": _commit(), "settings": dataclasses.asdict(settings),
+              "commit": git_commit(), "settings": dataclasses.asdict(settings),
               "data": {"train_examples": int(len(data[1])), "test_examples": int(len(data[3])),
                        "seq_len": int(data[0].shape[1]),
                        "mean_length": float(np.mean(np.sum(data[0] != 0, axis=1)))},

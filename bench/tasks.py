@@ -58,9 +58,9 @@ import optax
 from flax import nnx
 
 from bench import report
-from bench.attention import _commit
 from bench.mqar_setup import (CELLS, MECHANISMS, Budget, final_norm_gain_for, model_config, optimizer_for,
                                query_rows, use_learned_positions, zoology_init)
+from bench.provenance import git_commit
 from bench.scanned_training import scanned_train_steps, shuffled_batches
 from models.llm import LLM
 from train.data.mqar import mqar
@@ -264,7 +264,7 @@ def main(argv=None) -> None:
     else:
         runs = [(m, w, (cell,)) for cell in sorted(cells) for w in args.widths for m in args.mechanisms]
     results = []
-    began, commit = time.perf_counter(), _commit()  # the code that trains (HEAD may move during a long grid)
+    began, commit = time.perf_counter(), git_commit()  # the code that trains (HEAD may move during a long grid)
 
     def record(run_results):
         results.extend(run_results)
